@@ -1,0 +1,1 @@
+"""certseg.bench: datasets, the paper's evaluation protocol and throughput benchmarks."""

@@ -1,0 +1,1 @@
+"""certseg.engine: certification core, sampling contract, pipeline stages, models and runtimes."""

@@ -1,0 +1,1 @@
+"""Models in plain PyTorch whose state dicts mirror the official checkpoints key for key."""

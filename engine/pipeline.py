@@ -1,0 +1,122 @@
+"""Algorithm 1 end to end for one image: selection samples → guess, estimation samples → agreements → certificate.
+
+The runtime is anything that answers the sampling contract (``certseg.engine.sampling.Runtime``), so the
+same orchestration serves in-process torch, ONNX Runtime and Triton servers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from certseg.engine.certify import Certificate, Fwer, certify, radius, validate_parameters
+from certseg.engine.counting import AgreementCounter, ModeCounter
+from certseg.engine.errors import InputError
+from certseg.engine.sampling import Runtime, new_root_seed
+
+Progress = Callable[[int], None]
+"""Called with the number of samples just finished (for progress bars)."""
+
+
+@dataclass(frozen=True)
+class CertifiedSegmentation:
+    """A certified label map and everything needed to re-make it."""
+
+    certificate: Certificate
+    labels: np.ndarray
+    num_classes: int
+    sigma: float
+    radius: float
+    n0: int
+    n: int
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def abstain_label(self) -> int:
+        return self.num_classes
+
+    @property
+    def guess(self) -> np.ndarray:
+        return self.certificate.guess
+
+    @property
+    def abstain_fraction(self) -> float:
+        return self.certificate.abstain_fraction
+
+
+def validate_image(image: np.ndarray) -> np.ndarray:
+    """A (C, H, W) float32 image in [0, 1] pixel space."""
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise InputError(f"the image must be a (C, H, W) array, got shape {image.shape}")
+    if not np.issubdtype(image.dtype, np.floating):
+        raise InputError(f"the image must be float in [0, 1], got dtype {image.dtype}")
+    image = image.astype(np.float32, copy=False)
+    if not np.isfinite(image).all():
+        raise InputError("the image holds NaN or infinite values")
+    if image.size and (image.min() < 0.0 or image.max() > 1.0):
+        raise InputError(f"the image must lie in [0, 1], got values in [{image.min():.3g}, {image.max():.3g}]")
+    return image
+
+
+def certify_image(
+    runtime: Runtime,
+    image: np.ndarray,
+    *,
+    num_classes: int,
+    sigma: float,
+    n0: int = 10,
+    n: int = 100,
+    tau: float = 0.75,
+    alpha: float = 0.001,
+    fwer: Fwer = "holm",
+    seed: int | None = None,
+    progress: Progress | None = None,
+) -> CertifiedSegmentation:
+    """SegCertify's CERTIFY for one image: samples [0, n0) select, samples [n0, n0+n) estimate."""
+    image = validate_image(image)
+    shape = tuple(image.shape[1:])
+    validate_parameters(n0=n0, n=n, tau=tau, alpha=alpha, num_pixels=int(np.prod(shape)), fwer=fwer, sigma=sigma)
+    seed = new_root_seed() if seed is None else int(seed)
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    selection = ModeCounter(num_classes, shape, max_samples=n0)
+    for labels in runtime.labels(image, sigma=sigma, seed=seed, start=0, count=n0):
+        selection.update(labels)
+        if progress:
+            progress(len(labels))
+    guess = selection.mode()
+    timings["selection"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    estimation = AgreementCounter(guess, max_samples=n)
+    for labels in runtime.labels(image, sigma=sigma, seed=seed, start=n0, count=n):
+        estimation.update(labels)
+        if progress:
+            progress(len(labels))
+    if selection.num_samples != n0 or estimation.num_samples != n:
+        raise RuntimeError(
+            f"the runtime returned {selection.num_samples}/{n0} selection and {estimation.num_samples}/{n} "
+            "estimation samples"
+        )
+    timings["estimation"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    certificate = certify(guess, estimation.agree, n, tau=tau, alpha=alpha, fwer=fwer)
+    timings["certify"] = time.perf_counter() - started
+    return CertifiedSegmentation(
+        certificate=certificate,
+        labels=certificate.labels(abstain_label=num_classes),
+        num_classes=num_classes,
+        sigma=float(sigma),
+        radius=radius(sigma, tau),
+        n0=n0,
+        n=n,
+        seed=seed,
+        timings=timings,
+    )

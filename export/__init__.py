@@ -1,0 +1,1 @@
+"""certseg.export: ONNX / TensorRT export and the Triton model repository writer."""
