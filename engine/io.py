@@ -1,0 +1,145 @@
+"""Reading images and label maps, writing certified label maps, overlays and JSON reports.
+
+Images become (3, H, W) float32 in [0, 1]: 8-bit and 16-bit PNG, JPEG; RGB, RGBA (alpha dropped) and
+grayscale (replicated to 3 channels). Certified label maps are written as palette PNGs whose pixel values are
+the class ids (abstain = K), so they are both machine-readable and visible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from certseg.engine.errors import InputError
+from certseg.engine.png16 import read_png16
+
+ABSTAIN_COLOUR = (255, 255, 255)
+
+
+def _to_rgb(array: np.ndarray, max_value: float, path: Path) -> np.ndarray:
+    """(H, W[, C]) integers -> (3, H, W) float32 in [0, 1]; gray is replicated, alpha dropped."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    channels = array.shape[2]
+    if channels in (1, 2):  # gray, gray + alpha
+        array = np.repeat(array[:, :, :1], 3, axis=2)
+    elif channels == 4:
+        array = array[:, :, :3]
+    elif channels != 3:
+        raise InputError(f"{path}: unsupported number of channels ({channels}); expected gray, RGB or RGBA")
+    return np.ascontiguousarray((array.astype(np.float32) / np.float32(max_value)).transpose(2, 0, 1))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as (3, H, W) float32 in [0, 1] pixel space, keeping 16-bit precision."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such image file")
+    try:
+        deep = read_png16(path)
+        if deep is not None:
+            return _to_rgb(deep, 65535.0, path)
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            if mode in ("I;16", "I;16B", "I;16L"):
+                return _to_rgb(np.asarray(image, dtype=np.uint16), 65535.0, path)
+            if mode == "I":  # 16-bit gray decoded to 32-bit ints by some Pillow versions
+                return _to_rgb(np.asarray(image).astype(np.uint32), 65535.0, path)
+            if mode not in ("RGB", "RGBA", "L", "LA"):
+                image = image.convert("RGBA" if "A" in mode or "transparency" in image.info else "RGB")
+            return _to_rgb(np.asarray(image), 255.0, path)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise InputError(f"{path}: not a readable image ({error.__class__.__name__}: {error})") from None
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """Read a label PNG (class ids per pixel, 255 = ignore) as a 2-D integer array."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such label file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
+                raise InputError(f"{path}: label maps must be single-channel (got mode {image.mode})")
+            return np.asarray(image).astype(np.int64 if image.mode.startswith("I") else np.uint8)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise InputError(f"{path}: not a readable label map ({error.__class__.__name__}: {error})") from None
+
+
+def default_palette(num_classes: int) -> np.ndarray:
+    """Distinct colours for K classes (K <= 255 for PNG palettes); deterministic, abstain not included."""
+    cityscapes = np.array(
+        [[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153], [153, 153, 153],
+         [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60],
+         [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32]],
+        dtype=np.uint8,
+    )
+    if num_classes <= len(cityscapes):
+        return cityscapes[:num_classes]
+    rng = np.random.default_rng(num_classes)
+    extra = rng.integers(0, 256, size=(num_classes - len(cityscapes), 3), dtype=np.uint8)
+    return np.concatenate([cityscapes, extra])
+
+
+def write_label_png(path: Path, labels: np.ndarray, palette: np.ndarray) -> None:
+    """Palette PNG: pixel value = class id (abstain = K, drawn white); uint16 grayscale when K + 1 > 256."""
+    num_entries = len(palette) + 1
+    if num_entries > 256:
+        Image.fromarray(labels.astype(np.uint16)).save(path)
+        return
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    colours = np.concatenate([palette, np.array([ABSTAIN_COLOUR], dtype=np.uint8)])
+    image.putpalette(colours.ravel().tolist())
+    image.save(path)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, opacity: float = 0.55) -> np.ndarray:
+    """RGB uint8 picture of the certificate: class colours over the image; abstained pixels greyed and hatched."""
+    rgb = image.transpose(1, 2, 0) * 255.0
+    abstain = labels >= len(palette)
+    colours = palette[np.minimum(labels, len(palette) - 1)].astype(np.float32)
+    blended = (1 - opacity) * rgb + opacity * colours
+    gray = rgb.mean(axis=2, keepdims=True) * 0.5 + 64
+    rows, cols = np.indices(labels.shape)
+    hatch = ((rows + cols) // 4) % 2 == 0
+    abstain_look = np.where(hatch[:, :, None], gray, np.full_like(gray, 255.0))
+    out = np.where(abstain[:, :, None], abstain_look, blended)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def write_rgb_png(path: Path, rgb: np.ndarray) -> None:
+    Image.fromarray(rgb, mode="RGB").save(path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Write atomically (temp file + rename) so an interrupted run never leaves half a report."""
+    temporary = path.with_suffix(path.suffix + ".partial")
+    temporary.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    temporary.replace(path)
