@@ -1,0 +1,352 @@
+"""HRNetV2 semantic segmenter in plain PyTorch, keyed exactly as HRNet-Semantic-Segmentation's ``seg_hrnet.py``.
+
+The module tree (stem ``conv1/bn1/conv2/bn2``, ``layer1``, ``transition1..3``, ``stage2..4`` of high-resolution
+modules with ``branches`` and ``fuse_layers``, ``last_layer.0/1/3``) mirrors ``HighResolutionNet`` so official
+checkpoints load with ``strict=True`` and ``state_dict()`` comes out in the official order. Facts copied from the
+official code: BatchNorm is plain ``nn.BatchNorm2d`` (eps 1e-5, gamma used as is, not InPlaceABN's |gamma|+eps);
+lower-resolution branches are conv1x1+BN'd *then* upsampled bilinearly to the target's exact size with the
+config's ``ALIGN_CORNERS``; logits come out at 1/4 resolution and are not upsampled (the pipeline does that).
+Sizes are read from tensors and no branch depends on values, so the model exports to ONNX with dynamic H/W.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certseg.engine.models.checkpoints import is_num_batches_tracked, load_checkpoint
+
+OFFICIAL_EXTRAS: frozenset[str] = frozenset({"loss.criterion.weight"})
+"""Non-model entries of official checkpoints: ``tools/train.py`` saves ``FullModel(model, loss)``, whose loss
+carries the class weights. The ``model.`` prefix of the same wrapper is stripped by the generic loader."""
+
+STEM_CHANNELS = 64  # hard-coded in the official stem, not part of EXTRA
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int, relu: bool) -> nn.Sequential:
+    """Conv (no bias) + BN [+ ReLU] as the official ``nn.Sequential`` so keys read ``.0.weight`` / ``.1.*``."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv+BN with a residual; the official attribute names give the checkpoint keys."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + residual, inplace=True)
+
+
+class Bottleneck(nn.Module):
+    """1x1 → 3x3 → 1x1 (x4 channels) conv+BN with a residual, as the official stage-1 block."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + residual, inplace=True)
+
+
+BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"BASIC": BasicBlock, "BOTTLENECK": Bottleneck}
+
+
+def _make_layer(
+    block: type[BasicBlock] | type[Bottleneck], inplanes: int, planes: int, num_blocks: int
+) -> tuple[nn.Sequential, int]:
+    """A run of blocks (official ``_make_layer`` / ``_make_one_branch``); a 1x1 downsample when channels change."""
+    out_channels = planes * block.expansion
+    downsample = _conv_bn(inplanes, out_channels, 1, 1, relu=False) if inplanes != out_channels else None
+    layers = [block(inplanes, planes, 1, downsample)]
+    layers += [block(out_channels, planes) for _ in range(1, num_blocks)]
+    return nn.Sequential(*layers), out_channels
+
+
+def _fuse_path(channels: Sequence[int], src: int, dst: int) -> nn.Module | None:
+    """How branch ``src`` reaches branch ``dst``'s resolution and width before the sum.
+
+    Lower resolution (src > dst): conv1x1+BN, upsampled in forward. Higher resolution (src < dst): dst-src
+    stride-2 conv3x3+BN, intermediate ones keep src's width and have ReLU, the last maps to dst's width without.
+    """
+    if src == dst:
+        return None
+    if src > dst:
+        return _conv_bn(channels[src], channels[dst], 1, 1, relu=False)
+    steps = dst - src
+    convs = [_conv_bn(channels[src], channels[src], 3, 2, relu=True) for _ in range(steps - 1)]
+    convs.append(_conv_bn(channels[src], channels[dst], 3, 2, relu=False))
+    return nn.Sequential(*convs)
+
+
+def _upsample_to(x: torch.Tensor, like: torch.Tensor, align_corners: bool) -> torch.Tensor:
+    """Bilinear resize to ``like``'s exact size (by size, not scale factor: odd sizes do not divide evenly)."""
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=align_corners)
+
+
+class HighResolutionModule(nn.Module):
+    """Parallel branches, then every output resolution sums all branches brought to it, then ReLU."""
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        block: type[BasicBlock] | type[Bottleneck],
+        num_blocks: Sequence[int],
+        num_channels: Sequence[int],
+        align_corners: bool,
+    ):
+        super().__init__()
+        branches, out_channels = [], []
+        for cin, planes, n in zip(in_channels, num_channels, num_blocks, strict=True):
+            branch, cout = _make_layer(block, cin, planes, n)
+            branches.append(branch)
+            out_channels.append(cout)
+        self.branches = nn.ModuleList(branches)
+        self.out_channels = out_channels
+        self.align_corners = align_corners
+        n_branches = len(out_channels)
+        self.fuse_layers = (
+            None
+            if n_branches == 1
+            else nn.ModuleList(
+                nn.ModuleList(_fuse_path(out_channels, j, i) for j in range(n_branches)) for i in range(n_branches)
+            )
+        )
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        xs = [branch(x) for branch, x in zip(self.branches, xs, strict=True)]
+        if self.fuse_layers is None:
+            return xs
+        return [self._fuse(i, paths, xs) for i, paths in enumerate(self.fuse_layers)]
+
+    def _fuse(self, i: int, paths: nn.ModuleList, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Sum in the official order (branch 0 first) so float rounding matches too."""
+        y = xs[0] if i == 0 else paths[0](xs[0])
+        for j in range(1, len(xs)):
+            if j == i:
+                y = y + xs[j]
+            elif j > i:
+                y = y + _upsample_to(paths[j](xs[j]), xs[i], self.align_corners)
+            else:
+                y = y + paths[j](xs[j])
+        return F.relu(y, inplace=True)
+
+
+def _make_transition(previous: Sequence[int], current: Sequence[int]) -> nn.ModuleList:
+    """Existing branches get a conv3x3 only when their width changes (else no keys at that index); each new
+    branch is a chain of stride-2 conv3x3+BN+ReLU from the lowest-resolution existing branch."""
+    layers: list[nn.Module | None] = []
+    for i, cout in enumerate(current):
+        if i < len(previous):
+            layers.append(_conv_bn(previous[i], cout, 3, 1, relu=True) if previous[i] != cout else None)
+            continue
+        steps = i + 1 - len(previous)
+        widths = [previous[-1]] * steps + [cout]
+        layers.append(nn.Sequential(*(_conv_bn(widths[k], widths[k + 1], 3, 2, relu=True) for k in range(steps))))
+    return nn.ModuleList(layers)
+
+
+def _apply_transition(transition: nn.ModuleList, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Branch i takes ys[i]; new branches take the lowest-resolution output ys[-1]."""
+    out = []
+    for i, layer in enumerate(transition):
+        src = ys[i] if i < len(ys) else ys[-1]
+        out.append(src if layer is None else layer(src))
+    return out
+
+
+def _stage_spec(cfg: Mapping, name: str) -> tuple[type[BasicBlock] | type[Bottleneck], list[int], list[int], int]:
+    """(block, num_blocks, num_channels, num_modules) of a yaml STAGEn node, checked as the official code does."""
+    block_name = cfg["BLOCK"]
+    if block_name not in BLOCKS:
+        raise ValueError(f"{name}.BLOCK must be one of {sorted(BLOCKS)}, got {block_name!r}")
+    if cfg.get("FUSE_METHOD", "SUM") != "SUM":
+        raise ValueError(f"{name}.FUSE_METHOD {cfg['FUSE_METHOD']!r} is not supported (the official code sums)")
+    num_blocks, num_channels = list(cfg["NUM_BLOCKS"]), list(cfg["NUM_CHANNELS"])
+    n_branches = cfg.get("NUM_BRANCHES", len(num_channels))  # STAGE1 spells it NUM_RANCHES; unused there
+    if not len(num_blocks) == len(num_channels) == n_branches:
+        raise ValueError(
+            f"{name}: NUM_BRANCHES={n_branches} but NUM_BLOCKS has {len(num_blocks)} "
+            f"and NUM_CHANNELS {len(num_channels)} entries"
+        )
+    return BLOCKS[block_name], num_blocks, num_channels, int(cfg["NUM_MODULES"])
+
+
+class HRNetV2(nn.Module):
+    """HRNetV2 segmenter: images (B,3,H,W) → logits (B,K,ceil(ceil(H/2)/2),ceil(ceil(W/2)/2))."""
+
+    def __init__(self, model_cfg: Mapping, num_classes: int):
+        super().__init__()
+        extra = model_cfg["EXTRA"]
+        # The official config default is True; the Cityscapes / Pascal-Context yamls override it to False.
+        self.align_corners = bool(model_cfg.get("ALIGN_CORNERS", True))
+        self.conv1 = nn.Conv2d(3, STEM_CHANNELS, 3, 2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
+        self.conv2 = nn.Conv2d(STEM_CHANNELS, STEM_CHANNELS, 3, 2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(STEM_CHANNELS)
+
+        block, num_blocks, num_channels, _ = _stage_spec(extra["STAGE1"], "STAGE1")
+        self.layer1, width = _make_layer(block, STEM_CHANNELS, num_channels[0], num_blocks[0])
+        channels = [width]
+        for n in (2, 3, 4):
+            transition, stage, channels = self._make_stage(extra[f"STAGE{n}"], f"STAGE{n}", channels)
+            self.add_module(f"transition{n - 1}", transition)
+            self.add_module(f"stage{n}", stage)
+
+        kernel = int(extra["FINAL_CONV_KERNEL"])
+        width = sum(channels)
+        self.last_layer = nn.Sequential(
+            nn.Conv2d(width, width, 1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, num_classes, kernel, padding=1 if kernel == 3 else 0),
+        )
+
+    def _make_stage(
+        self, cfg: Mapping, name: str, previous: list[int]
+    ) -> tuple[nn.ModuleList, nn.Sequential, list[int]]:
+        """Transition into the stage's branch widths, then NUM_MODULES high-resolution modules."""
+        block, num_blocks, num_channels, num_modules = _stage_spec(cfg, name)
+        current = [c * block.expansion for c in num_channels]
+        transition = _make_transition(previous, current)
+        modules = []
+        for _ in range(num_modules):
+            modules.append(HighResolutionModule(current, block, num_blocks, num_channels, self.align_corners))
+            current = modules[-1].out_channels
+        return transition, nn.Sequential(*modules), current
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input: all final branches upsampled to branch 0's size and concatenated in branch order."""
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
+        ys = [self.layer1(x)]
+        for n in (2, 3, 4):
+            xs = _apply_transition(getattr(self, f"transition{n - 1}"), ys)
+            ys = getattr(self, f"stage{n}")(xs)
+        return torch.cat([ys[0]] + [_upsample_to(y, ys[0], self.align_corners) for y in ys[1:]], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.features(x))
+
+
+def build_hrnet(model_cfg: Mapping, num_classes: int) -> HRNetV2:
+    """Build from the yaml's ``MODEL`` node (``EXTRA``, ``ALIGN_CORNERS``; missing ALIGN_CORNERS means True)."""
+    return HRNetV2(model_cfg, num_classes)
+
+
+def _stage(num_modules: int, channels: Sequence[int]) -> dict:
+    return {
+        "NUM_MODULES": num_modules,
+        "NUM_BRANCHES": len(channels),
+        "BLOCK": "BASIC",
+        "NUM_BLOCKS": [4] * len(channels),
+        "NUM_CHANNELS": list(channels),
+        "FUSE_METHOD": "SUM",
+    }
+
+
+def _hrnetv2_cfg(width: int) -> dict:
+    """The official ``seg_hrnet_w{width}`` yaml MODEL node (Cityscapes / Pascal-Context: ALIGN_CORNERS False)."""
+    channels = [width * 2**i for i in range(4)]
+    return {
+        "NAME": "seg_hrnet",
+        "ALIGN_CORNERS": False,
+        "EXTRA": {
+            "FINAL_CONV_KERNEL": 1,
+            "STAGE1": {
+                "NUM_MODULES": 1,
+                "NUM_RANCHES": 1,
+                "BLOCK": "BOTTLENECK",
+                "NUM_BLOCKS": [4],
+                "NUM_CHANNELS": [64],
+                "FUSE_METHOD": "SUM",
+            },
+            "STAGE2": _stage(1, channels[:2]),
+            "STAGE3": _stage(4, channels[:3]),
+            "STAGE4": _stage(3, channels),
+        },
+    }
+
+
+HRNET_W18: dict = _hrnetv2_cfg(18)
+HRNET_W48: dict = _hrnetv2_cfg(48)
+
+PRESETS: dict[str, tuple[dict, int]] = {
+    "hrnetv2-w48-cityscapes": (HRNET_W48, 19),
+    "hrnetv2-w48-pascal-context-59": (HRNET_W48, 59),
+    "hrnetv2-w18-cityscapes": (HRNET_W18, 19),
+}
+
+
+def build_preset(name: str) -> HRNetV2:
+    """Build a named preset (see ``PRESETS``); randomly initialised, load weights separately."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown HRNet preset {name!r}; known: {', '.join(PRESETS)}")
+    model_cfg, num_classes = PRESETS[name]
+    return build_hrnet(model_cfg, num_classes)
+
+
+def preset_factories() -> dict[str, Callable[[], nn.Module]]:
+    """Builders of every preset, for the loader's "it fits preset X" suggestion (it calls them on meta)."""
+    return {name: partial(build_preset, name) for name in PRESETS}
+
+
+def load_hrnet(
+    path: str | os.PathLike,
+    preset: str | tuple[Mapping, int],
+    *,
+    candidates: Mapping[str, Callable[[], nn.Module]] | None = None,
+    extras: Collection[str] = OFFICIAL_EXTRAS,
+) -> HRNetV2:
+    """Build a preset (name) or ``(model_cfg, num_classes)`` and strictly load an official checkpoint into it.
+
+    Handles the official keying (``model.`` prefix, ``loss.criterion.weight``) and torch-0.4 checkpoints that
+    lack ``num_batches_tracked``; anything else that does not fit raises ``CheckpointError`` naming the
+    presets among ``candidates`` (default: all HRNet presets) that would fit. Returns the model in eval mode.
+    """
+    if isinstance(preset, str):
+        model, model_name = build_preset(preset), preset
+    else:
+        model, model_name = build_hrnet(*preset), "the given HRNet config"
+    load_checkpoint(
+        model,
+        path,
+        extras=extras,
+        presets=preset_factories() if candidates is None else candidates,
+        model_name=model_name,
+        optional_missing=is_num_batches_tracked,
+    )
+    return model.eval()
