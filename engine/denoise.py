@@ -1,0 +1,326 @@
+"""DenoiseCertify's denoising step (the paper's Algorithm 2) as small pure torch functions.
+
+A noisy image in [0, 1] pixel space is mapped to the diffusion model's [-1, 1] space, squashed to the
+denoiser's size, scaled to x_t = sqrt(ᾱ_t*)·x and denoised in one step (x̂0 from the predicted ε), or by DDPM
+ancestral sampling from t* down to 0 (the paper's Table 3 ablation). Every resize is ``stages.resize``
+(bilinear, align_corners=False), and coefficients are float64 numbers rounded to float32, as in guided-diffusion.
+
+Which t* to use depends on how much noise reaches the denoiser, and the resize changes that. So t* selection
+is explicit: ``select_timestep`` returns a ``TimestepChoice`` that records the rule, t* and the noise level it
+matched, for results to store.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+import torch
+
+from certseg.engine.stages import resize
+
+NUM_TIMESTEPS = 1000
+TimestepRule = Literal["principled", "authors", "dds"]
+TIMESTEP_RULES: tuple[str, ...] = ("principled", "authors", "dds")
+VarianceMode = Literal["learned_range", "fixed_small"]
+NoiseFn = Callable[[int, torch.Size], torch.Tensor]
+"""``noise_fn(timestep, shape)`` -> standard-normal noise of ``shape`` for the ancestral step at ``timestep``."""
+
+
+def linear_alpha_bar() -> np.ndarray:
+    """ᾱ_t = cumprod(1 - β) for guided-diffusion's linear schedule, β = linspace(1e-4, 0.02, 1000), float64.
+
+    t is the 0-based index that the UNet also takes as its timestep.
+    """
+    return _alpha_bar().copy()
+
+
+@lru_cache(maxsize=1)
+def _alpha_bar() -> np.ndarray:
+    return np.cumprod(1.0 - np.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=np.float64))
+
+
+def timestep_std(alpha_bar: np.ndarray | float) -> np.ndarray | float:
+    """sqrt((1-ᾱ)/ᾱ): the std of the noise, relative to the signal, that the model assumes in x_t/sqrt(ᾱ)."""
+    return np.sqrt((1.0 - alpha_bar) / alpha_bar)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, numbers.Integral):
+        size = int(size)
+        return size, size
+    height, width = (int(s) for s in size)
+    return height, width
+
+
+def _axis_row_sq_norms(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
+    """Squared row norms of the 1-D operator that ``stages.resize`` applies along one axis (n_out,).
+
+    Resizes the n_in one-hot bases along H with W kept at 2 -> 2 (an identity axis). Not W = 1: torch 2.13's
+    CPU antialiased bilinear gives wrong weights for width-1 images (every output row equals the first).
+    """
+    basis = torch.eye(n_in, dtype=torch.float64)[:, None, :, None].expand(n_in, 1, n_in, 2).contiguous()
+    columns = resize(basis, (n_out, 2), antialias=antialias)[:, 0, :, 0]  # (n_in, n_out): A[i, b] at [b, i]
+    return (columns**2).sum(dim=0).numpy()
+
+
+@lru_cache(maxsize=64)
+def _resize_noise_factor(in_size: tuple[int, int], out_size: tuple[int, int], antialias: bool) -> float:
+    rows = _axis_row_sq_norms(in_size[0], out_size[0], antialias)
+    cols = _axis_row_sq_norms(in_size[1], out_size[1], antialias)
+    return float(np.sqrt(rows.mean() * cols.mean()))
+
+
+def resize_noise_factor(
+    in_size: int | Sequence[int], out_size: int | Sequence[int], *, antialias: bool = False
+) -> float:
+    """How ``stages.resize`` scales the std of i.i.d. pixel noise, computed exactly from the operator.
+
+    A linear resize y = A x maps i.i.d. N(0, s²) noise to per-pixel std s·||A_row||. Bilinear resizing is
+    separable, A = A_h ⊗ A_w, so ||A_(i,j)||² = ||A_h[i]||²·||A_w[j]||². With non-integer ratios the per-pixel
+    variance varies over the output, so the factor is the RMS over output pixels, sqrt(mean ||A_row||²): the
+    std of all output noise values pooled (what a Monte Carlo measurement of "the noise std" reports).
+    1024x2048 -> 256x256 non-antialiased gives exactly 0.5 (each axis averages two pixels).
+    """
+    return _resize_noise_factor(_pair(in_size), _pair(out_size), bool(antialias))
+
+
+@dataclass(frozen=True)
+class TimestepChoice:
+    """The t* a rule picked, and the noise levels behind it (record it with every result)."""
+
+    t: int
+    rule: str
+    effective_sigma_model_space: float
+    """Std of the noise that reaches the denoiser, in [-1, 1] model space: 2σ · resize_noise_factor."""
+    alpha_bar: float
+    sigma: float
+    noise_factor: float
+    """resize_noise_factor(image_size -> denoiser_size); 1.0 when no image size was given."""
+    timestep_std: float
+    """sqrt((1-ᾱ_t*)/ᾱ_t*): the noise std the model assumes at t*, to compare with the effective one."""
+
+
+def select_timestep(
+    sigma: float,
+    rule: TimestepRule = "principled",
+    *,
+    image_size: int | Sequence[int] | None = None,
+    denoiser_size: int | Sequence[int] = 256,
+    antialias: bool = False,
+) -> TimestepChoice:
+    """t* for pixel-space noise level σ, where s = 2σ·resize_noise_factor(image_size -> denoiser_size):
+
+    - "principled" (default): t* = argmin_t |sqrt((1-ᾱ_t)/ᾱ_t) - s|, matching the noise std that actually
+      reaches the denoiser (in model space the noise is 2σ, then the resize scales it).
+    - "authors": t* = argmin_t |ᾱ_t - 1/(1+σ²)| (DenoiseCertify's code: 73, 144, 258 for σ = 0.25, 0.5, 1).
+      It ignores both the factor 2 and the resize; on Cityscapes the two cancel (factor 0.5).
+    - "dds": DDS's criterion, the first t with sqrt((1-ᾱ_t)/ᾱ_t) >= s. DDS resized nothing, so with no
+      image_size this is exactly its 2σ rule (145, 259, 396 for σ = 0.25, 0.5, 1).
+
+    ``image_size`` None means the image is already at the denoiser size (no resize, factor 1).
+    """
+    if not np.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+    if rule not in TIMESTEP_RULES:
+        raise ValueError(f"unknown timestep rule {rule!r}; choose one of {TIMESTEP_RULES}")
+    factor = 1.0 if image_size is None else resize_noise_factor(image_size, denoiser_size, antialias=antialias)
+    effective = 2.0 * float(sigma) * factor
+    alpha_bar = _alpha_bar()
+    stds = timestep_std(alpha_bar)
+    if rule == "authors":
+        t = int(np.argmin(np.abs(alpha_bar - 1.0 / (1.0 + float(sigma) ** 2))))
+    elif rule == "principled":
+        t = int(np.argmin(np.abs(stds - effective)))
+    else:
+        reached = np.flatnonzero(stds >= effective)
+        if reached.size == 0:
+            raise ValueError(f"no timestep reaches noise std {effective:.4g} (sigma {sigma} is too large)")
+        t = int(reached[0])
+    return TimestepChoice(
+        t=t,
+        rule=rule,
+        effective_sigma_model_space=effective,
+        alpha_bar=float(alpha_bar[t]),
+        sigma=float(sigma),
+        noise_factor=factor,
+        timestep_std=float(stds[t]),
+    )
+
+
+def _f32(value: float) -> float:
+    """A float64 coefficient rounded to float32 (guided-diffusion casts its numpy coefficients so).
+
+    Returned as a Python float: multiplying keeps the tensor's dtype, and float32 results are bit-identical.
+    """
+    return float(np.float32(value))
+
+
+def to_model_space(noisy01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pixels -> the diffusion model's [-1, 1] space: 2x - 1 (noise std becomes 2σ)."""
+    return 2 * noisy01 - 1
+
+
+def from_model_space(x0: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1]: (x + 1) / 2."""
+    return (x0 + 1) / 2
+
+
+def scale_for_timestep(x_model: torch.Tensor, alpha_bar_t: float) -> torch.Tensor:
+    """x_t = sqrt(ᾱ_t)·x: noisy x = x0 + s·ε becomes the diffusion marginal when s matches t's std."""
+    return x_model * _f32(np.sqrt(alpha_bar_t))
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float) -> torch.Tensor:
+    """x̂0 = clamp(sqrt(1/ᾱ)·x_t - sqrt(1/ᾱ - 1)·ε, -1, 1) (guided-diffusion's clipped pred_xstart)."""
+    recip = _f32(np.sqrt(1.0 / alpha_bar_t))
+    recip_m1 = _f32(np.sqrt(1.0 / alpha_bar_t - 1.0))
+    return torch.clamp(recip * x_t - recip_m1 * eps, -1, 1)
+
+
+def _check_timestep(t: int) -> int:
+    if not 0 <= int(t) < NUM_TIMESTEPS:
+        raise ValueError(f"timestep must be in [0, {NUM_TIMESTEPS}), got {t}")
+    return int(t)
+
+
+def _timesteps_like(x: torch.Tensor, t: int) -> torch.Tensor:
+    """(B,) int64 filled with t; sized from x's batch so exported graphs keep a dynamic batch."""
+    return torch.full_like(x[:, 0, 0, 0], t, dtype=torch.int64)
+
+
+def _to_denoiser(noisy01: torch.Tensor, denoiser_size: int | Sequence[int], antialias: bool) -> torch.Tensor:
+    return resize(to_model_space(noisy01), _pair(denoiser_size), antialias=antialias)
+
+
+def _from_denoiser(x0: torch.Tensor, out_size: tuple[int, int], antialias: bool) -> torch.Tensor:
+    return resize(from_model_space(x0), out_size, antialias=antialias)
+
+
+def one_step_denoise(
+    unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noisy01: torch.Tensor,
+    t: int,
+    *,
+    denoiser_size: int | Sequence[int] = (256, 256),
+    antialias: bool = False,
+    out_size: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Denoise (B, 3, H, W) noisy images in [0, 1] with one UNet call at timestep t; returns [0, 1] images.
+
+    x_t = sqrt(ᾱ_t)·resize(2x - 1); ε = unet(x_t, t)[:, :3]; x̂0 clipped; (x̂0 + 1)/2 resized to ``out_size``
+    (default: the input size). ``antialias`` applies to both resizes; the authors used none.
+    """
+    alpha_bar_t = float(_alpha_bar()[_check_timestep(t)])
+    x_t = scale_for_timestep(_to_denoiser(noisy01, denoiser_size, antialias), alpha_bar_t)
+    eps = unet(x_t, _timesteps_like(x_t, t))[:, :3].to(x_t.dtype)
+    x0 = predict_x0(x_t, eps, alpha_bar_t)
+    return _from_denoiser(x0, _pair(out_size or noisy01.shape[-2:]), antialias)
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """A (possibly respaced) reverse chain over increasing ``timesteps`` τ, built as guided-diffusion's
+    SpacedDiffusion does: β_k = 1 - ᾱ[τ_k]/ᾱ[τ_(k-1)] (ᾱ before τ_0 is 1), then q(x_(k-1) | x_k, x0)."""
+
+    timesteps: np.ndarray
+    alpha_bar: np.ndarray
+    log_beta: np.ndarray
+    posterior_log_variance_clipped: np.ndarray
+    mean_coef_x0: np.ndarray
+    mean_coef_xt: np.ndarray
+
+
+def _chain(timesteps: np.ndarray) -> _Chain:
+    used = _alpha_bar()[timesteps]
+    betas = 1.0 - used / np.append(1.0, used[:-1])
+    alphas = 1.0 - betas
+    alpha_bar = np.cumprod(alphas)
+    alpha_bar_prev = np.append(1.0, alpha_bar[:-1])
+    posterior_variance = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+    # Step 0 has zero posterior variance, so its log is replaced by step 1's (step 0 adds no noise anyway;
+    # a one-step chain has no variance to use at all).
+    clipped = np.append(posterior_variance[1], posterior_variance[1:]) if len(timesteps) > 1 else np.ones(1)
+    return _Chain(
+        timesteps=timesteps,
+        alpha_bar=alpha_bar,
+        log_beta=np.log(betas),
+        posterior_log_variance_clipped=np.log(clipped),
+        mean_coef_x0=betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar),
+        mean_coef_xt=(1.0 - alpha_bar_prev) * np.sqrt(alphas) / (1.0 - alpha_bar),
+    )
+
+
+def spaced_timesteps(t: int, steps: int | None = None) -> np.ndarray:
+    """The timesteps an ancestral run from t down to 0 visits, increasing: every one (None) or ``steps``
+    evenly spaced ones that include t and, for steps >= 2, 0."""
+    t = _check_timestep(t)
+    if steps is None:
+        return np.arange(t + 1)
+    if not 1 <= steps <= t + 1:
+        raise ValueError(f"steps must be in [1, {t + 1}] for t = {t}, got {steps}")
+    if steps == 1:
+        return np.array([t])
+    return np.round(np.linspace(0, t, steps)).astype(np.int64)
+
+
+def _standard_normal(noise: torch.Generator | NoiseFn, timestep: int, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(noise, torch.Generator):
+        z = torch.randn(like.shape, generator=noise, device=noise.device, dtype=torch.float32)
+    else:
+        z = noise(timestep, like.shape)
+    return z.to(device=like.device, dtype=like.dtype)
+
+
+def multi_step_denoise(
+    unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noisy01: torch.Tensor,
+    t: int,
+    *,
+    noise: torch.Generator | NoiseFn,
+    steps: int | None = None,
+    variance: VarianceMode = "learned_range",
+    denoiser_size: int | Sequence[int] = (256, 256),
+    antialias: bool = False,
+    out_size: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """DDPM ancestral sampling from x_t (built as in ``one_step_denoise``) down to t = 0, clipping x̂0 each step.
+
+    Each step: ε and x̂0 as in one step, mean = c1·x̂0 + c2·x_t of the posterior, then x = mean + exp(½ log v)·z
+    (no noise at the last step). ``variance``: "learned_range" (guided-diffusion's learn_sigma models such as
+    256x256_diffusion_uncond: log v interpolates between the clipped posterior log-variance and log β with
+    frac = (v + 1)/2, v = UNet channels 3-5) or "fixed_small" (the posterior variance). ``steps`` None runs all
+    t+1 timesteps (the paper); an int respaces the chain as guided-diffusion's SpacedDiffusion does (steps=1
+    equals one_step_denoise). The extra noise comes only from ``noise``: a torch.Generator or a ``NoiseFn``,
+    never from the global RNG, so certification runs are reproducible.
+    """
+    if variance not in ("learned_range", "fixed_small"):
+        raise ValueError(f"variance must be 'learned_range' or 'fixed_small', got {variance!r}")
+    chain = _chain(spaced_timesteps(t, steps))
+    x = scale_for_timestep(_to_denoiser(noisy01, denoiser_size, antialias), float(chain.alpha_bar[-1]))
+    for k in reversed(range(len(chain.timesteps))):
+        timestep = int(chain.timesteps[k])
+        out = unet(x, _timesteps_like(x, timestep))
+        if variance == "learned_range" and out.shape[1] < 6:
+            raise ValueError("variance 'learned_range' needs a learn_sigma UNet (6 output channels)")
+        x0 = predict_x0(x, out[:, :3].to(x.dtype), float(chain.alpha_bar[k]))
+        mean = _f32(chain.mean_coef_x0[k]) * x0 + _f32(chain.mean_coef_xt[k]) * x
+        if k == 0:  # the last step returns the posterior mean (x̂0) without noise
+            x = mean
+        else:
+            std = torch.exp(0.5 * _log_variance(chain, k, out, variance).to(x.dtype))
+            x = mean + std * _standard_normal(noise, timestep, x)
+    return _from_denoiser(x, _pair(out_size or noisy01.shape[-2:]), antialias)
+
+
+def _log_variance(chain: _Chain, k: int, out: torch.Tensor, variance: VarianceMode) -> torch.Tensor:
+    """log of the step-k ancestral variance: learned range (from out[:, 3:6]) or the fixed posterior one."""
+    min_log = _f32(chain.posterior_log_variance_clipped[k])
+    if variance == "fixed_small":
+        return torch.full_like(out[:, :3], min_log)
+    frac = (out[:, 3:6] + 1) / 2
+    return frac * _f32(chain.log_beta[k]) + (1 - frac) * min_log
