@@ -193,12 +193,21 @@ def _timesteps_like(x: torch.Tensor, t: int) -> torch.Tensor:
     return torch.full_like(x[:, 0, 0, 0], t, dtype=torch.int64)
 
 
-def _to_denoiser(noisy01: torch.Tensor, denoiser_size: int | Sequence[int], antialias: bool) -> torch.Tensor:
-    return resize(to_model_space(noisy01), _pair(denoiser_size), antialias=antialias)
+def denoiser_input(
+    noisy01: torch.Tensor, t: int, *, denoiser_size: int | Sequence[int] = (256, 256), antialias: bool = False
+) -> torch.Tensor:
+    """The "scale" stage: x_t = sqrt(ᾱ_t)·resize(2x - 1) at the denoiser's size."""
+    alpha_bar_t = float(_alpha_bar()[_check_timestep(t)])
+    return scale_for_timestep(resize(to_model_space(noisy01), _pair(denoiser_size), antialias=antialias), alpha_bar_t)
 
 
-def _from_denoiser(x0: torch.Tensor, out_size: tuple[int, int], antialias: bool) -> torch.Tensor:
-    return resize(from_model_space(x0), out_size, antialias=antialias)
+def denoiser_output(
+    x_t: torch.Tensor, eps: torch.Tensor, t: int, *, out_size: Sequence[int], antialias: bool = False
+) -> torch.Tensor:
+    """x̂0 from ε (first 3 channels used), back to [0, 1] and resized to ``out_size``."""
+    alpha_bar_t = float(_alpha_bar()[_check_timestep(t)])
+    x0 = predict_x0(x_t, eps[:, :3].to(x_t.dtype), alpha_bar_t)
+    return resize(from_model_space(x0), _pair(out_size), antialias=antialias)
 
 
 def one_step_denoise(
@@ -215,11 +224,9 @@ def one_step_denoise(
     x_t = sqrt(ᾱ_t)·resize(2x - 1); ε = unet(x_t, t)[:, :3]; x̂0 clipped; (x̂0 + 1)/2 resized to ``out_size``
     (default: the input size). ``antialias`` applies to both resizes; the authors used none.
     """
-    alpha_bar_t = float(_alpha_bar()[_check_timestep(t)])
-    x_t = scale_for_timestep(_to_denoiser(noisy01, denoiser_size, antialias), alpha_bar_t)
-    eps = unet(x_t, _timesteps_like(x_t, t))[:, :3].to(x_t.dtype)
-    x0 = predict_x0(x_t, eps, alpha_bar_t)
-    return _from_denoiser(x0, _pair(out_size or noisy01.shape[-2:]), antialias)
+    x_t = denoiser_input(noisy01, t, denoiser_size=denoiser_size, antialias=antialias)
+    eps = unet(x_t, _timesteps_like(x_t, t))
+    return denoiser_output(x_t, eps, t, out_size=out_size or noisy01.shape[-2:], antialias=antialias)
 
 
 @dataclass(frozen=True)
@@ -301,7 +308,7 @@ def multi_step_denoise(
     if variance not in ("learned_range", "fixed_small"):
         raise ValueError(f"variance must be 'learned_range' or 'fixed_small', got {variance!r}")
     chain = _chain(spaced_timesteps(t, steps))
-    x = scale_for_timestep(_to_denoiser(noisy01, denoiser_size, antialias), float(chain.alpha_bar[-1]))
+    x = denoiser_input(noisy01, int(chain.timesteps[-1]), denoiser_size=denoiser_size, antialias=antialias)
     for k in reversed(range(len(chain.timesteps))):
         timestep = int(chain.timesteps[k])
         out = unet(x, _timesteps_like(x, timestep))
@@ -314,7 +321,7 @@ def multi_step_denoise(
         else:
             std = torch.exp(0.5 * _log_variance(chain, k, out, variance).to(x.dtype))
             x = mean + std * _standard_normal(noise, timestep, x)
-    return _from_denoiser(x, _pair(out_size or noisy01.shape[-2:]), antialias)
+    return resize(from_model_space(x), _pair(out_size or noisy01.shape[-2:]), antialias=antialias)
 
 
 def _log_variance(chain: _Chain, k: int, out: torch.Tensor, variance: VarianceMode) -> torch.Tensor:

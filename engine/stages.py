@@ -55,20 +55,11 @@ def argmax_labels(logits: torch.Tensor) -> torch.Tensor:
     return labels.to(torch.uint8) if logits.shape[1] <= 256 else labels.to(torch.int32)
 
 
-def segment_to_labels(
-    logits_model: torch.nn.Module | object,
-    images: torch.Tensor,
-    *,
-    scale: float = 1.0,
-    normalize: bool = True,
-) -> torch.Tensor:
-    """resize to scale · size → (normalise) → segmenter logits → upsample to full size → argmax.
+def segmenter_input(images01: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """[0, 1] images → the segmenter's input: bilinear resize to ``size`` (the paper's scale), ImageNet-normalised."""
+    return normalize_imagenet(resize(images01, size))
 
-    This is the paper's segmentation step for both SegCertify and DenoiseCertify; ``images`` are in [0, 1].
-    """
-    height, width = images.shape[-2:]
-    model_input = resize(images, scaled_size(height, width, scale))
-    if normalize:
-        model_input = normalize_imagenet(model_input)
-    logits = logits_model(model_input)  # type: ignore[operator]
-    return argmax_labels(upsample_logits(logits.float(), (height, width)))
+
+def labels_from_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Segmenter scores at any resolution → per-pixel classes at the certified map's full ``size``."""
+    return argmax_labels(upsample_logits(logits.float(), size))

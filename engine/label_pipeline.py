@@ -1,0 +1,104 @@
+"""What one noisy sample goes through: (scale → denoise →) resize → segment → argmax, as a torch module.
+
+``PipelineSpec`` is the complete, recordable description of that path (method, σ, t* and its rule, sizes,
+resize mode); ``LabelPipeline`` composes the stage functions of ``certseg.engine.stages`` and
+``certseg.engine.denoise`` around the two models, so the torch runtime, ONNX export and the Triton step
+models all run the same maths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from certseg.engine.denoise import TimestepChoice, denoiser_input, denoiser_output, select_timestep
+from certseg.engine.stages import labels_from_logits, scaled_size, segmenter_input
+
+Method = Literal["segcertify", "denoisecertify"]
+METHODS: tuple[str, ...] = ("segcertify", "denoisecertify")
+TimestepRule = Literal["principled", "authors", "dds"]
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything that decides which label map a noisy sample becomes (besides the model weights)."""
+
+    method: Method
+    sigma: float
+    image_size: tuple[int, int]
+    scale: float = 1.0
+    denoiser_size: tuple[int, int] | None = None
+    timestep: TimestepChoice | None = None
+    antialias: bool = False
+
+    @property
+    def segmenter_size(self) -> tuple[int, int]:
+        return scaled_size(*self.image_size, self.scale)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready description, stored in every result so any number can be re-made."""
+        out = asdict(self)
+        out["segmenter_size"] = list(self.segmenter_size)
+        return out
+
+
+def make_spec(
+    method: Method,
+    sigma: float,
+    image_size: tuple[int, int],
+    *,
+    scale: float = 1.0,
+    denoiser_size: tuple[int, int] | None = None,
+    timestep_rule: TimestepRule = "principled",
+    antialias: bool = False,
+) -> PipelineSpec:
+    """A spec with t* chosen by ``timestep_rule`` for the noise that actually reaches the denoiser."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    timestep = None
+    if method == "denoisecertify":
+        if denoiser_size is None:
+            raise ValueError("denoisecertify needs the denoiser's input size")
+        timestep = select_timestep(
+            sigma, timestep_rule, image_size=image_size, denoiser_size=denoiser_size, antialias=antialias
+        )
+    else:
+        denoiser_size = None
+    return PipelineSpec(
+        method=method,
+        sigma=float(sigma),
+        image_size=(int(image_size[0]), int(image_size[1])),
+        scale=float(scale),
+        denoiser_size=None if denoiser_size is None else (int(denoiser_size[0]), int(denoiser_size[1])),
+        timestep=timestep,
+        antialias=antialias,
+    )
+
+
+class LabelPipeline(nn.Module):
+    """noisy images (B, 3, H, W) in [0, 1] → labels (B, H, W) uint8, for one ``PipelineSpec``."""
+
+    def __init__(self, spec: PipelineSpec, segmenter: nn.Module, denoiser: nn.Module | None = None) -> None:
+        super().__init__()
+        if spec.method == "denoisecertify" and denoiser is None:
+            raise ValueError("denoisecertify needs a denoiser")
+        self.spec = spec
+        self.segmenter = segmenter
+        self.denoiser = denoiser if spec.method == "denoisecertify" else None
+
+    def clean_images(self, noisy: torch.Tensor) -> torch.Tensor:
+        """What the segmenter sees, in [0, 1] at the segmenter's size: denoised (DenoiseCertify) or resized."""
+        spec = self.spec
+        if self.denoiser is None:
+            return noisy
+        t = spec.timestep.t
+        x_t = denoiser_input(noisy, t, denoiser_size=spec.denoiser_size, antialias=spec.antialias)
+        eps = self.denoiser(x_t, torch.full_like(x_t[:, 0, 0, 0], t, dtype=torch.int64))
+        return denoiser_output(x_t, eps, t, out_size=spec.segmenter_size, antialias=spec.antialias)
+
+    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        logits = self.segmenter(segmenter_input(self.clean_images(noisy), self.spec.segmenter_size))
+        return labels_from_logits(logits, noisy.shape[-2:])

@@ -1,0 +1,51 @@
+"""In-process PyTorch runtime: the label pipeline on CPU or CUDA, fp32 or fp16/bf16 autocast, batched."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from certseg.engine.label_pipeline import LabelPipeline
+from certseg.engine.sampling import LabelFn, LocalRuntime
+
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/"auto" → CUDA when available, else CPU; a clear error for a CUDA request without a GPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return resolved
+
+
+def autocast_label_fn(pipeline: LabelPipeline, device: torch.device, precision: Precision = "fp32") -> LabelFn:
+    """Wrap the pipeline so the models run under autocast; stage maths outside the models stays in fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    pipeline = pipeline.to(device).eval()
+
+    def label_fn(noisy: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return pipeline(noisy)
+
+    return label_fn
+
+
+def torch_runtime(
+    pipeline: LabelPipeline,
+    *,
+    device: torch.device,
+    precision: Precision = "fp32",
+    batch_size: int = 16,
+    noise_backend: str = "numpy-philox",
+) -> LocalRuntime:
+    return LocalRuntime(
+        autocast_label_fn(pipeline, device, precision), batch_size=batch_size, device=device,
+        noise_backend=noise_backend,
+    )

@@ -1,0 +1,136 @@
+"""A certification session: models loaded once, then any number of images certified with one set of settings.
+
+``certseg certify`` and ``certseg-bench`` both go through here, so the same image, settings and seed give the
+same certificate from either command.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from certseg.engine.certify import validate_parameters
+from certseg.engine.errors import InputError
+from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec, make_spec
+from certseg.engine.models.registry import LoadedModel, default_model, load_model
+from certseg.engine.pipeline import CertifiedSegmentation, Progress, certify_image
+from certseg.engine.runtimes.torch_runtime import resolve_device, torch_runtime
+from certseg.engine.sampling import Runtime
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the image and the seed that decides a certificate."""
+
+    method: str = "denoisecertify"
+    sigma: float = 0.25
+    n0: int = 10
+    n: int = 100
+    alpha: float = 0.001
+    tau: float = 0.75
+    fwer: str = "holm"
+    scale: float = 1.0
+    t_rule: str = "principled"
+    antialias: bool = False
+    segmenter: str | None = None
+    denoiser: str | None = None
+    runtime: str = "torch"
+    device: str | None = None
+    precision: str = "fp32"
+    batch: int = 16
+    noise_backend: str = "numpy-philox"
+
+    def validate(self, num_pixels: int) -> None:
+        validate_parameters(
+            n0=self.n0, n=self.n, tau=self.tau, alpha=self.alpha, num_pixels=num_pixels, fwer=self.fwer,
+            sigma=self.sigma,
+        )
+        if self.batch < 1:
+            raise InputError(f"batch must be >= 1, got {self.batch}")
+        if self.scale <= 0:
+            raise InputError(f"scale must be > 0, got {self.scale}")
+
+
+@lru_cache(maxsize=8)
+def _cached_model(ref: str, role: str, device: str) -> LoadedModel:
+    return load_model(ref, role, device=device)  # type: ignore[arg-type]
+
+
+@dataclass
+class Session:
+    """Loaded models plus a runtime per image size; ``certify`` one image at a time."""
+
+    settings: Settings
+    segmenter: LoadedModel
+    denoiser: LoadedModel | None
+    device: torch.device
+    runtime_factory: Callable[[LabelPipeline], Runtime] | None = None
+    _runtimes: dict[tuple[int, int], tuple[PipelineSpec, Runtime]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, settings: Settings) -> Session:
+        device = resolve_device(settings.device)
+        segmenter_ref = settings.segmenter or default_model("segmenter", settings.method)
+        segmenter = _cached_model(segmenter_ref, "segmenter", str(device))
+        denoiser = None
+        if settings.method == "denoisecertify":
+            denoiser_ref = settings.denoiser or default_model("denoiser", settings.method)
+            denoiser = _cached_model(denoiser_ref, "denoiser", str(device))
+        if segmenter.num_classes is None:
+            raise InputError(f"segmenter {segmenter.name} does not say how many classes it has")
+        return cls(settings=settings, segmenter=segmenter, denoiser=denoiser, device=device)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.segmenter.num_classes)  # type: ignore[arg-type]
+
+    def runtime_for(self, image_size: tuple[int, int]) -> tuple[PipelineSpec, Runtime]:
+        if image_size not in self._runtimes:
+            s = self.settings
+            spec = make_spec(
+                s.method, s.sigma, image_size, scale=s.scale,
+                denoiser_size=None if self.denoiser is None else self.denoiser.input_size,
+                timestep_rule=s.t_rule, antialias=s.antialias,
+            )
+            pipeline = LabelPipeline(spec, self.segmenter.module, None if self.denoiser is None else self.denoiser.module)
+            if self.runtime_factory is not None:
+                runtime = self.runtime_factory(pipeline)
+            else:
+                runtime = torch_runtime(
+                    pipeline, device=self.device, precision=s.precision, batch_size=s.batch,  # type: ignore[arg-type]
+                    noise_backend=s.noise_backend,
+                )
+            self._runtimes[image_size] = (spec, runtime)
+        return self._runtimes[image_size]
+
+    def certify(
+        self, image: np.ndarray, *, seed: int | None = None, progress: Progress | None = None
+    ) -> tuple[CertifiedSegmentation, dict[str, Any]]:
+        """Certify one (3, H, W) image; returns the result and the JSON-ready record of how it was made."""
+        s = self.settings
+        image_size = (int(image.shape[-2]), int(image.shape[-1]))
+        s.validate(image_size[0] * image_size[1])
+        spec, runtime = self.runtime_for(image_size)
+        started = time.perf_counter()
+        result = certify_image(
+            runtime, image, num_classes=self.num_classes, sigma=s.sigma, n0=s.n0, n=s.n, tau=s.tau, alpha=s.alpha,
+            fwer=s.fwer, seed=seed, progress=progress,  # type: ignore[arg-type]
+        )
+        elapsed = time.perf_counter() - started
+        record = {
+            "settings": asdict(s),
+            "pipeline": spec.record(),
+            "models": {
+                "segmenter": self.segmenter.record(),
+                "denoiser": None if self.denoiser is None else self.denoiser.record(),
+            },
+            "device": str(self.device),
+            "timings": dict(result.timings, total=elapsed, samples_per_second=(s.n0 + s.n) / elapsed),
+        }
+        return result, record
