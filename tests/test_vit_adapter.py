@@ -206,9 +206,10 @@ def test_loader_refuses_mismatched_keys(fixture, tmp_path: Path, kind: str) -> N
     torch.save(checkpoint, path)
     net = build_vit_adapter(cfg["mmseg_model_cfg"])
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(CheckpointError, match=f"1 {kind}: {key}") as error:
+    with pytest.raises(CheckpointError, match=f"1 {kind}") as error:
         load_vit_adapter_checkpoint(net, path)
-    assert "\n" not in str(error.value)
+    summary, *listing = str(error.value).splitlines()
+    assert "does not fit the ViT-Adapter model" in summary and any(key in line for line in listing)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing was loaded
 
 
@@ -235,7 +236,7 @@ def test_loader_refuses_unreadable_files(fixture, tmp_path: Path, content: str) 
         path.write_bytes(b"not a checkpoint")
     else:
         torch.save({"state_dict": {"x": Opaque()}}, path)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint") as error:
+    with pytest.raises(CheckpointError, match=r"checkpoint .*bad\.pth (is truncated|holds Python objects)") as error:
         load_vit_adapter_checkpoint(build_vit_adapter(cfg["mmseg_model_cfg"]), path)
     assert "\n" not in str(error.value)
 

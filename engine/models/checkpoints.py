@@ -43,6 +43,11 @@ def is_num_batches_tracked(name: str) -> bool:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a local ``.pt/.pth/.bin`` (weights only) or ``.safetensors`` file and unwrap common containers."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, ``meta``) of a checkpoint; ``meta`` is mmcv's runner metadata (CLASSES, PALETTE) or {}."""
     file = _local_file(path)
     name = file.name.lower()
     if name.endswith(SAFETENSORS_SUFFIX):
@@ -53,7 +58,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"checkpoint {file} has an unknown suffix (expected {', '.join(TORCH_SUFFIXES)} or {SAFETENSORS_SUFFIX})"
         )
-    return _unwrap(obj, file)
+    meta = obj.get("meta") if isinstance(obj, Mapping) and not _is_state_dict(obj) else None
+    return _unwrap(obj, file), dict(meta) if isinstance(meta, Mapping) else {}
 
 
 def _local_file(path: str | os.PathLike) -> Path:

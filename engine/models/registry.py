@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from certseg.engine.errors import CheckpointError
-from certseg.engine.models import adm, hrnet
+from certseg.engine.models import adm, hrnet, vit_adapter
 from certseg.engine.models.checkpoints import (
     WRAPPER_PREFIXES,
     compare,
@@ -49,6 +49,7 @@ class Family:
     presets: Mapping[str, Mapping[str, Any]]
     extras: tuple[str, ...] = ()
     optional_missing: Callable[[str], bool] | None = None
+    after_load: Callable[[nn.Module], None] | None = None
 
 
 def _build_hrnet(config: Mapping[str, Any]) -> nn.Module:
@@ -59,6 +60,20 @@ def _build_adm(config: Mapping[str, Any]) -> nn.Module:
     return adm.build_adm(config["create_model_kwargs"])
 
 
+def _build_vit_adapter(config: Mapping[str, Any]) -> nn.Module:
+    return vit_adapter.build_vit_adapter(config["model_cfg"])
+
+
+def vit_num_classes(model_cfg: Mapping[str, Any]) -> int:
+    head = model_cfg["decode_head"]
+    return int(head["num_things_classes"]) + int(head["num_stuff_classes"])
+
+
+def _rebuild_indices(module: nn.Module) -> None:
+    with torch.no_grad():
+        vit_adapter.rebuild_relative_position_indices(module)
+
+
 FAMILIES: dict[str, Family] = {
     "hrnet": Family(
         name="hrnet",
@@ -67,6 +82,19 @@ FAMILIES: dict[str, Family] = {
         presets={name: {"model_cfg": cfg, "num_classes": k} for name, (cfg, k) in hrnet.PRESETS.items()},
         extras=tuple(hrnet.OFFICIAL_EXTRAS),
         optional_missing=is_num_batches_tracked,
+    ),
+    "vit_adapter": Family(
+        name="vit_adapter",
+        role="segmenter",
+        build=_build_vit_adapter,
+        presets={
+            f"vit-adapter-beit-large-{name.replace('_', '-')}": {
+                "model_cfg": cfg, "num_classes": vit_num_classes(cfg)
+            }
+            for name, cfg in vit_adapter.PRESETS.items()
+        },
+        optional_missing=vit_adapter.is_relative_position_index,
+        after_load=_rebuild_indices,
     ),
     "adm": Family(
         name="adm",
@@ -184,6 +212,8 @@ def load_model(ref: str | os.PathLike, role: Role, device: torch.device | str = 
         module = family.build(config)
         load_into(module, state_dict, model_name=preset, source=path, optional_missing=family.optional_missing)
         extra = {"preset": preset}
+    if family.after_load is not None:
+        family.after_load(module)
     return LoadedModel(
         module=module.eval().to(device),
         name=name,

@@ -12,7 +12,8 @@ Inference only: dropout, drop-path and checkpointing have no effect in eval and 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, InputError
+from .checkpoints import load_into, read_checkpoint, strip_prefixes
 from .mask2former import Mask2FormerHead
 from .ms_deform_attn import MSDeformAttn, Shapes, level_maps, reference_points, tokens
 
@@ -627,75 +629,49 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def read_mmcv_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, meta) of an mmcv runner checkpoint ({'meta', 'state_dict'}) or of a bare state dict.
-
-    Tensors only (``weights_only``: nothing is unpickled); a leading DDP ``module.`` is stripped, as mmcv's
-    ``load_checkpoint`` does.
-    """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types (OSError, UnpicklingError, RuntimeError, ...)
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from error
-    meta: dict[str, Any] = {}
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        meta = dict(obj.get("meta") or {})
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(value, torch.Tensor) for value in obj.values()):
-        raise CheckpointError(f"checkpoint {path} holds no state dict of tensors")
-    return {key.removeprefix("module."): value for key, value in obj.items()}, meta
+def is_relative_position_index(name: str) -> bool:
+    """BEiT's derived index buffers: absent from released checkpoints, rebuilt from the model's grid."""
+    return name.endswith(".relative_position_index")
 
 
-def with_relative_position_index(
+def check_relative_position_indices(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | Path
-) -> dict[str, torch.Tensor]:
-    """The state dict plus every BEiT ``relative_position_index`` it lacks, rebuilt from the model's grid.
-
-    Released checkpoints omit these buffers. One that is present must equal the deterministic index (a
-    different shape is left for the key check to report).
-    """
-    state = dict(state_dict)
+) -> None:
+    """An index a checkpoint does carry must equal BEiT's deterministic one (the model keeps its own otherwise)."""
     for name, module in model.named_modules():
         if not isinstance(module, BEiTAttention) or module.grid is None:
             continue
         key = f"{name}.relative_position_index"
         index = relative_position_index(module.grid)
-        if key not in state:
-            state[key] = index
-        elif state[key].shape == index.shape and not torch.equal(state[key].long(), index):
+        found = state_dict.get(key)
+        if found is not None and found.shape == index.shape and not torch.equal(found.long(), index):
             raise CheckpointError(f"checkpoint {source}: {key} differs from BEiT's index for grid {module.grid}")
-    return state
 
 
-def key_problems(model: nn.Module, state_dict: Mapping[str, torch.Tensor], limit: int = 8) -> list[str]:
-    """Missing, unexpected and mis-shaped keys against ``model.state_dict()``, one phrase per kind."""
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    misshaped = [
-        f"{key} {tuple(state_dict[key].shape)} vs model {shape}"
-        for key, shape in expected.items()
-        if key in state_dict and tuple(state_dict[key].shape) != shape
-    ]
-    problems = []
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if names:
-            more = f", ... (+{len(names) - limit} more)" if len(names) > limit else ""
-            problems.append(f"{len(names)} {label}: {', '.join(names[:limit])}{more}")
-    return problems
+def rebuild_relative_position_indices(model: nn.Module) -> None:
+    """Recompute every index buffer from the model's grid (they are derived data, never learned)."""
+    for module in model.modules():
+        if isinstance(module, BEiTAttention) and module.grid is not None:
+            module.relative_position_index.copy_(relative_position_index(module.grid))
+
+
+def preset_factories() -> dict[str, Callable[[], nn.Module]]:
+    """Builders of the official presets, for the loader's "it fits preset X" hint (built on meta)."""
+    return {name: partial(build_vit_adapter, cfg) for name, cfg in PRESETS.items()}
 
 
 def load_vit_adapter_checkpoint(model: ViTAdapterSegmenter, path: str | Path) -> dict[str, Any]:
     """Load an official ViT-Adapter mmseg checkpoint strictly; returns its ``meta`` (CLASSES, PALETTE, ...).
 
-    Every key and shape is checked before anything is loaded; a mismatch raises one ``CheckpointError`` line.
-    (mmcv loads non-strictly, which would silently keep random weights for whatever does not match.)
+    mmcv runner files (``{'meta', 'state_dict'}``, ``module.`` from DDP) are unwrapped by the shared reader;
+    every key and shape is checked before anything is loaded (mmcv loads non-strictly, which would silently
+    keep random weights for whatever does not match); missing ``relative_position_index`` buffers are rebuilt.
     """
-    state_dict, meta = read_mmcv_checkpoint(path)
-    state_dict = with_relative_position_index(model, state_dict, path)
-    problems = key_problems(model, state_dict)
-    if problems:
-        raise CheckpointError(f"checkpoint {path} does not fit the ViT-Adapter model: {'; '.join(problems)}")
-    model.load_state_dict(state_dict, strict=True)
+    state_dict, meta = read_checkpoint(path)
+    state_dict = strip_prefixes(state_dict, ("module.",))
+    check_relative_position_indices(model, state_dict, path)
+    load_into(model, state_dict, presets=preset_factories(), model_name="the ViT-Adapter model", source=path,
+              optional_missing=is_relative_position_index)
+    with torch.no_grad():
+        rebuild_relative_position_indices(model)
     return meta
