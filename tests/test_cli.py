@@ -1,0 +1,106 @@
+"""``certseg certify`` end to end on the shipped sample, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from certseg.engine.io import read_labels
+from certseg.engine.models.registry import shipped_models
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "street.png"
+EXAMPLE_LABELS = REPO / "examples" / "street_labels.png"
+
+needs_shipped = pytest.mark.skipif(
+    not {"procedural-hrnet-clean", "procedural-adm"} <= set(shipped_models()),
+    reason="the shipped default models are not in engine/weights",
+)
+
+
+def certseg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    return subprocess.run(
+        [sys.executable, "-m", "certseg.engine.cli", *args], capture_output=True, text=True, cwd=cwd, env=env,
+        timeout=900,
+    )
+
+
+@needs_shipped
+def test_readme_first_command_certifies_the_shipped_sample(tmp_path: Path) -> None:
+    """The README's first command (plus --out): outputs exist and make sense."""
+    result = certseg("certify", str(EXAMPLE), "--labels", str(EXAMPLE_LABELS), "--out", str(tmp_path), "--seed", "1",
+                     "--quiet")
+    assert result.returncode == 0, result.stderr
+    certified = read_labels(tmp_path / "street.certified.png")
+    truth = read_labels(EXAMPLE_LABELS)
+    assert certified.shape == truth.shape
+    report = json.loads((tmp_path / "street.json").read_text())
+    num_classes = len(report["classes"])
+    assert set(np.unique(certified)) <= set(range(num_classes + 1))
+    with Image.open(tmp_path / "street.overlay.png") as overlay:
+        assert overlay.size == (truth.shape[1], truth.shape[0]) and overlay.mode == "RGB"
+    assert report["method"] == "denoisecertify" and report["seed"] == 1
+    assert report["sigma"] == 0.25 and report["n0"] == 10 and report["n"] == 100
+    assert report["radius"] == pytest.approx(0.25 * 0.6744897501960817)
+    assert report["timestep"]["rule"] == "principled" and report["timestep"]["t"] > 0
+    assert report["models"]["denoiser"]["name"] == "procedural-adm"
+    abstained = float(np.mean(certified == num_classes)) * 100
+    assert report["abstain_percent"] == pytest.approx(abstained)
+    assert sum(report["per_class_certified_pixels"].values()) == certified.size
+    # A useful certificate on the sample: most pixels certified, and those mostly correct.
+    assert report["abstain_percent"] < 60
+    decided = certified != num_classes
+    assert np.mean(certified[decided] == truth[decided]) > 0.85
+    assert report["metrics"]["certified_accuracy"] == pytest.approx(np.mean(certified == truth))
+    assert "torch" in report["versions"]
+
+
+@needs_shipped
+def test_same_seed_same_certificate_and_segcertify_runs(tmp_path: Path) -> None:
+    common = ["certify", str(EXAMPLE), "--n0", "4", "--n", "40", "--alpha", "0.1", "--seed", "5", "--quiet"]
+    first = certseg(*common, "--out", str(tmp_path / "a"))
+    second = certseg(*common, "--out", str(tmp_path / "b"), "--batch", "7")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    np.testing.assert_array_equal(
+        read_labels(tmp_path / "a" / "street.certified.png"), read_labels(tmp_path / "b" / "street.certified.png")
+    )
+    seg = certseg(*common, "--method", "segcertify", "--out", str(tmp_path / "c"))
+    assert seg.returncode == 0, seg.stderr
+    report = json.loads((tmp_path / "c" / "street.json").read_text())
+    assert report["models"]["denoiser"] is None and report["timestep"] is None
+    assert report["models"]["segmenter"]["name"] == "procedural-hrnet-noise025"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["certify", "missing.png"], "no such image"),
+        (["certify", "{bad}"], "not a readable image"),
+        (["certify", "{example}", "--sigma", "0"], "sigma must be"),
+        (["certify", "{example}", "--sigma", "-1"], "sigma must be"),
+        (["certify", "{example}", "--n", "20"], "need n >="),
+        (["certify", "{example}", "--tau", "1.2"], "tau must"),
+        (["certify", "{example}", "--alpha", "0"], "alpha must"),
+        (["certify", "{example}", "--segmenter", "{bad}"], "checkpoint"),
+        (["certify", "{example}", "--denoiser", "no-such-model"], "unknown model"),
+        (["certify", "{example}", "--labels", "{bad}"], "not a readable label map"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero_exit(tmp_path: Path, args: list[str], message: str) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    filled = [a.format(bad=bad, example=EXAMPLE) for a in args]
+    result = certseg(*filled, "--out", str(tmp_path / "out"), "--quiet")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
