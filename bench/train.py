@@ -17,7 +17,6 @@ import math
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np

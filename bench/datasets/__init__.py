@@ -1,5 +1,7 @@
-"""Datasets for certseg.bench: the procedural street scenes (and, where available, real Cityscapes)."""
+"""Datasets for certseg.bench: the procedural street scenes (the default) and local Cityscapes / Pascal-Context."""
 
+from certseg.bench.datasets.common import BenchDataset, DatasetError, DatasetItem
+from certseg.bench.datasets.loader import DATASETS, open_dataset
 from certseg.bench.datasets.procedural import (
     CLASSES,
     GENERATOR_VERSION,
@@ -20,18 +22,23 @@ from certseg.bench.datasets.procedural import (
 
 __all__ = [
     "CLASSES",
+    "DATASETS",
     "GENERATOR_VERSION",
     "HELD_OUT_SEED_OFFSET",
     "IGNORE_INDEX",
     "NUM_CLASSES",
     "PALETTE",
     "TRAIN_SEEDS",
+    "BenchDataset",
+    "DatasetError",
+    "DatasetItem",
     "Scene",
     "colorize",
     "generate_batch",
     "generate_scene",
     "held_out_seed",
     "is_train_seed",
+    "open_dataset",
     "to_uint8",
     "write_cityscapes_layout",
 ]

@@ -1,0 +1,191 @@
+"""``certseg-bench``: the paper's certification protocol on a dataset, with speed measured side by side.
+
+    certseg-bench --images 100 --method segcertify denoisecertify --sigma 0.25 0.5 1.0 --scale 0.25 0.5 1.0 \\
+        [--dataset cityscapes --root DIR] --n0 10 --n 100 --alpha 0.001 --tau 0.75 --seed 0 --out DIR [--report]
+
+``--method``, ``--sigma`` and ``--scale`` take several values, either space-separated after one flag (as above)
+or by repeating the flag (``--sigma 0.25 --sigma 0.5``): ``expand_multi_values`` rewrites the first form into
+the second before Typer parses. Without ``--dataset``/``--root`` the procedural held-out scenes are used.
+Results go to ``DIR/results.jsonl`` as they finish; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from certseg.engine.errors import CertsegError
+
+MULTI_VALUE_OPTIONS: tuple[str, ...] = ("--method", "--sigma", "--scale")
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0], rich_markup_mode=None)
+
+
+def expand_multi_values(argv: Sequence[str]) -> list[str]:
+    """``--sigma 0.25 0.5`` → ``--sigma 0.25 --sigma 0.5`` for the multi-value options; everything else unchanged.
+
+    certseg-bench takes no positional arguments, so every bare token after such a flag is one of its values.
+    """
+    out: list[str] = []
+    flag: str | None = None
+    values = 0
+    for token in argv:
+        if flag is not None and not token.startswith("-"):
+            out += [flag, token]
+            values += 1
+            continue
+        if flag is not None and values == 0:
+            out.append(flag)  # no value: let the parser report it
+        flag, values = (token, 0) if token in MULTI_VALUE_OPTIONS else (None, 0)
+        if flag is None:
+            out.append(token)
+    if flag is not None and values == 0:
+        out.append(flag)
+    return out
+
+
+class DatasetChoice(StrEnum):
+    procedural = "procedural"
+    cityscapes = "cityscapes"
+    pascal_context = "pascal-context"
+
+
+class RuntimeChoice(StrEnum):
+    torch = "torch"
+    onnx = "onnx"
+    triton = "triton"
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"expected HEIGHTxWIDTH such as 128x256, got {text!r}") from None
+    return height, width
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"certseg-bench: error: {message.strip().splitlines()[0] if message.strip() else 'failed'}", err=True)
+    raise typer.Exit(2)
+
+
+def _print_table(console: Console, title: str, header: list[str], body: list[list[str]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in header:
+        table.add_column(column, justify="left" if column in ("method", "variant") else "right")
+    for row in body:
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def bench(
+    images: Annotated[int, typer.Option(help="number of protocol images (the paper: 100)")] = 100,
+    dataset: Annotated[DatasetChoice | None, typer.Option(help="default: procedural, or detected from --root")] = None,
+    root: Annotated[Path | None, typer.Option(help="folder holding Cityscapes or Pascal-Context")] = None,
+    data_seed: Annotated[int, typer.Option(help="procedural: first held-out scene index")] = 0,
+    scene_size: Annotated[str | None, typer.Option(help="procedural: HEIGHTxWIDTH (default 128x256)")] = None,
+    write_data: Annotated[Path | None, typer.Option(help="procedural: also write the scenes here (Cityscapes layout)")]
+    = None,
+    resize: Annotated[int | None, typer.Option(help="squash images to N×N (the peers' Pascal-Context: 480)")] = None,
+    method: Annotated[list[str] | None, typer.Option(help="one or more of segcertify, denoisecertify [both]")]
+    = None,
+    sigma: Annotated[list[float] | None, typer.Option(help="one or more noise levels σ [0.25 0.5 1.0]")] = None,
+    scale: Annotated[list[float] | None, typer.Option(help="one or more segmenter input scales [1.0]")] = None,
+    n0: Annotated[int, typer.Option(help="selection samples")] = 10,
+    n: Annotated[int, typer.Option(help="estimation samples")] = 100,
+    alpha: Annotated[float, typer.Option(help="family-wise error level")] = 0.001,
+    tau: Annotated[float, typer.Option(help="agreement threshold τ")] = 0.75,
+    fwer: Annotated[str, typer.Option(help="holm or bonferroni")] = "holm",
+    segmenter: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path")] = None,
+    denoiser: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path")] = None,
+    runtime: Annotated[RuntimeChoice, typer.Option(help="engine runtime")] = RuntimeChoice.torch,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16")] = "fp32",
+    batch: Annotated[int, typer.Option(help="samples per forward pass")] = 16,
+    t_rule: Annotated[str, typer.Option("--t-rule", help="principled, authors or dds")] = "principled",
+    antialias: Annotated[bool, typer.Option(help="antialiased resizes")] = False,
+    seed: Annotated[int, typer.Option(help="root seed; each image's seed derives from it and its index")] = 0,
+    out: Annotated[Path, typer.Option(help="output folder (results.jsonl, report.md, plots)")] = Path("bench-out"),
+    baseline: Annotated[bool, typer.Option(help="also run the authors-style baseline (speed comparison)")] = False,
+    report: Annotated[bool, typer.Option(help="write report.md and PNG plots")] = False,
+    report_only: Annotated[bool, typer.Option(help="only render the report from an existing results.jsonl")] = False,
+    save_labels: Annotated[bool, typer.Option(help="write every certified label map as a PNG")] = False,
+    stage_timing: Annotated[bool, typer.Option(help="split time into stages")] = True,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Run every (image × method × σ × scale), print the paper's tables, write DIR/results.jsonl (resumable).
+
+    --method, --sigma and --scale take one or more values, space-separated (--sigma 0.25 0.5 1.0) or repeated
+    (--sigma 0.25 --sigma 0.5). Rerunning into the same --out skips finished entries.
+    """
+    from certseg.bench.config import BenchConfig
+    from certseg.bench.report import write_report
+    from certseg.bench.results import load_entries
+    from certseg.bench.run import execute, prepare
+    from certseg.bench.tables import (
+        accuracy_table,
+        aggregate,
+        compare,
+        comparison_table,
+        stage_table,
+        throughput_table,
+    )
+
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    try:
+        if report_only:
+            header, entries = load_entries(out / "results.jsonl")
+            if not entries:
+                _fail(f"no entries in {out / 'results.jsonl'}")
+        else:
+            config = BenchConfig(
+                images=images, dataset=None if dataset is None else dataset.value, root=root, data_seed=data_seed,
+                scene_size=_size(scene_size), write_data=write_data, resize=resize,
+                methods=tuple(method or ("segcertify", "denoisecertify")), sigmas=tuple(sigma or (0.25, 0.5, 1.0)),
+                scales=tuple(scale or (1.0,)), n0=n0, n=n, alpha=alpha, tau=tau, fwer=fwer, segmenter=segmenter,
+                denoiser=denoiser, runtime=runtime.value, device=device, precision=precision, batch=batch,
+                t_rule=t_rule, antialias=antialias, seed=seed, out=out, baseline=baseline, save_labels=save_labels,
+                stage_timing=stage_timing, threads=threads,
+            )
+            run = prepare(config)
+            entries = execute(run, show_progress=not quiet)
+            header = run.results.header
+    except CertsegError as error:
+        _fail(str(error))
+    except (ValueError, OSError) as error:
+        _fail(f"{error.__class__.__name__}: {error}")
+    rows = aggregate(entries)
+    _print_table(console, "Certified segmentation", *accuracy_table(rows))
+    _print_table(console, "Throughput", *throughput_table(rows))
+    if any(r.stages for r in rows):
+        _print_table(console, "Seconds per image by stage", *stage_table(rows))
+    comparisons = compare(entries)
+    if comparisons:
+        _print_table(console, "Engine vs authors-style baseline", *comparison_table(comparisons))
+    console.print(f"results: {out / 'results.jsonl'} ({len(entries)} entries)")
+    if report or report_only:
+        console.print(f"report: {write_report(out, header, entries)}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = expand_multi_values(sys.argv[1:] if argv is None else argv)
+    try:
+        app(args=args, prog_name="certseg-bench")
+    except KeyboardInterrupt:
+        typer.echo("certseg-bench: interrupted (finished entries are kept; rerun to resume)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

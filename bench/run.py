@@ -1,0 +1,322 @@
+"""Run the protocol: every image × method × σ × scale (× baseline), one results line each, resumable.
+
+Images are the outer loop (each is read once, then certified under every setting), sessions are opened lazily
+per setting (models are cached by the engine, so each loads once), and an entry already in ``results.jsonl`` is
+never recomputed. The engine entry goes through ``certseg.engine.session.Session.certify``, the call
+``certseg certify`` makes, so its certificate equals ``certseg certify --seed <entry seed>`` on the same image.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from certseg.bench.baseline import authors_certify
+from certseg.bench.config import BenchConfig, Setting, image_seed
+from certseg.bench.datasets import BenchDataset, DatasetItem, open_dataset
+from certseg.bench.results import Key, ResultsFile, ResumeError, labels_digest
+from certseg.bench.timing import StageTimer, gpu_peak_mib, peak_rss_mib, reset_gpu_peak, timed_torch_runtime_factory
+from certseg.engine.certify import radius
+from certseg.engine.errors import InputError
+from certseg.engine.io import default_palette, write_label_png
+from certseg.engine.label_pipeline import LabelPipeline
+from certseg.engine.metrics import CertifiedMetrics
+from certseg.engine.runtimes.torch_runtime import resolve_device
+from certseg.engine.session import Session
+
+SUPPORTED_RUNTIMES: tuple[str, ...] = ("torch",)
+"""Runtimes the engine's Session dispatches today; onnx / triton join when Session builds them."""
+
+
+@dataclass
+class BenchRun:
+    config: BenchConfig
+    dataset: BenchDataset
+    items: tuple[DatasetItem, ...]
+    results: ResultsFile
+    device: torch.device
+    run_id: str
+
+    def wanted_keys(self) -> list[Key]:
+        return [
+            (item.id, s.method, s.sigma, s.scale, variant)
+            for item in self.items for s in self.config.grid() for variant in self.config.variants
+        ]
+
+    def finished_entries(self) -> list[dict[str, Any]]:
+        """The entries of this run's selection (a results file may hold more, from wider earlier runs)."""
+        return [self.results.entries[k] for k in self.wanted_keys() if k in self.results.entries]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def prepare(config: BenchConfig) -> BenchRun:
+    """Open the dataset and the results file (checking it may be resumed), before any model is loaded."""
+    if config.runtime not in SUPPORTED_RUNTIMES:
+        raise InputError(
+            f"--runtime {config.runtime}: the engine's Session does not build this runtime yet "
+            f"(available: {', '.join(SUPPORTED_RUNTIMES)})"
+        )
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dataset = open_dataset(
+        config.dataset, config.root, images=config.images, data_seed=config.data_seed,
+        scene_size=config.scene_size, write_data=config.write_data, resize=config.resize,
+    )
+    items = dataset.take(config.images)
+    device = resolve_device(config.device)
+    results = ResultsFile(config.results_path)
+    header = {
+        "kind": "run",
+        "created": _now(),
+        "compat": config.compat({"name": dataset.name, **dataset.description}, str(device)),
+        "dataset": {"name": dataset.name, "classes": list(dataset.classes), "ignore_index": dataset.ignore_index,
+                    **dataset.description},
+        "seed_rule": "entry seed = SeedSequence([seed, image index]).generate_state(1, uint64)[0] >> 1",
+    }
+    results.open(header)
+    run_id = uuid.uuid4().hex
+    results.append({"kind": "session", "run_id": run_id, "started": _now(), "config": asdict(config)})
+    return BenchRun(config, dataset, items, results, device, run_id)
+
+
+class _Sessions:
+    """One engine Session per setting, opened on first use, checked against the dataset and earlier entries."""
+
+    def __init__(self, run: BenchRun, timer: StageTimer | None) -> None:
+        self.run = run
+        self.timer = timer
+        self.open: dict[Setting, Session] = {}
+        self.pipelines: dict[tuple[Setting, tuple[int, int]], LabelPipeline] = {}
+
+    def get(self, setting: Setting) -> Session:
+        if setting in self.open:
+            return self.open[setting]
+        config = self.run.config
+        session = Session.open(config.session_settings(setting))
+        if self.timer is not None and config.runtime == "torch":  # other runtimes: Session's own, untimed stages
+            session.runtime_factory = timed_torch_runtime_factory(
+                self.timer, device=session.device, precision=config.precision, batch_size=config.batch,
+                noise_backend=config.noise_backend,
+            )
+        if session.num_classes != self.run.dataset.num_classes:
+            raise InputError(
+                f"the segmenter {session.segmenter.name} predicts {session.num_classes} classes, but "
+                f"{self.run.dataset.name} has {self.run.dataset.num_classes}: pass a segmenter trained on it"
+            )
+        earlier = self.run.results.model_records(setting.method)
+        now = _model_records(session)
+        if earlier is not None and _hashes(earlier) != _hashes(now):
+            raise ResumeError(
+                f"{self.run.results.path} holds {setting.method} entries made with other model weights "
+                f"({_hashes(earlier)} vs {_hashes(now)}); use another --out"
+            )
+        self.open[setting] = session
+        return session
+
+    def pipeline(self, setting: Setting, size: tuple[int, int]) -> LabelPipeline:
+        """The same label pipeline the session's runtime runs (for the baseline)."""
+        if (setting, size) not in self.pipelines:
+            session = self.get(setting)
+            spec, _ = session.runtime_for(size)
+            denoiser = None if session.denoiser is None else session.denoiser.module
+            pipeline = LabelPipeline(spec, session.segmenter.module, denoiser)
+            if self.timer is not None:
+                self.timer.instrument(pipeline)
+            self.pipelines[(setting, size)] = pipeline
+        return self.pipelines[(setting, size)]
+
+
+def _model_records(session: Session) -> dict[str, Any]:
+    return {"segmenter": session.segmenter.record(),
+            "denoiser": None if session.denoiser is None else session.denoiser.record()}
+
+
+def _hashes(models: dict[str, Any]) -> dict[str, str | None]:
+    return {role: None if record is None else record["sha256"] for role, record in models.items()}
+
+
+def _entry(
+    run: BenchRun, item: DatasetItem, setting: Setting, variant: str, seed: int, labels: np.ndarray,
+    target: np.ndarray, num_classes: int, timings: dict[str, float], session: Session, extra: dict[str, Any],
+) -> dict[str, Any]:
+    config = run.config
+    metrics = CertifiedMetrics(num_classes, ignore_index=run.dataset.ignore_index)
+    metrics.update(labels, target)
+    sampling = timings["selection"] + timings["estimation"]
+    samples = config.n0 + config.n
+    return {
+        "kind": "entry",
+        "run_id": run.run_id,
+        "finished_at": _now(),
+        "image": item.id,
+        "image_index": item.index,
+        "image_path": None if item.path is None else str(item.path),
+        "image_size": list(labels.shape),
+        "method": setting.method,
+        "sigma": setting.sigma,
+        "scale": setting.scale,
+        "variant": variant,
+        "seed": seed,
+        "n0": config.n0,
+        "n": config.n,
+        "alpha": config.alpha,
+        "tau": config.tau,
+        "fwer": config.fwer,
+        "num_classes": num_classes,
+        "confusion": metrics.confusion,
+        "abstain_fraction": metrics.abstain_fractions[0],
+        "num_pixels": int(labels.size),
+        "certified_pixels": int((labels != num_classes).sum()),
+        "metrics": {"certified_accuracy": metrics.certified_accuracy, "mean_iou": metrics.mean_iou},
+        "labels_sha256": labels_digest(labels),
+        "timings": {**timings, "sampling": sampling},
+        "samples_per_second": samples / sampling if sampling else None,
+        "samples_per_second_end_to_end": samples / timings["total"] if timings["total"] else None,
+        "peak_rss_mib": peak_rss_mib(),
+        "gpu_peak_mib": gpu_peak_mib(run.device),
+        "device": str(run.device),
+        "batch": 1 if variant == "baseline" else config.batch,
+        "precision": "fp32" if variant == "baseline" else config.precision,
+        "models": _model_records(session),
+        **extra,
+    }
+
+
+def _certify_engine(
+    run: BenchRun, sessions: _Sessions, timer: StageTimer | None, item: DatasetItem, setting: Setting,
+    image: np.ndarray, target: np.ndarray, seed: int, progress: Callable[[int], None],
+) -> tuple[dict[str, Any], np.ndarray]:
+    """One engine entry: exactly the ``Session.certify`` call ``certseg certify`` makes."""
+    session = sessions.get(setting)
+    timer = timer if run.config.runtime == "torch" else None  # only the torch runtime is instrumented
+    if timer is not None:
+        timer.reset()
+    reset_gpu_peak(run.device)
+    result, record = session.certify(image, seed=seed, progress=progress)
+    timings = {k: float(record["timings"][k]) for k in ("selection", "estimation", "certify", "total")}
+    extra: dict[str, Any] = {
+        "radius": result.radius,
+        "timestep": (record["pipeline"].get("timestep") or {}).get("t"),
+        "pipeline": record["pipeline"],
+        "min_agreements": result.certificate.min_agreements,
+    }
+    if timer is not None:
+        timer.add("certify", timings["certify"])
+        timings["stages"] = timer.snapshot()
+        extra["gpu_utilization"] = float(np.mean(timer.gpu_utilization)) if timer.gpu_utilization else None
+    entry = _entry(run, item, setting, "engine", seed, result.labels, target, result.num_classes, timings, session,
+                   extra)
+    return entry, result.labels
+
+
+def _certify_baseline(
+    run: BenchRun, sessions: _Sessions, timer: StageTimer | None, item: DatasetItem, setting: Setting,
+    image: np.ndarray, target: np.ndarray, seed: int, progress: Callable[[int], None],
+) -> tuple[dict[str, Any], np.ndarray]:
+    """One baseline entry: the authors-style certifier on the same pipeline, image and seed."""
+    config = run.config
+    session = sessions.get(setting)
+    pipeline = sessions.pipeline(setting, tuple(image.shape[1:]))
+    timer_used = timer or StageTimer(run.device)
+    timer_used.reset()
+    reset_gpu_peak(run.device)
+    started = time.perf_counter()
+    result = authors_certify(
+        pipeline, image, num_classes=session.num_classes, sigma=setting.sigma, n0=config.n0, n=config.n,
+        tau=config.tau, alpha=config.alpha, seed=seed, fwer=config.fwer, noise_backend=config.noise_backend,
+        device=run.device, timer=timer_used, progress=progress,
+    )
+    timings = {**result.timings, "total": time.perf_counter() - started}
+    spec = pipeline.spec
+    extra: dict[str, Any] = {
+        "radius": radius(setting.sigma, config.tau),
+        "timestep": None if spec.timestep is None else spec.timestep.t,
+        "pipeline": spec.record(),
+    }
+    if timer is not None:
+        timings["stages"] = timer.snapshot()
+    entry = _entry(run, item, setting, "baseline", seed, result.labels, target, result.num_classes, timings, session,
+                   extra)
+    engine = run.results.entries.get((item.id, setting.method, setting.sigma, setting.scale, "engine"))
+    if engine is not None:
+        entry["matches_engine"] = engine["labels_sha256"] == entry["labels_sha256"]
+    return entry, result.labels
+
+
+def _save_labels(run: BenchRun, session: Session, entry: dict[str, Any], labels: np.ndarray) -> None:
+    folder = Path(run.config.out) / "labels"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{entry['image']}__{entry['method']}_sigma{entry['sigma']:g}_scale{entry['scale']:g}_{entry['variant']}.png"
+    palette = session.segmenter.extra.get("palette")
+    colours = (np.asarray(palette, dtype=np.uint8) if palette and len(palette) == entry["num_classes"]
+               else default_palette(entry["num_classes"]))
+    write_label_png(folder / name, labels, colours)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, transient=True,
+    )
+
+
+def execute(run: BenchRun, *, console: Console | None = None, show_progress: bool = True) -> list[dict[str, Any]]:
+    """Compute every missing entry (appending each as it finishes); returns this run's entries in key order."""
+    config = run.config
+    console = console or Console(stderr=True)
+    done = set(run.results.entries)
+    pending = [k for k in run.wanted_keys() if k not in done]
+    timer = StageTimer(run.device) if config.stage_timing else None
+    sessions = _Sessions(run, timer)
+    by_item: dict[str, list[Key]] = {}
+    for key in pending:
+        by_item.setdefault(key[0], []).append(key)
+    samples = config.n0 + config.n
+    if run.dataset.description.get("warning"):
+        console.print(f"[yellow]warning:[/] {run.dataset.description['warning']}")
+    bar = _progress(console) if show_progress else None
+    try:
+        with bar if bar is not None else nullcontext():
+            entries_task = bar.add_task("entries", total=len(pending)) if bar else None
+            samples_task = bar.add_task("samples", total=samples) if bar else None
+            for item in run.items:
+                keys = by_item.get(item.id)
+                if not keys:
+                    continue
+                image, target = item.load()
+                seed = image_seed(config.seed, item.index)
+                for _, method, sigma, scale, variant in keys:
+                    setting = Setting(method, scale, sigma)
+                    if bar is not None:
+                        bar.reset(samples_task, total=samples,
+                                  description=f"{item.id} {setting.label()} {variant}")
+
+                    def advance(k: int) -> None:
+                        if bar is not None:
+                            bar.advance(samples_task, k)
+
+                    certify = _certify_engine if variant == "engine" else _certify_baseline
+                    entry, labels = certify(run, sessions, timer, item, setting, image, target, seed, advance)
+                    run.results.append(entry)
+                    if config.save_labels:
+                        _save_labels(run, sessions.get(setting), entry, labels)
+                    if bar is not None:
+                        bar.advance(entries_task)
+    finally:
+        if timer is not None:
+            timer.close()
+    return run.finished_entries()

@@ -1,0 +1,214 @@
+"""The paper's tables, computed from results entries alone: one confusion matrix per (variant, method, scale, σ).
+
+Rows follow the paper (Table 2 order: scale, method, σ, with R = σ·Φ⁻¹(τ)); accuracy and mIoU over the K real
+classes come from the summed confusion matrices, abstain % is the mean per-image abstain fraction (void pixels
+included), exactly as ``certseg.engine.metrics.CertifiedMetrics`` computes them for one run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from certseg.bench.config import VARIANTS
+from certseg.bench.timing import STAGES
+from certseg.engine.label_pipeline import METHODS
+from certseg.engine.metrics import CertifiedMetrics
+
+
+@dataclass
+class Row:
+    variant: str
+    method: str
+    scale: float
+    sigma: float
+    radius: float
+    images: int
+    accuracy: float
+    mean_iou: float
+    abstain_percent: float
+    seconds_per_image: float
+    sampling_seconds_per_image: float
+    certify_seconds_per_image: float
+    samples_per_second: float
+    """Sampling throughput: (n0 + n) samples over the sampling time (selection + estimation)."""
+    end_to_end_samples_per_second: float
+    stages: dict[str, float] = field(default_factory=dict)
+    """Mean seconds per image per stage (empty when stage timing was off)."""
+    peak_rss_mib: float = 0.0
+    gpu_peak_mib: float | None = None
+    gpu_utilization: float | None = None
+    timestep: int | None = None
+    per_image_seconds: list[float] = field(default_factory=list)
+
+
+def _metrics(entries: list[dict[str, Any]]) -> CertifiedMetrics:
+    metrics = CertifiedMetrics(int(entries[0]["num_classes"]))
+    metrics.confusion = np.sum([np.asarray(e["confusion"], dtype=np.int64) for e in entries], axis=0)
+    metrics.abstain_fractions = [float(e["abstain_fraction"]) for e in entries]
+    return metrics
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _row(group: tuple[str, str, float, float], entries: list[dict[str, Any]]) -> Row:
+    variant, method, scale, sigma = group
+    metrics = _metrics(entries)
+    samples = sum(e["n0"] + e["n"] for e in entries)
+    sampling = sum(e["timings"]["sampling"] for e in entries)
+    total = sum(e["timings"]["total"] for e in entries)
+    count = len(entries)
+    stages: dict[str, float] = {}
+    if all(e["timings"].get("stages") for e in entries):
+        stages = {s: sum(e["timings"]["stages"].get(s, 0.0) for e in entries) / count for s in STAGES}
+    timestep = entries[0].get("timestep")
+    return Row(
+        variant=variant, method=method, scale=scale, sigma=sigma, radius=float(entries[0]["radius"]), images=count,
+        accuracy=metrics.certified_accuracy, mean_iou=metrics.mean_iou, abstain_percent=metrics.abstain_percent,
+        seconds_per_image=total / count, sampling_seconds_per_image=sampling / count,
+        certify_seconds_per_image=sum(e["timings"]["certify"] for e in entries) / count,
+        samples_per_second=samples / sampling if sampling else 0.0,
+        end_to_end_samples_per_second=samples / total if total else 0.0,
+        stages=stages,
+        peak_rss_mib=max(float(e.get("peak_rss_mib") or 0.0) for e in entries),
+        gpu_peak_mib=max((e["gpu_peak_mib"] for e in entries if e.get("gpu_peak_mib") is not None), default=None),
+        gpu_utilization=_mean(e.get("gpu_utilization") for e in entries),
+        timestep=None if timestep is None else int(timestep),
+        per_image_seconds=[float(e["timings"]["total"]) for e in sorted(entries, key=lambda e: e["image_index"])],
+    )
+
+
+def _rank(known: tuple[str, ...], value: str) -> int:
+    return known.index(value) if value in known else len(known)
+
+
+def aggregate(entries: Iterable[dict[str, Any]]) -> list[Row]:
+    """One row per (variant, method, scale, σ), in the paper's order, engine rows before baseline rows."""
+    groups: dict[tuple[str, str, float, float], list[dict[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        groups[(entry["variant"], entry["method"], float(entry["scale"]), float(entry["sigma"]))].append(entry)
+    order = sorted(groups, key=lambda g: (_rank(VARIANTS, g[0]), g[2], _rank(METHODS, g[1]), g[1], g[3]))
+    return [_row(group, groups[group]) for group in order]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Engine vs authors-style baseline on the same images, settings and seeds."""
+
+    method: str
+    scale: float
+    sigma: float
+    images: int
+    engine_samples_per_second: float
+    baseline_samples_per_second: float
+    engine_seconds_per_image: float
+    baseline_seconds_per_image: float
+    engine_certify_seconds: float
+    baseline_certify_seconds: float
+    identical_certificates: bool
+
+    @property
+    def sampling_speedup(self) -> float:
+        return self.engine_samples_per_second / self.baseline_samples_per_second
+
+    @property
+    def end_to_end_speedup(self) -> float:
+        return self.baseline_seconds_per_image / self.engine_seconds_per_image
+
+    @property
+    def certify_speedup(self) -> float:
+        return self.baseline_certify_seconds / max(self.engine_certify_seconds, 1e-12)
+
+
+def _rate(pairs: list[tuple[dict, dict]], side: int) -> float:
+    return sum(p[side]["n0"] + p[side]["n"] for p in pairs) / sum(p[side]["timings"]["sampling"] for p in pairs)
+
+
+def _per_image(pairs: list[tuple[dict, dict]], side: int, key: str) -> float:
+    return sum(p[side]["timings"][key] for p in pairs) / len(pairs)
+
+
+def compare(entries: Iterable[dict[str, Any]]) -> list[Comparison]:
+    """Pairs of engine and baseline entries with the same key; only images both variants finished count."""
+    by_key: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for entry in entries:
+        key = (entry["method"], float(entry["scale"]), float(entry["sigma"]), entry["image"])
+        by_key[key][entry["variant"]] = entry
+    groups: dict[tuple[str, float, float], list[tuple[dict, dict]]] = defaultdict(list)
+    for (method, scale, sigma, _), pair in by_key.items():
+        if "engine" in pair and "baseline" in pair:
+            groups[(method, scale, sigma)].append((pair["engine"], pair["baseline"]))
+    out = []
+    for (method, scale, sigma), pairs in sorted(groups.items(), key=lambda kv: (kv[0][1], _rank(METHODS, kv[0][0]),
+                                                                                kv[0][0], kv[0][2])):
+        out.append(Comparison(
+            method=method, scale=scale, sigma=sigma, images=len(pairs),
+            engine_samples_per_second=_rate(pairs, 0), baseline_samples_per_second=_rate(pairs, 1),
+            engine_seconds_per_image=_per_image(pairs, 0, "total"),
+            baseline_seconds_per_image=_per_image(pairs, 1, "total"),
+            engine_certify_seconds=_per_image(pairs, 0, "certify"),
+            baseline_certify_seconds=_per_image(pairs, 1, "certify"),
+            identical_certificates=all(e["labels_sha256"] == b["labels_sha256"] for e, b in pairs),
+        ))
+    return out
+
+
+def accuracy_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """The paper's table: scale, method, σ, R, acc, mIoU, abstain % (engine rows; the baseline certifies the same)."""
+    header = ["scale", "method", "σ", "R", "t*", "acc", "mIoU", "abstain %", "images"]
+    body = [
+        [f"{r.scale:.2f}", r.method, f"{r.sigma:.2f}", f"{r.radius:.2f}",
+         "-" if r.timestep is None else str(r.timestep), f"{r.accuracy:.2f}", f"{r.mean_iou:.2f}",
+         f"{r.abstain_percent:.1f}", str(r.images)]
+        for r in rows if r.variant == "engine"
+    ]
+    return header, body
+
+
+def throughput_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """Seconds per image, samples/s (sampling only and end to end) and peak memory."""
+    header = ["variant", "scale", "method", "σ", "s/image", "sampling s", "certify s", "samples/s", "samples/s e2e",
+              "peak RSS MiB", "GPU peak MiB", "GPU util %"]
+    body = [
+        [r.variant, f"{r.scale:.2f}", r.method, f"{r.sigma:.2f}", f"{r.seconds_per_image:.3f}",
+         f"{r.sampling_seconds_per_image:.3f}", f"{r.certify_seconds_per_image:.4f}", f"{r.samples_per_second:.1f}",
+         f"{r.end_to_end_samples_per_second:.1f}", f"{r.peak_rss_mib:.0f}",
+         "-" if r.gpu_peak_mib is None else f"{r.gpu_peak_mib:.0f}",
+         "-" if r.gpu_utilization is None else f"{r.gpu_utilization:.0f}"]
+        for r in rows
+    ]
+    return header, body
+
+
+def stage_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """Mean seconds per image in each stage (rows without stage timing are left out)."""
+    header = ["variant", "scale", "method", "σ", *STAGES]
+    body = [[r.variant, f"{r.scale:.2f}", r.method, f"{r.sigma:.2f}", *(f"{r.stages[s]:.4f}" for s in STAGES)]
+            for r in rows if r.stages]
+    return header, body
+
+
+def comparison_table(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
+    header = ["scale", "method", "σ", "images", "engine samples/s", "baseline samples/s", "sampling ×",
+              "engine s/image", "baseline s/image", "end-to-end ×", "certify ×", "identical"]
+    body = [
+        [f"{c.scale:.2f}", c.method, f"{c.sigma:.2f}", str(c.images), f"{c.engine_samples_per_second:.1f}",
+         f"{c.baseline_samples_per_second:.1f}", f"{c.sampling_speedup:.2f}", f"{c.engine_seconds_per_image:.3f}",
+         f"{c.baseline_seconds_per_image:.3f}", f"{c.end_to_end_speedup:.2f}", f"{c.certify_speedup:.0f}",
+         "yes" if c.identical_certificates else "NO"]
+        for c in comparisons
+    ]
+    return header, body
+
+
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,178 @@
+"""ONNX Runtime: the exported graphs as drop-in torch modules, so ``LabelPipeline`` runs unchanged on ORT.
+
+Only the two models move to ONNX Runtime; the stage maths around them (scale, x̂0, resizes, argmax) stays
+the torch code of ``certseg.engine.stages`` / ``denoise``, so the ORT runtime cannot drift from the torch one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from certseg.engine.errors import InputError
+from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec
+from certseg.engine.sampling import LocalRuntime
+
+_NUMPY_TYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+}
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it (onnxruntime-gpu), then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or available
+
+
+def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None):
+    """An ``InferenceSession`` for ``path``; ``threads`` caps intra-op threads (None: ORT's default)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"ONNX file {path} does not exist")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: fp16 graphs log a warning per Sin/Cos it cannot pre-fold
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
+    except Exception as error:  # ORT raises its own exception types; one line for users
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"onnxruntime cannot load {path}: {first}") from None
+
+
+class OrtModule(nn.Module):
+    """An ONNX graph as a parameter-free ``nn.Module``: torch tensors in, torch tensors out.
+
+    Being a module (not a bare callable) lets it sit where ``LabelPipeline`` expects its models: ``.to()``,
+    ``.eval()`` and ``state_dict()`` work and do nothing. Inputs are cast to the graph's declared dtypes;
+    outputs come back on the first input's device. Fixed (non-dynamic) input dims are checked up front, so a
+    graph exported at another size fails with a clear message instead of an ORT shape error.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None
+    ) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.session = make_session(self.path, providers, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._input_types = [_NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()]
+        self._input_shapes = [list(i.shape) for i in self.session.get_inputs()]
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def _check_shape(self, index: int, shape: Sequence[int]) -> None:
+        expected = self._input_shapes[index]
+        fixed_ok = all(not isinstance(e, int) or e == s for e, s in zip(expected, shape, strict=False))
+        if len(expected) != len(shape) or not fixed_ok:
+            shown = tuple(e if isinstance(e, int) else str(e) for e in expected)
+            raise InputError(
+                f"{self.path.name} expects {self.input_names[index]} of shape {shown}, got {tuple(shape)}"
+                " (fixed dims are the size it was exported at; re-export with the deployment's --image-size)"
+            )
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.input_names):
+            raise TypeError(f"{self.path.name} takes {len(self.input_names)} inputs, got {len(inputs)}")
+        feeds = {}
+        for index, (name, dtype, tensor) in enumerate(zip(self.input_names, self._input_types, inputs, strict=True)):
+            self._check_shape(index, tensor.shape)
+            feeds[name] = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
+        outputs = self.session.run(self.output_names, feeds)
+        device = inputs[0].device
+        tensors = tuple(torch.from_numpy(np.asarray(o)).to(device) for o in outputs)
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    def extra_repr(self) -> str:
+        return f"path={str(self.path)!r}, providers={self.providers}"
+
+
+def ort_label_pipeline(
+    spec: PipelineSpec,
+    segmenter_onnx: str | os.PathLike,
+    denoiser_onnx: str | os.PathLike | None = None,
+    *,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> LabelPipeline:
+    """The torch ``LabelPipeline`` of ``spec`` with both models replaced by ONNX Runtime sessions."""
+    denoiser = None
+    if spec.method == "denoisecertify":
+        if denoiser_onnx is None:
+            raise InputError("denoisecertify needs the denoiser's ONNX file")
+        denoiser = OrtModule(denoiser_onnx, providers, threads)
+    return LabelPipeline(spec, OrtModule(segmenter_onnx, providers, threads), denoiser).eval()
+
+
+def onnx_runtime(
+    pipeline_spec: PipelineSpec,
+    segmenter_onnx: str | os.PathLike,
+    denoiser_onnx: str | os.PathLike | None = None,
+    *,
+    batch_size: int = 16,
+    noise_backend: str = "numpy-philox",
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> LocalRuntime:
+    """The sampling contract on ONNX Runtime: noise and stage maths in torch (CPU), models in ORT."""
+    pipeline = ort_label_pipeline(pipeline_spec, segmenter_onnx, denoiser_onnx, providers=providers, threads=threads)
+    return LocalRuntime(pipeline, batch_size=batch_size, device="cpu", noise_backend=noise_backend)
+
+
+def onnx_runtime_from_export(
+    pipeline_spec: PipelineSpec,
+    export_dir: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    expected_sha256: Mapping[str, str] | None = None,
+    batch_size: int = 16,
+    noise_backend: str = "numpy-philox",
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> LocalRuntime:
+    """``onnx_runtime`` on the files of a ``certseg-export`` folder (its ``export.json`` names them).
+
+    ``precision`` "fp16" picks the ``*.fp16.onnx`` graphs. ``expected_sha256`` (role → checkpoint sha256, e.g.
+    from ``LoadedModel.sha256``) refuses graphs exported from other weights.
+    """
+    folder = Path(export_dir)
+    manifest = folder / "export.json"
+    if not manifest.is_file():
+        raise InputError(f"{folder} has no export.json: run certseg-export first")
+    record = json.loads(manifest.read_text())
+    if precision not in ("fp32", "fp16"):
+        raise InputError(f"ONNX precision must be fp32 or fp16, got {precision!r}")
+    for role, digest in (expected_sha256 or {}).items():
+        exported = (record.get("models", {}).get(role) or {}).get("sha256")
+        if exported != digest:
+            raise InputError(f"{manifest} holds a {role} exported from other weights (sha256 {exported})")
+    paths = {}
+    for role in ("segmenter", "denoiser"):
+        graph = record.get("graphs", {}).get(role)
+        name = None if graph is None else graph["fp16_file" if precision == "fp16" else "file"]
+        if graph is not None and name is None:
+            raise InputError(f"{manifest} has no {precision} {role} graph (export without --no-fp16)")
+        paths[role] = None if name is None else folder / name
+    if paths["segmenter"] is None:
+        raise InputError(f"{manifest} has no segmenter graph")
+    return onnx_runtime(pipeline_spec, paths["segmenter"], paths["denoiser"], batch_size=batch_size,
+                        noise_backend=noise_backend, providers=providers, threads=threads)

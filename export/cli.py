@@ -1,0 +1,176 @@
+"""``certseg-export``: export the segmenter and denoiser to ONNX (+ FP16, + TensorRT where installed).
+
+Thin by design: resolve the models, call ``certseg.export.onnx.export_models``, print progress and a summary.
+Every failure a user can cause ends in one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from certseg.engine.errors import CertsegError, InputError
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
+console = Console(highlight=False)
+
+
+class MethodChoice(StrEnum):
+    denoisecertify = "denoisecertify"
+    segcertify = "segcertify"
+
+
+class ExporterChoice(StrEnum):
+    legacy = "legacy"
+    dynamo = "dynamo"
+
+
+class ProfileChoice(StrEnum):
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr, then exit."""
+    text = message.strip()
+    typer.echo(f"certseg-export: error: {text.splitlines()[0] if text else 'failed'}", err=True)
+    raise typer.Exit(code)
+
+
+def default_image_size(segmenter_name: str) -> tuple[int, int]:
+    """The scene size a shipped segmenter was trained at; other models need ``--image-size``."""
+    from certseg.engine.models.registry import shipped_models
+
+    size = shipped_models().get(segmenter_name, {}).get("training", {}).get("scene_size")
+    if not size:
+        raise InputError(f"pass --image-size H W: the image size that {segmenter_name} will serve is not known")
+    return int(size[0]), int(size[1])
+
+
+def _load(method: MethodChoice, segmenter: str | None, denoiser: str | None):
+    from certseg.engine.models.registry import default_model, load_model
+
+    segmenter_model = load_model(segmenter or default_model("segmenter", method.value), "segmenter")
+    denoiser_model = None
+    if method is MethodChoice.denoisecertify:
+        denoiser_model = load_model(denoiser or default_model("denoiser", method.value), "denoiser")
+    return segmenter_model, denoiser_model
+
+
+def _size(path: Path) -> str:
+    size = float(path.stat().st_size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return ""
+
+
+def _worst(parity: list[dict[str, float]], key: str, pick=max) -> str:
+    if not parity:
+        return "-"
+    value = pick(p[key] for p in parity)
+    return f"{value:.2e}" if key == "max_abs" else f"{value:.6f}"
+
+
+def summary(result) -> Table:
+    """Files, sizes and worst-case parity per graph."""
+    table = Table(title=f"exported to {result.out_dir}")
+    table.add_column("graph")
+    table.add_column("file", no_wrap=True)
+    for column in ("size", "fp32 |Δ|", "fp16 |Δ|", "fp16 agree"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for role, graph in result.graphs.items():
+        fp32, fp16 = graph.parity.get("fp32", []), graph.parity.get("fp16", [])
+        table.add_row(role, graph.path.name, _size(graph.path), _worst(fp32, "max_abs"), _worst(fp16, "max_abs"),
+                      _worst(fp16, "argmax_agreement", min))
+        for extra in graph.files()[1:]:
+            table.add_row("", extra.name, _size(extra), "", "", "")
+    return table
+
+
+def write_repository_hook(result, repository: Path, profile: ProfileChoice) -> None:
+    """Hand the export to the Triton repository writer, when ``certseg.export.repository`` provides one."""
+    try:
+        module = importlib.import_module("certseg.export.repository")
+    except ModuleNotFoundError as error:
+        if error.name != "certseg.export.repository":
+            raise
+        fail(f"cannot write {repository}: the Triton repository writer (certseg.export.repository) is not "
+             f"installed; the ONNX files are in {result.out_dir}", code=1)
+    writer = getattr(module, "write_repository", None)
+    if writer is None:
+        fail("certseg.export.repository has no write_repository(export_result, repository_dir, profile=...)", 1)
+    options = {"profile": profile.value}
+    if "max_batch" in inspect.signature(writer).parameters:  # the engines' profiles end at this batch
+        options["max_batch"] = result.max_batch
+    writer(result, repository, **options)
+    console.print(f"wrote the Triton model repository {repository} ({profile.value} profile)")
+
+
+@app.command()
+def export(
+    segmenter: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path "
+                                                       "(default: the shipped default for --method)")] = None,
+    denoiser: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path "
+                                                      "(default: the shipped default)")] = None,
+    method: Annotated[MethodChoice, typer.Option(help="segcertify exports the segmenter only")] = (
+        MethodChoice.denoisecertify
+    ),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("exported"),
+    image_size: Annotated[tuple[int, int] | None, typer.Option(
+        "--image-size", help="H W of the images the deployment serves (default: a shipped segmenter's scene size)"
+    )] = None,
+    scale: Annotated[float, typer.Option(help="segmenter input size as a fraction of the image size")] = 1.0,
+    fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="also write *.fp16.onnx")] = True,
+    tensorrt: Annotated[bool | None, typer.Option(
+        "--tensorrt/--no-tensorrt", help="build TensorRT engines (default: when TensorRT is installed)"
+    )] = None,
+    max_batch: Annotated[int, typer.Option(help="largest batch the engines and the server take")] = 16,
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 18)")] = 18,
+    exporter: Annotated[ExporterChoice, typer.Option(help="torch.onnx exporter")] = ExporterChoice.legacy,
+    parity: Annotated[bool, typer.Option("--parity/--no-parity", help="measure ONNX Runtime vs PyTorch")] = True,
+    threads: Annotated[int | None, typer.Option(help="torch and onnxruntime threads (default: all cores)")] = None,
+    repository: Annotated[Path | None, typer.Option(help="also write a Triton model repository here")] = None,
+    profile: Annotated[ProfileChoice, typer.Option(help="Triton repository profile")] = ProfileChoice.cpu,
+) -> None:
+    """Export the models of a certseg deployment: ONNX graphs, FP16 variants, TensorRT plans, export.json."""
+    import torch
+
+    from certseg.export.onnx import PARITY_BATCHES, export_models
+
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
+    try:
+        segmenter_model, denoiser_model = _load(method, segmenter, denoiser)
+        size = tuple(image_size) if image_size is not None else default_image_size(segmenter_model.name)
+        with console.status("exporting"):
+            result = export_models(
+                segmenter_model, denoiser_model, out, image_size=size, max_batch=max_batch, fp16=fp16,
+                tensorrt=tensorrt, scale=scale, opset=opset, exporter=exporter.value,
+                parity_batches=PARITY_BATCHES if parity else (), threads=threads,
+                log=lambda message: console.print(f"• {message}", soft_wrap=True),
+            )
+        console.print(summary(result))
+        console.print(f"wrote {result.manifest}")
+        if repository is not None:
+            write_repository_hook(result, repository, profile)
+    except CertsegError as error:
+        fail(str(error))
+    except (ValueError, OSError) as error:
+        fail(f"{error.__class__.__name__}: {error}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""certseg-bench end to end: same numbers as `certseg certify`, resume after a kill, baseline parity, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from certseg.bench import cli
+from certseg.bench.baseline import authors_certify
+from certseg.bench.config import BenchConfig, Setting, image_seed
+from certseg.bench.datasets import procedural
+from certseg.bench.report import write_report
+from certseg.bench.results import ResultsFile, ResumeError, entry_key, labels_digest, load_entries, read_lines
+from certseg.bench.tables import aggregate
+from certseg.bench.timing import STAGES
+from certseg.engine import cli as certseg_cli
+from certseg.engine.certify import min_samples_to_certify
+from certseg.engine.errors import CheckpointError, InputError
+from certseg.engine.label_pipeline import LabelPipeline
+from certseg.engine.models.adm import build_adm
+from certseg.engine.models.hrnet import build_hrnet
+from certseg.engine.models.registry import default_model, save_model
+from certseg.engine.session import Session
+
+from conftest import REPO_ROOT
+
+torch.set_num_threads(1)
+runner = CliRunner()
+
+
+def tiny_hrnet_config(width: int = 4) -> dict:
+    def stage(n: int) -> dict:
+        return {"NUM_MODULES": 1, "NUM_BRANCHES": n, "BLOCK": "BASIC", "NUM_BLOCKS": [1] * n,
+                "NUM_CHANNELS": [width * 2**i for i in range(n)], "FUSE_METHOD": "SUM"}
+
+    stage1 = {"NUM_MODULES": 1, "BLOCK": "BOTTLENECK", "NUM_BLOCKS": [1], "NUM_CHANNELS": [8], "FUSE_METHOD": "SUM"}
+    return {"ALIGN_CORNERS": False,
+            "EXTRA": {"FINAL_CONV_KERNEL": 1, "STAGE1": stage1, "STAGE2": stage(2), "STAGE3": stage(3),
+                      "STAGE4": stage(4)}}
+
+
+TINY_ADM = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,1",
+            "attention_resolutions": "16", "num_head_channels": 32, "learn_sigma": False}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A tiny 8-class HRNetV2 and a tiny ADM, saved self-describing (stand-ins for the shipped models)."""
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    config = tiny_hrnet_config()
+    segmenter, denoiser = folder / "tiny-seg.safetensors", folder / "tiny-adm.safetensors"
+    save_model(segmenter, build_hrnet(config, procedural.NUM_CLASSES).eval(),
+               {"name": "tiny-seg", "role": "segmenter", "family": "hrnet", "classes": list(procedural.CLASSES),
+                "config": {"model_cfg": config, "num_classes": procedural.NUM_CLASSES}})
+    save_model(denoiser, build_adm(TINY_ADM).eval(),
+               {"name": "tiny-adm", "role": "denoiser", "family": "adm", "config": {"create_model_kwargs": TINY_ADM}})
+    return SimpleNamespace(segmenter=segmenter, denoiser=denoiser,
+                           args=["--segmenter", str(segmenter), "--denoiser", str(denoiser)])
+
+
+def invoke(app, args: list[str]):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def bench(args: list[str]):
+    """Run certseg-bench in-process, with the issue's space-separated multi-value form."""
+    return invoke(cli.app, cli.expand_multi_values(args))
+
+
+# ------------------------------------------------------------------------------------------------ the CLI form
+
+
+def test_multi_value_options_accept_both_forms() -> None:
+    spaced = ["--images", "2", "--method", "segcertify", "denoisecertify", "--sigma", "0.25", "0.5", "1.0",
+              "--scale", "0.5", "--n", "40"]
+    repeated = ["--images", "2", "--method", "segcertify", "--method", "denoisecertify", "--sigma", "0.25",
+                "--sigma", "0.5", "--sigma", "1.0", "--scale", "0.5", "--n", "40"]
+    assert cli.expand_multi_values(spaced) == repeated
+    assert cli.expand_multi_values(repeated) == repeated
+    assert cli.expand_multi_values(["--sigma"]) == ["--sigma"]  # no value: the parser reports it
+
+
+def test_both_forms_parse_to_the_same_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[BenchConfig] = []
+
+    def fake_prepare(config: BenchConfig):
+        seen.append(config)
+        raise InputError("stop here")
+
+    monkeypatch.setattr("certseg.bench.run.prepare", fake_prepare)
+    for args in (["--sigma", "0.25", "0.5", "--scale", "0.5", "1", "--method", "segcertify"],
+                 ["--sigma", "0.25", "--sigma", "0.5", "--scale", "0.5", "--scale", "1", "--method", "segcertify"]):
+        result = runner.invoke(cli.app, cli.expand_multi_values(args))
+        assert result.exit_code == 2 and "stop here" in result.output
+    assert seen[0] == seen[1]
+    assert seen[0].grid() == [Setting("segcertify", 0.5, 0.25), Setting("segcertify", 0.5, 0.5),
+                              Setting("segcertify", 1.0, 0.25), Setting("segcertify", 1.0, 0.5)]
+
+
+def test_seeds_derive_from_the_root_seed_and_image_index() -> None:
+    assert image_seed(0, 3) == image_seed(0, 3) < 2**63
+    assert len({image_seed(s, i) for s in range(3) for i in range(50)}) == 150
+
+
+# ------------------------------------------------------------------------------ bench == certseg certify
+
+
+def _shipped_or_tiny(models: SimpleNamespace, method: str) -> list[str]:
+    """The shipped default models when they exist (the issue's check), the tiny ones otherwise."""
+    try:
+        default_model("segmenter", method)
+        return []
+    except CheckpointError:
+        return models.args
+
+
+def test_bench_20_images_match_certseg_certify(models: SimpleNamespace, tmp_path: Path) -> None:
+    size = (64, 128)
+    alpha = 0.05
+    n = min_samples_to_certify(0.75, alpha, size[0] * size[1]) + 3
+    model_args = _shipped_or_tiny(models, "segcertify")
+    out, data = tmp_path / "bench", tmp_path / "data"
+    result = bench(["--images", "20", "--method", "segcertify", "--sigma", "0.25", "--n0", "2", "--n", str(n),
+                    "--alpha", str(alpha), "--scene-size", "64x128", "--write-data", str(data), "--out", str(out),
+                    "--quiet", "--seed", "7", *model_args])
+    assert "Certified segmentation" in result.output and "Throughput" in result.output
+    _, entries = load_entries(out / "results.jsonl")
+    assert len(entries) == 20
+    assert [e["seed"] for e in entries] == [image_seed(7, i) for i in range(20)]
+    for entry in (entries[0], entries[13]):
+        image = Path(entry["image_path"])
+        labels = data / "gtFine" / "val" / procedural.CITY / f"{entry['image']}_gtFine_labelTrainIds.png"
+        invoke(certseg_cli.app, [
+            "certify", str(image), "--method", "segcertify", "--sigma", "0.25", "--n0", "2", "--n", str(n),
+            "--alpha", str(alpha), "--seed", str(entry["seed"]), "--out", str(tmp_path / "certify"),
+            "--labels", str(labels), "--quiet", *model_args,
+        ])
+        stem = image.stem
+        certified = np.asarray(Image.open(tmp_path / "certify" / f"{stem}.certified.png"))
+        assert labels_digest(certified) == entry["labels_sha256"]
+        report = json.loads((tmp_path / "certify" / f"{stem}.json").read_text())
+        assert report["seed"] == entry["seed"]
+        assert report["abstain_percent"] == pytest.approx(100 * entry["abstain_fraction"], abs=1e-12)
+        assert report["metrics"]["certified_accuracy"] == pytest.approx(entry["metrics"]["certified_accuracy"],
+                                                                        abs=1e-12)
+        assert report["metrics"]["mean_iou"] == pytest.approx(entry["metrics"]["mean_iou"], abs=1e-12)
+    # The stage split accounts for the sampling time it splits.
+    for entry in entries:
+        stages = entry["timings"]["stages"]
+        assert set(stages) == set(STAGES)
+        split = sum(v for k, v in stages.items() if k != "certify")
+        assert 0.6 * entry["timings"]["sampling"] <= split <= 1.05 * entry["timings"]["sampling"] + 1e-3
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+RESUME_ARGS = ["--images", "4", "--scene-size", "32x64", "--method", "segcertify", "denoisecertify",
+               "--sigma", "0.25", "0.5", "--n0", "2", "--n", "38", "--alpha", "0.1", "--quiet", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(models: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    bench([*RESUME_ARGS, *models.args, "--out", str(out)])
+    return out
+
+
+def _entry_lines(path: Path) -> int:
+    return sum(1 for r in read_lines(path) if r.get("kind") == "entry") if path.exists() else 0
+
+
+def test_a_killed_run_resumes_without_redoing_finished_entries(
+    models: SimpleNamespace, uninterrupted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "killed"
+    results = out / "results.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "certseg.bench.cli", *RESUME_ARGS, *models.args, "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )
+    deadline = time.monotonic() + 60
+    while _entry_lines(results) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    still_running = process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert still_running, f"the run ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    before = {entry_key(r): r for r in read_lines(results) if r.get("kind") == "entry"}
+    assert 3 <= len(before) < 16
+    with results.open("ab") as handle:  # as if the kill had hit a write: a partial last line
+        handle.write(b'{"kind":"entry","image":"procedural_000000_0000')
+
+    bench([*RESUME_ARGS, *models.args, "--out", str(out)])
+
+    _, after = load_entries(results)
+    keys = [entry_key(e) for e in after]
+    assert len(keys) == len(set(keys)) == 16
+    resumed = {entry_key(e): e for e in after}
+    for key, entry in before.items():  # finished entries were kept, not recomputed
+        assert resumed[key]["run_id"] == entry["run_id"] and resumed[key]["finished_at"] == entry["finished_at"]
+    assert len({e["run_id"] for e in after}) == 2
+    _, reference = load_entries(uninterrupted / "results.jsonl")
+    expected = {entry_key(e): e for e in reference}
+    assert set(expected) == set(resumed)
+    for key, entry in expected.items():
+        for field in ("labels_sha256", "confusion", "abstain_fraction", "seed", "timestep", "min_agreements"):
+            assert resumed[key][field] == entry[field], (key, field)
+    number_fields = ("accuracy", "mean_iou", "abstain_percent", "images", "radius")
+    assert ([[getattr(r, f) for f in number_fields] for r in aggregate(after)]
+            == [[getattr(r, f) for f in number_fields] for r in aggregate(reference)])
+
+
+def test_denoisecertify_entries_match_certseg_certify(
+    models: SimpleNamespace, uninterrupted: Path, tmp_path: Path
+) -> None:
+    _, entries = load_entries(uninterrupted / "results.jsonl")
+    entry = next(e for e in entries if e["method"] == "denoisecertify" and e["sigma"] == 0.5 and e["image_index"] == 1)
+    [image] = procedural.write_cityscapes_layout(tmp_path, num_images=1, height=32, width=64, first_held_out=1)
+    invoke(certseg_cli.app, [
+        "certify", str(image), "--method", "denoisecertify", "--sigma", "0.5", "--n0", "2", "--n", "38",
+        "--alpha", "0.1", "--seed", str(entry["seed"]), "--out", str(tmp_path / "out"), "--quiet", *models.args,
+    ])
+    certified = np.asarray(Image.open(tmp_path / "out" / f"{image.stem}.certified.png"))
+    assert labels_digest(certified) == entry["labels_sha256"]
+    report = json.loads((tmp_path / "out" / f"{image.stem}.json").read_text())
+    assert report["timestep"]["t"] == entry["timestep"]
+
+
+def test_resuming_with_other_settings_is_refused(models: SimpleNamespace, uninterrupted: Path) -> None:
+    args = [a if a != "38" else "40" for a in RESUME_ARGS]  # n = 40 instead of 38
+    result = runner.invoke(cli.app, cli.expand_multi_values([*args, *models.args, "--out", str(uninterrupted)]))
+    assert result.exit_code == 2
+    assert "cannot be resumed" in result.output and "n: 38 in the file, 40 now" in result.output
+
+
+def test_results_file_drops_a_partial_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    header = {"kind": "run", "compat": {"n": 10}}
+    first = ResultsFile(path)
+    first.open(header)
+    first.append({"kind": "entry", "image": "a", "method": "segcertify", "sigma": 0.25, "scale": 1.0,
+                  "variant": "engine"})
+    with path.open("ab") as handle:
+        handle.write(b'{"kind": "entry", "ima')
+    again = ResultsFile(path)
+    again.open(header)
+    assert list(again.entries) == [("a", "segcertify", 0.25, 1.0, "engine")]
+    assert path.read_bytes().endswith(b"}\n")
+    with pytest.raises(ResumeError, match="n: 10 in the file, 11 now"):
+        ResultsFile(path).open({"kind": "run", "compat": {"n": 11}})
+
+
+def test_report_writes_tables_and_plots(uninterrupted: Path) -> None:
+    header, entries = load_entries(uninterrupted / "results.jsonl")
+    report = write_report(uninterrupted, header, entries).read_text()
+    assert "| scale | method | σ | R | t* | acc | mIoU | abstain % | images |" in report
+    assert "| 1.00 | segcertify | 0.25 | 0.17 |" in report and "Time split per stage" in report
+    for name in ("accuracy", "miou", "abstain", "time_per_image", "stages"):
+        with Image.open(uninterrupted / f"{name}.png") as image:
+            assert image.size == (900, 520)
+    result = bench(["--report-only", "--out", str(uninterrupted)])
+    assert "report.md" in result.output
+
+
+# ----------------------------------------------------------------------------------------------- baseline
+
+
+@pytest.mark.parametrize("method", ["segcertify", "denoisecertify"])
+def test_authors_style_baseline_certifies_exactly_like_the_engine(models: SimpleNamespace, method: str) -> None:
+    config = BenchConfig(segmenter=str(models.segmenter), denoiser=str(models.denoiser), n0=3, n=38, alpha=0.1,
+                         device="cpu", batch=8)
+    session = Session.open(config.session_settings(Setting(method, 1.0, 0.5)))
+    image = procedural.generate_scene(procedural.held_out_seed(0), 32, 64).image
+    engine, _ = session.certify(image, seed=11)
+    spec, _ = session.runtime_for((32, 64))
+    denoiser = None if session.denoiser is None else session.denoiser.module
+    pipeline = LabelPipeline(spec, session.segmenter.module, denoiser)
+    slow = authors_certify(pipeline, image, num_classes=8, sigma=0.5, n0=3, n=38, tau=0.75, alpha=0.1, seed=11)
+    np.testing.assert_array_equal(slow.guess, engine.guess)
+    np.testing.assert_array_equal(slow.agree, engine.certificate.agree)
+    np.testing.assert_array_equal(slow.labels, engine.labels)
+    assert 0 < slow.certified.sum() < slow.certified.size  # some certified, some abstained: Holm had work to do
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_clear_errors_for_missing_data_and_mismatched_classes(models: SimpleNamespace, tmp_path: Path) -> None:
+    result = runner.invoke(cli.app, ["--dataset", "cityscapes", "--root", str(tmp_path / "nowhere"), "--quiet"])
+    assert result.exit_code == 2 and "leftImg8bit/val/<city>" in result.output
+    result = runner.invoke(cli.app, ["--runtime", "onnx", "--images", "1", "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 2 and "does not build this runtime yet" in result.output
+    root = tmp_path / "cityscapes"
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(_mkdir(root / "leftImg8bit/val/x") / "x_0_0_leftImg8bit.png")
+    Image.fromarray(np.zeros((8, 16), np.uint8)).save(_mkdir(root / "gtFine/val/x") / "x_0_0_gtFine_labelIds.png")
+    result = runner.invoke(cli.app, ["--root", str(root), "--images", "1", "--method", "segcertify", "--n", "40",
+                                     "--alpha", "0.1", "--out", str(tmp_path / "out"), "--quiet", *models.args])
+    assert result.exit_code == 2 and "predicts 8 classes, but cityscapes has 19" in result.output
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,94 @@
+"""The chain around the models, against a hand composition of the stage functions; the torch runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from certseg.bench.train import SMALL_ADM, SMALL_HRNET
+from certseg.engine.denoise import one_step_denoise, select_timestep
+from certseg.engine.label_pipeline import LabelPipeline, make_spec
+from certseg.engine.models.adm import build_adm
+from certseg.engine.models.hrnet import build_hrnet
+from certseg.engine.pipeline import certify_image
+from certseg.engine.runtimes.torch_runtime import torch_runtime
+from certseg.engine.stages import IMAGENET_MEAN, IMAGENET_STD
+
+SIZE = (32, 64)
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    denoiser = build_adm(SMALL_ADM | {"image_size": 16, "attention_resolutions": "4"}).eval()
+    segmenter = build_hrnet(SMALL_HRNET, 5).eval()
+    return denoiser, segmenter
+
+
+def by_hand(segmenter, images: torch.Tensor, seg_size: tuple[int, int]) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = F.interpolate(images, size=seg_size, mode="bilinear", align_corners=False) if images.shape[-2:] != seg_size \
+        else images
+    logits = segmenter((x - mean) / std)
+    logits = F.interpolate(logits, size=SIZE, mode="bilinear", align_corners=False)
+    return logits.argmax(1).to(torch.uint8)
+
+
+@torch.no_grad()
+def test_denoisecertify_chain_equals_the_hand_composition(models) -> None:
+    denoiser, segmenter = models
+    spec = make_spec("denoisecertify", 0.5, SIZE, denoiser_size=(16, 16))
+    assert spec.timestep.t == select_timestep(0.5, "principled", image_size=SIZE, denoiser_size=(16, 16)).t
+    noisy = torch.rand(3, 3, *SIZE) + 0.5 * torch.randn(3, 3, *SIZE)
+    labels = LabelPipeline(spec, segmenter, denoiser)(noisy)
+    denoised = one_step_denoise(denoiser, noisy, spec.timestep.t, denoiser_size=(16, 16))
+    torch.testing.assert_close(labels, by_hand(segmenter, denoised, SIZE), rtol=0, atol=0)
+    assert labels.dtype == torch.uint8 and labels.shape == (3, *SIZE)
+
+
+@torch.no_grad()
+def test_segcertify_chain_with_scale(models) -> None:
+    _, segmenter = models
+    spec = make_spec("segcertify", 0.25, SIZE, scale=0.5)
+    assert spec.segmenter_size == (16, 32) and spec.timestep is None
+    noisy = torch.rand(2, 3, *SIZE)
+    labels = LabelPipeline(spec, segmenter)(noisy)
+    torch.testing.assert_close(labels, by_hand(segmenter, noisy, (16, 32)), rtol=0, atol=0)
+
+
+def test_spec_records_everything_needed_to_remake_a_result() -> None:
+    spec = make_spec("denoisecertify", 0.25, (1024, 2048), denoiser_size=(256, 256), timestep_rule="authors")
+    record = spec.record()
+    assert record["timestep"]["t"] == 73 and record["timestep"]["rule"] == "authors"
+    assert record["denoiser_size"] == (256, 256) and record["segmenter_size"] == [1024, 2048]
+    with pytest.raises(ValueError, match="method"):
+        make_spec("magic", 0.25, (8, 8))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_torch_runtime_certifies_with_autocast(models, precision: str) -> None:
+    denoiser, segmenter = models
+    spec = make_spec("denoisecertify", 0.25, SIZE, denoiser_size=(16, 16))
+    runtime = torch_runtime(LabelPipeline(spec, segmenter, denoiser), device=torch.device("cpu"),
+                            precision=precision, batch_size=8)
+    image = np.random.default_rng(0).random((3, *SIZE), dtype=np.float32)
+    result = certify_image(runtime, image, num_classes=5, sigma=0.25, n0=4, n=40, alpha=0.1, seed=3)
+    assert result.labels.shape == SIZE
+    again = certify_image(runtime, image, num_classes=5, sigma=0.25, n0=4, n=40, alpha=0.1, seed=3)
+    np.testing.assert_array_equal(result.labels, again.labels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_runtime_agrees_with_cpu_fp32(models) -> None:
+    denoiser, segmenter = models
+    spec = make_spec("denoisecertify", 0.25, SIZE, denoiser_size=(16, 16))
+    image = np.random.default_rng(0).random((3, *SIZE), dtype=np.float32)
+    cpu = torch_runtime(LabelPipeline(spec, segmenter, denoiser), device=torch.device("cpu"))
+    gpu = torch_runtime(LabelPipeline(spec, segmenter, denoiser), device=torch.device("cuda"), precision="fp16")
+    a = np.concatenate(list(cpu.labels(image, sigma=0.25, seed=1, start=0, count=8)))
+    b = np.concatenate(list(gpu.labels(image, sigma=0.25, seed=1, start=0, count=8)))
+    assert np.mean(a == b) > 0.98
