@@ -1,4 +1,8 @@
-"""What ``certseg certify`` does: read, validate, certify with a progress bar, write the three outputs."""
+"""What ``certseg certify`` does: read, validate, certify with a progress bar, write the three outputs.
+
+In-process or against Triton servers (``servers``): the same session interface, the same outputs, and in
+both cases nothing is written unless certification finished.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +50,10 @@ class CertifyRequest:
     ignore_index: int = 255
     progress: bool = True
     servers: tuple[str, ...] = ()
+    """Triton gRPC endpoints (HOST:PORT): when given, they run the label pipeline instead of this process."""
+    in_flight: int = 2
+    shared_memory: str = "auto"
+    retries: int = 3
 
     def settings(self) -> Settings:
         return Settings(
@@ -71,13 +79,20 @@ def run_certify(request: CertifyRequest) -> str:
     target = read_labels(request.labels) if request.labels is not None else None
     if target is not None and target.shape != image.shape[1:]:
         raise InputError(f"{request.labels}: label map is {target.shape}, image is {image.shape[1:]}")
-    session = Session.open(settings)
-    if request.progress:
-        with _progress_bar() as bar:
-            task = bar.add_task("certify", total=settings.n0 + settings.n)
-            result, record = session.certify(image, seed=request.seed, progress=lambda k: bar.advance(task, k))
+    if request.servers:
+        session = Session.connect(settings, request.servers, in_flight=request.in_flight,
+                                  shared_memory=request.shared_memory, retries=request.retries)  # type: ignore[arg-type]
     else:
-        result, record = session.certify(image, seed=request.seed)
+        session = Session.open(settings)
+    try:
+        if request.progress:
+            with _progress_bar() as bar:
+                task = bar.add_task("certify", total=settings.n0 + settings.n)
+                result, record = session.certify(image, seed=request.seed, progress=lambda k: bar.advance(task, k))
+        else:
+            result, record = session.certify(image, seed=request.seed)
+    finally:
+        session.close()
     names = class_names(result.num_classes, session.segmenter.extra.get("classes"))
     report = {
         "image": str(request.image),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -19,31 +19,42 @@ from certseg.engine.errors import CertsegError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
 
-class MethodChoice(str, Enum):
+class MethodChoice(StrEnum):
     denoisecertify = "denoisecertify"
     segcertify = "segcertify"
 
 
-class FwerChoice(str, Enum):
+class FwerChoice(StrEnum):
     holm = "holm"
     bonferroni = "bonferroni"
 
 
-class RuntimeChoice(str, Enum):
+class RuntimeChoice(StrEnum):
     torch = "torch"
     onnx = "onnx"
 
 
-class RuleChoice(str, Enum):
+class RuleChoice(StrEnum):
     principled = "principled"
     authors = "authors"
     dds = "dds"
 
 
-class PrecisionChoice(str, Enum):
+class PrecisionChoice(StrEnum):
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
+
+
+class SharedMemoryChoice(StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class ProfileChoice(StrEnum):
+    cpu = "cpu"
+    gpu = "gpu"
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -66,7 +77,7 @@ def certify(
     alpha: Annotated[float, typer.Option(help="family-wise error level over all pixels")] = 0.001,
     tau: Annotated[float, typer.Option(help="agreement threshold τ; radius R = σ·Φ⁻¹(τ)")] = 0.75,
     fwer: Annotated[FwerChoice, typer.Option(help="FWER control")] = FwerChoice.holm,
-    method: Annotated[MethodChoice, typer.Option(help="denoise before segmenting, or not")] = MethodChoice.denoisecertify,
+    method: Annotated[MethodChoice, typer.Option(help="denoise first, or not")] = MethodChoice.denoisecertify,
     segmenter: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path")] = None,
     denoiser: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path")] = None,
     scale: Annotated[float, typer.Option(help="segmenter input size as a fraction of the image size")] = 1.0,
@@ -81,6 +92,13 @@ def certify(
     antialias: Annotated[bool, typer.Option(help="antialiased resizes (the authors used none)")] = False,
     ignore_index: Annotated[int, typer.Option(help="label value ignored by the metrics")] = 255,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    server: Annotated[list[str] | None, typer.Option(
+        "--server", help="Triton gRPC endpoint HOST:PORT running the pipeline (repeat to split the samples "
+        "between servers); --segmenter/--denoiser/--runtime/--device/--precision then come from the server")] = None,
+    in_flight: Annotated[int, typer.Option(help="requests in flight per --server")] = 2,
+    shared_memory: Annotated[SharedMemoryChoice, typer.Option(
+        help="system shared memory with --servers on this machine")] = SharedMemoryChoice.auto,
+    retries: Annotated[int, typer.Option(help="retries of a failed --server batch before the run stops")] = 3,
 ) -> None:
     """Certify every pixel of IMAGE: a class that provably holds within L2 radius R, or abstain."""
     from certseg.engine.certify_command import CertifyRequest, run_certify
@@ -89,7 +107,8 @@ def certify(
         image=image, sigma=sigma, n0=n0, n=n, alpha=alpha, tau=tau, fwer=fwer.value, method=method.value,
         segmenter=segmenter, denoiser=denoiser, scale=scale, seed=seed, batch=batch, out=out, labels=labels,
         runtime=runtime.value, device=device, precision=precision.value, t_rule=t_rule.value,
-        antialias=antialias, ignore_index=ignore_index, progress=not quiet,
+        antialias=antialias, ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()),
+        in_flight=in_flight, shared_memory=shared_memory.value, retries=retries,
     )
     started = time.perf_counter()
     try:
@@ -99,6 +118,62 @@ def certify(
     except (ValueError, OSError) as error:
         fail(f"{error.__class__.__name__}: {error}")
     typer.echo(summary + f" ({time.perf_counter() - started:.1f} s)")
+
+
+@app.command()
+def serve(
+    repository: Annotated[Path | None, typer.Option(
+        help="model repository (certseg-export); default: built from the shipped models and cached")] = None,
+    profile: Annotated[ProfileChoice, typer.Option(
+        help="cpu: the bundled tritonserver; gpu: a tritonserver on PATH (NVIDIA's Triton container)",
+    )] = ProfileChoice.cpu,
+    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 opens it to the network)")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="HTTP port (0: a free one)")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port, the one `certseg certify --server` uses (0: free)")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: a free one)")] = 8002,
+    tritonserver: Annotated[Path | None, typer.Option(help="tritonserver executable to run")] = None,
+    ready_timeout: Annotated[float, typer.Option(help="seconds to wait for every model to load")] = 300.0,
+) -> None:
+    """Serve the certseg pipeline with Triton until Ctrl-C: health, metrics and gRPC/HTTP inference endpoints."""
+    import signal
+
+    from certseg.engine.serve import TritonServer, default_repository, find_tritonserver
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM (service managers, `kill`) both stop the server cleanly, by its PID.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        binary = find_tritonserver(tritonserver, prefer_path=profile == ProfileChoice.gpu)
+        if profile == ProfileChoice.gpu and binary.bundled:
+            raise CertsegError("the gpu profile needs NVIDIA's Triton container (onnxruntime/tensorrt backends); "
+                               "the bundled tritonserver runs the cpu profile only")
+        if repository is None:
+            if profile == ProfileChoice.gpu:
+                raise CertsegError("the gpu profile needs --repository (certseg-export --profile gpu)")
+            typer.echo("certseg: preparing the default CPU repository from the shipped models …", err=True)
+            repository = default_repository()
+        server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port,
+                              metrics_port=metrics_port, binary=binary, ready_timeout_s=ready_timeout)
+        with server:
+            typer.echo(
+                f"certseg: serving {repository} ({profile.value} profile, tritonserver pid {server.pid})\n"
+                f"  gRPC     {server.grpc_address}   (certseg certify IMAGE --server {server.grpc_address})\n"
+                f"  HTTP     {server.http_url}   (health: {server.http_url}/v2/health/ready)\n"
+                f"  metrics  {server.metrics_url}\n"
+                f"  log      {server.log_path}\n"
+                "Ctrl-C stops the server."
+            )
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(0.5)
+            code = None if server.process is None else server.process.returncode
+            raise CertsegError(f"tritonserver stopped by itself (exit code {code}): {server.log_summary()}")
+    except CertsegError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        typer.echo("certseg: stopped the server", err=True)
 
 
 def main() -> None:

@@ -1,16 +1,17 @@
 """A certification session: models loaded once, then any number of images certified with one set of settings.
 
 ``certseg certify`` and ``certseg-bench`` both go through here, so the same image, settings and seed give the
-same certificate from either command.
+same certificate from either command. ``Session.connect`` is the remote variant: the models live on Triton
+servers, which also say what they are (classes, denoiser size, hashes) so results record them the same way.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from certseg.engine.models.registry import LoadedModel, default_model, load_mode
 from certseg.engine.pipeline import CertifiedSegmentation, Progress, certify_image
 from certseg.engine.runtimes.torch_runtime import resolve_device, torch_runtime
 from certseg.engine.sampling import Runtime
+
+if TYPE_CHECKING:
+    from certseg.engine.runtimes.triton_runtime import ServedModel, SharedMemory, TritonRuntime
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,12 @@ class Session:
     """Loaded models plus a runtime per image size; ``certify`` one image at a time."""
 
     settings: Settings
-    segmenter: LoadedModel
-    denoiser: LoadedModel | None
-    device: torch.device
+    segmenter: LoadedModel | ServedModel
+    denoiser: LoadedModel | ServedModel | None
+    device: torch.device | str
     runtime_factory: Callable[[LabelPipeline], Runtime] | None = None
+    remote: TritonRuntime | None = None
+    """Set by ``connect``: the Triton servers that run the whole label pipeline."""
     _runtimes: dict[tuple[int, int], tuple[PipelineSpec, Runtime]] = field(default_factory=dict)
 
     @classmethod
@@ -86,6 +92,44 @@ class Session:
             raise InputError(f"segmenter {segmenter.name} does not say how many classes it has")
         return cls(settings=settings, segmenter=segmenter, denoiser=denoiser, device=device)
 
+    @classmethod
+    def connect(
+        cls,
+        settings: Settings,
+        servers: tuple[str, ...],
+        *,
+        in_flight: int = 2,
+        shared_memory: SharedMemory = "auto",
+        retries: int = 3,
+    ) -> Session:
+        """A session whose samples come from Triton ``servers`` (gRPC HOST:PORT) serving the certseg ensembles.
+
+        Unreachable servers, a missing ensemble or another repository version raise ``ServerError`` here,
+        before any work starts.
+        """
+        from certseg.engine.runtimes.triton_runtime import ENSEMBLES, TritonRuntime, served_model
+
+        remote = TritonRuntime(
+            servers, ENSEMBLES[settings.method], batch=settings.batch, in_flight=in_flight,
+            shared_memory=shared_memory, retries=retries,
+        )
+        served = remote.pipeline.metadata  # the server decides these; record what it did
+        settings = replace(settings, runtime="triton", batch=remote.batch,
+                           noise_backend=str(served.get("noise_backend", settings.noise_backend)),
+                           precision=str(served.get("precision", settings.precision)))
+        segmenter = served_model(remote.pipeline, "segmenter")
+        denoiser = served_model(remote.pipeline, "denoiser") if settings.method == "denoisecertify" else None
+        if segmenter is None or (settings.method == "denoisecertify" and denoiser is None):
+            remote.close()
+            raise InputError(f"{remote.model} on {', '.join(remote.servers)} lacks a segmenter or denoiser step")
+        return cls(settings=settings, segmenter=segmenter, denoiser=denoiser,
+                   device="triton:" + ",".join(remote.servers), remote=remote)
+
+    def close(self) -> None:
+        """Release the servers' connections (remote sessions); a local session holds nothing to release."""
+        if self.remote is not None:
+            self.remote.close()
+
     @property
     def num_classes(self) -> int:
         return int(self.segmenter.num_classes)  # type: ignore[arg-type]
@@ -98,16 +142,40 @@ class Session:
                 denoiser_size=None if self.denoiser is None else self.denoiser.input_size,
                 timestep_rule=s.t_rule, antialias=s.antialias,
             )
-            pipeline = LabelPipeline(spec, self.segmenter.module, None if self.denoiser is None else self.denoiser.module)
-            if self.runtime_factory is not None:
-                runtime = self.runtime_factory(pipeline)
-            else:
-                runtime = torch_runtime(
-                    pipeline, device=self.device, precision=s.precision, batch_size=s.batch,  # type: ignore[arg-type]
-                    noise_backend=s.noise_backend,
-                )
-            self._runtimes[image_size] = (spec, runtime)
+            self._runtimes[image_size] = (spec, self._runtime(spec))
         return self._runtimes[image_size]
+
+    def _runtime(self, spec: PipelineSpec) -> Runtime:
+        if self.remote is not None:
+            return self.remote.with_pipeline(
+                timestep=None if spec.timestep is None else spec.timestep.t, seg_size=spec.segmenter_size,
+                antialias=spec.antialias,
+            )
+        s = self.settings
+        if s.runtime == "onnx":
+            return self._onnx_runtime(spec)
+        pipeline = LabelPipeline(spec, self.segmenter.module, None if self.denoiser is None else self.denoiser.module)
+        if self.runtime_factory is not None:
+            return self.runtime_factory(pipeline)
+        return torch_runtime(
+            pipeline, device=self.device, precision=s.precision, batch_size=s.batch,  # type: ignore[arg-type]
+            noise_backend=s.noise_backend,
+        )
+
+    def _onnx_runtime(self, spec: PipelineSpec) -> Runtime:
+        """ONNX Runtime on graphs exported from exactly these weights (exported once, then cached)."""
+        from certseg.engine.runtimes.onnx_runtime import cached_export, onnx_runtime_from_export
+
+        s = self.settings
+        if s.precision == "bf16":
+            raise InputError("the ONNX runtime runs fp32 or fp16 graphs; use --precision fp32 or fp16")
+        folder = cached_export(self.segmenter, self.denoiser, spec.image_size, scale=spec.scale,
+                               fp16=s.precision == "fp16")
+        expected = {"segmenter": self.segmenter.sha256}
+        if self.denoiser is not None:
+            expected["denoiser"] = self.denoiser.sha256
+        return onnx_runtime_from_export(spec, folder, precision=s.precision, expected_sha256=expected,
+                                        batch_size=s.batch, noise_backend=s.noise_backend)
 
     def certify(
         self, image: np.ndarray, *, seed: int | None = None, progress: Progress | None = None
@@ -117,12 +185,18 @@ class Session:
         image_size = (int(image.shape[-2]), int(image.shape[-1]))
         s.validate(image_size[0] * image_size[1])
         spec, runtime = self.runtime_for(image_size)
+        stages_before = self.remote.statistics() if self.remote is not None else None
         started = time.perf_counter()
         result = certify_image(
             runtime, image, num_classes=self.num_classes, sigma=s.sigma, n0=s.n0, n=s.n, tau=s.tau, alpha=s.alpha,
             fwer=s.fwer, seed=seed, progress=progress,  # type: ignore[arg-type]
         )
         elapsed = time.perf_counter() - started
+        timings: dict[str, Any] = dict(result.timings, total=elapsed, samples_per_second=(s.n0 + s.n) / elapsed)
+        if self.remote is not None and stages_before is not None:
+            from certseg.engine.runtimes.triton_runtime import stage_timings, statistics_delta
+
+            timings["server_stages"] = stage_timings(statistics_delta(self.remote.statistics(), stages_before))
         record = {
             "settings": asdict(s),
             "pipeline": spec.record(),
@@ -131,6 +205,6 @@ class Session:
                 "denoiser": None if self.denoiser is None else self.denoiser.record(),
             },
             "device": str(self.device),
-            "timings": dict(result.timings, total=elapsed, samples_per_second=(s.n0 + s.n) / elapsed),
+            "timings": timings,
         }
         return result, record

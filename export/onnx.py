@@ -75,6 +75,10 @@ and lifts argmax agreement from 0.9938 to 0.9995 on one input set. Keeping the d
 (InstanceNormalization) fp32 made it worse (max |Δ| 1.2e-3 vs 7e-4): the extra casts cost more than they save."""
 
 
+EXPORT_FORMAT_VERSION = 1
+"""Bump when exported graphs change for the same weights (cached exports are keyed by it)."""
+
+
 def _log(log: Log | None, message: str) -> None:
     if log is not None:
         log(message)

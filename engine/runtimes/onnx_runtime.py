@@ -6,8 +6,10 @@ the torch code of ``certseg.engine.stages`` / ``denoise``, so the ORT runtime ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,8 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from certseg.engine.cache import cache_dir
 from certseg.engine.errors import InputError
 from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec
+from certseg.engine.models.registry import LoadedModel
 from certseg.engine.sampling import LocalRuntime
 
 _NUMPY_TYPES: dict[str, type[np.generic]] = {
@@ -176,3 +180,27 @@ def onnx_runtime_from_export(
         raise InputError(f"{manifest} has no segmenter graph")
     return onnx_runtime(pipeline_spec, paths["segmenter"], paths["denoiser"], batch_size=batch_size,
                         noise_backend=noise_backend, providers=providers, threads=threads)
+
+
+def cached_export(
+    segmenter: LoadedModel, denoiser: LoadedModel | None, image_size: tuple[int, int], *, scale: float, fp16: bool
+) -> Path:
+    """An ONNX export of these exact weights for this deployment size, made once and kept in the cache.
+
+    Keyed by the checkpoints' sha256s, the sizes and the export code's version, so different weights never
+    share graphs (``onnx_runtime_from_export`` checks the hashes again when it loads them).
+    """
+    from certseg.export.onnx import EXPORT_FORMAT_VERSION, export_models
+
+    key = hashlib.sha256(json.dumps(
+        [EXPORT_FORMAT_VERSION, segmenter.sha256, None if denoiser is None else denoiser.sha256,
+         list(image_size), scale, fp16], sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir() / "onnx" / key
+    if not (folder / "export.json").is_file():
+        staging = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        export_models(segmenter, denoiser, staging, image_size=image_size, scale=scale, fp16=fp16, tensorrt=False)
+        if folder.exists():  # another process finished the same export first
+            shutil.rmtree(staging)
+        else:
+            staging.replace(folder)
+    return folder

@@ -1,0 +1,564 @@
+"""Triton runtime: the sampling contract answered by one or more Triton servers over gRPC.
+
+A request carries the image once plus (root seed, first sample index, count, σ) and returns only label maps;
+the server draws each sample's noise from (seed, index), so a retried request regenerates exactly the same
+samples and nothing is counted twice. The sample range is cut into batches that several servers pull from,
+several in flight each; label batches are yielded in index order whatever order they arrive in. Local
+servers exchange the image and the label maps through system shared memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import queue
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from certseg.engine.errors import ServerError
+from certseg.engine.sampling import batch_ranges
+
+REPOSITORY_VERSION = "1"
+"""Version of the model-repository layout (``model_repository/templates/v1``) this client speaks."""
+VERSION_PARAMETER = "certseg_repository_version"
+ENSEMBLES: dict[str, str] = {"denoisecertify": "certseg_denoisecertify", "segcertify": "certseg_segcertify"}
+"""The ensemble serving each certification method."""
+LABELS = "LABELS"
+SharedMemory = Literal["auto", "on", "off"]
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
+PERMANENT = frozenset({"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED"})
+"""gRPC statuses that a retry cannot fix (a malformed request, a missing model)."""
+
+
+def _grpc():
+    try:
+        import tritonclient.grpc as grpcclient
+    except ImportError:
+        raise ServerError("--server needs the Triton client: pip install 'certseg[client]'") from None
+    return grpcclient
+
+
+def _shm():
+    from tritonclient.utils import shared_memory
+
+    return shared_memory
+
+
+def _first_line(error: BaseException) -> str:
+    message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
+    lines = (message or error.__class__.__name__).strip().splitlines()
+    return lines[0] if lines else error.__class__.__name__
+
+
+def _status(error: BaseException) -> str:
+    status = getattr(error, "status", None)
+    return str(status() if callable(status) else status)
+
+
+def parse_address(address: str) -> str:
+    """``HOST:PORT`` (the gRPC port) with a clear error for anything else."""
+    host, _, port = address.strip().rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ServerError(f"--server {address!r}: expected HOST:PORT (the server's gRPC port, e.g. 127.0.0.1:8001)")
+    return f"{host}:{int(port)}"
+
+
+def is_local(address: str) -> bool:
+    """Whether the server runs on this machine (then shared memory can carry the tensors)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host in LOCAL_HOSTS:
+        return True
+    try:
+        return all(info[4][0].startswith("127.") or info[4][0] == "::1" for info in socket.getaddrinfo(host, None))
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServedPipeline:
+    """What a server's ensemble config says about the pipeline it serves."""
+
+    model: str
+    address: str
+    inputs: tuple[str, ...]
+    steps: tuple[str, ...]
+    labels_dtype: np.dtype
+    num_classes: int
+    max_batch: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def denoiser_size(self) -> tuple[int, int] | None:
+        size = self.metadata.get("denoiser_size")
+        return None if size is None else (int(size), int(size))
+
+
+def describe(client: Any, address: str, model: str, timeout_s: float = 10.0) -> ServedPipeline:
+    """Check that ``address`` is up, serves ``model`` ready and at this client's repository version."""
+    try:
+        client.is_server_live(client_timeout=timeout_s)
+    except Exception as error:  # noqa: BLE001 - every failure here means "cannot talk to it"
+        raise ServerError(f"cannot reach a Triton server at {address} (gRPC): {_first_line(error)}") from None
+    try:
+        ready = client.is_model_ready(model, client_timeout=timeout_s)
+        config = client.get_model_config(model, client_timeout=timeout_s).config if ready else None
+    except Exception as error:  # noqa: BLE001
+        if _status(error) != "StatusCode.NOT_FOUND":
+            raise ServerError(f"{address}: asking for model {model} failed: {_first_line(error)}") from None
+        config = None
+    if config is None:
+        raise ServerError(f"{address} serves no ready model {model} (serving: {_served(client, timeout_s)}); "
+                          "start one with `certseg serve` or point --server at a certseg repository")
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    version = parameters.get(VERSION_PARAMETER)
+    if version != REPOSITORY_VERSION:
+        raise ServerError(
+            f"{address} serves {model} from model-repository version {version or 'unknown'}, but this certseg "
+            f"speaks version {REPOSITORY_VERSION}: rebuild the repository with this certseg's certseg-export"
+        )
+    metadata = {}
+    for key, text in parameters.items():
+        try:
+            metadata[key] = json.loads(text)
+        except ValueError:
+            metadata[key] = text
+    labels = next((o for o in config.output if o.name == LABELS), None)
+    if labels is None or "num_classes" not in metadata or "max_batch" not in metadata:
+        raise ServerError(f"{address}: model {model} is not a certseg ensemble (no {LABELS} output or metadata)")
+    dtype = {"TYPE_UINT8": np.uint8, "TYPE_UINT16": np.uint16}
+    type_name = _data_type_name(labels.data_type)
+    if type_name not in dtype:
+        raise ServerError(f"{address}: model {model} returns {type_name} labels, expected uint8 or uint16")
+    return ServedPipeline(
+        model=model, address=address, inputs=tuple(i.name for i in config.input),
+        steps=tuple(step.model_name for step in config.ensemble_scheduling.step),
+        labels_dtype=np.dtype(dtype[type_name]), num_classes=int(metadata["num_classes"]),
+        max_batch=int(metadata["max_batch"]), metadata=metadata,
+    )
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model as a Triton server describes it: the remote counterpart of a loaded model (no weights here)."""
+
+    role: str
+    name: str
+    family: str
+    source: str
+    sha256: str
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int | None:
+        value = self.config.get("num_classes")
+        return None if value is None else int(value)
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        size = self.config.get("input_size")
+        return None if size is None else (int(size[0]), int(size[1]))
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "source": self.source, "sha256": self.sha256}
+
+
+def served_model(pipeline: ServedPipeline, role: str) -> ServedModel | None:
+    """The segmenter or denoiser a pipeline serves, from the ensemble's metadata (the export's records, the
+    served file's sha256, classes and palette)."""
+    prefix = {"segmenter": "certseg_segment", "denoiser": "certseg_denoise"}[role]
+    step = next((name for name in pipeline.steps if name.startswith(prefix)), None)  # e.g. *_segment_segcertify
+    if step is None:
+        return None
+    meta = pipeline.metadata
+    served = (meta.get("served_files") or {}).get(step, {})
+    record = meta.get(role) if isinstance(meta.get(role), dict) else {}
+    config: dict[str, Any] = {}
+    extra: dict[str, Any] = {"served_file": served}
+    if role == "segmenter":
+        config["num_classes"] = pipeline.num_classes
+        extra.update({k: meta[k] for k in ("classes", "palette") if k in meta})
+    elif pipeline.denoiser_size is not None:
+        config["input_size"] = list(pipeline.denoiser_size)
+    return ServedModel(
+        role=role,
+        name=str(record.get("name") or served.get("file") or step),
+        family=str(record.get("family") or "onnx"),
+        source=f"triton://{pipeline.address}/{step}",
+        sha256=str(record.get("sha256") or served.get("sha256") or ""),
+        config=config,
+        extra=extra,
+    )
+
+
+def _data_type_name(value: int) -> str:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.DataType.Name(value)
+
+
+def _served(client: Any, timeout_s: float) -> str:
+    try:
+        index = client.get_model_repository_index(client_timeout=timeout_s)
+        names = sorted(m.name for m in index.models if m.state == "READY")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+    return ", ".join(names) or "nothing"
+
+
+@dataclass
+class _Chunk:
+    index: int
+    start: int
+    count: int
+    attempts: int = 0
+    not_before: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    address: str
+    client: Any
+
+
+@dataclass
+class _Lane:
+    """One server's part in one ``labels`` call: its free in-flight slots, the image input, and (local servers)
+    one output shared-memory region per slot."""
+
+    endpoint: _Endpoint
+    free_slots: deque[int]
+    image_input: Any = None
+    output_regions: dict[int, tuple[str, Any, int]] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+
+class TritonRuntime:
+    """The sampling contract over gRPC against ``servers`` ("HOST:PORT", the gRPC port) serving ``model``.
+
+    ``timestep`` (t*), ``seg_size`` and ``antialias`` come from the client's ``PipelineSpec`` (``with_pipeline``
+    makes a runtime for another spec on the same connections). ``batch`` samples go in each request,
+    ``in_flight`` requests per server at once. ``shared_memory``: "auto" uses system shared memory with
+    servers on this machine and falls back to the socket if a server refuses it; "on" insists; "off" never.
+    A failed request is retried ``retries`` times (on any server), then ``ServerError`` stops the run.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        model: str = ENSEMBLES["denoisecertify"],
+        *,
+        timestep: int | None = None,
+        seg_size: tuple[int, int] | None = None,
+        antialias: bool = False,
+        batch: int = 16,
+        in_flight: int = 2,
+        shared_memory: SharedMemory = "auto",
+        retries: int = 3,
+        retry_delay_s: float = 0.2,
+        timeout_s: float = 600.0,
+    ) -> None:
+        if not servers:
+            raise ServerError("no Triton server given")
+        if batch < 1 or in_flight < 1 or retries < 0:
+            raise ValueError(f"batch and in_flight must be >= 1 and retries >= 0, got {batch}, {in_flight}, {retries}")
+        if shared_memory not in ("auto", "on", "off"):
+            raise ValueError(f"shared_memory must be 'auto', 'on' or 'off', got {shared_memory!r}")
+        grpcclient = _grpc()
+        self.model = model
+        self.timestep = timestep
+        self.seg_size = seg_size
+        self.antialias = antialias
+        self.in_flight = in_flight
+        self.shared_memory = shared_memory
+        self.retries = retries
+        self.retry_delay_s = retry_delay_s
+        self.timeout_s = timeout_s
+        self._owner = True
+        self._endpoints: list[_Endpoint] = []
+        pipelines = []
+        try:
+            for address in dict.fromkeys(parse_address(s) for s in servers):
+                self._endpoints.append(_Endpoint(address, grpcclient.InferenceServerClient(address)))
+                pipelines.append(describe(self._endpoints[-1].client, address, model))
+            if len({p.metadata.get("models_sha256") for p in pipelines}) > 1:
+                raise ServerError(f"the servers {', '.join(self.servers)} serve different model files; "
+                                  "every --server must serve the same repository")
+        except BaseException:
+            self.close()
+            raise
+        self.pipeline = pipelines[0]
+        self.batch = min(batch, *(p.max_batch for p in pipelines))
+        self.uses_shared_memory: dict[str, bool] = {}
+        """Per server, whether the last ``labels`` call moved tensors through shared memory."""
+        self.answered: dict[str, int] = {}
+        """Per server, how many requests it answered in the last ``labels`` call (how the range was split)."""
+
+    @property
+    def servers(self) -> list[str]:
+        return [e.address for e in self._endpoints]
+
+    def with_pipeline(
+        self, *, timestep: int | None, seg_size: tuple[int, int], antialias: bool = False
+    ) -> TritonRuntime:
+        """The same servers and connections for another pipeline spec (closing it leaves them open)."""
+        other = copy.copy(self)
+        other.timestep, other.seg_size, other.antialias = timestep, seg_size, antialias
+        other.uses_shared_memory, other.answered = {}, {}
+        other._owner = False
+        return other
+
+    def __enter__(self) -> TritonRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._owner:
+            return
+        for endpoint in self._endpoints:
+            try:
+                endpoint.client.close()
+            except Exception:  # noqa: BLE001 - closing a dead connection
+                pass
+        self._endpoints = []
+
+    def statistics(self) -> dict[str, Any]:
+        """Inference statistics of the ensemble and its steps, summed over the servers (cumulative since each
+        server started, over all of its clients): the per-stage timings of the served pipeline."""
+        total: dict[str, dict[str, int]] = {}
+        for endpoint in self._endpoints:
+            for model, counters in server_statistics(endpoint.client, endpoint.address,
+                                                     (self.model, *self.pipeline.steps)).items():
+                into = total.setdefault(model, {})
+                for key, value in counters.items():
+                    into[key] = into.get(key, 0) + value
+        return total
+
+    def labels(
+        self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int
+    ) -> Iterator[np.ndarray]:
+        """Label maps of samples ``start .. start+count`` of root seed ``seed``, in index order."""
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"the image must be (3, H, W), got {image.shape}")
+        if "TIMESTEP" in self.pipeline.inputs and self.timestep is None:
+            raise ValueError(f"{self.model} denoises: give the timestep t*")
+        if "SEG_SIZE" in self.pipeline.inputs and self.seg_size is None:
+            raise ValueError(f"{self.model} needs the segmenter's input size")
+        ranges = batch_ranges(start, count, self.batch)
+        pending = deque(_Chunk(i, first, size) for i, (first, size) in enumerate(ranges))
+        total = len(pending)
+        if not total:
+            return
+        with ExitStack() as stack:
+            lanes = [self._lane(endpoint, image, stack) for endpoint in self._endpoints]
+            self.answered = dict.fromkeys(self.servers, 0)
+            events: queue.Queue = queue.Queue()
+            done: dict[int, np.ndarray] = {}
+            flying = next_index = turn = 0
+            while next_index < total:
+                now = time.monotonic()
+                for _ in range(len(lanes)):  # fill free slots, servers in turn, skipping chunks waiting to retry
+                    lane = lanes[turn % len(lanes)]
+                    turn += 1
+                    while lane.free_slots and pending and pending[0].not_before <= now:
+                        self._submit(lane, lane.free_slots.popleft(), pending.popleft(), sigma, seed, events)
+                        flying += 1
+                free = any(lane.free_slots for lane in lanes)
+                try:
+                    lane, slot, chunk, result, error = events.get(
+                        timeout=max(1e-3, pending[0].not_before - now) if pending and free else 1.0
+                    )
+                except queue.Empty:
+                    continue
+                if error is None:
+                    try:
+                        done[chunk.index] = self._read(lane, slot, result)  # a copy: the slot is free again
+                        self.answered[lane.address] += 1
+                    except Exception as read_error:  # noqa: BLE001 - a malformed answer is a failed attempt
+                        error = read_error
+                flying -= 1
+                lane.free_slots.append(slot)
+                if error is not None:
+                    self._retry_or_raise(chunk, lane, error, pending, seed)
+                while next_index in done:
+                    yield done.pop(next_index)
+                    next_index += 1
+
+    def _retry_or_raise(self, chunk: _Chunk, lane: _Lane, error: BaseException, pending: deque, seed: int) -> None:
+        chunk.attempts += 1
+        what = f"samples [{chunk.start}, {chunk.start + chunk.count}) of seed {seed}"
+        if _status(error) in PERMANENT:
+            raise ServerError(f"{lane.address} refused {what}: {_first_line(error)}")
+        if chunk.attempts > self.retries:
+            raise ServerError(f"{what} failed {chunk.attempts} times (last on {lane.address}): {_first_line(error)}")
+        chunk.not_before = time.monotonic() + self.retry_delay_s * 2 ** (chunk.attempts - 1)
+        pending.appendleft(chunk)
+
+    def _lane(self, endpoint: _Endpoint, image: np.ndarray, stack: ExitStack) -> _Lane:
+        """The image input (shared memory or inline) and one output slot per in-flight request."""
+        lane = _Lane(endpoint, deque(range(self.in_flight)))
+        lane.image_input = _grpc().InferInput("IMAGE", list(image.shape), "FP32")
+        use_shm = self.shared_memory != "off" and is_local(endpoint.address)
+        if use_shm:
+            regions = _SharedRegions(endpoint.client, endpoint.address)
+            stack.callback(regions.release)
+            try:
+                name, handle = regions.add("image", image.nbytes)
+                _shm().set_shared_memory_region(handle, [image])
+                lane.image_input.set_shared_memory(name, image.nbytes)
+                label_bytes = self.batch * image.shape[1] * image.shape[2] * self.pipeline.labels_dtype.itemsize
+                for slot in range(self.in_flight):
+                    lane.output_regions[slot] = (*regions.add(f"labels{slot}", label_bytes), label_bytes)
+            except ServerError:
+                if self.shared_memory == "on":
+                    raise
+                use_shm = False
+                lane.output_regions = {}
+        if not use_shm:
+            lane.image_input.set_data_from_numpy(image)
+        self.uses_shared_memory[endpoint.address] = use_shm
+        return lane
+
+    def _inputs(self, lane: _Lane, chunk: _Chunk, sigma: float, seed: int) -> list[Any]:
+        grpcclient = _grpc()
+        values: dict[str, tuple[np.ndarray, str]] = {
+            "SEED": (np.array([seed], np.uint64), "UINT64"),
+            "START": (np.array([chunk.start], np.int64), "INT64"),
+            "COUNT": (np.array([chunk.count], np.int32), "INT32"),
+            "SIGMA": (np.array([sigma], np.float64), "FP64"),
+            "TIMESTEP": (np.array([self.timestep or 0], np.int64), "INT64"),
+            "SEG_SIZE": (np.asarray(self.seg_size or (0, 0), np.int32), "INT32"),
+            "ANTIALIAS": (np.array([self.antialias], np.bool_), "BOOL"),
+        }
+        inputs = [lane.image_input]
+        for name, (array, dtype) in values.items():
+            if name in self.pipeline.inputs:
+                tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+        return inputs
+
+    def _submit(self, lane: _Lane, slot: int, chunk: _Chunk, sigma: float, seed: int, events: queue.Queue) -> None:
+        output = _grpc().InferRequestedOutput(LABELS)
+        if slot in lane.output_regions:
+            name, _, size = lane.output_regions[slot]
+            output.set_shared_memory(name, size)
+
+        def done(result: Any, error: Any) -> None:
+            events.put((lane, slot, chunk, result, error))
+
+        try:
+            lane.endpoint.client.async_infer(
+                self.model, self._inputs(lane, chunk, sigma, seed), done, outputs=[output],
+                client_timeout=self.timeout_s,
+            )
+        except Exception as error:  # noqa: BLE001 - a failure to send is a failed attempt
+            events.put((lane, slot, chunk, None, error))
+
+    def _read(self, lane: _Lane, slot: int, result: Any) -> np.ndarray:
+        if slot not in lane.output_regions:
+            labels = result.as_numpy(LABELS)
+            if labels is None:
+                raise ServerError(f"{lane.address} answered without {LABELS}")
+            return labels
+        response = result.get_output(LABELS)
+        if response is None:
+            raise ServerError(f"{lane.address} answered without {LABELS}")
+        shape = [int(d) for d in response.shape]
+        return _shm().get_contents_as_numpy(lane.output_regions[slot][1], self.pipeline.labels_dtype, shape).copy()
+
+
+class _SharedRegions:
+    """System shared-memory regions of one ``labels`` call, registered with one server; released together."""
+
+    def __init__(self, client: Any, address: str) -> None:
+        self.client = client
+        self.address = address
+        self.prefix = f"certseg_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+        self.handles: list[Any] = []
+        self.registered: list[str] = []
+
+    def add(self, role: str, byte_size: int) -> tuple[str, Any]:
+        """A new region of ``byte_size`` bytes, registered with the server: (its name there, its handle)."""
+        name = f"{self.prefix}_{role}"
+        try:
+            self.handles.append(_shm().create_shared_memory_region(name, f"/{name}", byte_size, create_only=True))
+        except Exception as error:  # noqa: BLE001
+            raise ServerError(f"cannot create shared memory for {self.address}: {_first_line(error)}") from None
+        try:
+            self.client.register_system_shared_memory(name, f"/{name}", byte_size)
+        except Exception as error:  # noqa: BLE001
+            raise ServerError(f"{self.address} cannot use this machine's shared memory: {_first_line(error)}") from None
+        self.registered.append(name)
+        return name, self.handles[-1]
+
+    def release(self) -> None:
+        for name in self.registered:
+            try:
+                self.client.unregister_system_shared_memory(name, client_timeout=5.0)
+            except Exception:  # noqa: BLE001 - the server may be gone
+                pass
+        for handle in self.handles:
+            _shm().destroy_shared_memory_region(handle)
+        self.handles, self.registered = [], []
+
+
+def server_statistics(client: Any, address: str, models: Sequence[str] | None = None,
+                      timeout_s: float = 10.0) -> dict[str, dict[str, int]]:
+    """Per-model inference statistics of one server: request and execution counts and total nanoseconds per
+    phase (queue, compute_input, compute_infer, compute_output), cumulative since the server started."""
+    try:
+        stats = client.get_inference_statistics(client_timeout=timeout_s)
+    except Exception as error:  # noqa: BLE001
+        raise ServerError(f"cannot read statistics from {address}: {_first_line(error)}") from None
+    out: dict[str, dict[str, int]] = {}
+    for model in stats.model_stats:
+        if models is not None and model.name not in models:
+            continue
+        infer = model.inference_stats
+        out[model.name] = {
+            "requests": int(infer.success.count),
+            "executions": int(model.execution_count),
+            "inferences": int(model.inference_count),
+            **{f"{phase}_ns": int(getattr(infer, phase).ns)
+               for phase in ("success", "queue", "compute_input", "compute_infer", "compute_output")},
+        }
+    return out
+
+
+def statistics_delta(after: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
+    """``after - before`` per model and counter (statistics are cumulative since the server started)."""
+    return {
+        model: {key: value - before.get(model, {}).get(key, 0) for key, value in counters.items()}
+        for model, counters in after.items()
+    }
+
+
+def stage_timings(statistics: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, float]]:
+    """Statistics as a small report per model: requests, executions (batches the model ran), and milliseconds
+    spent queued, moving inputs, computing and moving outputs."""
+    return {
+        model: {
+            "requests": counters["requests"],
+            "executions": counters["executions"],
+            "inferences": counters["inferences"],
+            **{f"{phase}_ms": counters[f"{phase}_ns"] / 1e6
+               for phase in ("queue", "compute_input", "compute_infer", "compute_output")},
+        }
+        for model, counters in statistics.items()
+    }

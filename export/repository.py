@@ -1,0 +1,429 @@
+"""Write a Triton model repository for the certseg pipeline from the versioned templates in ``model_repository/``.
+
+    write_repository(export_result, "repo", profile="cpu")   # bundled tritonserver: python steps, ORT inside
+    write_repository(export_result, "repo", profile="gpu")   # NVIDIA's container: onnxruntime_onnx / tensorrt_plan
+
+Templates live in ``model_repository/templates/v<N>/``: ``common/`` (the python steps and the two ensembles),
+``cpu/`` and ``gpu/`` (the two model steps, which differ by profile) and ``python/`` (the step models' code,
+copied beside each python step's config). Every rendered ``config.pbtxt`` is parsed with Triton's own protobuf
+schema (``tritonclient.grpc.model_config_pb2.ModelConfig``) before anything is moved into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import string
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from certseg.engine.runtimes.triton_runtime import REPOSITORY_VERSION, VERSION_PARAMETER
+
+Profile = Literal["cpu", "gpu"]
+PROFILES: tuple[str, ...] = ("cpu", "gpu")
+GpuEngine = Literal["onnxruntime", "tensorrt"]
+
+STEPS: dict[str, tuple[str, ...]] = {
+    "certseg_denoisecertify": (
+        "certseg_noise", "certseg_scale", "certseg_denoise", "certseg_resize", "certseg_segment", "certseg_argmax",
+    ),
+    "certseg_segcertify": ("certseg_noise", "certseg_prepare", "certseg_segment", "certseg_argmax"),
+}
+"""The step models of each ensemble, in pipeline order."""
+
+STEP_HELPER = "certseg_step.py"
+METADATA_FILE = "certseg-repository.json"
+
+
+class RepositoryError(ValueError):
+    """A template, model file or rendered config that cannot make a valid repository."""
+
+
+def templates_dir(version: str = REPOSITORY_VERSION) -> Path:
+    """The templates of ``version``: package data of an installed certseg (``certseg.model_repository``), else
+    the ``model_repository/`` folder of a source checkout."""
+    try:
+        root = Path(str(resources.files("certseg.model_repository")))
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parents[1] / "model_repository"
+    folder = root / "templates" / f"v{version}"
+    if not folder.is_dir():
+        raise RepositoryError(f"model-repository templates v{version} not found at {folder}")
+    return folder
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The exported models a repository serves, and what the client must learn about them."""
+
+    segmenter: Path
+    """Segmenter ONNX: ``images`` float32 [B,3,h,w] (ImageNet-normalised) -> ``logits`` float32 [B,K,h',w']."""
+    denoiser: Path | None = None
+    """Denoiser ONNX: ``x_t`` float32 [B,3,S,S], ``timesteps`` int64 [B] -> ``eps`` float32 [B,C,S,S]."""
+    segcertify_segmenter: Path | None = None
+    """A second segmenter for the SegCertify ensemble (typically noise-trained); default: ``segmenter``."""
+    segmenter_fp16: Path | None = None
+    denoiser_fp16: Path | None = None
+    segcertify_segmenter_fp16: Path | None = None
+    segmenter_plan: Path | None = None
+    denoiser_plan: Path | None = None
+    segcertify_segmenter_plan: Path | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    """JSON-ready facts for clients: ``classes``, ``palette``, and the ``segmenter``, ``denoiser`` and
+    ``segcertify_segmenter`` records (name, family, source, sha256 of the checkpoint) that results store."""
+
+
+_PATH_FIELDS = tuple(f for f in ModelFiles.__dataclass_fields__ if f != "metadata")
+
+
+def model_files(source: ModelFiles | Mapping[str, Any] | Any) -> ModelFiles:
+    """``ModelFiles`` from itself, a mapping, or an export result with attributes of the same names."""
+    if isinstance(source, ModelFiles):
+        return source
+    get = source.get if isinstance(source, Mapping) else partial(getattr, source)
+    paths = {name: None if get(name, None) is None else Path(get(name, None)) for name in _PATH_FIELDS}
+    if paths["segmenter"] is None:
+        raise RepositoryError("a repository needs at least the segmenter's ONNX file")
+    return ModelFiles(**paths, metadata=dict(get("metadata", None) or {}))
+
+
+@dataclass(frozen=True)
+class SegmenterIO:
+    """A segmenter ONNX file's per-sample dims (batch dropped; -1 where the graph is dynamic)."""
+
+    images: tuple[int, ...]
+    logits: tuple[int, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits[0]
+
+
+def segmenter_io(path: Path) -> SegmenterIO:
+    """``images`` [B, 3, h, w] -> ``logits`` [B, K, h', w'] with a fixed K (read without loading the weights)."""
+    inputs, outputs = _io_dims(path)
+    images, logits = inputs.get("images"), outputs.get("logits")
+    if images is None or len(images) != 4 or logits is None or len(logits) != 4 or not isinstance(logits[1], int):
+        raise RepositoryError(f"{path}: expected images [B, 3, h, w] -> logits [B, K, h, w] with a fixed K")
+    return SegmenterIO(tuple(d if isinstance(d, int) else -1 for d in images[1:]),
+                       tuple(d if isinstance(d, int) else -1 for d in logits[1:]))
+
+
+def denoiser_shape(path: Path) -> tuple[int, int]:
+    """(S, C) of a denoiser ONNX file: ``x_t`` [B, 3, S, S] and ``eps`` [B, C, S, S]."""
+    inputs, outputs = _io_dims(path)
+    x_t, eps = inputs.get("x_t"), outputs.get("eps")
+    if x_t is None or "timesteps" not in inputs or eps is None:
+        raise RepositoryError(f"{path}: expected inputs x_t, timesteps and output eps")
+    if len(x_t) != 4 or not (isinstance(x_t[2], int) and x_t[2] == x_t[3]) or not isinstance(eps[1], int):
+        raise RepositoryError(f"{path}: x_t must be [B, 3, S, S] and eps [B, C, S, S] with fixed S and C")
+    return int(x_t[2]), int(eps[1])
+
+
+def _io_dims(path: Path) -> tuple[dict[str, list[int | str]], dict[str, list[int | str]]]:
+    import onnx
+
+    if not path.is_file():
+        raise RepositoryError(f"model file {path} does not exist")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+
+    def dims(values) -> dict[str, list[int | str]]:
+        shapes = {v.name: v.type.tensor_type.shape.dim for v in values if v.name not in initializers}
+        return {name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+                for name, dims in shapes.items()}
+
+    return dims(graph.input), dims(graph.output)
+
+
+def _external_data(path: Path) -> list[Path]:
+    """The side files (``.onnx.data``) an ONNX file keeps its weights in; they must travel with it."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    return [path.parent / name for name in sorted(names)]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(partial(handle.read, 1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pbtxt_string(value: str) -> str:
+    """A protobuf text-format string literal (quotes, backslashes and newlines escaped)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def parameters_block(parameters: Mapping[str, Any]) -> str:
+    """``parameters { key: … value: { string_value: … } }`` lines; non-strings are stored as JSON."""
+    lines = []
+    for key, value in parameters.items():
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        lines.append(f"parameters {{ key: {pbtxt_string(key)} value: {{ string_value: {pbtxt_string(text)} }} }}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, where: str = "config.pbtxt"):
+    """Parse with Triton's own schema (``ModelConfig`` from tritonclient); a clear error names the file."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as error:
+        raise RepositoryError(f"{where} does not parse as a Triton ModelConfig: {error}") from None
+
+
+def _link_or_copy(source: Path, target: Path, link: bool) -> None:
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copy2(source, target)
+
+
+@dataclass(frozen=True)
+class _Served:
+    """A model step's file (ONNX or plan) plus the side files that travel with it."""
+
+    path: Path
+    side_files: tuple[Path, ...] = ()
+
+    @property
+    def platform(self) -> str:
+        return "onnxruntime_onnx" if self.path.suffix == ".onnx" else "tensorrt_plan"
+
+    @property
+    def served_name(self) -> str:
+        """The name in ``<model>/1/``: the ONNX file's own (its side files refer to it), or model.plan."""
+        return self.path.name if self.path.suffix == ".onnx" else "model.plan"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One model folder to write: which template, with which variables, serving which file."""
+
+    name: str
+    template: str
+    variables: dict[str, str]
+    served: _Served | None = None
+
+
+def write_repository(
+    models: ModelFiles | Mapping[str, Any] | Any,
+    repository_dir: str | os.PathLike,
+    *,
+    profile: Profile = "cpu",
+    max_batch: int = 16,
+    instances: int = 1,
+    step_instances: int = 1,
+    queue_delay_us: int = 0,
+    gpu_engine: GpuEngine = "onnxruntime",
+    fp16: bool = False,
+    noise_backend: str = "numpy-philox",
+    threads: int = 0,
+    link: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Render the templates for ``models`` into ``repository_dir`` and return it.
+
+    ``max_batch``: the most samples one request may ask for (and the model steps' dynamic-batching limit).
+    ``instances``: model instances of the denoiser and segmenter steps (per GPU on the gpu profile);
+    ``step_instances``: instances of each light python step. ``queue_delay_us``: how long the dynamic batcher
+    waits to join requests from concurrent ensemble runs. gpu profile: ``gpu_engine`` picks ONNX Runtime or
+    the TensorRT plans, ``fp16`` the fp16 ONNX files (with plans, it records that they run in fp16).
+    cpu profile: ``threads`` caps the torch and ONNX Runtime threads of every python step (0: their default,
+    all cores; keep instances x threads near the core count). ONNX files are hard-linked when possible
+    (``link``). The repository is built in a temporary folder and
+    moved into place only once every config parsed.
+    """
+    if profile not in PROFILES:
+        raise RepositoryError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    if max_batch < 1 or instances < 1 or step_instances < 1 or queue_delay_us < 0 or threads < 0:
+        raise RepositoryError("max_batch, instances and step_instances must be >= 1, queue_delay_us and threads >= 0")
+    files = model_files(models)
+    target = Path(repository_dir)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise RepositoryError(f"{target} exists and is not empty (pass overwrite=True to replace it)")
+    settings = {
+        "max_batch": max_batch, "instances": instances, "step_instances": step_instances,
+        "queue_delay_us": queue_delay_us, "noise_backend": noise_backend,
+        "precision": "fp16" if profile == "gpu" and fp16 else "fp32",
+        "engine": gpu_engine if profile == "gpu" else "onnxruntime in the python backend",
+        "threads": threads,
+    }
+    plans = _plans(files, profile, gpu_engine, fp16, settings)
+    templates = templates_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the repository from a server running as another user
+    try:
+        for plan in plans:
+            _write_model(staging, templates, profile, plan, link)
+        summary = {"certseg_repository_version": REPOSITORY_VERSION, "profile": profile, **settings,
+                   "models": sorted(plan.name for plan in plans)}
+        (staging / METADATA_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def _serve(onnx: Path, half: Path | None, plan: Path | None, role: str, profile: Profile, gpu_engine: GpuEngine,
+           fp16: bool) -> _Served:
+    """The file a model step serves: fp32 ONNX on CPU; on the GPU the fp16 ONNX or the TensorRT plan if asked."""
+    chosen = onnx
+    if profile == "gpu" and gpu_engine == "tensorrt":
+        if plan is None:
+            raise RepositoryError(f"gpu_engine='tensorrt' needs a TensorRT plan of the {role} (export with tensorrt)")
+        chosen = plan
+    elif profile == "gpu" and fp16:
+        if half is None:
+            raise RepositoryError(f"fp16=True needs the fp16 ONNX file of the {role} (export with fp16)")
+        chosen = half
+    if not chosen.is_file():
+        raise RepositoryError(f"model file {chosen} does not exist")
+    side = tuple(_external_data(chosen)) if chosen.suffix == ".onnx" else ()
+    missing = [p for p in side if not p.is_file()]
+    if missing:
+        raise RepositoryError(f"{chosen} keeps its weights in {missing[0]}, which does not exist")
+    return _Served(chosen, side)
+
+
+def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: bool,
+           settings: Mapping[str, Any]) -> list[_Plan]:
+    """Every model folder of the repository: the python steps, one segment step per distinct segmenter, the
+    denoise step, and the ensembles (each with its own metadata: its segmenter's record and classes)."""
+    gpu = profile == "gpu"
+    io = segmenter_io(files.segmenter)
+    num_classes = io.num_classes
+    if num_classes > 65536:
+        raise RepositoryError(f"{num_classes} classes do not fit uint16 label maps")
+    size, channels = denoiser_shape(files.denoiser) if files.denoiser is not None else (0, 0)
+    common = {
+        "repository_version": REPOSITORY_VERSION,
+        "profile": profile,
+        **{key: str(value) for key, value in settings.items()},
+        "step_kind": "KIND_GPU" if gpu else "KIND_CPU",
+        "num_classes": str(num_classes),
+        "labels_type": "TYPE_UINT8" if num_classes <= 256 else "TYPE_UINT16",
+        "denoiser_size": str(size),
+        "eps_channels": str(channels),
+        "python_parameters": parameters_block(
+            {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if gpu
+            else {"torch_threads": str(settings["threads"]), "ort_threads": str(settings["threads"])}
+        ),
+    }
+
+    def serve(onnx: Path, half: Path | None, plan: Path | None, role: str) -> _Served:
+        return _serve(onnx, half, plan, role, profile, gpu_engine, fp16)
+
+    segments = {"certseg_segment": ("segmenter", serve(files.segmenter, files.segmenter_fp16, files.segmenter_plan,
+                                                        "segmenter"))}
+    segcertify_segment = "certseg_segment"
+    if files.segcertify_segmenter is not None and files.segcertify_segmenter != files.segmenter:
+        if segmenter_io(files.segcertify_segmenter).num_classes != num_classes:
+            raise RepositoryError("the SegCertify segmenter must have as many classes as the segmenter")
+        segcertify_segment = "certseg_segment_segcertify"
+        segments[segcertify_segment] = ("segcertify_segmenter", serve(
+            files.segcertify_segmenter, files.segcertify_segmenter_fp16, files.segcertify_segmenter_plan,
+            "SegCertify segmenter"))
+    plans = []
+    for name, (_, served) in segments.items():
+        dims = segmenter_io(served.path if served.path.suffix == ".onnx" else files.segmenter)
+        plans.append(_Plan(name, "certseg_segment", {
+            **common, "model_name": name, "segmenter_file": served.served_name, "segmenter_platform": served.platform,
+            "images_dims": _dims(dims.images), "logits_dims": _dims(dims.logits)}, served))
+    ensembles = {"certseg_segcertify": (segcertify_segment, None)}
+    if files.denoiser is not None:
+        denoiser = serve(files.denoiser, files.denoiser_fp16, files.denoiser_plan, "denoiser")
+        plans.append(_Plan("certseg_denoise", "certseg_denoise", {
+            **common, "denoiser_file": denoiser.served_name, "denoiser_platform": denoiser.platform}, denoiser))
+        ensembles["certseg_denoisecertify"] = ("certseg_segment", denoiser)
+    light = {step for name in ensembles for step in STEPS[name]} - {"certseg_segment", "certseg_denoise"}
+    plans += [_Plan(name, name, common) for name in sorted(light)]
+    for name, (segment, denoiser) in ensembles.items():
+        role, served = segments[segment]
+        served_files = {segment: served}
+        if denoiser is not None:
+            served_files["certseg_denoise"] = denoiser
+        digests = {step: sha256(s.path) for step, s in served_files.items()}
+        metadata: dict[str, Any] = {
+            "certseg_profile": profile,
+            "num_classes": num_classes,
+            **{key: settings[key] for key in ("max_batch", "noise_backend", "precision", "engine")},
+            "served_files": {step: {"file": s.path.name, "sha256": digests[step]} for step, s in served_files.items()},
+            "models_sha256": hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest(),
+            **{key: files.metadata[key] for key in ("classes", "palette") if key in files.metadata},
+        }
+        if role in files.metadata:  # the record of the segmenter this ensemble serves (never the other's)
+            metadata["segmenter"] = files.metadata[role]
+        if denoiser is not None:
+            metadata["denoiser_size"] = size
+            if "denoiser" in files.metadata:
+                metadata["denoiser"] = files.metadata["denoiser"]
+        plans.append(_Plan(name, name, {**common, "segment_model": segment,
+                                        "metadata_parameters": parameters_block(metadata)}))
+    return plans
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    return ", ".join(str(d) for d in dims)
+
+
+def _template(templates: Path, profile: Profile, name: str) -> Path:
+    for folder in (profile, "common"):
+        path = templates / folder / name / "config.pbtxt.in"
+        if path.is_file():
+            return path
+    raise RepositoryError(f"no config template for {name} ({profile} profile) in {templates}")
+
+
+def _write_model(root: Path, templates: Path, profile: Profile, plan: _Plan, link: bool) -> None:
+    template = _template(templates, profile, plan.template)
+    try:
+        text = string.Template(template.read_text()).substitute(plan.variables)
+    except (KeyError, ValueError) as error:
+        raise RepositoryError(f"{template}: bad or unknown placeholder {error}") from None
+    config = parse_config(text, f"{plan.name}/config.pbtxt (from {template})")
+    if config.name != plan.name:
+        raise RepositoryError(f"{template} names its model {config.name!r}, expected {plan.name!r}")
+    if config.parameters[VERSION_PARAMETER].string_value != REPOSITORY_VERSION:
+        raise RepositoryError(f"{template} does not carry {VERSION_PARAMETER} = {REPOSITORY_VERSION}")
+    version_dir = root / plan.name / "1"
+    version_dir.mkdir(parents=True)
+    (root / plan.name / "config.pbtxt").write_text(text)
+    if config.backend == "python":
+        code = templates / "python" / plan.template / "model.py"
+        if not code.is_file():
+            raise RepositoryError(f"python step {plan.template} has no model.py in {templates / 'python'}")
+        shutil.copy2(code, version_dir / "model.py")
+        shutil.copy2(templates / "python" / STEP_HELPER, version_dir / STEP_HELPER)
+    if plan.served is not None:
+        _link_or_copy(plan.served.path, version_dir / plan.served.served_name, link)
+        for side in plan.served.side_files:
+            _link_or_copy(side, version_dir / side.name, link)
+
+
+def read_configs(repository_dir: str | os.PathLike) -> dict[str, Any]:
+    """Every ``<model>/config.pbtxt`` of a repository, parsed with Triton's schema (model name -> ModelConfig)."""
+    root = Path(repository_dir)
+    return {p.parent.name: parse_config(p.read_text(), str(p)) for p in sorted(root.glob("*/config.pbtxt"))}

@@ -1,0 +1,337 @@
+"""The Triton path against the real bundled tritonserver: served == in-process, concurrency, failures, configs.
+
+Servers run on 127.0.0.1 free ports and are stopped by their own PID. Every test that needs a server skips,
+with the reason, when the tritonserver binary cannot start on this machine. The models are tiny ONNX graphs
+with the exported models' I/O names (images -> logits; x_t, timesteps -> eps), so the tests stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tritonclient.grpc")
+
+from tritonclient.grpc.model_config_pb2 import DataType  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from certseg.engine.cli import app  # noqa: E402
+from certseg.engine.errors import ServerError  # noqa: E402
+from certseg.engine.io import read_image, read_labels  # noqa: E402
+from certseg.engine.label_pipeline import make_spec  # noqa: E402
+from certseg.engine.pipeline import certify_image  # noqa: E402
+from certseg.engine.runtimes.onnx_runtime import onnx_runtime  # noqa: E402
+from certseg.engine.runtimes.triton_runtime import TritonRuntime, served_model, server_statistics  # noqa: E402
+from certseg.engine.serve import TritonServer, find_tritonserver, free_port  # noqa: E402
+from certseg.export.repository import (  # noqa: E402
+    STEPS,
+    ModelFiles,
+    RepositoryError,
+    parse_config,
+    read_configs,
+    write_repository,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "street.png"
+NUM_CLASSES = 5
+DENOISER_SIZE = 32
+SIGMA = 0.25
+CLASSES = ["road", "car", "sky", "tree", "wall"]
+
+
+class TinySegmenter(nn.Module):
+    """images (B, 3, h, w) -> logits (B, K, h/2, w/2): enough structure for varied label maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.classify = nn.Conv2d(8, NUM_CLASSES, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(torch.relu(self.features(images)))
+
+
+class TinyDenoiser(nn.Module):
+    """x_t (B, 3, S, S), timesteps (B,) -> eps (B, 3, S, S), timestep-dependent like a diffusion UNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(1000, 8)
+        self.inner = nn.Conv2d(3, 8, 3, padding=1)
+        self.outer = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.outer(torch.relu(self.inner(x_t) + self.embed(timesteps)[:, :, None, None]))
+
+
+def export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str], output: str,
+           axes: dict[str, dict[int, str]]) -> Path:
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=[output],
+                          dynamic_axes=axes, opset_version=18, dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    folder = tmp_path_factory.mktemp("onnx")
+    torch.manual_seed(0)
+    image_axes = {"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "h", 3: "w"}}
+    segmenter = export(TinySegmenter(), (torch.rand(2, 3, 64, 128),), folder / "segmenter.onnx", ["images"],
+                       "logits", image_axes)
+    noisy = export(TinySegmenter(), (torch.rand(2, 3, 64, 128),), folder / "segmenter-noisy.onnx", ["images"],
+                   "logits", image_axes)
+    denoiser = export(TinyDenoiser(), (torch.rand(2, 3, DENOISER_SIZE, DENOISER_SIZE), torch.tensor([5, 5])),
+                      folder / "denoiser.onnx", ["x_t", "timesteps"], "eps",
+                      {"x_t": {0: "batch"}, "timesteps": {0: "batch"}, "eps": {0: "batch"}})
+    return ModelFiles(segmenter=segmenter, denoiser=denoiser, segcertify_segmenter=noisy, metadata={
+        "classes": CLASSES,
+        "segmenter": {"name": "tiny-segmenter", "family": "test", "source": str(segmenter), "sha256": "s" * 64},
+        "denoiser": {"name": "tiny-denoiser", "family": "test", "source": str(denoiser), "sha256": "d" * 64},
+    })
+
+
+@pytest.fixture(scope="module")
+def triton_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Skip (with the reason) where the tritonserver binary is missing or cannot start here."""
+    try:
+        binary = find_tritonserver()
+        empty = tmp_path_factory.mktemp("empty-repository")
+        with TritonServer(empty, binary=binary, ready_timeout_s=60, exit_timeout_s=0):
+            pass
+    except ServerError as error:
+        pytest.skip(f"tritonserver cannot start on this machine: {error}")
+
+
+@pytest.fixture(scope="module")
+def served(triton_runs: None, models: ModelFiles, tmp_path_factory: pytest.TempPathFactory):
+    """One server for the module: both ensembles, plus a copy of one at another repository version."""
+    repository = write_repository(models, tmp_path_factory.mktemp("served") / "repository", max_batch=16)
+    old = repository / "certseg_segcertify_v0"
+    shutil.copytree(repository / "certseg_segcertify", old)
+    config = (old / "config.pbtxt").read_text().replace('name: "certseg_segcertify"', 'name: "certseg_segcertify_v0"')
+    (old / "config.pbtxt").write_text(config.replace('string_value: "1" }', 'string_value: "0" }'))
+    with TritonServer(repository, exit_timeout_s=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return read_image(SAMPLE)
+
+
+def local_runtime(models: ModelFiles, spec, batch: int = 8):
+    return onnx_runtime(spec, models.segmenter, models.denoiser, batch_size=batch)
+
+
+def spec_for(image: np.ndarray, method: str = "denoisecertify"):
+    return make_spec(method, SIGMA, image.shape[1:], denoiser_size=(DENOISER_SIZE, DENOISER_SIZE))
+
+
+def remote_runtime(server: TritonServer, spec, **options) -> TritonRuntime:
+    model = "certseg_denoisecertify" if spec.method == "denoisecertify" else "certseg_segcertify"
+    return TritonRuntime([server.grpc_address], model, timestep=None if spec.timestep is None else spec.timestep.t,
+                         seg_size=spec.segmenter_size, **options)
+
+
+def assert_same_certificate(a, b) -> None:
+    np.testing.assert_array_equal(a.guess, b.guess)
+    np.testing.assert_array_equal(a.certificate.agree, b.certificate.agree)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_every_generated_config_parses_with_tritons_schema(models: ModelFiles, tmp_path: Path) -> None:
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    for role in ("segmenter", "denoiser", "segcertify_segmenter"):
+        (plans / f"{role}.plan").write_bytes(b"engine")
+    with_plans = ModelFiles(**{**models.__dict__, "segmenter_plan": plans / "segmenter.plan",
+                               "denoiser_plan": plans / "denoiser.plan",
+                               "segcertify_segmenter_plan": plans / "segcertify_segmenter.plan",
+                               "segmenter_fp16": models.segmenter, "denoiser_fp16": models.denoiser,
+                               "segcertify_segmenter_fp16": models.segcertify_segmenter})
+    variants = {"cpu": {"profile": "cpu"}, "gpu": {"profile": "gpu"}, "gpu-fp16": {"profile": "gpu", "fp16": True},
+                "gpu-tensorrt": {"profile": "gpu", "gpu_engine": "tensorrt", "instances": 2}}
+    for name, options in variants.items():
+        root = write_repository(with_plans, tmp_path / name, **options)
+        configs = read_configs(root)  # Triton's own ModelConfig schema
+        assert len(configs) == len(list(root.glob("*/config.pbtxt"))) == 10
+        for model, config in configs.items():
+            assert config.name == model
+            assert config.parameters["certseg_repository_version"].string_value == "1"
+            if config.backend == "python":
+                assert {"model.py", "certseg_step.py"} <= {f.name for f in (root / model / "1").iterdir()}
+        for ensemble in STEPS:
+            steps = [step.model_name for step in configs[ensemble].ensemble_scheduling.step]
+            assert all(step in configs for step in steps)
+            assert configs[ensemble].max_batch_size == 0
+            assert json.loads(configs[ensemble].parameters["classes"].string_value) == CLASSES
+        assert [s.model_name for s in configs["certseg_segcertify"].ensemble_scheduling.step][2] == \
+            "certseg_segment_segcertify"
+        for step in ("certseg_denoise", "certseg_segment", "certseg_segment_segcertify"):
+            assert configs[step].max_batch_size == 16 and configs[step].HasField("dynamic_batching")
+        if options["profile"] == "cpu":
+            assert configs["certseg_denoise"].backend == "python"
+            assert (root / "certseg_denoise" / "1" / "denoiser.onnx").is_file()
+        elif options.get("gpu_engine") == "tensorrt":
+            assert configs["certseg_denoise"].platform == "tensorrt_plan"
+            assert configs["certseg_denoise"].instance_group[0].count == 2
+            assert (root / "certseg_denoise" / "1" / "model.plan").is_file()
+        else:
+            assert configs["certseg_segment"].platform == "onnxruntime_onnx"
+            assert configs["certseg_noise"].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    with pytest.raises(RepositoryError, match="does not parse"):
+        parse_config('name: "x" max_batch_size: "many"')
+    with pytest.raises(RepositoryError, match="not empty"):
+        write_repository(models, tmp_path / "cpu")
+
+
+def test_more_than_256_classes_are_served_as_uint16_label_maps(tmp_path: Path) -> None:
+    wide = export(nn.Conv2d(3, 300, 1), (torch.rand(2, 3, 8, 8),), tmp_path / "wide.onnx", ["images"], "logits",
+                  {"images": {0: "b", 2: "h", 3: "w"}, "logits": {0: "b", 2: "h", 3: "w"}})
+    configs = read_configs(write_repository(ModelFiles(segmenter=wide), tmp_path / "repository"))
+    assert sorted(configs) == ["certseg_argmax", "certseg_noise", "certseg_prepare", "certseg_segcertify",
+                               "certseg_segment"]
+    for model in ("certseg_segcertify", "certseg_argmax"):
+        assert [DataType.Name(o.data_type) for o in configs[model].output] == ["TYPE_UINT16"]
+    assert list(configs["certseg_segment"].output[0].dims) == [300, -1, -1]
+
+
+def test_served_labels_equal_in_process_onnx_runtime(served: TritonServer, models: ModelFiles,
+                                                    image: np.ndarray) -> None:
+    """Same seed, same ONNX files: the served certificate is the in-process ORT certificate, bit for bit."""
+    spec = spec_for(image)
+    local = certify_image(local_runtime(models, spec), image, num_classes=NUM_CLASSES, sigma=SIGMA, n0=8, n=64,
+                          seed=11)
+    with remote_runtime(served, spec, batch=8) as remote:
+        result = certify_image(remote, image, num_classes=NUM_CLASSES, sigma=SIGMA, n0=8, n=64, seed=11)
+        assert remote.uses_shared_memory == {served.grpc_address: True}
+    assert_same_certificate(local, result)
+    # Two endpoints (here: two names of one server) split the sample range between them.
+    port = served.grpc_port
+    both = TritonRuntime([f"127.0.0.1:{port}", f"localhost:{port}"], timestep=spec.timestep.t,
+                         seg_size=spec.segmenter_size, batch=8)
+    with both:
+        split = certify_image(both, image, num_classes=NUM_CLASSES, sigma=SIGMA, n0=8, n=64, seed=11)
+        assert all(count > 0 for count in both.answered.values()) and sum(both.answered.values()) == 8
+    assert_same_certificate(local, split)
+    assert len(np.unique(local.guess)) > 1 and 0 < local.certificate.certified.mean() < 1
+    # Over the socket, another batch size, an offset range: the same sample maps, one by one.
+    with remote_runtime(served, spec, batch=5, shared_memory="off", in_flight=3) as remote:
+        served_maps = np.concatenate(list(remote.labels(image, sigma=SIGMA, seed=11, start=3, count=12)))
+        assert remote.uses_shared_memory == {served.grpc_address: False}
+    local_maps = np.concatenate(list(local_runtime(models, spec).labels(image, sigma=SIGMA, seed=11, start=3,
+                                                                       count=12)))
+    np.testing.assert_array_equal(served_maps, local_maps)
+    # SegCertify serves its own segmenter, and says so.
+    with TritonRuntime([served.grpc_address], "certseg_segcertify") as remote:
+        noisy_record = served_model(remote.pipeline, "segmenter")
+    assert noisy_record is not None and noisy_record.source.endswith("/certseg_segment_segcertify")
+    assert noisy_record.name == "segmenter-noisy.onnx" and noisy_record.num_classes == NUM_CLASSES
+    spec = spec_for(image, "segcertify")
+    noisy = onnx_runtime(spec, models.segcertify_segmenter, batch_size=4)
+    with remote_runtime(served, spec, batch=4) as remote:
+        got = np.concatenate(list(remote.labels(image, sigma=SIGMA, seed=5, start=0, count=6)))
+    np.testing.assert_array_equal(got, np.concatenate(list(noisy.labels(image, sigma=SIGMA, seed=5, start=0,
+                                                                        count=6))))
+
+
+def test_two_concurrent_clients_get_exactly_their_own_counts(served: TritonServer, image: np.ndarray) -> None:
+    """Concurrent requests share the steps' dynamic batches; every client still gets exactly its samples."""
+    crop = np.ascontiguousarray(image[:, :64, :128])
+    spec = spec_for(crop)
+
+    def run(seed: int):
+        with remote_runtime(served, spec, batch=8, in_flight=2) as remote:
+            return certify_image(remote, crop, num_classes=NUM_CLASSES, sigma=SIGMA, n0=6, n=64, seed=seed)
+
+    seeds = (101, 202)
+    sequential = {seed: run(seed) for seed in seeds}
+    with ThreadPoolExecutor(2) as pool:
+        concurrent = dict(zip(seeds, pool.map(run, seeds), strict=True))
+    for seed in seeds:
+        assert_same_certificate(sequential[seed], concurrent[seed])
+    assert not np.array_equal(sequential[101].certificate.agree, sequential[202].certificate.agree)
+
+
+def test_certify_command_against_the_server_writes_the_outputs(served: TritonServer, models: ModelFiles,
+                                                               image: np.ndarray, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, [
+        "certify", str(SAMPLE), "--server", served.grpc_address, "--n0", "8", "--n", "64", "--seed", "11",
+        "--batch", "8", "--out", str(tmp_path), "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "street.json").read_text())
+    spec = spec_for(image)
+    assert report["settings"]["runtime"] == "triton" and report["seed"] == 11
+    assert report["timestep"]["t"] == spec.timestep.t
+    assert report["classes"] == CLASSES and report["models"]["denoiser"]["name"] == "tiny-denoiser"
+    assert report["timings"]["server_stages"]["certseg_denoise"]["inferences"] >= 72
+    local = certify_image(local_runtime(models, spec), image, num_classes=NUM_CLASSES, sigma=SIGMA, n0=8, n=64,
+                          seed=11)
+    np.testing.assert_array_equal(read_labels(tmp_path / "street.certified.png"), local.labels)
+
+
+def test_version_mismatch_missing_model_and_unreachable_server_are_one_line_errors(served: TritonServer,
+                                                                                  tmp_path: Path) -> None:
+    with pytest.raises(ServerError, match="version 0.*speaks version 1") as error:
+        TritonRuntime([served.grpc_address], "certseg_segcertify_v0")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ServerError, match="serves no ready model certseg_nope") as error:
+        TritonRuntime([served.grpc_address], "certseg_nope")
+    assert "certseg_denoisecertify" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ServerError, match="expected HOST:PORT"):
+        TritonRuntime(["localhost"])
+    nobody = f"127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(app, ["certify", str(SAMPLE), "--server", nobody, "--out", str(tmp_path / "out")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0
+    assert len(lines) == 1 and lines[0].startswith(f"certseg: error: cannot reach a Triton server at {nobody}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_killing_the_server_mid_run_gives_one_line_and_no_output(triton_runs: None, models: ModelFiles,
+                                                                 tmp_path: Path) -> None:
+    repository = write_repository(ModelFiles(segmenter=models.segmenter), tmp_path / "repository")
+    out = tmp_path / "out"
+    with TritonServer(repository, exit_timeout_s=0) as server:
+        outcome = {}
+
+        def certify() -> None:
+            outcome["result"] = CliRunner().invoke(app, [
+                "certify", str(SAMPLE), "--server", server.grpc_address, "--method", "segcertify", "--n", "20000",
+                "--batch", "4", "--retries", "2", "--out", str(out), "--quiet",
+            ])
+
+        client = threading.Thread(target=certify)
+        client.start()
+        from tritonclient.grpc import InferenceServerClient
+
+        watcher = InferenceServerClient(server.grpc_address)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and client.is_alive():
+            done = server_statistics(watcher, server.grpc_address, ["certseg_segcertify"])
+            if done.get("certseg_segcertify", {}).get("requests", 0) >= 4:
+                break
+            time.sleep(0.05)
+        watcher.close()
+        server.process.kill()  # SIGKILL to this server's own PID, mid-run
+        client.join(timeout=60)
+    assert not client.is_alive()
+    result = outcome["result"]
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("certseg: error: samples [") and "failed 3 times" in lines[0]
+    assert not out.exists() or not any(out.iterdir())
