@@ -160,7 +160,7 @@ def main(
     from certseg.engine.serve import TritonServer
     from certseg.export.repository import write_repository
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=max(Console().width, 110))
     image = read_image(image_path)
     size = (int(image.shape[1]), int(image.shape[2]))
     segmenter, denoiser, shipped = default_models(method)
@@ -235,14 +235,21 @@ def _table(rows: list[tuple[str, float]], method: str, segmenter: LoadedModel, d
 
 
 def _stage_table(stages: dict[str, Any], samples: int) -> Table:
-    table = Table(title="where the served time goes (gRPC + shared memory run, Triton statistics)")
-    for column in ("model", "requests", "executions", "queue ms", "compute ms", "in+out ms", "compute ms/sample"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for model, row in stages.items():
+    """Per ensemble step, in pipeline order: requests, executions (fewer than requests when the dynamic
+    batcher joined requests), and milliseconds queued, computing and moving tensors in and out."""
+    table = Table(title="where the served time goes (the gRPC + shared memory run, from Triton's statistics)")
+    table.add_column("step", no_wrap=True)
+    for column in ("requests", "executions", "queue ms", "compute ms", "in+out ms", "compute ms/sample"):
+        table.add_column(column, justify="right")
+    for model, row in sorted(stages.items(), key=lambda item: _ORDER.index(item[0]) if item[0] in _ORDER else 99):
         table.add_row(model, str(row["requests"]), str(row["executions"]), f"{row['queue_ms']:.0f}",
                       f"{row['compute_infer_ms']:.0f}", f"{row['compute_input_ms'] + row['compute_output_ms']:.0f}",
                       f"{row['compute_infer_ms'] / max(samples, 1):.2f}")
     return table
+
+
+_ORDER = ("certseg_noise", "certseg_scale", "certseg_denoise", "certseg_resize", "certseg_prepare", "certseg_segment",
+          "certseg_segment_segcertify", "certseg_argmax", "certseg_denoisecertify", "certseg_segcertify")
 
 
 if __name__ == "__main__":
