@@ -1,4 +1,4 @@
-"""``certseg``: certify images (in-process or against Triton servers) and serve the engine.
+"""certseg: certify images (in-process or against Triton servers) and serve the engine.
 
 Thin by design: parse, validate, call the engine, write outputs. Every failure a user can cause ends in one
 line on stderr and a non-zero exit code, never a traceback.
