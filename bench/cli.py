@@ -15,12 +15,13 @@ import sys
 from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from certseg.engine.cli_common import fail
 from certseg.engine.errors import CertsegError
 
 MULTI_VALUE_OPTIONS: tuple[str, ...] = ("--method", "--sigma", "--scale")
@@ -73,9 +74,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return height, width
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"certseg-bench: error: {message.strip().splitlines()[0] if message.strip() else 'failed'}", err=True)
-    raise typer.Exit(2)
+def _fail(message: str) -> NoReturn:
+    fail("certseg-bench", message)
 
 
 def _print_table(console: Console, title: str, header: list[str], body: list[list[str]]) -> None:

@@ -10,23 +10,17 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
+from certseg.engine.cli_common import FwerChoice, MethodChoice, PrecisionChoice, ProfileChoice, RuleChoice
+from certseg.engine.cli_common import fail as fail_with
 from certseg.engine.errors import CertsegError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
 
-class MethodChoice(StrEnum):
-    denoisecertify = "denoisecertify"
-    segcertify = "segcertify"
-
-
-class FwerChoice(StrEnum):
-    holm = "holm"
-    bonferroni = "bonferroni"
 
 
 class RuntimeChoice(StrEnum):
@@ -34,16 +28,6 @@ class RuntimeChoice(StrEnum):
     onnx = "onnx"
 
 
-class RuleChoice(StrEnum):
-    principled = "principled"
-    authors = "authors"
-    dds = "dds"
-
-
-class PrecisionChoice(StrEnum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 class SharedMemoryChoice(StrEnum):
@@ -52,15 +36,10 @@ class SharedMemoryChoice(StrEnum):
     off = "off"
 
 
-class ProfileChoice(StrEnum):
-    cpu = "cpu"
-    gpu = "gpu"
 
-
-def fail(message: str, code: int = 2) -> None:
-    """One line on stderr, then exit; the first line of multi-line errors (details follow only with --debug)."""
-    typer.echo(f"certseg: error: {message.strip().splitlines()[0] if message.strip() else 'failed'}", err=True)
-    raise typer.Exit(code)
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr, then exit (details of multi-line errors are left out)."""
+    fail_with("certseg", message, code)
 
 
 @app.callback()

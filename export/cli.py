@@ -10,21 +10,19 @@ import importlib
 import inspect
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from certseg.engine.cli_common import MethodChoice, ProfileChoice
+from certseg.engine.cli_common import fail as fail_with
 from certseg.engine.errors import CertsegError, InputError
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 console = Console(highlight=False)
 
-
-class MethodChoice(StrEnum):
-    denoisecertify = "denoisecertify"
-    segcertify = "segcertify"
 
 
 class ExporterChoice(StrEnum):
@@ -32,16 +30,10 @@ class ExporterChoice(StrEnum):
     dynamo = "dynamo"
 
 
-class ProfileChoice(StrEnum):
-    cpu = "cpu"
-    gpu = "gpu"
 
-
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """One line on stderr, then exit."""
-    text = message.strip()
-    typer.echo(f"certseg-export: error: {text.splitlines()[0] if text else 'failed'}", err=True)
-    raise typer.Exit(code)
+    fail_with("certseg-export", message, code)
 
 
 def default_image_size(segmenter_name: str) -> tuple[int, int]:

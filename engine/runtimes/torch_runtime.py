@@ -23,16 +23,24 @@ def resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
-def autocast_label_fn(pipeline: LabelPipeline, device: torch.device, precision: Precision = "fp32") -> LabelFn:
-    """Wrap the pipeline so the models run under autocast; stage maths outside the models stays in fp32."""
+def autocast_label_fn(
+    pipeline: LabelPipeline, device: torch.device, precision: Precision = "fp32", channels_last: bool = True
+) -> LabelFn:
+    """Wrap the pipeline so the models run under autocast; stage maths outside the models stays in fp32.
+
+    ``channels_last`` (NHWC) is the layout oneDNN and cuDNN convolutions run fastest in (measured on the
+    shipped models on CPU: 1.1-1.3x in fp32, about 2x with bf16); it changes no maths, only the summation
+    order inside kernels.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
-    pipeline = pipeline.to(device).eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    pipeline = pipeline.to(device, memory_format=memory_format).eval()
 
     def label_fn(noisy: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return pipeline(noisy)
+            return pipeline(noisy.contiguous(memory_format=memory_format))
 
     return label_fn
 
