@@ -65,7 +65,7 @@ def test_readme_first_command_certifies_the_shipped_sample(tmp_path: Path) -> No
 
 @needs_shipped
 def test_same_seed_same_certificate_and_segcertify_runs(tmp_path: Path) -> None:
-    common = ["certify", str(EXAMPLE), "--n0", "4", "--n", "40", "--alpha", "0.1", "--seed", "5", "--quiet"]
+    common = ["certify", str(EXAMPLE), "--n0", "4", "--n", "50", "--alpha", "0.1", "--seed", "5", "--quiet"]
     first = certseg(*common, "--out", str(tmp_path / "a"))
     second = certseg(*common, "--out", str(tmp_path / "b"), "--batch", "7")
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
