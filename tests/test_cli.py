@@ -104,3 +104,36 @@ def test_bad_input_is_one_line_and_nonzero_exit(tmp_path: Path, args: list[str],
     assert len(lines) == 1, result.stderr
     assert message in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def small_vit_adapter(tmp_path_factory: pytest.TempPathFactory, golden: Path) -> Path:
+    """The golden small ViT-Adapter config (crop 96x160) as a self-describing segmenter file."""
+    import torch
+
+    from certseg.engine.models.registry import save_model, vit_num_classes
+    from certseg.engine.models.vit_adapter import build_vit_adapter
+
+    config = json.loads((golden / "vit_adapter_small.json").read_text())["mmseg_model_cfg"]
+    torch.manual_seed(0)
+    model = build_vit_adapter(config)
+    path = tmp_path_factory.mktemp("vit") / "vit-small.safetensors"
+    num_classes = vit_num_classes(config)
+    save_model(path, model, {"name": "vit-small", "role": "segmenter", "family": "vit_adapter",
+                             "config": {"model_cfg": config, "num_classes": num_classes}})
+    return path
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_vit_adapter_segmenter_certifies_images_larger_than_its_crop(
+    tmp_path: Path, small_vit_adapter: Path, runtime: str
+) -> None:
+    """The fixed 96x160 crop is handled by slide inference on the 128x256 sample, on both runtimes."""
+    result = certseg("certify", str(EXAMPLE), "--method", "segcertify", "--segmenter", str(small_vit_adapter),
+                     "--n0", "2", "--n", "50", "--alpha", "0.1", "--seed", "3", "--runtime", runtime,
+                     "--out", str(tmp_path), "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "street.json").read_text())
+    assert report["models"]["segmenter"]["family"] == "vit_adapter"
+    certified = read_labels(tmp_path / "street.certified.png")
+    assert certified.shape == (128, 256) and certified.max() <= len(report["classes"])
