@@ -30,6 +30,7 @@ from certseg.engine.cli import app  # noqa: E402
 from certseg.engine.errors import ServerError  # noqa: E402
 from certseg.engine.io import read_image, read_labels  # noqa: E402
 from certseg.engine.label_pipeline import make_spec  # noqa: E402
+from certseg.engine.models.registry import shipped_models  # noqa: E402
 from certseg.engine.pipeline import certify_image  # noqa: E402
 from certseg.engine.runtimes.onnx_runtime import onnx_runtime  # noqa: E402
 from certseg.engine.runtimes.triton_runtime import TritonRuntime, served_model, server_statistics  # noqa: E402
@@ -335,3 +336,30 @@ def test_killing_the_server_mid_run_gives_one_line_and_no_output(triton_runs: No
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("certseg: error: samples [") and "failed 3 times" in lines[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.skipif(
+    not {"procedural-hrnet-clean", "procedural-adm"} <= set(shipped_models()),
+    reason="the shipped default models are not in engine/weights",
+)
+def test_default_repository_serves_the_shipped_models_like_in_process_onnx(
+    triton_runs: None, image: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`certseg serve`'s default repository (shipped models, exported) certifies the shipped sample exactly as
+    `certseg certify --runtime onnx` does for the same seed: identical label maps, counts and guesses."""
+    from certseg.engine.serve import default_repository
+    from certseg.engine.session import Session, Settings
+
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "cache"))
+    settings = Settings(method="denoisecertify", n0=10, n=100, batch=16, runtime="onnx", device="cpu")
+    local, _ = Session.open(settings).certify(image, seed=21)
+    with TritonServer(default_repository(max_batch=16), exit_timeout_s=0) as server:
+        remote_session = Session.connect(settings, (server.grpc_address,))
+        try:
+            served, record = remote_session.certify(image, seed=21)
+        finally:
+            remote_session.close()
+    assert record["models"]["segmenter"]["name"] == "procedural-hrnet-clean"
+    assert record["pipeline"]["timestep"]["t"] == 73
+    assert_same_certificate(local, served)
+    assert 0.05 < local.certificate.certified.mean() < 1.0
