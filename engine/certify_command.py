@@ -47,6 +47,7 @@ class CertifyRequest:
     precision: str = "fp32"
     t_rule: str = "principled"
     antialias: bool = False
+    noise_backend: str = "numpy-philox"
     ignore_index: int = 255
     progress: bool = True
     servers: tuple[str, ...] = ()
@@ -60,7 +61,7 @@ class CertifyRequest:
             method=self.method, sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, tau=self.tau,
             fwer=self.fwer, scale=self.scale, t_rule=self.t_rule, antialias=self.antialias,
             segmenter=self.segmenter, denoiser=self.denoiser, runtime=self.runtime, device=self.device,
-            precision=self.precision, batch=self.batch,
+            precision=self.precision, batch=self.batch, noise_backend=self.noise_backend,
         )
 
 

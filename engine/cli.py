@@ -30,6 +30,11 @@ class RuntimeChoice(StrEnum):
 
 
 
+class NoiseBackendChoice(StrEnum):
+    numpy_philox = "numpy-philox"
+    torch = "torch"
+
+
 class SharedMemoryChoice(StrEnum):
     auto = "auto"
     on = "on"
@@ -69,6 +74,9 @@ def certify(
     precision: Annotated[PrecisionChoice, typer.Option(help="model precision (autocast)")] = PrecisionChoice.fp32,
     t_rule: Annotated[RuleChoice, typer.Option("--t-rule", help="how t* is matched to σ")] = RuleChoice.principled,
     antialias: Annotated[bool, typer.Option(help="antialiased resizes (the authors used none)")] = False,
+    noise_backend: Annotated[
+        NoiseBackendChoice, typer.Option(help="numpy-philox: identical on every runtime; torch: drawn on the device")
+    ] = NoiseBackendChoice.numpy_philox,
     ignore_index: Annotated[int, typer.Option(help="label value ignored by the metrics")] = 255,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     server: Annotated[list[str] | None, typer.Option(
@@ -86,7 +94,8 @@ def certify(
         image=image, sigma=sigma, n0=n0, n=n, alpha=alpha, tau=tau, fwer=fwer.value, method=method.value,
         segmenter=segmenter, denoiser=denoiser, scale=scale, seed=seed, batch=batch, out=out, labels=labels,
         runtime=runtime.value, device=device, precision=precision.value, t_rule=t_rule.value,
-        antialias=antialias, ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()),
+        antialias=antialias, noise_backend=noise_backend.value, ignore_index=ignore_index, progress=not quiet,
+        servers=tuple(server or ()),
         in_flight=in_flight, shared_memory=shared_memory.value, retries=retries,
     )
     started = time.perf_counter()
