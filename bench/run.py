@@ -35,8 +35,9 @@ from certseg.engine.metrics import CertifiedMetrics
 from certseg.engine.runtimes.torch_runtime import resolve_device
 from certseg.engine.session import Session
 
-SUPPORTED_RUNTIMES: tuple[str, ...] = ("torch",)
-"""Runtimes the engine's Session dispatches today; onnx / triton join when Session builds them."""
+SUPPORTED_RUNTIMES: tuple[str, ...] = ("torch", "onnx")
+"""Runtimes a local Session builds (onnx: graphs exported once from the same weights and cached); triton needs
+servers, which the bench does not start or take yet."""
 
 
 @dataclass

@@ -298,13 +298,33 @@ def test_authors_style_baseline_certifies_exactly_like_the_engine(models: Simple
     assert 0 < slow.certified.sum() < slow.certified.size  # some certified, some abstained: Holm had work to do
 
 
+def test_onnx_runtime_entries_match_certseg_certify_on_onnx(
+    models: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--runtime onnx goes through the same Session as `certseg certify --runtime onnx`: identical labels."""
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "cache"))
+    out, data = tmp_path / "bench", tmp_path / "data"
+    common = ["--method", "segcertify", "--sigma", "0.25", "--n0", "2", "--n", "50", "--alpha", "0.1"]
+    bench(["--images", "1", *common, "--scene-size", "64x128", "--write-data", str(data), "--runtime", "onnx",
+           "--out", str(out), "--quiet", "--seed", "3", *models.args])
+    _, entries = load_entries(out / "results.jsonl")
+    assert len(entries) == 1
+    image = Path(entries[0]["image_path"])
+    invoke(certseg_cli.app, ["certify", str(image), *common, "--seed", str(entries[0]["seed"]), "--runtime", "onnx",
+                             "--out", str(tmp_path / "certify"), "--quiet", *models.args])
+    certified = np.asarray(Image.open(tmp_path / "certify" / f"{image.stem}.certified.png"))
+    assert labels_digest(certified) == entries[0]["labels_sha256"]
+    report = json.loads((tmp_path / "certify" / f"{image.stem}.json").read_text())
+    assert report["settings"]["runtime"] == "onnx"
+
+
 # ------------------------------------------------------------------------------------------------- errors
 
 
 def test_clear_errors_for_missing_data_and_mismatched_classes(models: SimpleNamespace, tmp_path: Path) -> None:
     result = runner.invoke(cli.app, ["--dataset", "cityscapes", "--root", str(tmp_path / "nowhere"), "--quiet"])
     assert result.exit_code == 2 and "leftImg8bit/val/<city>" in result.output
-    result = runner.invoke(cli.app, ["--runtime", "onnx", "--images", "1", "--out", str(tmp_path / "onnx")])
+    result = runner.invoke(cli.app, ["--runtime", "triton", "--images", "1", "--out", str(tmp_path / "triton")])
     assert result.exit_code == 2 and "does not build this runtime yet" in result.output
     root = tmp_path / "cityscapes"
     Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(_mkdir(root / "leftImg8bit/val/x") / "x_0_0_leftImg8bit.png")
