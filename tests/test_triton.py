@@ -33,7 +33,7 @@ from certseg.engine.label_pipeline import make_spec  # noqa: E402
 from certseg.engine.models.registry import shipped_models  # noqa: E402
 from certseg.engine.pipeline import certify_image  # noqa: E402
 from certseg.engine.runtimes.onnx_runtime import onnx_runtime  # noqa: E402
-from certseg.engine.runtimes.triton_runtime import TritonRuntime, served_model, server_statistics  # noqa: E402
+from certseg.engine.runtimes.triton_runtime import REPOSITORY_VERSION, TritonRuntime, served_model, server_statistics  # noqa: E402
 from certseg.engine.serve import TritonServer, find_tritonserver, free_port  # noqa: E402
 from certseg.export.repository import (  # noqa: E402
     STEPS,
@@ -123,7 +123,7 @@ def served(triton_runs: None, models: ModelFiles, tmp_path_factory: pytest.TempP
     old = repository / "certseg_segcertify_v0"
     shutil.copytree(repository / "certseg_segcertify", old)
     config = (old / "config.pbtxt").read_text().replace('name: "certseg_segcertify"', 'name: "certseg_segcertify_v0"')
-    (old / "config.pbtxt").write_text(config.replace('string_value: "1" }', 'string_value: "0" }'))
+    (old / "config.pbtxt").write_text(config.replace(f'string_value: "{REPOSITORY_VERSION}" }}', 'string_value: "0" }'))
     with TritonServer(repository, exit_timeout_s=0) as server:
         yield server
 
@@ -171,7 +171,7 @@ def test_every_generated_config_parses_with_tritons_schema(models: ModelFiles, t
         assert len(configs) == len(list(root.glob("*/config.pbtxt"))) == 10
         for model, config in configs.items():
             assert config.name == model
-            assert config.parameters["certseg_repository_version"].string_value == "1"
+            assert config.parameters["certseg_repository_version"].string_value == REPOSITORY_VERSION
             if config.backend == "python":
                 assert {"model.py", "certseg_step.py"} <= {f.name for f in (root / model / "1").iterdir()}
         for ensemble in STEPS:
@@ -287,7 +287,7 @@ def test_certify_command_against_the_server_writes_the_outputs(served: TritonSer
 
 def test_version_mismatch_missing_model_and_unreachable_server_are_one_line_errors(served: TritonServer,
                                                                                   tmp_path: Path) -> None:
-    with pytest.raises(ServerError, match="version 0.*speaks version 1") as error:
+    with pytest.raises(ServerError, match=f"version 0.*speaks version {REPOSITORY_VERSION}") as error:
         TritonRuntime([served.grpc_address], "certseg_segcertify_v0")
     assert "\n" not in str(error.value)
     with pytest.raises(ServerError, match="serves no ready model certseg_nope") as error:

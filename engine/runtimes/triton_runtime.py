@@ -27,8 +27,8 @@ import numpy as np
 from certseg.engine.errors import ServerError
 from certseg.engine.sampling import batch_ranges
 
-REPOSITORY_VERSION = "1"
-"""Version of the model-repository layout (``model_repository/templates/v1``) this client speaks."""
+REPOSITORY_VERSION = "2"
+"""Version of the model-repository layout (``model_repository/templates/v2``) this client speaks."""
 VERSION_PARAMETER = "certseg_repository_version"
 ENSEMBLES: dict[str, str] = {"denoisecertify": "certseg_denoisecertify", "segcertify": "certseg_segcertify"}
 """The ensemble serving each certification method."""
