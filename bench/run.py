@@ -214,6 +214,7 @@ def _certify_engine(
         "timestep": (record["pipeline"].get("timestep") or {}).get("t"),
         "pipeline": record["pipeline"],
         "min_agreements": result.certificate.min_agreements,
+        "non_finite": record["non_finite"],
     }
     if timer is not None:
         timer.add("certify", timings["certify"])

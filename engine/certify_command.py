@@ -48,6 +48,7 @@ class CertifyRequest:
     t_rule: str = "principled"
     antialias: bool = False
     noise_backend: str = "numpy-philox"
+    non_finite: str = "abstain"
     ignore_index: int = 255
     progress: bool = True
     servers: tuple[str, ...] = ()
@@ -62,6 +63,7 @@ class CertifyRequest:
             fwer=self.fwer, scale=self.scale, t_rule=self.t_rule, antialias=self.antialias,
             segmenter=self.segmenter, denoiser=self.denoiser, runtime=self.runtime, device=self.device,
             precision=self.precision, batch=self.batch, noise_backend=self.noise_backend,
+            non_finite=self.non_finite,
         )
 
 
@@ -120,6 +122,10 @@ def run_certify(request: CertifyRequest) -> str:
         f"R = {result.radius:.4f} (σ = {result.sigma}, {settings.method}); wrote {paths.certified}, "
         f"{paths.overlay}, {paths.report}"
     )
+    invalid = result.non_finite
+    if invalid.get("selection_samples") or invalid.get("estimation_samples"):
+        summary += (f"; WARNING: non-finite model outputs in {invalid['selection_samples']} selection and "
+                    f"{invalid['estimation_samples']} estimation samples made their pixels abstain")
     if "metrics" in report:
         summary += (f"; certified accuracy {report['metrics']['certified_accuracy']:.3f}, "
                     f"mIoU {report['metrics']['mean_iou']:.3f}")

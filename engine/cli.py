@@ -35,6 +35,11 @@ class NoiseBackendChoice(StrEnum):
     torch = "torch"
 
 
+class NonFiniteChoice(StrEnum):
+    abstain = "abstain"
+    fail = "fail"
+
+
 class SharedMemoryChoice(StrEnum):
     auto = "auto"
     on = "on"
@@ -77,6 +82,9 @@ def certify(
     noise_backend: Annotated[
         NoiseBackendChoice, typer.Option(help="numpy-philox: identical on every runtime; torch: drawn on the device")
     ] = NoiseBackendChoice.numpy_philox,
+    non_finite: Annotated[NonFiniteChoice, typer.Option(
+        help="NaN/Inf model outputs: their pixels count as disagreements (abstain) or the run stops (fail)")
+    ] = NonFiniteChoice.abstain,
     ignore_index: Annotated[int, typer.Option(help="label value ignored by the metrics")] = 255,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     server: Annotated[list[str] | None, typer.Option(
@@ -94,8 +102,8 @@ def certify(
         image=image, sigma=sigma, n0=n0, n=n, alpha=alpha, tau=tau, fwer=fwer.value, method=method.value,
         segmenter=segmenter, denoiser=denoiser, scale=scale, seed=seed, batch=batch, out=out, labels=labels,
         runtime=runtime.value, device=device, precision=precision.value, t_rule=t_rule.value,
-        antialias=antialias, noise_backend=noise_backend.value, ignore_index=ignore_index, progress=not quiet,
-        servers=tuple(server or ()),
+        antialias=antialias, noise_backend=noise_backend.value, non_finite=non_finite.value,
+        ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()),
         in_flight=in_flight, shared_memory=shared_memory.value, retries=retries,
     )
     started = time.perf_counter()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from certseg.engine.denoise import TimestepChoice, denoiser_input, denoiser_output, select_timestep
-from certseg.engine.stages import labels_from_logits, scaled_size, segmenter_input
+from certseg.engine.stages import finite_samples, labels_from_logits, scaled_size, segmenter_input
 
 Method = Literal["segcertify", "denoisecertify"]
 METHODS: tuple[str, ...] = ("segcertify", "denoisecertify")
@@ -79,7 +79,10 @@ def make_spec(
 
 
 class LabelPipeline(nn.Module):
-    """noisy images (B, 3, H, W) in [0, 1] → labels (B, H, W) uint8, for one ``PipelineSpec``."""
+    """noisy images (B, 3, H, W) in [0, 1] → labels (B, H, W) uint8, for one ``PipelineSpec``.
+
+    Labels are classes 0..K-1, or K where the sample's model outputs were non-finite (see ``stages``).
+    """
 
     def __init__(self, spec: PipelineSpec, segmenter: nn.Module, denoiser: nn.Module | None = None) -> None:
         super().__init__()
@@ -91,14 +94,24 @@ class LabelPipeline(nn.Module):
 
     def clean_images(self, noisy: torch.Tensor) -> torch.Tensor:
         """What the segmenter sees, in [0, 1] at the segmenter's size: denoised (DenoiseCertify) or resized."""
+        return self.denoise(noisy)[0]
+
+    def denoise(self, noisy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(clean images, (B,) bool: whether the denoiser's ε was finite), or (noisy, None) without a denoiser.
+
+        ε is checked before x̂0's clamp, which would turn an infinite ε into a finite, meaningless image.
+        """
         spec = self.spec
         if self.denoiser is None:
-            return noisy
+            return noisy, None
         t = spec.timestep.t
         x_t = denoiser_input(noisy, t, denoiser_size=spec.denoiser_size, antialias=spec.antialias)
         eps = self.denoiser(x_t, torch.full_like(x_t[:, 0, 0, 0], t, dtype=torch.int64))
-        return denoiser_output(x_t, eps, t, out_size=spec.segmenter_size, antialias=spec.antialias)
+        clean = denoiser_output(x_t, eps, t, out_size=spec.segmenter_size, antialias=spec.antialias)
+        return clean, finite_samples(eps[:, :3])
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
-        logits = self.segmenter(segmenter_input(self.clean_images(noisy), self.spec.segmenter_size))
-        return labels_from_logits(logits, noisy.shape[-2:])
+        """Labels, with K (= num_classes) where the sample's scores, or its denoiser output, were non-finite."""
+        clean, valid = self.denoise(noisy)
+        logits = self.segmenter(segmenter_input(clean, self.spec.segmenter_size))
+        return labels_from_logits(logits, noisy.shape[-2:], valid)

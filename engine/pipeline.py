@@ -9,16 +9,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 
 from certseg.engine.certify import Certificate, Fwer, certify, radius, validate_parameters
-from certseg.engine.counting import AgreementCounter, ModeCounter
-from certseg.engine.errors import InputError
+from certseg.engine.counting import AgreementCounter, InvalidTally, ModeCounter
+from certseg.engine.errors import CertsegError, InputError
 from certseg.engine.sampling import Runtime, new_root_seed
 
 Progress = Callable[[int], None]
 """Called with the number of samples just finished (for progress bars)."""
+NonFinitePolicy = Literal["abstain", "fail"]
+NON_FINITE_POLICIES: tuple[str, ...] = ("abstain", "fail")
+"""What a non-finite model output does: "abstain" (default) counts that sample as a disagreement at the pixels
+it touched, so they can only abstain; "fail" stops the run at the first one."""
+
+
+class NonFiniteOutputError(CertsegError, RuntimeError):
+    """The models produced NaN/Inf outputs and the policy is to stop rather than let those pixels abstain."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,8 @@ class CertifiedSegmentation:
     n: int
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
+    non_finite: dict[str, Any] = field(default_factory=dict)
+    """The policy and how many samples / (sample, pixel) pairs of selection and estimation were invalid."""
 
     @property
     def abstain_label(self) -> int:
@@ -76,11 +87,17 @@ def certify_image(
     fwer: Fwer = "holm",
     seed: int | None = None,
     progress: Progress | None = None,
+    non_finite: NonFinitePolicy = "abstain",
 ) -> CertifiedSegmentation:
-    """SegCertify's CERTIFY for one image: samples [0, n0) select, samples [n0, n0+n) estimate."""
+    """SegCertify's CERTIFY for one image: samples [0, n0) select, samples [n0, n0+n) estimate.
+
+    Labels equal to ``num_classes`` mark non-finite model outputs; ``non_finite`` says what they do.
+    """
     image = validate_image(image)
     shape = tuple(image.shape[1:])
     validate_parameters(n0=n0, n=n, tau=tau, alpha=alpha, num_pixels=int(np.prod(shape)), fwer=fwer, sigma=sigma)
+    if non_finite not in NON_FINITE_POLICIES:
+        raise InputError(f"non_finite must be one of {', '.join(NON_FINITE_POLICIES)}, got {non_finite!r}")
     seed = new_root_seed() if seed is None else int(seed)
     timings: dict[str, float] = {}
 
@@ -88,15 +105,17 @@ def certify_image(
     selection = ModeCounter(num_classes, shape, max_samples=n0)
     for labels in runtime.labels(image, sigma=sigma, seed=seed, start=0, count=n0):
         selection.update(labels)
+        _check_policy(non_finite, selection.invalid, selection.num_samples)
         if progress:
             progress(len(labels))
     guess = selection.mode()
     timings["selection"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    estimation = AgreementCounter(guess, max_samples=n)
+    estimation = AgreementCounter(guess, max_samples=n, num_classes=num_classes)
     for labels in runtime.labels(image, sigma=sigma, seed=seed, start=n0, count=n):
         estimation.update(labels)
+        _check_policy(non_finite, estimation.invalid, n0 + estimation.num_samples)
         if progress:
             progress(len(labels))
     if selection.num_samples != n0 or estimation.num_samples != n:
@@ -119,4 +138,20 @@ def certify_image(
         n=n,
         seed=seed,
         timings=timings,
+        non_finite={
+            "policy": non_finite,
+            "selection_samples": selection.invalid.samples,
+            "selection_pixel_samples": selection.invalid.pixel_samples,
+            "estimation_samples": estimation.invalid.samples,
+            "estimation_pixel_samples": estimation.invalid.pixel_samples,
+        },
     )
+
+
+def _check_policy(policy: NonFinitePolicy, tally: InvalidTally, samples_so_far: int) -> None:
+    if policy == "fail" and tally.samples:
+        raise NonFiniteOutputError(
+            f"the models produced non-finite (NaN/Inf) outputs in {tally.samples} of the first {samples_so_far} "
+            f"samples ({tally.pixel_samples} pixels); stopped (--non-finite fail). Check the weights and the "
+            "precision (fp16 overflows); --non-finite abstain lets those pixels abstain instead"
+        )

@@ -49,6 +49,8 @@ class Settings:
     precision: str = "fp32"
     batch: int = 16
     noise_backend: str = "numpy-philox"
+    non_finite: str = "abstain"
+    """NaN/Inf model outputs: "abstain" (those pixels count as disagreements) or "fail" (stop the run)."""
 
     def validate(self, num_pixels: int) -> None:
         validate_parameters(
@@ -189,7 +191,7 @@ class Session:
         started = time.perf_counter()
         result = certify_image(
             runtime, image, num_classes=self.num_classes, sigma=s.sigma, n0=s.n0, n=s.n, tau=s.tau, alpha=s.alpha,
-            fwer=s.fwer, seed=seed, progress=progress,  # type: ignore[arg-type]
+            fwer=s.fwer, seed=seed, progress=progress, non_finite=s.non_finite,  # type: ignore[arg-type]
         )
         elapsed = time.perf_counter() - started
         timings: dict[str, Any] = dict(result.timings, total=elapsed, samples_per_second=(s.n0 + s.n) / elapsed)
@@ -206,5 +208,6 @@ class Session:
             },
             "device": str(self.device),
             "timings": timings,
+            "non_finite": result.non_finite,
         }
         return result, record

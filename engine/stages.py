@@ -4,6 +4,12 @@ Every runtime (in-process torch, the ONNX graphs exported from these functions, 
 calls these, so the stages cannot drift apart. Images are (B, C, H, W) float tensors; pixel space is [0, 1].
 Resizes are stated exactly because they change how much noise reaches the models: bilinear,
 ``align_corners=False``, antialias off unless asked (the authors' torchvision 0.8 had none).
+
+Non-finite model outputs fail closed. A pixel whose class scores are NaN or infinite in a sample (fp16
+overflow, a corrupt weight), and every pixel of a sample whose denoiser output was non-finite, gets the label
+K (= the number of classes, the abstain label): it is never a guess, so it can only count as a disagreement.
+The smoothed classifier is thus that of "the segmenter, or K where its output is non-finite", and its
+certificates hold as they are; argmax alone would silently map NaN scores to class 0 in every sample.
 """
 
 from __future__ import annotations
@@ -49,10 +55,22 @@ def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return resize(logits, size, antialias=False)
 
 
+def label_dtype(num_classes: int) -> torch.dtype:
+    """uint8 while the K classes and the invalid/abstain label K fit (K <= 255), else int32."""
+    return torch.uint8 if num_classes <= 255 else torch.int32
+
+
 def argmax_labels(logits: torch.Tensor) -> torch.Tensor:
-    """Per-pixel class (B, H, W) as uint8 when K <= 256 (ties: the lowest class id, as torch.argmax)."""
-    labels = logits.argmax(dim=1)
-    return labels.to(torch.uint8) if logits.shape[1] <= 256 else labels.to(torch.int32)
+    """Per-pixel class (B, H, W) as uint8 when K <= 255 (ties: the lowest class id, as torch.argmax).
+
+    Says nothing about non-finite scores (torch's argmax picks a NaN); ``labels_from_logits`` handles them.
+    """
+    return logits.argmax(dim=1).to(label_dtype(logits.shape[1]))
+
+
+def finite_samples(values: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: whether every value of each sample is finite (a denoiser's ε, say)."""
+    return torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
 
 
 def segmenter_input(images01: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -60,6 +78,20 @@ def segmenter_input(images01: torch.Tensor, size: Sequence[int]) -> torch.Tensor
     return normalize_imagenet(resize(images01, size))
 
 
-def labels_from_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Segmenter scores at any resolution → per-pixel classes at the certified map's full ``size``."""
-    return argmax_labels(upsample_logits(logits.float(), size))
+def labels_from_logits(
+    logits: torch.Tensor, size: Sequence[int], valid_samples: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Segmenter scores at any resolution → per-pixel classes at the certified map's full ``size``.
+
+    Pixels whose upsampled scores are not all finite, and every pixel of a sample that ``valid_samples``
+    ((B,) bool) marks False, get the invalid label K. The check upsamples the per-pixel sum of the scores
+    with the same operator: the sum is non-finite wherever any score is (or would overflow: fail closed),
+    and the upsampled sum is non-finite wherever any tap feeding an upsampled score is, at 1/K of the cost.
+    """
+    logits = logits.float()
+    num_classes = logits.shape[1]
+    labels = argmax_labels(upsample_logits(logits, size))
+    invalid = ~torch.isfinite(upsample_logits(logits.sum(dim=1, keepdim=True), size)[:, 0])
+    if valid_samples is not None:
+        invalid |= ~valid_samples.to(device=invalid.device, dtype=torch.bool).reshape(-1, 1, 1)
+    return labels.masked_fill_(invalid, num_classes)

@@ -324,7 +324,7 @@ def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: boo
         **{key: str(value) for key, value in settings.items()},
         "step_kind": "KIND_GPU" if gpu else "KIND_CPU",
         "num_classes": str(num_classes),
-        "labels_type": "TYPE_UINT8" if num_classes <= 256 else "TYPE_UINT16",
+        "labels_type": "TYPE_UINT8" if num_classes <= 255 else "TYPE_UINT16",
         "denoiser_size": str(size),
         "eps_channels": str(channels),
         "python_parameters": parameters_block(

@@ -234,9 +234,27 @@ def load_into(
     if not fit.ok:
         fits = None if presets is None else fitting_presets(state_dict, presets, optional_missing)
         raise CheckpointError(mismatch_message(fit, model_name, source, presets, fits))
+    check_finite(state_dict, model_name=model_name, source=source)
     complete = {name: _cast(state_dict[name], ref) if name in state_dict else ref for name, ref in target.items()}
     model.load_state_dict(complete, strict=True)
     return model
+
+
+def check_finite(
+    state_dict: Mapping[str, torch.Tensor], *, model_name: str = "the model", source: str | os.PathLike | None = None
+) -> None:
+    """Refuse NaN/Inf weights, naming the first bad tensor: one would make the model's outputs non-finite, which
+    certification would only turn into abstentions, after a whole run (meta tensors hold no values: skipped)."""
+    for name, tensor in state_dict.items():
+        if not tensor.is_floating_point() or tensor.is_meta or bool(torch.isfinite(tensor).all()):
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            subject = f"checkpoint {os.fspath(source)}" if source is not None else "the state dict"
+            raise CheckpointError(
+                f"{subject} holds non-finite weights: tensor {name!r} of {model_name} has {bad} NaN/Inf value"
+                f"{'s' if bad > 1 else ''} of {tensor.numel()}; refused"
+            )
 
 
 def _cast(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,11 @@
-"""prepare (SegCertify, no denoiser): noisy images in [0, 1] → the segmenter's normalised input."""
+"""prepare (SegCertify, no denoiser): noisy images in [0, 1] → the segmenter's normalised input.
+
+SAMPLE_VALID (whether each noisy input is finite) feeds argmax the same per-sample validity as DenoiseCertify.
+"""
 
 from certseg_step import Step
 
-from certseg.engine.stages import segmenter_input
+from certseg.engine.stages import finite_samples, segmenter_input
 
 
 class TritonPythonModel:
@@ -11,7 +14,9 @@ class TritonPythonModel:
 
     def run(self, request):
         step = self.step
-        return {"SEG_INPUT": segmenter_input(step.tensor(request, "NOISY"), step.sizes(request, "SEG_SIZE"))}
+        noisy = step.tensor(request, "NOISY")
+        return {"SEG_INPUT": segmenter_input(noisy, step.sizes(request, "SEG_SIZE")),
+                "SAMPLE_VALID": finite_samples(noisy).cpu()}
 
     def execute(self, requests):
         return [self.step.respond(request, self.run) for request in requests]
