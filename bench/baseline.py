@@ -21,7 +21,7 @@ from certseg.engine.errors import InputError
 from certseg.engine.label_pipeline import LabelPipeline
 from certseg.engine.pipeline import validate_image
 from certseg.engine.sampling import NoiseSource
-from certseg.engine.stages import add_noise
+from certseg.engine.stages import add_noise, to_rgb
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def authors_certify(
         counts = np.zeros((num_classes, height, width), dtype=np.int64)
         for index in range(first, first + count):
             started = timer.now()
-            noisy = add_noise(clean, source.sample(index, clean.shape[1:], device).unsqueeze(0), sigma)
+            noisy = to_rgb(add_noise(clean, source.sample(index, clean.shape[1:], device).unsqueeze(0), sigma))
             timer.add("noise", timer.now() - started)
             with torch.no_grad():
                 labels = timer.timed_call(pipeline, noisy)

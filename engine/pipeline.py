@@ -60,10 +60,10 @@ class CertifiedSegmentation:
 
 
 def validate_image(image: np.ndarray) -> np.ndarray:
-    """A (C, H, W) float32 image in [0, 1] pixel space."""
+    """A (C, H, W) float32 image in [0, 1] pixel space, C = 3 (RGB) or 1 (grayscale, certified as such)."""
     image = np.asarray(image)
-    if image.ndim != 3:
-        raise InputError(f"the image must be a (C, H, W) array, got shape {image.shape}")
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise InputError(f"the image must be a (3, H, W) RGB or (1, H, W) gray array, got shape {image.shape}")
     if not np.issubdtype(image.dtype, np.floating):
         raise InputError(f"the image must be float in [0, 1], got dtype {image.dtype}")
     image = image.astype(np.float32, copy=False)
@@ -72,6 +72,14 @@ def validate_image(image: np.ndarray) -> np.ndarray:
     if image.size and (image.min() < 0.0 or image.max() > 1.0):
         raise InputError(f"the image must lie in [0, 1], got values in [{image.min():.3g}, {image.max():.3g}]")
     return image
+
+
+def certified_space(channels: int) -> dict[str, Any]:
+    """Where the L2 radius holds: the image's own [0, 1] pixel space, one noise draw per pixel and channel."""
+    name = {1: "grayscale", 3: "rgb"}[channels]
+    return {"channels": channels, "name": name, "range": [0.0, 1.0],
+            "note": "perturbations of norm <= R in this space; gray is replicated to RGB after the noise"
+            if channels == 1 else "perturbations of norm <= R in this space"}
 
 
 def certify_image(

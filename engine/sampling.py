@@ -20,12 +20,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from certseg.engine.stages import add_noise
+from certseg.engine.stages import add_noise, to_rgb
 
 NOISE_BACKENDS: tuple[str, ...] = ("numpy-philox", "torch")
 
 LabelFn = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
-"""A batched segmenter: noisy images (B, C, H, W) float32 in [0, 1] pixel space -> labels (B, H, W) int."""
+"""A batched segmenter: noisy images (B, 3, H, W) float32 in [0, 1] pixel space -> labels (B, H, W) int, with
+the value K (= number of classes) where a sample's output was non-finite (see ``certseg.engine.stages``)."""
 
 
 def new_root_seed() -> int:
@@ -110,7 +111,10 @@ def labels_to_numpy(labels: torch.Tensor | np.ndarray) -> np.ndarray:
 
 @dataclass
 class LocalRuntime:
-    """In-process runtime: adds per-sample noise and runs a batched label function (any framework)."""
+    """In-process runtime: adds per-sample noise and runs a batched label function (any framework).
+
+    The noise is drawn in the image's own channels (1 for grayscale, 3 for RGB), then gray is replicated to RGB.
+    """
 
     label_fn: LabelFn
     batch_size: int = 16
@@ -125,5 +129,5 @@ class LocalRuntime:
         for first, size in batch_ranges(start, count, self.batch_size):
             noise = source.batch(first, size, clean.shape, self.device)
             with torch.inference_mode():
-                labels = self.label_fn(add_noise(clean.unsqueeze(0), noise, sigma))
+                labels = self.label_fn(to_rgb(add_noise(clean.unsqueeze(0), noise, sigma)))
             yield labels_to_numpy(labels)

@@ -20,7 +20,7 @@ from certseg.engine.certify import validate_parameters
 from certseg.engine.errors import InputError
 from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec, make_spec
 from certseg.engine.models.registry import LoadedModel, default_model, load_model
-from certseg.engine.pipeline import CertifiedSegmentation, Progress, certify_image
+from certseg.engine.pipeline import CertifiedSegmentation, Progress, certified_space, certify_image
 from certseg.engine.runtimes.torch_runtime import resolve_device, torch_runtime
 from certseg.engine.sampling import Runtime
 
@@ -182,7 +182,8 @@ class Session:
     def certify(
         self, image: np.ndarray, *, seed: int | None = None, progress: Progress | None = None
     ) -> tuple[CertifiedSegmentation, dict[str, Any]]:
-        """Certify one (3, H, W) image; returns the result and the JSON-ready record of how it was made."""
+        """Certify one (3, H, W) RGB or (1, H, W) gray image; returns the result and the JSON-ready record of how
+        it was made."""
         s = self.settings
         image_size = (int(image.shape[-2]), int(image.shape[-1]))
         s.validate(image_size[0] * image_size[1])
@@ -209,5 +210,6 @@ class Session:
             "device": str(self.device),
             "timings": timings,
             "non_finite": result.non_finite,
+            "certified_space": certified_space(int(image.shape[0])),
         }
         return result, record

@@ -28,6 +28,16 @@ def add_noise(clean: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.T
     return clean + sigma * noise
 
 
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) → (B, 3, H, W) by replication; RGB passes through.
+
+    Applied after the noise, never before: a grayscale image is certified in its own 1-channel pixel space, where
+    each pixel gets one noise draw. Replicating first would draw three per pixel and certify only the 3-channel
+    space, whose radius R is worth R/√3 in the grayscale image's own space.
+    """
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
 def resize(images: torch.Tensor, size: Sequence[int], antialias: bool = False) -> torch.Tensor:
     """Bilinear resize to ``size`` = (H, W), align_corners=False; a no-op when the size already matches."""
     size = (int(size[0]), int(size[1]))

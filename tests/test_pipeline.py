@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import binom
+import torch
+from scipy.stats import binom, norm
 
 from certseg.engine.certify import CertificationError, certify, radius
 from certseg.engine.errors import InputError
@@ -117,8 +118,40 @@ def test_bad_inputs_fail_before_sampling() -> None:
         certify_image(runtime, image, num_classes=3, sigma=0.25, n0=10, n=20, alpha=1e-3)
     with pytest.raises(CertificationError, match="sigma"):
         certify_image(runtime, image, num_classes=3, sigma=0.0)
-    with pytest.raises(InputError, match=r"\(C, H, W\)"):
+    with pytest.raises(InputError, match=r"\(3, H, W\) RGB or \(1, H, W\) gray"):
         certify_image(runtime, image[0], num_classes=3, sigma=0.25)
+    with pytest.raises(InputError, match=r"got shape \(2, 64, 64\)"):
+        certify_image(runtime, image[:2], num_classes=3, sigma=0.25)
     with pytest.raises(InputError, match=r"\[0, 1\]"):
         certify_image(runtime, image * 255, num_classes=3, sigma=0.25)
     assert runtime.requests == []
+
+
+class ChannelMeanThreshold:
+    """Class 0 where the mean of the three channels is below ``level + sigma * Phi^-1(p)``, else class 1.
+
+    For a grayscale image certified in its own space (one noise draw per pixel, replicated to RGB after), the
+    channel mean carries the full noise sigma, so every pixel agrees with probability exactly p. Noise drawn per
+    RGB channel would average down to sigma/sqrt(3) and make the boundary pixels look far more robust.
+    """
+
+    def __init__(self, sigma: float, p: float, level: float = 0.5) -> None:
+        self.threshold = level + sigma * float(norm.ppf(p))
+
+    def __call__(self, noisy: torch.Tensor) -> torch.Tensor:
+        assert noisy.shape[1] == 3 and torch.equal(noisy[:, 0], noisy[:, 2])  # gray replicated after the noise
+        return (noisy.mean(dim=1) > self.threshold).to(torch.uint8)
+
+
+def test_grayscale_images_are_certified_in_their_own_pixel_space() -> None:
+    """The null model in gray space: single-pixel tests reject at the exact test size, not far more often."""
+    alpha, n0, n = 0.05, 10, 100
+    runtime = LocalRuntime(ChannelMeanThreshold(SIGMA, TAU), batch_size=32)
+    gray = np.full((1, 100, 100), 0.5, dtype=np.float32)
+    result = certify_image(runtime, gray, num_classes=2, sigma=SIGMA, n0=n0, n=n, tau=TAU, alpha=alpha, seed=12)
+    k_star = int(np.nonzero(binom.sf(np.arange(n + 1) - 1, n, TAU) <= alpha)[0][0])
+    expected = binom.sf(k_star - 1, n, TAU) * binom.sf(n0 // 2 - 1, n0, TAU)
+    rejected = (result.guess == 0) & (result.certificate.agree >= k_star)
+    margin = 4 * np.sqrt(expected * (1 - expected) / rejected.size)
+    assert abs(rejected.mean() - expected) <= margin, (rejected.mean(), expected)
+    assert result.certificate.certified.sum() == 0
