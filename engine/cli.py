@@ -129,6 +129,9 @@ def serve(
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: a free one)")] = 8002,
     tritonserver: Annotated[Path | None, typer.Option(help="tritonserver executable to run")] = None,
     ready_timeout: Annotated[float, typer.Option(help="seconds to wait for every model to load")] = 300.0,
+    max_request_bytes: Annotated[int | None, typer.Option(
+        help="default repository: the most bytes of noisy images one request may make (COUNT x C x H x W float32; "
+        "default 268435456); a --repository keeps the limit it was exported with")] = None,
 ) -> None:
     """Serve the certseg pipeline with Triton until Ctrl-C: health, metrics and gRPC/HTTP inference endpoints."""
     import signal
@@ -146,11 +149,15 @@ def serve(
         if profile == ProfileChoice.gpu and binary.bundled:
             raise CertsegError("the gpu profile needs NVIDIA's Triton container (onnxruntime/tensorrt backends); "
                                "the bundled tritonserver runs the cpu profile only")
+        if max_request_bytes is not None and (repository is not None or max_request_bytes < 1):
+            raise CertsegError("--max-request-bytes must be >= 1" if max_request_bytes < 1 else
+                               "--max-request-bytes sets the default repository's limit; a --repository keeps the "
+                               "one it was exported with (certseg-export --max-request-bytes N)")
         if repository is None:
             if profile == ProfileChoice.gpu:
                 raise CertsegError("the gpu profile needs --repository (certseg-export --profile gpu)")
             typer.echo("certseg: preparing the default CPU repository from the shipped models …", err=True)
-            repository = default_repository()
+            repository = default_repository(max_request_bytes=max_request_bytes)
         server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port,
                               metrics_port=metrics_port, binary=binary, ready_timeout_s=ready_timeout)
         with server:

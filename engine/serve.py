@@ -329,22 +329,24 @@ class TritonServer:
                 self.log_path.unlink()
 
 
-def default_repository(*, max_batch: int = 16, refresh: bool = False) -> Path:
+def default_repository(*, max_batch: int = 16, max_request_bytes: int | None = None, refresh: bool = False) -> Path:
     """A CPU repository of the shipped default models, exported once and cached under ``cache_dir()``.
 
-    Keyed by the model files' sha256s and the repository version, so new weights or templates make a new
-    one. Serves DenoiseCertify (default segmenter + denoiser) and SegCertify (its own default segmenter
-    when one is shipped, else the same segmenter).
+    Keyed by everything that decides its content: the model files' sha256s, the repository version, a hash of
+    the templates folder (a changed template never serves from a stale cache) and the rendering parameters
+    (``max_batch``, ``max_request_bytes``, default: ``DEFAULT_MAX_REQUEST_BYTES``). Serves DenoiseCertify
+    (default segmenter + denoiser) and SegCertify (its own default segmenter when one is shipped, else the same
+    segmenter).
     """
     import hashlib
     import json
 
     from certseg.engine.errors import CheckpointError
     from certseg.engine.models.registry import default_model, file_sha256, load_model, resolve
-    from certseg.engine.runtimes.triton_runtime import REPOSITORY_VERSION
+    from certseg.engine.runtimes.triton_runtime import DEFAULT_MAX_REQUEST_BYTES, REPOSITORY_VERSION
     from certseg.export.cli import default_image_size
     from certseg.export.onnx import export_models
-    from certseg.export.repository import METADATA_FILE, ModelFiles, write_repository
+    from certseg.export.repository import METADATA_FILE, ModelFiles, templates_dir, write_repository
 
     names = {"segmenter": default_model("segmenter", "denoisecertify"),
              "denoiser": default_model("denoiser", "denoisecertify")}
@@ -353,7 +355,9 @@ def default_repository(*, max_batch: int = 16, refresh: bool = False) -> Path:
     except CheckpointError:
         names["segcertify_segmenter"] = names["segmenter"]
     digests = {role: file_sha256(resolve(name)[0]) for role, name in names.items()}
-    key = hashlib.sha256(json.dumps([REPOSITORY_VERSION, max_batch, digests], sort_keys=True).encode()).hexdigest()
+    rendering = {"max_batch": max_batch, "max_request_bytes": max_request_bytes or DEFAULT_MAX_REQUEST_BYTES}
+    key = hashlib.sha256(json.dumps([REPOSITORY_VERSION, tree_sha256(templates_dir()), rendering, digests],
+                                    sort_keys=True).encode()).hexdigest()
     root = cache_dir() / "repositories" / key[:16]
     repository = root / "cpu"
     if (repository / METADATA_FILE).is_file() and not refresh:
@@ -370,4 +374,14 @@ def default_repository(*, max_batch: int = 16, refresh: bool = False) -> Path:
         metadata["segcertify_segmenter"] = result.metadata["segmenter"]
     files = ModelFiles(segmenter=main.segmenter, denoiser=main.denoiser, segcertify_segmenter=segcertify,
                        metadata=metadata)
-    return write_repository(files, repository, profile="cpu", max_batch=max_batch, overwrite=True)
+    return write_repository(files, repository, profile="cpu", overwrite=True, **rendering)
+
+
+def tree_sha256(folder: Path) -> str:
+    """sha256 over every file of ``folder`` (relative paths and contents, in sorted order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()

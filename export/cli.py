@@ -88,7 +88,8 @@ def summary(result) -> Table:
     return table
 
 
-def write_repository_hook(result, repository: Path, profile: ProfileChoice) -> None:
+def write_repository_hook(result, repository: Path, profile: ProfileChoice,
+                          max_request_bytes: int | None = None) -> None:
     """Hand the export to the Triton repository writer, when ``certseg.export.repository`` provides one."""
     try:
         module = importlib.import_module("certseg.export.repository")
@@ -103,6 +104,8 @@ def write_repository_hook(result, repository: Path, profile: ProfileChoice) -> N
     options = {"profile": profile.value}
     if "max_batch" in inspect.signature(writer).parameters:  # the engines' profiles end at this batch
         options["max_batch"] = result.max_batch
+    if max_request_bytes is not None:
+        options["max_request_bytes"] = max_request_bytes
     writer(result, repository, **options)
     console.print(f"wrote the Triton model repository {repository} ({profile.value} profile)")
 
@@ -132,6 +135,9 @@ def export(
     threads: Annotated[int | None, typer.Option(help="torch and onnxruntime threads (default: all cores)")] = None,
     repository: Annotated[Path | None, typer.Option(help="also write a Triton model repository here")] = None,
     profile: Annotated[ProfileChoice, typer.Option(help="Triton repository profile")] = ProfileChoice.cpu,
+    max_request_bytes: Annotated[int | None, typer.Option(
+        help="repository: the most bytes of noisy images one request may make (COUNT x C x H x W float32; "
+        "default 268435456); clients split their requests to fit")] = None,
 ) -> None:
     """Export the models of a certseg deployment: ONNX graphs, FP16 variants, TensorRT plans, export.json."""
     import torch
@@ -141,6 +147,8 @@ def export(
     if threads is not None:
         torch.set_num_threads(max(1, threads))
     try:
+        if max_request_bytes is not None and max_request_bytes < 1:
+            raise InputError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
         segmenter_model, denoiser_model = _load(method, segmenter, denoiser)
         size = tuple(image_size) if image_size is not None else default_image_size(segmenter_model.name)
         with console.status("exporting"):
@@ -153,7 +161,7 @@ def export(
         console.print(summary(result))
         console.print(f"wrote {result.manifest}")
         if repository is not None:
-            write_repository_hook(result, repository, profile)
+            write_repository_hook(result, repository, profile, max_request_bytes)
     except CertsegError as error:
         fail(str(error))
     except (ValueError, OSError) as error:

@@ -24,7 +24,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from certseg.engine.runtimes.triton_runtime import REPOSITORY_VERSION, VERSION_PARAMETER
+from certseg.engine.runtimes.triton_runtime import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    MAX_REQUEST_BYTES,
+    REPOSITORY_VERSION,
+    VERSION_PARAMETER,
+)
 
 Profile = Literal["cpu", "gpu"]
 PROFILES: tuple[str, ...] = ("cpu", "gpu")
@@ -237,6 +242,7 @@ def write_repository(
     fp16: bool = False,
     noise_backend: str = "numpy-philox",
     threads: int = 0,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     link: bool = True,
     overwrite: bool = False,
 ) -> Path:
@@ -248,14 +254,19 @@ def write_repository(
     waits to join requests from concurrent ensemble runs. gpu profile: ``gpu_engine`` picks ONNX Runtime or
     the TensorRT plans, ``fp16`` the fp16 ONNX files (with plans, it records that they run in fp16).
     cpu profile: ``threads`` caps the torch and ONNX Runtime threads of every python step (0: their default,
-    all cores; keep instances x threads near the core count). ONNX files are hard-linked when possible
-    (``link``). The repository is built in a temporary folder and
-    moved into place only once every config parsed.
+    all cores; keep instances x threads near the core count). ``max_request_bytes``: the most bytes of noisy
+    images (COUNT x C x H x W float32) one request may make; the noise step refuses larger requests before
+    making them, and clients read the limit from the ensembles and split their requests to fit (the server holds
+    several copies per request in flight: size it with the server's memory). ONNX files are hard-linked when
+    possible (``link``). The repository is built in a temporary folder and moved into place only once every
+    config parsed.
     """
     if profile not in PROFILES:
         raise RepositoryError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     if max_batch < 1 or instances < 1 or step_instances < 1 or queue_delay_us < 0 or threads < 0:
         raise RepositoryError("max_batch, instances and step_instances must be >= 1, queue_delay_us and threads >= 0")
+    if max_request_bytes < 1:
+        raise RepositoryError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     files = model_files(models)
     target = Path(repository_dir)
     if target.exists() and any(target.iterdir()) and not overwrite:
@@ -265,7 +276,7 @@ def write_repository(
         "queue_delay_us": queue_delay_us, "noise_backend": noise_backend,
         "precision": "fp16" if profile == "gpu" and fp16 else "fp32",
         "engine": gpu_engine if profile == "gpu" else "onnxruntime in the python backend",
-        "threads": threads,
+        "threads": threads, MAX_REQUEST_BYTES: max_request_bytes,
     }
     plans = _plans(files, profile, gpu_engine, fp16, settings)
     templates = templates_dir()
@@ -369,7 +380,7 @@ def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: boo
         metadata: dict[str, Any] = {
             "certseg_profile": profile,
             "num_classes": num_classes,
-            **{key: settings[key] for key in ("max_batch", "noise_backend", "precision", "engine")},
+            **{key: settings[key] for key in ("max_batch", "noise_backend", "precision", "engine", MAX_REQUEST_BYTES)},
             "served_files": {step: {"file": s.path.name, "sha256": digests[step]} for step, s in served_files.items()},
             "models_sha256": hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest(),
             **{key: files.metadata[key] for key in ("classes", "palette") if key in files.metadata},

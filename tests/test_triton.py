@@ -33,7 +33,12 @@ from certseg.engine.label_pipeline import make_spec  # noqa: E402
 from certseg.engine.models.registry import shipped_models  # noqa: E402
 from certseg.engine.pipeline import certify_image  # noqa: E402
 from certseg.engine.runtimes.onnx_runtime import onnx_runtime  # noqa: E402
-from certseg.engine.runtimes.triton_runtime import REPOSITORY_VERSION, TritonRuntime, served_model, server_statistics  # noqa: E402
+from certseg.engine.runtimes.triton_runtime import (  # noqa: E402
+    REPOSITORY_VERSION,
+    TritonRuntime,
+    served_model,
+    server_statistics,
+)
 from certseg.engine.serve import TritonServer, find_tritonserver, free_port  # noqa: E402
 from certseg.export.repository import (  # noqa: E402
     STEPS,
@@ -50,6 +55,33 @@ NUM_CLASSES = 5
 DENOISER_SIZE = 32
 SIGMA = 0.25
 CLASSES = ["road", "car", "sky", "tree", "wall"]
+CROP = 64
+LIMITED_BYTES = 2 * 3 * CROP * CROP * 4
+"""The ``limited`` server's max_request_bytes: two samples of a CROP x CROP image per request."""
+SLEEPY_NOISE = '''"""Test only: certseg_noise that first sleeps on (SEED, START)s listed in sleepy.json, once each."""
+import json
+import os
+import time
+
+from noise_step import TritonPythonModel as NoiseStep
+
+
+class TritonPythonModel(NoiseStep):
+    def initialize(self, args):
+        super().initialize(args)
+        self.slept = set()
+
+    def run(self, request):
+        path = os.path.join(self.step.model_dir, "sleepy.json")
+        if os.path.exists(path):
+            with open(path) as handle:
+                plan = json.load(handle)
+            key = (int(self.step.scalar(request, "SEED")), int(self.step.scalar(request, "START")))
+            if key[0] == plan["seed"] and key[1] in plan["starts"] and key not in self.slept:
+                self.slept.add(key)
+                time.sleep(plan["seconds"])
+        return super().run(request)
+'''
 
 
 class TinySegmenter(nn.Module):
@@ -126,6 +158,24 @@ def served(triton_runs: None, models: ModelFiles, tmp_path_factory: pytest.TempP
     (old / "config.pbtxt").write_text(config.replace(f'string_value: "{REPOSITORY_VERSION}" }}', 'string_value: "0" }'))
     with TritonServer(repository, exit_timeout_s=0) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def limited(triton_runs: None, models: ModelFiles, tmp_path_factory: pytest.TempPathFactory):
+    """A SegCertify-only server whose requests may make two CROP x CROP samples at most, and whose noise step
+    sleeps where a test asks it to (``sleepy.json`` beside it); two instances, so others run meanwhile."""
+    repository = write_repository(ModelFiles(segmenter=models.segmenter), tmp_path_factory.mktemp("limited") /
+                                  "repository", max_request_bytes=LIMITED_BYTES, step_instances=2)
+    step = repository / "certseg_noise" / "1"
+    (step / "model.py").rename(step / "noise_step.py")
+    (step / "model.py").write_text(SLEEPY_NOISE)
+    with TritonServer(repository, exit_timeout_s=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def crop(image: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(image[:, :CROP, :CROP])
 
 
 @pytest.fixture(scope="module")
@@ -363,3 +413,119 @@ def test_default_repository_serves_the_shipped_models_like_in_process_onnx(
     assert record["pipeline"]["timestep"]["t"] == 73
     assert_same_certificate(local, served)
     assert 0.05 < local.certificate.certified.mean() < 1.0
+
+
+def local_segcertify_labels(models: ModelFiles, image: np.ndarray, seed: int, count: int) -> np.ndarray:
+    runtime = onnx_runtime(spec_for(image, "segcertify"), models.segmenter, batch_size=8)
+    return np.concatenate(list(runtime.labels(image, sigma=SIGMA, seed=seed, start=0, count=count)))
+
+
+def segcertify_request(image: np.ndarray, count: int) -> list:
+    """A raw SegCertify request, as a client that ignores the server's limit would send it."""
+    from tritonclient.grpc import InferInput
+
+    values = {"IMAGE": (image, "FP32"), "SEED": (np.array([1], np.uint64), "UINT64"),
+              "START": (np.array([0], np.int64), "INT64"), "COUNT": (np.array([count], np.int32), "INT32"),
+              "SIGMA": (np.array([SIGMA], np.float64), "FP64"),
+              "SEG_SIZE": (np.array(image.shape[1:], np.int32), "INT32")}
+    inputs = []
+    for name, (array, dtype) in values.items():
+        inputs.append(InferInput(name, list(array.shape), dtype))
+        inputs[-1].set_data_from_numpy(array)
+    return inputs
+
+
+def test_requests_are_cut_by_bytes_and_one_above_the_limit_leaves_the_server_serving(
+    limited: TritonServer, models: ModelFiles, crop: np.ndarray, tmp_path: Path
+) -> None:
+    """The client cuts its requests to the servers' max_request_bytes; an image that cannot fit is refused in
+    one line saying how to raise the limit; a request above it is refused by the noise step before the noisy
+    copies exist, and the same server process answers the next request."""
+    from PIL import Image
+    from tritonclient.grpc import InferenceServerClient
+    from tritonclient.utils import InferenceServerException
+
+    spec = spec_for(crop, "segcertify")
+    reference = local_segcertify_labels(models, crop, seed=3, count=6)
+    with remote_runtime(limited, spec, batch=8) as remote:
+        assert remote.max_request_bytes == LIMITED_BYTES and remote.request_batch(crop.shape) == 2
+        served_maps = np.concatenate(list(remote.labels(crop, sigma=SIGMA, seed=3, start=0, count=6)))
+        assert remote.answered == {limited.grpc_address: 3}
+    np.testing.assert_array_equal(served_maps, reference)
+
+    big = np.ascontiguousarray(np.tile(crop, (1, 2, 2)))  # one sample: 3 x 128 x 128 float32 = 196608 bytes
+    with remote_runtime(limited, spec_for(big, "segcertify"), batch=8) as remote:
+        with pytest.raises(ServerError, match=f"more than the {LIMITED_BYTES}-byte request limit") as error:
+            list(remote.labels(big, sigma=SIGMA, seed=3, start=0, count=2))
+    assert "max_request_bytes" in str(error.value) and "--max-request-bytes" in str(error.value)
+    assert "\n" not in str(error.value)
+    Image.fromarray((big.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(tmp_path / "big.png")
+    result = CliRunner().invoke(app, ["certify", str(tmp_path / "big.png"), "--server", limited.grpc_address,
+                                      "--method", "segcertify", "--n0", "2", "--n", "64", "--out",
+                                      str(tmp_path / "out"), "--quiet"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1, result.output
+    assert lines[0].startswith("certseg: error: one sample of this 128x128 image") and "--max-request-bytes" in lines[0]
+
+    pid = limited.pid
+    client = InferenceServerClient(limited.grpc_address)
+    try:
+        prepared = server_statistics(client, limited.grpc_address, ["certseg_prepare"])["certseg_prepare"]["requests"]
+        with pytest.raises(InferenceServerException) as refused:  # 3 samples: 147456 bytes > LIMITED_BYTES
+            client.infer("certseg_segcertify", segcertify_request(crop, count=3))
+        assert "max_request_bytes" in refused.value.message() and "\n" not in refused.value.message()
+        assert str(refused.value.status()) == "StatusCode.INVALID_ARGUMENT"
+        after = server_statistics(client, limited.grpc_address, ["certseg_prepare"])["certseg_prepare"]["requests"]
+        assert after == prepared  # refused at the first step: nothing reached the next one
+        assert limited.process.poll() is None and limited.pid == pid
+        answer = client.infer("certseg_segcertify", segcertify_request(crop, count=2)).as_numpy("LABELS")
+    finally:
+        client.close()
+    np.testing.assert_array_equal(answer, local_segcertify_labels(models, crop, seed=1, count=2))
+
+
+def test_a_region_whose_request_failed_is_never_reused(
+    limited: TritonServer, models: ModelFiles, crop: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that times out may still be answered into its output region later, over whichever chunk used
+    the region next. With a request that sleeps past the client timeout among several in flight, no request
+    that failed has its region used again, the maps equal the in-process ones, and when the call returns (the
+    sleeper outlives it: the server has a second noise instance) no region is left registered or in /dev/shm."""
+    import os
+
+    from tritonclient.grpc import InferenceServerClient
+
+    seed = 17
+    plan = {"seed": seed, "starts": [0], "seconds": 4.0}
+    (limited.repository / "certseg_noise" / "1" / "sleepy.json").write_text(json.dumps(plan))
+    events: list[tuple[str, str]] = []
+    original = InferenceServerClient.async_infer
+
+    def spy(self, model_name, inputs, callback, outputs=None, **options):  # records each request's output region
+        region = outputs[0]._get_tensor().parameters["shared_memory_region"].string_param
+
+        def answered(result, error):
+            events.append(("failed" if error is not None else "answered", region))
+            callback(result=result, error=error)
+
+        events.append(("sent", region))
+        return original(self, model_name, inputs, answered, outputs=outputs, **options)
+
+    monkeypatch.setattr(InferenceServerClient, "async_infer", spy)
+    with remote_runtime(limited, spec_for(crop, "segcertify"), batch=2, in_flight=3, timeout_s=1.5, retries=8,
+                        shared_memory="on") as remote:
+        served_maps = np.concatenate(list(remote.labels(crop, sigma=SIGMA, seed=seed, start=0, count=12)))
+    failed = [i for i, (kind, _) in enumerate(events) if kind == "failed"]
+    assert failed
+    for i in failed:
+        assert ("sent", events[i][1]) not in events[i + 1:], f"region {events[i][1]} reused after its request failed"
+    np.testing.assert_array_equal(served_maps, local_segcertify_labels(models, crop, seed=seed, count=12))
+    client = InferenceServerClient(limited.grpc_address)
+    try:
+        registered = list(client.get_system_shared_memory_status(as_json=True).get("regions", {}))
+    finally:
+        client.close()
+    ours = f"certseg_{os.getpid()}_"
+    assert not [name for name in registered if name.startswith(ours)]
+    assert not [p.name for p in Path("/dev/shm").glob(f"{ours}*")]
+    assert remote.retired == {limited.grpc_address: len(failed)}

@@ -5,6 +5,11 @@ the server draws each sample's noise from (seed, index), so a retried request re
 samples and nothing is counted twice. The sample range is cut into batches that several servers pull from,
 several in flight each; label batches are yielded in index order whatever order they arrive in. Local
 servers exchange the image and the label maps through system shared memory.
+
+Requests are cut by bytes as well as by samples: no request asks for more noisy-image bytes than the servers'
+``max_request_bytes`` (an ensemble parameter set by certseg-export / ``certseg serve``). Answers are checked
+(shape, dtype, labels <= K) before they count, and an output region whose request failed is never reused: the
+server may still write the late answer into it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,12 @@ SharedMemory = Literal["auto", "on", "off"]
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
 PERMANENT = frozenset({"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED"})
 """gRPC statuses that a retry cannot fix (a malformed request, a missing model)."""
+MAX_REQUEST_BYTES = "max_request_bytes"
+DEFAULT_MAX_REQUEST_BYTES = 256 * 2**20
+"""Default per-request limit on the noisy images a request makes (COUNT x C x H x W float32, the largest tensor of
+a request at scale <= 1). The server holds several copies of it per request in flight (the request, the ensemble's
+copy, the python steps' shared-memory copies): 256 MiB keeps two clients with two requests each within a few GB.
+A repository that does not state its limit is assumed to have this one."""
 
 
 def _grpc():
@@ -100,6 +111,11 @@ class ServedPipeline:
     def denoiser_size(self) -> tuple[int, int] | None:
         size = self.metadata.get("denoiser_size")
         return None if size is None else (int(size), int(size))
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The most noisy-image bytes one request may make on this server (its ``max_request_bytes``)."""
+        return int(self.metadata.get(MAX_REQUEST_BYTES, DEFAULT_MAX_REQUEST_BYTES))
 
 
 def describe(client: Any, address: str, model: str, timeout_s: float = 10.0) -> ServedPipeline:
@@ -233,11 +249,12 @@ class _Endpoint:
 @dataclass
 class _Lane:
     """One server's part in one ``labels`` call: its free in-flight slots, the image input, and (local servers)
-    one output shared-memory region per slot."""
+    one output shared-memory region per slot, replaced by a fresh one whenever a request on it fails."""
 
     endpoint: _Endpoint
     free_slots: deque[int]
     image_input: Any = None
+    regions: _SharedRegions | None = None
     output_regions: dict[int, tuple[str, Any, int]] = field(default_factory=dict)
 
     @property
@@ -249,10 +266,13 @@ class TritonRuntime:
     """The sampling contract over gRPC against ``servers`` ("HOST:PORT", the gRPC port) serving ``model``.
 
     ``timestep`` (t*), ``seg_size`` and ``antialias`` come from the client's ``PipelineSpec`` (``with_pipeline``
-    makes a runtime for another spec on the same connections). ``batch`` samples go in each request,
+    makes a runtime for another spec on the same connections). ``batch`` samples go in each request (fewer
+    where the image is so large that ``batch`` samples would exceed the servers' ``max_request_bytes``),
     ``in_flight`` requests per server at once. ``shared_memory``: "auto" uses system shared memory with
     servers on this machine and falls back to the socket if a server refuses it; "on" insists; "off" never.
     A failed request is retried ``retries`` times (on any server), then ``ServerError`` stops the run.
+    ``timeout_s`` bounds one request; at the end of a call, regions the server still uses for requests the
+    client gave up on are unregistered once it is done with them, waiting at most ``drain_s``.
     """
 
     def __init__(
@@ -269,6 +289,7 @@ class TritonRuntime:
         retries: int = 3,
         retry_delay_s: float = 0.2,
         timeout_s: float = 600.0,
+        drain_s: float = 30.0,
     ) -> None:
         if not servers:
             raise ServerError("no Triton server given")
@@ -286,6 +307,7 @@ class TritonRuntime:
         self.retries = retries
         self.retry_delay_s = retry_delay_s
         self.timeout_s = timeout_s
+        self.drain_s = drain_s
         self._owner = True
         self._endpoints: list[_Endpoint] = []
         pipelines = []
@@ -299,12 +321,18 @@ class TritonRuntime:
         except BaseException:
             self.close()
             raise
+        self.pipelines = pipelines
+        """What each server said it serves."""
         self.pipeline = pipelines[0]
         self.batch = min(batch, *(p.max_batch for p in pipelines))
+        self.max_request_bytes = min(p.max_request_bytes for p in pipelines)
+        """The smallest ``max_request_bytes`` of the servers: no request makes more noisy-image bytes."""
         self.uses_shared_memory: dict[str, bool] = {}
         """Per server, whether the last ``labels`` call moved tensors through shared memory."""
         self.answered: dict[str, int] = {}
         """Per server, how many requests it answered in the last ``labels`` call (how the range was split)."""
+        self.retired: dict[str, int] = {}
+        """Per server, how many output regions the last ``labels`` call retired after a failed request."""
 
     @property
     def servers(self) -> list[str]:
@@ -316,7 +344,7 @@ class TritonRuntime:
         """The same servers and connections for another pipeline spec (closing it leaves them open)."""
         other = copy.copy(self)
         other.timestep, other.seg_size, other.antialias = timestep, seg_size, antialias
-        other.uses_shared_memory, other.answered = {}, {}
+        other.uses_shared_memory, other.answered, other.retired = {}, {}, {}
         other._owner = False
         return other
 
@@ -359,17 +387,18 @@ class TritonRuntime:
             raise ValueError(f"{self.model} denoises: give the timestep t*")
         if "SEG_SIZE" in self.pipeline.inputs and self.seg_size is None:
             raise ValueError(f"{self.model} needs the segmenter's input size")
-        ranges = batch_ranges(start, count, self.batch)
-        pending = deque(_Chunk(i, first, size) for i, (first, size) in enumerate(ranges))
+        batch = self.request_batch(image.shape)
+        pending = deque(_Chunk(i, first, size) for i, (first, size) in enumerate(batch_ranges(start, count, batch)))
         total = len(pending)
         if not total:
             return
         with ExitStack() as stack:
-            lanes = [self._lane(endpoint, image, stack) for endpoint in self._endpoints]
+            lanes = [self._lane(endpoint, image, batch, stack) for endpoint in self._endpoints]
             self.answered = dict.fromkeys(self.servers, 0)
+            self.retired = dict.fromkeys(self.servers, 0)
             events: queue.Queue = queue.Queue()
             done: dict[int, np.ndarray] = {}
-            flying = next_index = turn = 0
+            next_index = turn = 0
             while next_index < total:
                 now = time.monotonic()
                 for _ in range(len(lanes)):  # fill free slots, servers in turn, skipping chunks waiting to retry
@@ -377,7 +406,6 @@ class TritonRuntime:
                     turn += 1
                     while lane.free_slots and pending and pending[0].not_before <= now:
                         self._submit(lane, lane.free_slots.popleft(), pending.popleft(), sigma, seed, events)
-                        flying += 1
                 free = any(lane.free_slots for lane in lanes)
                 try:
                     lane, slot, chunk, result, error = events.get(
@@ -387,17 +415,36 @@ class TritonRuntime:
                     continue
                 if error is None:
                     try:
-                        done[chunk.index] = self._read(lane, slot, result)  # a copy: the slot is free again
+                        done[chunk.index] = self._read(lane, slot, chunk, result, image.shape[1:])  # a copy
                         self.answered[lane.address] += 1
                     except Exception as read_error:  # noqa: BLE001 - a malformed answer is a failed attempt
                         error = read_error
-                flying -= 1
+                if error is not None:
+                    self._retire(lane, slot)  # before the slot is free again: its region is never reused
                 lane.free_slots.append(slot)
                 if error is not None:
                     self._retry_or_raise(chunk, lane, error, pending, seed)
                 while next_index in done:
                     yield done.pop(next_index)
                     next_index += 1
+
+    def request_batch(self, image_shape: Sequence[int]) -> int:
+        """Samples per request for an image of ``image_shape`` (C, H, W): ``batch``, or fewer so that no request
+        makes more than ``max_request_bytes`` of noisy images (or segmenter inputs, when they are larger).
+        An image whose single sample exceeds the limit is refused in one line that says how to raise it."""
+        channels, height, width = (int(d) for d in image_shape)
+        seg_pixels = 0 if self.seg_size is None else int(self.seg_size[0]) * int(self.seg_size[1])
+        per_sample = 4 * max(channels * height * width, 3 * seg_pixels)  # float32
+        if per_sample > self.max_request_bytes:
+            tightest = min(self.pipelines, key=lambda p: p.max_request_bytes).address
+            raise ServerError(
+                f"one sample of this {height}x{width} image takes {per_sample} bytes (float32 {channels}x{height}x"
+                f"{width}{f', segmenter input 3x{self.seg_size[0]}x{self.seg_size[1]}' if seg_pixels else ''}), "
+                f"more than the {self.max_request_bytes}-byte request limit of {tightest} ({MAX_REQUEST_BYTES}); "
+                "raise it where the repository is built (certseg serve --max-request-bytes N, or certseg-export "
+                "--max-request-bytes N) or certify a smaller image"
+            )
+        return max(1, min(self.batch, self.max_request_bytes // per_sample))
 
     def _retry_or_raise(self, chunk: _Chunk, lane: _Lane, error: BaseException, pending: deque, seed: int) -> None:
         chunk.attempts += 1
@@ -409,21 +456,37 @@ class TritonRuntime:
         chunk.not_before = time.monotonic() + self.retry_delay_s * 2 ** (chunk.attempts - 1)
         pending.appendleft(chunk)
 
-    def _lane(self, endpoint: _Endpoint, image: np.ndarray, stack: ExitStack) -> _Lane:
-        """The image input (shared memory or inline) and one output slot per in-flight request."""
+    def _retire(self, lane: _Lane, slot: int) -> None:
+        """After a failed request (a timeout, an error, a malformed answer), the server may still write that
+        request's late answer into the slot's output region, over the labels of whichever chunk used it next:
+        the same samples counted twice. So the region is retired (unregistered at the end of the call, once the
+        server no longer uses it) and the slot gets a fresh one; if none can be made, it answers over the socket."""
+        if slot not in lane.output_regions or lane.regions is None:
+            return
+        name, _, byte_size = lane.output_regions.pop(slot)
+        lane.regions.retire(name)
+        self.retired[lane.address] += 1
+        try:
+            lane.output_regions[slot] = (*lane.regions.add(f"labels{slot}", byte_size), byte_size)
+        except ServerError:
+            pass
+
+    def _lane(self, endpoint: _Endpoint, image: np.ndarray, batch: int, stack: ExitStack) -> _Lane:
+        """The image input (shared memory or inline) and one output slot per in-flight request, each region
+        sized for this image: the image's bytes, and ``batch`` label maps of its size."""
         lane = _Lane(endpoint, deque(range(self.in_flight)))
         lane.image_input = _grpc().InferInput("IMAGE", list(image.shape), "FP32")
         use_shm = self.shared_memory != "off" and is_local(endpoint.address)
         if use_shm:
-            regions = _SharedRegions(endpoint.client, endpoint.address)
-            stack.callback(regions.release)
+            lane.regions = _SharedRegions(endpoint.client, endpoint.address)
+            stack.callback(lane.regions.release, self.drain_s)
             try:
-                name, handle = regions.add("image", image.nbytes)
+                name, handle = lane.regions.add("image", image.nbytes)
                 _shm().set_shared_memory_region(handle, [image])
                 lane.image_input.set_shared_memory(name, image.nbytes)
-                label_bytes = self.batch * image.shape[1] * image.shape[2] * self.pipeline.labels_dtype.itemsize
+                label_bytes = batch * image.shape[1] * image.shape[2] * self.pipeline.labels_dtype.itemsize
                 for slot in range(self.in_flight):
-                    lane.output_regions[slot] = (*regions.add(f"labels{slot}", label_bytes), label_bytes)
+                    lane.output_regions[slot] = (*lane.regions.add(f"labels{slot}", label_bytes), label_bytes)
             except ServerError:
                 if self.shared_memory == "on":
                     raise
@@ -470,21 +533,45 @@ class TritonRuntime:
         except Exception as error:  # noqa: BLE001 - a failure to send is a failed attempt
             events.put((lane, slot, chunk, None, error))
 
-    def _read(self, lane: _Lane, slot: int, result: Any) -> np.ndarray:
+    def _read(self, lane: _Lane, slot: int, chunk: _Chunk, result: Any, size: Sequence[int]) -> np.ndarray:
+        """The chunk's label maps, checked to be the ones asked for before they count: ``count`` maps of the
+        image's size, in the served dtype, every label a class or the invalid label K."""
         if slot not in lane.output_regions:
             labels = result.as_numpy(LABELS)
             if labels is None:
                 raise ServerError(f"{lane.address} answered without {LABELS}")
-            return labels
-        response = result.get_output(LABELS)
-        if response is None:
-            raise ServerError(f"{lane.address} answered without {LABELS}")
-        shape = [int(d) for d in response.shape]
-        return _shm().get_contents_as_numpy(lane.output_regions[slot][1], self.pipeline.labels_dtype, shape).copy()
+        else:
+            response = result.get_output(LABELS)
+            if response is None:
+                raise ServerError(f"{lane.address} answered without {LABELS}")
+            shape = tuple(int(d) for d in response.shape)
+            self._check_shape(lane, chunk, shape, size)
+            _, handle, _ = lane.output_regions[slot]
+            labels = _shm().get_contents_as_numpy(handle, self.pipeline.labels_dtype, list(shape)).copy()
+        return self._checked(lane, chunk, labels, size)
+
+    def _check_shape(self, lane: _Lane, chunk: _Chunk, shape: tuple[int, ...], size: Sequence[int]) -> None:
+        expected = (chunk.count, int(size[0]), int(size[1]))
+        if shape != expected:
+            raise ServerError(f"{lane.address} answered {LABELS} of shape {shape} for samples [{chunk.start}, "
+                              f"{chunk.start + chunk.count}), expected {expected}")
+
+    def _checked(self, lane: _Lane, chunk: _Chunk, labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+        self._check_shape(lane, chunk, tuple(labels.shape), size)
+        if labels.dtype != self.pipeline.labels_dtype:
+            raise ServerError(f"{lane.address} answered {labels.dtype} labels, expected {self.pipeline.labels_dtype}")
+        largest = int(labels.max()) if labels.size else 0
+        if largest > self.pipeline.num_classes:  # K itself is the invalid label (non-finite outputs)
+            raise ServerError(f"{lane.address} answered label {largest} for samples [{chunk.start}, "
+                              f"{chunk.start + chunk.count}), but there are {self.pipeline.num_classes} classes")
+        return labels
 
 
 class _SharedRegions:
-    """System shared-memory regions of one ``labels`` call, registered with one server; released together."""
+    """System shared-memory regions of one ``labels`` call, registered with one server; released together.
+
+    A region is unregistered only when the server no longer uses it: Triton refuses ("currently in use") while a
+    request that names it is in flight, such as one the client gave up on; ``release`` waits for those."""
 
     def __init__(self, client: Any, address: str) -> None:
         self.client = client
@@ -492,10 +579,14 @@ class _SharedRegions:
         self.prefix = f"certseg_{os.getpid()}_{uuid.uuid4().hex[:12]}"
         self.handles: list[Any] = []
         self.registered: list[str] = []
+        self.retired: list[str] = []
+        self.made = 0
 
     def add(self, role: str, byte_size: int) -> tuple[str, Any]:
-        """A new region of ``byte_size`` bytes, registered with the server: (its name there, its handle)."""
-        name = f"{self.prefix}_{role}"
+        """A new region of ``byte_size`` bytes, registered with the server: (its name there, its handle).
+        Names are never reused within a call, so a late write can only reach the region it was meant for."""
+        self.made += 1
+        name = f"{self.prefix}_{role}_{self.made}"
         try:
             self.handles.append(_shm().create_shared_memory_region(name, f"/{name}", byte_size, create_only=True))
         except Exception as error:  # noqa: BLE001
@@ -507,15 +598,29 @@ class _SharedRegions:
         self.registered.append(name)
         return name, self.handles[-1]
 
-    def release(self) -> None:
+    def retire(self, name: str) -> None:
+        """``name`` will never be handed to a request again (it stays registered until ``release``)."""
+        self.retired.append(name)
+
+    def release(self, drain_s: float = 30.0) -> None:
+        """Unregister every region (waiting up to ``drain_s`` while the server still uses one), then destroy
+        this process's mappings. A region the server still uses after that stays registered there; destroying
+        our side is safe either way (the server keeps its own mapping)."""
+        deadline = time.monotonic() + drain_s
         for name in self.registered:
-            try:
-                self.client.unregister_system_shared_memory(name, client_timeout=5.0)
-            except Exception:  # noqa: BLE001 - the server may be gone
-                pass
+            while not self._unregister(name) and time.monotonic() < deadline:
+                time.sleep(0.05)
         for handle in self.handles:
             _shm().destroy_shared_memory_region(handle)
         self.handles, self.registered = [], []
+
+    def _unregister(self, name: str) -> bool:
+        """True when done (or pointless: the server is gone); False while the server still uses the region."""
+        try:
+            self.client.unregister_system_shared_memory(name, client_timeout=5.0)
+        except Exception as error:  # noqa: BLE001 - the server may be gone
+            return "in use" not in _first_line(error)
+        return True
 
 
 def server_statistics(client: Any, address: str, models: Sequence[str] | None = None,
