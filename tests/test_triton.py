@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 pytest.importorskip("onnx")
@@ -441,7 +442,6 @@ def test_requests_are_cut_by_bytes_and_one_above_the_limit_leaves_the_server_ser
     """The client cuts its requests to the servers' max_request_bytes; an image that cannot fit is refused in
     one line saying how to raise the limit; a request above it is refused by the noise step before the noisy
     copies exist, and the same server process answers the next request."""
-    from PIL import Image
     from tritonclient.grpc import InferenceServerClient
     from tritonclient.utils import InferenceServerException
 
@@ -529,3 +529,24 @@ def test_a_region_whose_request_failed_is_never_reused(
     assert not [name for name in registered if name.startswith(ours)]
     assert not [p.name for p in Path("/dev/shm").glob(f"{ours}*")]
     assert remote.retired == {limited.grpc_address: len(failed)}
+
+
+def test_a_pool_of_servers_that_would_draw_other_samples_is_refused_naming_the_field(
+    limited: TritonServer, models: ModelFiles, crop: np.ndarray, tmp_path: Path
+) -> None:
+    """Same model files, another noise backend: a retried batch landing on the other server would get other
+    noise, so the pool is refused in one line naming the field and both values (API and CLI)."""
+    repository = write_repository(ModelFiles(segmenter=models.segmenter), tmp_path / "repository",
+                                  noise_backend="torch")
+    with TritonServer(repository, exit_timeout_s=0) as other:
+        with pytest.raises(ServerError, match="different noise backend") as error:
+            TritonRuntime([limited.grpc_address, other.grpc_address], "certseg_segcertify")
+        message = str(error.value)
+        assert "'numpy-philox' vs 'torch'" in message and limited.grpc_address in message and "\n" not in message
+        Image.fromarray((crop.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(tmp_path / "crop.png")
+        result = CliRunner().invoke(app, ["certify", str(tmp_path / "crop.png"), "--server", limited.grpc_address,
+                                          "--server", other.grpc_address, "--method", "segcertify",
+                                          "--out", str(tmp_path / "out"), "--quiet"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1 and "different noise backend" in lines[0], result.output
+    assert not (tmp_path / "out").exists()

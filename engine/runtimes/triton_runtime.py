@@ -48,6 +48,14 @@ DEFAULT_MAX_REQUEST_BYTES = 256 * 2**20
 a request at scale <= 1). The server holds several copies of it per request in flight (the request, the ensemble's
 copy, the python steps' shared-memory copies): 256 MiB keeps two clients with two requests each within a few GB.
 A repository that does not state its limit is assumed to have this one."""
+SAMPLE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("repository version", VERSION_PARAMETER), ("profile", "certseg_profile"), ("engine", "engine"),
+    ("precision", "precision"), ("noise backend", "noise_backend"), ("number of classes", "num_classes"),
+    ("labels dtype", "labels_dtype"), ("denoiser size", "denoiser_size"), ("pipeline steps", "steps"),
+    ("inputs", "inputs"), ("model files", "served_files"), ("model files", "models_sha256"), ("classes", "classes"),
+)
+"""What every server of a pool must agree on (a retried batch can land on any of them): anything that changes
+the samples or what the labels mean. (description, ensemble metadata key or ``ServedPipeline`` attribute)"""
 
 
 def _grpc():
@@ -116,6 +124,34 @@ class ServedPipeline:
     def max_request_bytes(self) -> int:
         """The most noisy-image bytes one request may make on this server (its ``max_request_bytes``)."""
         return int(self.metadata.get(MAX_REQUEST_BYTES, DEFAULT_MAX_REQUEST_BYTES))
+
+    def field(self, key: str) -> Any:
+        """An attribute of this pipeline, else its ensemble metadata entry (``SAMPLE_FIELDS`` keys)."""
+        if key == "labels_dtype":
+            return self.labels_dtype.name
+        if key in ("num_classes", "steps", "inputs"):
+            return getattr(self, key)
+        return self.metadata.get(key)
+
+
+def check_pool(pipelines: Sequence[ServedPipeline]) -> None:
+    """Refuse servers that would not answer a request identically: a retried batch can land on any of them, and
+    the run records the first one's settings. One line names the first field that differs and both values."""
+    first = pipelines[0]
+    for other in pipelines[1:]:
+        for what, key in SAMPLE_FIELDS:
+            mine, theirs = first.field(key), other.field(key)
+            if mine != theirs:
+                raise ServerError(
+                    f"--server {first.address} and --server {other.address} serve different {what} ({key}: "
+                    f"{_short(mine)} vs {_short(theirs)}); every --server must serve the same repository, since a "
+                    "retried batch can land on any of them"
+                )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
 def describe(client: Any, address: str, model: str, timeout_s: float = 10.0) -> ServedPipeline:
@@ -315,14 +351,12 @@ class TritonRuntime:
             for address in dict.fromkeys(parse_address(s) for s in servers):
                 self._endpoints.append(_Endpoint(address, grpcclient.InferenceServerClient(address)))
                 pipelines.append(describe(self._endpoints[-1].client, address, model))
-            if len({p.metadata.get("models_sha256") for p in pipelines}) > 1:
-                raise ServerError(f"the servers {', '.join(self.servers)} serve different model files; "
-                                  "every --server must serve the same repository")
+            check_pool(pipelines)
         except BaseException:
             self.close()
             raise
         self.pipelines = pipelines
-        """What each server said it serves."""
+        """What each server said it serves (``check_pool`` made sure they agree on everything that matters)."""
         self.pipeline = pipelines[0]
         self.batch = min(batch, *(p.max_batch for p in pipelines))
         self.max_request_bytes = min(p.max_request_bytes for p in pipelines)
