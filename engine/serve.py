@@ -139,6 +139,10 @@ class TritonServer:
     ``ready_timeout_s`` and raises ``ServerError`` with the last lines of the server log otherwise. On stop,
     tritonserver waits ``exit_timeout_s`` for in-flight requests and model unloading (python-backend models
     take about 5 s to unload; 0 exits at once, and their stubs follow within a second).
+    ``grpc_infer_pool``: how many finished gRPC request/response objects tritonserver keeps for reuse (its
+    ``--grpc-infer-allocation-pool-size``, default 8 there). Each keeps the buffers of its tensors, an image per
+    request, so with the default the server's memory grew by about an image per request (measured: 0.5 → 1.1 GB
+    over six 3000x3000 requests; flat with 0). 0 keeps none; re-allocating them costs microseconds per request.
     """
 
     def __init__(
@@ -154,6 +158,7 @@ class TritonServer:
         ready_timeout_s: float = 120.0,
         exit_timeout_s: int = 5,
         grace_s: float = 15.0,
+        grpc_infer_pool: int = 0,
         extra_args: Sequence[str] = (),
     ) -> None:
         self.repository = Path(repository).resolve()
@@ -167,6 +172,7 @@ class TritonServer:
         self.ready_timeout_s = ready_timeout_s
         self.exit_timeout_s = exit_timeout_s
         self.grace_s = grace_s
+        self.grpc_infer_pool = grpc_infer_pool
         self.extra_args = tuple(extra_args)
         self._owns_log = log_path is None
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
@@ -201,6 +207,7 @@ class TritonServer:
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--grpc-infer-allocation-pool-size={self.grpc_infer_pool}",
             "--disable-auto-complete-config",
         ]
         if self.binary.backend_dir is not None:

@@ -550,3 +550,45 @@ def test_a_pool_of_servers_that_would_draw_other_samples_is_refused_naming_the_f
     lines = result.output.strip().splitlines()
     assert result.exit_code != 0 and len(lines) == 1 and "different noise backend" in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(
+    not {"procedural-hrnet-clean", "procedural-adm"} <= set(shipped_models()),
+    reason="the shipped default models are not in engine/weights",
+)
+def test_the_default_repository_is_rebuilt_when_a_template_or_a_rendering_parameter_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached default repository is keyed by what it is made of: a changed template (or request limit)
+    builds a new one, never serves the stale one. Export and rendering are stubbed; the key is real."""
+    from types import SimpleNamespace
+
+    import certseg.engine.models.registry as registry
+    import certseg.export.onnx as onnx_export
+    import certseg.export.repository as repository_module
+    from certseg.engine.serve import default_repository
+
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "cache"))
+    templates = tmp_path / "templates"
+    shutil.copytree(repository_module.templates_dir(), templates)
+    monkeypatch.setattr(repository_module, "templates_dir", lambda version=REPOSITORY_VERSION: templates)
+    monkeypatch.setattr(registry, "load_model", lambda name, role, **options: name)
+    monkeypatch.setattr(onnx_export, "export_models", lambda *args, **options: SimpleNamespace(
+        segmenter=tmp_path / "segmenter.onnx", denoiser=None, metadata={"segmenter": {}}))
+    built: list[dict] = []
+
+    def write(files, target, **options):
+        built.append(options)
+        Path(target).mkdir(parents=True)
+        (Path(target) / repository_module.METADATA_FILE).write_text("{}")
+        return Path(target)
+
+    monkeypatch.setattr(repository_module, "write_repository", write)
+    first = default_repository()
+    assert default_repository() == first and len(built) == 1
+    noise_config = templates / "common" / "certseg_noise" / "config.pbtxt.in"
+    noise_config.write_text(noise_config.read_text() + "# a changed template\n")
+    second = default_repository()
+    assert second != first and len(built) == 2
+    third = default_repository(max_request_bytes=2**20)
+    assert third not in (first, second) and built[-1]["max_request_bytes"] == 2**20
