@@ -59,29 +59,37 @@ CLASSES = ["road", "car", "sky", "tree", "wall"]
 CROP = 64
 LIMITED_BYTES = 2 * 3 * CROP * CROP * 4
 """The ``limited`` server's max_request_bytes: two samples of a CROP x CROP image per request."""
-SLEEPY_NOISE = '''"""Test only: certseg_noise that first sleeps on (SEED, START)s listed in sleepy.json, once each."""
+MISBEHAVING_NOISE = '''"""Test only: certseg_noise that misbehaves once on each (SEED, START) that misbehave.json
+lists: it sleeps ("sleep": starts, "seconds") or answers an IMAGE_SIZE one row too tall ("wrong_size": starts)."""
 import json
 import os
 import time
 
+import torch
 from noise_step import TritonPythonModel as NoiseStep
 
 
 class TritonPythonModel(NoiseStep):
     def initialize(self, args):
         super().initialize(args)
-        self.slept = set()
+        self.done = set()
 
     def run(self, request):
-        path = os.path.join(self.step.model_dir, "sleepy.json")
+        path = os.path.join(self.step.model_dir, "misbehave.json")
+        plan = {}
         if os.path.exists(path):
             with open(path) as handle:
                 plan = json.load(handle)
-            key = (int(self.step.scalar(request, "SEED")), int(self.step.scalar(request, "START")))
-            if key[0] == plan["seed"] and key[1] in plan["starts"] and key not in self.slept:
-                self.slept.add(key)
-                time.sleep(plan["seconds"])
-        return super().run(request)
+        seed, start = (int(self.step.scalar(request, name)) for name in ("SEED", "START"))
+        outputs = super().run(request)
+        for kind in ("sleep", "wrong_size"):
+            if seed == plan.get("seed") and start in plan.get(kind, ()) and (kind, start) not in self.done:
+                self.done.add((kind, start))
+                if kind == "sleep":
+                    time.sleep(plan["seconds"])
+                else:
+                    outputs["IMAGE_SIZE"] = outputs["IMAGE_SIZE"] + torch.tensor([1, 0], dtype=torch.int32)
+        return outputs
 '''
 
 
@@ -164,12 +172,12 @@ def served(triton_runs: None, models: ModelFiles, tmp_path_factory: pytest.TempP
 @pytest.fixture(scope="module")
 def limited(triton_runs: None, models: ModelFiles, tmp_path_factory: pytest.TempPathFactory):
     """A SegCertify-only server whose requests may make two CROP x CROP samples at most, and whose noise step
-    sleeps where a test asks it to (``sleepy.json`` beside it); two instances, so others run meanwhile."""
+    misbehaves where a test asks it to (``misbehave.json`` beside it); two instances, so others run meanwhile."""
     repository = write_repository(ModelFiles(segmenter=models.segmenter), tmp_path_factory.mktemp("limited") /
                                   "repository", max_request_bytes=LIMITED_BYTES, step_instances=2)
     step = repository / "certseg_noise" / "1"
     (step / "model.py").rename(step / "noise_step.py")
-    (step / "model.py").write_text(SLEEPY_NOISE)
+    (step / "model.py").write_text(MISBEHAVING_NOISE)
     with TritonServer(repository, exit_timeout_s=0) as server:
         yield server
 
@@ -496,8 +504,8 @@ def test_a_region_whose_request_failed_is_never_reused(
     from tritonclient.grpc import InferenceServerClient
 
     seed = 17
-    plan = {"seed": seed, "starts": [0], "seconds": 4.0}
-    (limited.repository / "certseg_noise" / "1" / "sleepy.json").write_text(json.dumps(plan))
+    plan = {"seed": seed, "sleep": [0], "seconds": 4.0}
+    (limited.repository / "certseg_noise" / "1" / "misbehave.json").write_text(json.dumps(plan))
     events: list[tuple[str, str]] = []
     original = InferenceServerClient.async_infer
 
@@ -592,3 +600,22 @@ def test_the_default_repository_is_rebuilt_when_a_template_or_a_rendering_parame
     assert second != first and len(built) == 2
     third = default_repository(max_request_bytes=2**20)
     assert third not in (first, second) and built[-1]["max_request_bytes"] == 2**20
+
+
+def test_an_answer_that_is_not_the_one_asked_for_is_a_failed_attempt(
+    limited: TritonServer, models: ModelFiles, crop: np.ndarray
+) -> None:
+    """Label maps of another size than the chunk's (here: the noise step reports an image one row too tall,
+    once) are never counted: the attempt fails, is retried, and the maps equal the in-process ones."""
+    seed = 23
+    (limited.repository / "certseg_noise" / "1" / "misbehave.json").write_text(
+        json.dumps({"seed": seed, "wrong_size": [2]}))
+    with remote_runtime(limited, spec_for(crop, "segcertify"), batch=2, shared_memory="off") as remote:
+        served_maps = np.concatenate(list(remote.labels(crop, sigma=SIGMA, seed=seed, start=0, count=6)))
+        assert remote.answered == {limited.grpc_address: 3}
+    np.testing.assert_array_equal(served_maps, local_segcertify_labels(models, crop, seed=seed, count=6))
+    with remote_runtime(limited, spec_for(crop, "segcertify"), batch=2, shared_memory="off", retries=0) as remote:
+        (limited.repository / "certseg_noise" / "1" / "misbehave.json").write_text(
+            json.dumps({"seed": seed + 1, "wrong_size": [0]}))
+        with pytest.raises(ServerError, match=r"answered LABELS of shape \(2, 65, 64\).*expected \(2, 64, 64\)"):
+            list(remote.labels(crop, sigma=SIGMA, seed=seed + 1, start=0, count=2))
