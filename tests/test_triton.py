@@ -619,3 +619,17 @@ def test_an_answer_that_is_not_the_one_asked_for_is_a_failed_attempt(
             json.dumps({"seed": seed + 1, "wrong_size": [0]}))
         with pytest.raises(ServerError, match=r"answered LABELS of shape \(2, 65, 64\).*expected \(2, 64, 64\)"):
             list(remote.labels(crop, sigma=SIGMA, seed=seed + 1, start=0, count=2))
+
+
+def test_max_request_bytes_flags_refuse_what_they_cannot_set_in_one_line(tmp_path: Path) -> None:
+    from certseg.export.cli import app as export_app
+
+    cases = [(app, ["serve", "--repository", str(tmp_path), "--max-request-bytes", "1000"],
+              "a --repository keeps the one it was exported with (certseg-export --max-request-bytes N)"),
+             (app, ["serve", "--max-request-bytes", "0"], "--max-request-bytes must be >= 1"),
+             (export_app, ["--max-request-bytes", "0", "--repository", str(tmp_path / "r")],
+              "--max-request-bytes must be >= 1")]
+    for command, args, expected in cases:
+        result = CliRunner().invoke(command, args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code != 0 and len(lines) == 1 and expected in lines[0], result.output
