@@ -498,8 +498,7 @@ class TritonRuntime:
         server no longer uses it) and the slot gets a fresh one; if none can be made, it answers over the socket."""
         if slot not in lane.output_regions or lane.regions is None:
             return
-        name, _, byte_size = lane.output_regions.pop(slot)
-        lane.regions.retire(name)
+        _, _, byte_size = lane.output_regions.pop(slot)  # still registered: ``release`` unregisters it
         self.retired[lane.address] += 1
         try:
             lane.output_regions[slot] = (*lane.regions.add(f"labels{slot}", byte_size), byte_size)
@@ -614,7 +613,6 @@ class _SharedRegions:
         self.prefix = f"certseg_{os.getpid()}_{uuid.uuid4().hex[:12]}"
         self.handles: list[Any] = []
         self.registered: list[str] = []
-        self.retired: list[str] = []
         self.made = 0
 
     def add(self, role: str, byte_size: int) -> tuple[str, Any]:
@@ -632,10 +630,6 @@ class _SharedRegions:
             raise ServerError(f"{self.address} cannot use this machine's shared memory: {_first_line(error)}") from None
         self.registered.append(name)
         return name, self.handles[-1]
-
-    def retire(self, name: str) -> None:
-        """``name`` will never be handed to a request again (it stays registered until ``release``)."""
-        self.retired.append(name)
 
     def release(self, drain_s: float = 30.0) -> None:
         """Unregister every region (waiting up to ``drain_s`` while the server still uses one), then destroy
