@@ -79,8 +79,12 @@ def argmax_labels(logits: torch.Tensor) -> torch.Tensor:
 
 
 def finite_samples(values: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: whether every value of each sample is finite (a denoiser's ε, say)."""
-    return torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+    """(B,) bool: whether every value of each sample is finite (a denoiser's ε, say).
+
+    A float32 sum per sample is non-finite exactly when a value is (NaN and ±Inf propagate), or when it would
+    overflow (fail closed); it needs no batch-sized mask, unlike ``isfinite(values).all()``.
+    """
+    return torch.isfinite(values.sum(dim=tuple(range(1, values.ndim)), dtype=torch.float32))
 
 
 def segmenter_input(images01: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

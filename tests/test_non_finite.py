@@ -30,7 +30,7 @@ from certseg.engine.pipeline import NonFiniteOutputError, certify_image
 from certseg.engine.runtimes.torch_runtime import torch_runtime
 from certseg.engine.sampling import NoiseSource
 from certseg.engine.session import Session, Settings
-from certseg.engine.stages import add_noise, label_dtype, labels_from_logits, normalize_imagenet
+from certseg.engine.stages import add_noise, finite_samples, label_dtype, labels_from_logits, normalize_imagenet
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "street.png"
@@ -65,6 +65,18 @@ def test_non_finite_scores_give_the_invalid_label_exactly_where_they_reach(size:
     expected = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
     assert torch.equal(labels[finite].long(), expected[finite])
     assert int(labels[finite].max()) < NUM_CLASSES
+
+
+def test_finite_samples_flags_exactly_the_samples_holding_a_nan_or_inf() -> None:
+    values = torch.randn(5, 6, 8, 8)
+    values[1, 0, 2, 2] = float("nan")
+    values[2, 5, 0, 0] = float("inf")  # outside the 3 channels that feed x̂0
+    values[3, 2, 7, 7] = float("-inf")
+    expected = torch.isfinite(values[:, :3]).flatten(1).all(dim=1)
+    assert torch.equal(finite_samples(values[:, :3]), expected) and expected.tolist() == [True, False, True, False,
+                                                                                           True]
+    large_half = (torch.randn(2, 3, 256, 256) * 200).half()  # sums beyond fp16's range must not count as Inf
+    assert finite_samples(large_half).all()
 
 
 def test_invalid_samples_are_marked_whole_and_labels_keep_room_for_k() -> None:

@@ -429,14 +429,14 @@ def local_segcertify_labels(models: ModelFiles, image: np.ndarray, seed: int, co
     return np.concatenate(list(runtime.labels(image, sigma=SIGMA, seed=seed, start=0, count=count)))
 
 
-def segcertify_request(image: np.ndarray, count: int) -> list:
+def segcertify_request(image: np.ndarray, count: int, seg_size: tuple[int, int] | None = None) -> list:
     """A raw SegCertify request, as a client that ignores the server's limit would send it."""
     from tritonclient.grpc import InferInput
 
     values = {"IMAGE": (image, "FP32"), "SEED": (np.array([1], np.uint64), "UINT64"),
               "START": (np.array([0], np.int64), "INT64"), "COUNT": (np.array([count], np.int32), "INT32"),
               "SIGMA": (np.array([SIGMA], np.float64), "FP64"),
-              "SEG_SIZE": (np.array(image.shape[1:], np.int32), "INT32")}
+              "SEG_SIZE": (np.array(seg_size or image.shape[1:], np.int32), "INT32")}
     inputs = []
     for name, (array, dtype) in values.items():
         inputs.append(InferInput(name, list(array.shape), dtype))
@@ -473,7 +473,8 @@ def test_requests_are_cut_by_bytes_and_one_above_the_limit_leaves_the_server_ser
                                       str(tmp_path / "out"), "--quiet"])
     lines = result.output.strip().splitlines()
     assert result.exit_code != 0 and len(lines) == 1, result.output
-    assert lines[0].startswith("certseg: error: one sample of this 128x128 image") and "--max-request-bytes" in lines[0]
+    assert lines[0].startswith("certseg: error: this 128x128 image is too large for one request")
+    assert "--max-request-bytes" in lines[0]
 
     pid = limited.pid
     client = InferenceServerClient(limited.grpc_address)
@@ -490,6 +491,47 @@ def test_requests_are_cut_by_bytes_and_one_above_the_limit_leaves_the_server_ser
     finally:
         client.close()
     np.testing.assert_array_equal(answer, local_segcertify_labels(models, crop, seed=1, count=2))
+
+
+def test_a_hostile_segmenter_size_is_refused_by_the_step_that_would_allocate_it(
+    limited: TritonServer, models: ModelFiles, crop: np.ndarray
+) -> None:
+    """SEG_SIZE comes from the client: a huge one is refused (one line, the limit named) before the segmenter
+    input exists, and the same server process answers the next request."""
+    from tritonclient.grpc import InferenceServerClient
+    from tritonclient.utils import InferenceServerException
+
+    pid = limited.pid
+    client = InferenceServerClient(limited.grpc_address)
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("certseg_segcertify", segcertify_request(crop, count=1, seg_size=(20000, 20000)))
+        message = refused.value.message()
+        assert "certseg_prepare" in message and "max_request_bytes" in message and "\n" not in message
+        assert str(refused.value.status()) == "StatusCode.INVALID_ARGUMENT"
+        assert limited.process.poll() is None and limited.pid == pid
+        answer = client.infer("certseg_segcertify", segcertify_request(crop, count=2)).as_numpy("LABELS")
+    finally:
+        client.close()
+    np.testing.assert_array_equal(answer, local_segcertify_labels(models, crop, seed=1, count=2))
+
+
+def test_grayscale_images_are_served_with_noise_in_their_own_channel(served: TritonServer, models: ModelFiles,
+                                                                     image: np.ndarray) -> None:
+    """A (1, H, W) image goes to the server as it is; its noise is drawn in one channel and replicated after, as
+    in process (so the certificate holds in the gray image's own space), which differs from noising 3 copies."""
+    gray = np.ascontiguousarray(image[:, :64, :128].mean(axis=0, keepdims=True))
+    for method in ("denoisecertify", "segcertify"):
+        spec = spec_for(gray, method)
+        files = (models.segmenter, models.denoiser) if method == "denoisecertify" else (models.segcertify_segmenter,)
+        local = np.concatenate(list(onnx_runtime(spec, *files, batch_size=4).labels(gray, sigma=SIGMA, seed=2,
+                                                                                    start=0, count=6)))
+        with remote_runtime(served, spec, batch=4) as remote:
+            got = np.concatenate(list(remote.labels(gray, sigma=SIGMA, seed=2, start=0, count=6)))
+            as_rgb = np.concatenate(list(remote.labels(np.repeat(gray, 3, axis=0), sigma=SIGMA, seed=2, start=0,
+                                                       count=6)))
+        np.testing.assert_array_equal(got, local)
+        assert not np.array_equal(got, as_rgb)
 
 
 def test_a_region_whose_request_failed_is_never_reused(

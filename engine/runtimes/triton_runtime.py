@@ -416,8 +416,8 @@ class TritonRuntime:
     ) -> Iterator[np.ndarray]:
         """Label maps of samples ``start .. start+count`` of root seed ``seed``, in index order."""
         image = np.ascontiguousarray(image, dtype=np.float32)
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"the image must be (3, H, W), got {image.shape}")
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"the image must be (3, H, W) RGB or (1, H, W) gray, got {image.shape}")
         if "TIMESTEP" in self.pipeline.inputs and self.timestep is None:
             raise ValueError(f"{self.model} denoises: give the timestep t*")
         if "SEG_SIZE" in self.pipeline.inputs and self.seg_size is None:
@@ -465,17 +465,23 @@ class TritonRuntime:
 
     def request_batch(self, image_shape: Sequence[int]) -> int:
         """Samples per request for an image of ``image_shape`` (C, H, W): ``batch``, or fewer so that no request
-        makes more than ``max_request_bytes`` of noisy images (or segmenter inputs, when they are larger).
-        An image whose single sample exceeds the limit is refused in one line that says how to raise it."""
-        channels, height, width = (int(d) for d in image_shape)
+        makes more than ``max_request_bytes`` of noisy RGB images (or segmenter inputs, when they are larger).
+        An image whose single sample exceeds the limit, or whose upsampled class scores (K x H x W float32, which
+        the argmax step makes one sample at a time) do, is refused in one line that says how to raise it."""
+        _, height, width = (int(d) for d in image_shape)
         seg_pixels = 0 if self.seg_size is None else int(self.seg_size[0]) * int(self.seg_size[1])
-        per_sample = 4 * max(channels * height * width, 3 * seg_pixels)  # float32
-        if per_sample > self.max_request_bytes:
+        per_sample = 4 * 3 * max(height * width, seg_pixels)  # float32 RGB: noisy copy or segmenter input
+        scores = 4 * self.pipeline.num_classes * height * width
+        if max(per_sample, scores) > self.max_request_bytes:
             tightest = min(self.pipelines, key=lambda p: p.max_request_bytes).address
+            what = (f"one sample takes {per_sample} bytes (float32 3x{height}x{width}"
+                    f"{f', segmenter input 3x{self.seg_size[0]}x{self.seg_size[1]}' if seg_pixels else ''})"
+                    if per_sample >= scores else
+                    f"its upsampled class scores take {scores} bytes per sample (float32 "
+                    f"{self.pipeline.num_classes}x{height}x{width})")
             raise ServerError(
-                f"one sample of this {height}x{width} image takes {per_sample} bytes (float32 {channels}x{height}x"
-                f"{width}{f', segmenter input 3x{self.seg_size[0]}x{self.seg_size[1]}' if seg_pixels else ''}), "
-                f"more than the {self.max_request_bytes}-byte request limit of {tightest} ({MAX_REQUEST_BYTES}); "
+                f"this {height}x{width} image is too large for one request: {what}, more than the "
+                f"{self.max_request_bytes}-byte request limit of {tightest} ({MAX_REQUEST_BYTES}); "
                 "raise it where the repository is built (certseg serve --max-request-bytes N, or certseg-export "
                 "--max-request-bytes N) or certify a smaller image"
             )

@@ -8,6 +8,7 @@ through DLPack; CPU instances go through numpy.
 from __future__ import annotations
 
 import json
+import math
 import traceback
 from collections.abc import Callable, Mapping
 
@@ -31,6 +32,19 @@ class Step:
         threads = int(self.parameter("torch_threads", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
+        self.max_request_bytes = int(self.parameter("max_request_bytes", "0")) or None
+        """The repository's per-request limit on one float32 tensor a step makes (None: unchecked)."""
+
+    def check_bytes(self, what: str, shape: tuple[int, ...]) -> None:
+        """Refuse, before allocating it, a float32 tensor of ``shape`` above the repository's request limit."""
+        if any(int(side) < 1 for side in shape):
+            raise ValueError(f"{what} must have every side >= 1, got {tuple(shape)}")
+        needed = 4 * math.prod(int(side) for side in shape)
+        if self.max_request_bytes is not None and needed > self.max_request_bytes:
+            raise ValueError(
+                f"{what} {'x'.join(map(str, shape))} float32 = {needed} bytes exceeds this repository's "
+                f"max_request_bytes = {self.max_request_bytes} (certseg serve / certseg-export --max-request-bytes N)"
+            )
 
     def parameter(self, key: str, default: str | None = None) -> str:
         value = self.config.get("parameters", {}).get(key, {}).get("string_value")

@@ -15,8 +15,9 @@ class TritonPythonModel:
     def run(self, request):
         step = self.step
         noisy = step.tensor(request, "NOISY")
-        return {"SEG_INPUT": segmenter_input(noisy, step.sizes(request, "SEG_SIZE")),
-                "SAMPLE_VALID": finite_samples(noisy).cpu()}
+        size = step.sizes(request, "SEG_SIZE")
+        step.check_bytes("the segmenter input", (len(noisy), 3, *size))
+        return {"SEG_INPUT": segmenter_input(noisy, size), "SAMPLE_VALID": finite_samples(noisy).cpu()}
 
     def execute(self, requests):
         return [self.step.respond(request, self.run) for request in requests]

@@ -17,6 +17,7 @@ class TritonPythonModel:
         step = self.step
         size = step.sizes(request, "SEG_SIZE")
         eps = step.tensor(request, "EPS")
+        step.check_bytes("the segmenter input", (len(eps), 3, *size))
         clean = denoiser_output(
             step.tensor(request, "X_T"), eps, int(step.scalar(request, "TIMESTEP")),
             out_size=size, antialias=bool(step.scalar(request, "ANTIALIAS")),
