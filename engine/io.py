@@ -180,7 +180,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, opacity:
 
 
 def write_rgb_png(path: Path, rgb: np.ndarray) -> None:
-    Image.fromarray(rgb, mode="RGB").save(path)
+    Image.fromarray(rgb, mode="RGB").save(path, format="PNG")
 
 
 def _jsonable(value: Any) -> Any:
@@ -199,8 +199,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def json_text(report: dict[str, Any]) -> str:
+    """The report as indented JSON: numpy values as numbers, paths as strings, non-finite floats as null."""
+    return json.dumps(_jsonable(report), indent=2) + "\n"
+
+
 def write_json(path: Path, report: dict[str, Any]) -> None:
     """Write atomically (temp file + rename) so an interrupted run never leaves half a report."""
     temporary = path.with_suffix(path.suffix + ".partial")
-    temporary.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    temporary.write_text(json_text(report))
     temporary.replace(path)
