@@ -95,7 +95,7 @@ def check_output_folder(out_dir: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        what = "--out" if existing == out_dir else f"--out {out_dir}: {existing}"
+        what = f"--out {out_dir}" if existing == out_dir else f"--out {out_dir}: {existing}"
         raise InputError(f"{what} is a file, not a folder")
     try:
         with tempfile.TemporaryFile(dir=existing):
