@@ -10,8 +10,10 @@ from __future__ import annotations
 from certseg.engine.errors import InputError
 
 DEFAULT_MAX_PIXELS = 1 << 22
-"""4,194,304 pixels (2048×2048, twice a 1024×2048 Cityscapes image). With the shipped models a sample costs about
-250 bytes per pixel, so a batch of 16 at this size needs about 17 GB: the default batch fits a 24 GB machine."""
+"""4,194,304 pixels (2048×2048, twice a 1024×2048 Cityscapes image), chosen so that the default batch fits a 24 GB
+machine: with the shipped models a sample costs 234 bytes per pixel in tensors, and ``certseg.engine.memory``
+estimates 22.2 GB for a batch of 16 at this size, margins included (real runs peak about 1.3× below their
+estimate). Larger images need ``--max-pixels`` and, usually, a smaller ``--batch``."""
 
 
 def check_pixel_limit(width: int, height: int, max_pixels: int | None, source: object = None) -> None:
