@@ -70,7 +70,7 @@ def _pillow_bomb_check_off() -> Iterator[None]:
 def _existing_file(path: str | Path, kind: str) -> Path:
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{path}: is a folder, not an {kind} file (give one {kind} file)")
+        raise InputError(f"{path}: is a folder; give one {kind} file (a folder of images is not supported yet)")
     if not path.is_file():
         raise InputError(f"{path}: no such {kind} file")
     return path
