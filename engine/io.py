@@ -88,9 +88,16 @@ def open_checked(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
 
 
 def _exif_orientation(path: Path) -> int:
-    """The EXIF orientation tag (1 = upright) of a file, read by Pillow from the header chunks only."""
+    """The EXIF orientation tag (1 = upright) of a 16-bit PNG, from an eXIf chunk before the image data (where
+    the PNG specification puts it). Read from ``info``: Pillow's ``getexif`` would decode the whole image to
+    look for one after the data."""
     with _pillow_bomb_check_off(), Image.open(path) as image:
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    orientation = exif.get(ExifTags.Base.Orientation, 1)
     return int(orientation) if orientation in _ORIENT else 1
 
 

@@ -167,3 +167,17 @@ def test_16bit_png_orientation_matches_pillows_exif_transpose(tmp_path: Path, or
 def _with_exif(image: Image.Image, exif: bytes) -> Image.Image:
     image.info["exif"] = exif
     return image
+
+
+def test_16bit_png_orientation_is_read_without_a_second_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """certseg decodes 16-bit PNGs itself; Pillow only reads their header chunks (for an eXIf chunk)."""
+    from PIL import PngImagePlugin
+
+    samples = np.arange(4 * 5 * 3, dtype=np.uint16).reshape(4, 5, 3)
+    (tmp_path / "deep.png").write_bytes(encode_png(samples, 2))
+
+    def no_decode(self: object) -> None:
+        raise AssertionError("Pillow decoded the image")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
+    np.testing.assert_array_equal(np.round(read_image(tmp_path / "deep.png") * 65535).transpose(1, 2, 0), samples)
