@@ -1,12 +1,15 @@
 """Whether certifying an image fits in memory, decided before the first forward pass.
 
-The bytes one sample needs grow linearly with the image's pixels (noise, noisy copy, the segmenter's
-activations, full-size logits), so a tiny probe run of the real label pipeline at two small sizes, with every
-tensor it allocates tracked, gives the slope and the intercept (the denoiser works at its own fixed size). Added
-to that are the per-image arrays the engine keeps on the host (counters, certificate, overlay), counted per
-pixel below. An image that cannot fit is refused in seconds with one line naming the estimate, the memory
-available and a ``--batch`` (or image size) that fits, instead of failing after minutes with a traceback.
-The first guard, the pixel limit checked from image headers, is ``certseg.engine.limits``.
+The bytes one sample holds after each op of the label pipeline grow linearly with the image's pixels (noise,
+noisy copy, the segmenter's activations, full-size logits; the denoiser works at its own fixed size), so two
+tiny probe runs of the real pipeline, with every tensor they allocate tracked, give one line per op, and the
+peak at any size is the highest of those lines (``probe_pipeline_memory``). Added to that are the per-image
+arrays the engine keeps on the host (counters, certificate, overlay), counted per pixel below, a margin and a
+fixed overhead, both measured against the peak resident memory of real runs (``tests/test_memory.py``).
+
+An image that cannot fit is refused in seconds with one line naming the estimate, the memory available and a
+``--batch`` (or image size) that fits, instead of failing after minutes with a traceback. The first guard, the
+pixel limit checked from image headers, is ``certseg.engine.limits``.
 """
 
 from __future__ import annotations
@@ -28,9 +31,8 @@ from torch.utils._pytree import tree_flatten
 
 from certseg.engine.cache import cache_dir
 from certseg.engine.errors import InputError
-from certseg.engine.limits import DEFAULT_MAX_PIXELS
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MemoryEstimate", "PipelineMemory", "estimate_memory", "probe_pipeline_memory"]
+__all__ = ["MemoryEstimate", "PipelineMemory", "estimate_memory", "probe_pipeline_memory"]
 
 
 def format_bytes(count: float) -> str:
@@ -50,23 +52,39 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def host_available_bytes() -> int | None:
-    """Memory this process can still take: MemAvailable, capped by the cgroup's limit (containers); None if
-    unknown (not Linux)."""
+def _stat(path: Path, key: str) -> int:
+    """One field of a cgroup ``memory.stat`` file (0 when absent)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def host_available_bytes(
+    meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """Memory this process can still take: MemAvailable, capped by the headroom under the cgroup's limit
+    (containers; page cache that can be dropped counts as free); None if unknown (not Linux)."""
     available = None
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 available = int(line.split()[1]) * 1024
                 break
     except (OSError, ValueError, IndexError):
         return None
-    cgroup = Path("/sys/fs/cgroup")
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file, stat_file, inactive in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    ):
         limit, usage = _read_int(cgroup / limit_file), _read_int(cgroup / usage_file)
         if limit is not None and usage is not None and limit < (1 << 60):
-            headroom = max(0, limit - usage)
+            used = max(0, usage - _stat(cgroup / stat_file, inactive))
+            headroom = max(0, limit - used)
             available = headroom if available is None else min(available, headroom)
             break
     return available

@@ -162,3 +162,19 @@ def test_estimate_covers_the_measured_peak_of_a_real_run_within_a_sane_factor(me
     assert done.returncode == 0, done.stderr
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["growth"] <= measured["estimate"] <= 2.5 * measured["growth"], measured
+
+
+def test_available_memory_is_capped_by_the_cgroup_headroom(tmp_path: Path) -> None:
+    """MemAvailable of the host, and a container's limit minus what it uses (droppable page cache not counted)."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683652 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert memory.host_available_bytes(meminfo, cgroup) == 20000000 * 1024
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text(f"{3 << 30}\n")
+    assert memory.host_available_bytes(meminfo, cgroup) == 20000000 * 1024  # no limit
+    (cgroup / "memory.max").write_text(f"{8 << 30}\n")
+    (cgroup / "memory.stat").write_text(f"anon {2 << 30}\ninactive_file {1 << 30}\nactive_file 5\n")
+    assert memory.host_available_bytes(meminfo, cgroup) == (8 << 30) - (3 << 30) + (1 << 30)
+    assert memory.host_available_bytes(tmp_path / "no-such-file", cgroup) is None
