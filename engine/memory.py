@@ -136,7 +136,7 @@ class PipelineMemory:
     """How it was measured: the probe image sizes and peaks, for the record."""
 
     def per_sample(self, num_pixels: int) -> float:
-        return max(0.0, *(base + per_pixel * num_pixels for base, per_pixel in self.lines))
+        return max(0.0, max((base + per_pixel * num_pixels for base, per_pixel in self.lines), default=0.0))
 
 
 class LiveTensorBytes(TorchDispatchMode):

@@ -196,7 +196,8 @@ class Session:
 
         The label pipeline is probed once (``certseg.engine.memory``; cached per models and settings) on the
         torch models: the ONNX runtime runs graphs exported from them, so the torch probe in fp32 stands in for
-        it, with a larger margin.
+        it, with a larger margin. A model that cannot run at the probe's small sizes is not refused for that:
+        its estimate counts the engine's own arrays only, and the record says why.
         """
         if self.remote is not None:
             return None
@@ -207,9 +208,13 @@ class Session:
         key = (self.segmenter.sha256, None if self.denoiser is None else self.denoiser.sha256, s.method, s.scale,
                s.antialias, precision, str(device), onnx, s.noise_backend)
         if key not in _PIPELINE_MEMORY:
-            _PIPELINE_MEMORY[key] = cached_pipeline_memory(key, lambda: probe_pipeline_memory(
-                lambda size: self._probe_run(size, device, precision, channels_last=not onnx), s.scale
-            ))
+            try:
+                _PIPELINE_MEMORY[key] = cached_pipeline_memory(key, lambda: probe_pipeline_memory(
+                    lambda size: self._probe_run(size, device, precision, channels_last=not onnx), s.scale
+                ))
+            except (RuntimeError, ValueError) as error:  # a model that cannot run at the probe's small sizes
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                _PIPELINE_MEMORY[key] = PipelineMemory((), {"failed": f"{type(error).__name__}: {first}"})
         batch = min(s.batch, max(s.n0, s.n))
         return estimate_memory(_PIPELINE_MEMORY[key], image_size, batch=batch,
                                device="cpu" if device.type == "cpu" else str(device), num_classes=self.num_classes,

@@ -178,3 +178,21 @@ def test_available_memory_is_capped_by_the_cgroup_headroom(tmp_path: Path) -> No
     (cgroup / "memory.stat").write_text(f"anon {2 << 30}\ninactive_file {1 << 30}\nactive_file 5\n")
     assert memory.host_available_bytes(meminfo, cgroup) == (8 << 30) - (3 << 30) + (1 << 30)
     assert memory.host_available_bytes(tmp_path / "no-such-file", cgroup) is None
+
+
+@needs_shipped
+def test_a_model_that_cannot_run_at_the_probe_sizes_is_not_refused_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))  # nothing probed before, on disk or in this process
+    monkeypatch.setattr(session_module, "_PIPELINE_MEMORY", {})
+    session = Session.open(Settings(method="segcertify"))
+
+    def cannot_run(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("input too small for this model\nsecond line")
+
+    monkeypatch.setattr(session, "_probe_run", cannot_run)
+    estimate = session.memory_estimate((128, 256))
+    assert estimate is not None and estimate.pipeline.per_sample(10**6) == 0.0
+    assert estimate.record()["pipeline"]["failed"] == "RuntimeError: input too small for this model"
+    estimate.check()  # the engine's own arrays fit
