@@ -21,8 +21,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from certseg.engine.cli_common import fail
+from certseg.engine.cli_common import fail, interruptible
 from certseg.engine.errors import CertsegError
+from certseg.engine.limits import DEFAULT_MAX_PIXELS
 
 MULTI_VALUE_OPTIONS: tuple[str, ...] = ("--method", "--sigma", "--scale")
 
@@ -88,6 +89,7 @@ def _print_table(console: Console, title: str, header: list[str], body: list[lis
 
 
 @app.command()
+@interruptible("certseg-bench: interrupted (finished entries are kept; rerun to resume)")
 def bench(
     images: Annotated[int, typer.Option(help="number of protocol images (the paper: 100)")] = 100,
     dataset: Annotated[DatasetChoice | None, typer.Option(help="default: procedural, or detected from --root")] = None,
@@ -123,6 +125,8 @@ def bench(
     stage_timing: Annotated[bool, typer.Option(help="split time into stages")] = True,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    max_pixels: Annotated[int, typer.Option(
+        help="refuse images and label maps with more pixels, from their header, before decoding")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Run every (image × method × σ × scale), print the paper's tables, write DIR/results.jsonl (resumable).
 
@@ -156,7 +160,7 @@ def bench(
                 scales=tuple(scale or (1.0,)), n0=n0, n=n, alpha=alpha, tau=tau, fwer=fwer, segmenter=segmenter,
                 denoiser=denoiser, runtime=runtime.value, device=device, precision=precision, batch=batch,
                 t_rule=t_rule, antialias=antialias, seed=seed, out=out, baseline=baseline, save_labels=save_labels,
-                stage_timing=stage_timing, threads=threads,
+                stage_timing=stage_timing, threads=threads, max_pixels=max_pixels,
             )
             run = prepare(config)
             entries = execute(run, show_progress=not quiet)

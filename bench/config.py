@@ -19,6 +19,7 @@ import numpy as np
 
 from certseg.engine.errors import InputError
 from certseg.engine.label_pipeline import METHODS
+from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.session import Settings
 
 VARIANTS: tuple[str, ...] = ("engine", "baseline")
@@ -76,6 +77,8 @@ class BenchConfig:
     save_labels: bool = False
     stage_timing: bool = True
     threads: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images and label maps with more pixels are refused from their header, before decoding."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

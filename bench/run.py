@@ -76,6 +76,7 @@ def prepare(config: BenchConfig) -> BenchRun:
     dataset = open_dataset(
         config.dataset, config.root, images=config.images, data_seed=config.data_seed,
         scene_size=config.scene_size, write_data=config.write_data, resize=config.resize,
+        max_pixels=config.max_pixels,
     )
     items = dataset.take(config.images)
     device = resolve_device(config.device)

@@ -1,21 +1,27 @@
 """What ``certseg certify`` does: read, validate, certify with a progress bar, write the three outputs.
 
 In-process or against Triton servers (``servers``): the same session interface, the same outputs, and in
-both cases nothing is written unless certification finished.
+both cases nothing is written unless certification finished. Everything that can be checked before sampling
+is: the image and label sizes (from their headers), the output folder, the label values against the model's
+classes, and whether the run fits in memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from certseg.engine.errors import InputError
 from certseg.engine.io import default_palette, read_image, read_labels
-from certseg.engine.metrics import CertifiedMetrics
+from certseg.engine.limits import DEFAULT_MAX_PIXELS
+from certseg.engine.metrics import DATASET_MIOU, PER_IMAGE_MIOU, CertifiedMetrics, check_target
 from certseg.engine.outputs import (
     certificate_summary,
+    check_output_folder,
     class_names,
     output_paths,
     per_class_counts,
@@ -56,6 +62,8 @@ class CertifyRequest:
     in_flight: int = 2
     shared_memory: str = "auto"
     retries: int = 3
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images and label maps with more pixels are refused from their header, before decoding."""
 
     def settings(self) -> Settings:
         return Settings(
@@ -76,18 +84,21 @@ def _progress_bar() -> Progress:
 
 def run_certify(request: CertifyRequest) -> str:
     """Certify one image; returns a one-line summary. Outputs are written only after success."""
-    image = read_image(request.image)
+    image = read_image(request.image, max_pixels=request.max_pixels)
     settings = request.settings()
     settings.validate(image.shape[1] * image.shape[2])
-    target = read_labels(request.labels) if request.labels is not None else None
+    target = read_labels(request.labels, max_pixels=request.max_pixels) if request.labels is not None else None
     if target is not None and target.shape != image.shape[1:]:
         raise InputError(f"{request.labels}: label map is {target.shape}, image is {image.shape[1:]}")
+    check_output_folder(request.out)
     if request.servers:
         session = Session.connect(settings, request.servers, in_flight=request.in_flight,
                                   shared_memory=request.shared_memory, retries=request.retries)  # type: ignore[arg-type]
     else:
         session = Session.open(settings)
     try:
+        if target is not None:
+            check_target(target, session.num_classes, request.ignore_index, request.labels)
         if request.progress:
             with _progress_bar() as bar:
                 task = bar.add_task("certify", total=settings.n0 + settings.n)
@@ -109,9 +120,7 @@ def run_certify(request: CertifyRequest) -> str:
         "versions": versions(),
     }
     if target is not None:
-        metrics = CertifiedMetrics(result.num_classes, ignore_index=request.ignore_index)
-        metrics.update(result.labels, target)
-        report["metrics"] = metrics.summary() | {"per_class_iou": metrics.per_class_iou.tolist()}
+        report["metrics"] = image_metrics(result.labels, target, result.num_classes, request.ignore_index)
     palette = session.segmenter.extra.get("palette")
     stem = request.image.stem
     paths = write_outputs(
@@ -127,14 +136,28 @@ def run_certify(request: CertifyRequest) -> str:
         summary += (f"; WARNING: non-finite model outputs in {invalid['selection_samples']} selection and "
                     f"{invalid['estimation_samples']} estimation samples made their pixels abstain")
     if "metrics" in report:
+        mean_iou = report["metrics"]["mean_iou"]
         summary += (f"; certified accuracy {report['metrics']['certified_accuracy']:.3f}, "
-                    f"mIoU {report['metrics']['mean_iou']:.3f}")
+                    f"mIoU {'n/a' if mean_iou != mean_iou else f'{mean_iou:.3f}'}")
     return summary
 
 
-def _palette(colours: list[list[int]], num_classes: int):
-    import numpy as np
+def image_metrics(labels: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int) -> dict[str, Any]:
+    """One image's certified accuracy and mIoU; the mIoU averages the classes present in the labels or the
+    prediction (``mean_iou_all_classes``: the dataset convention of ``certseg-bench``, absent classes as 0)."""
+    metrics = CertifiedMetrics(num_classes, ignore_index=ignore_index)
+    metrics.update(labels, target)
+    return metrics.summary() | {
+        "mean_iou": metrics.mean_iou_present,
+        "mean_iou_convention": PER_IMAGE_MIOU,
+        "mean_iou_all_classes": metrics.mean_iou,
+        "mean_iou_all_classes_convention": DATASET_MIOU,
+        "classes_present": metrics.present_classes.tolist(),
+        "per_class_iou": metrics.per_class_iou.tolist(),
+    }
 
+
+def _palette(colours: list[list[int]], num_classes: int) -> np.ndarray:
     array = np.asarray(colours, dtype=np.uint8)
     return array if len(array) == num_classes else default_palette(num_classes)
 

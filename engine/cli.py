@@ -14,9 +14,17 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from certseg.engine.cli_common import FwerChoice, MethodChoice, PrecisionChoice, ProfileChoice, RuleChoice
+from certseg.engine.cli_common import (
+    FwerChoice,
+    MethodChoice,
+    PrecisionChoice,
+    ProfileChoice,
+    RuleChoice,
+    interruptible,
+)
 from certseg.engine.cli_common import fail as fail_with
 from certseg.engine.errors import CertsegError
+from certseg.engine.limits import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
@@ -58,6 +66,7 @@ def main_callback() -> None:
 
 
 @app.command()
+@interruptible("certseg: interrupted")
 def certify(
     image: Annotated[Path, typer.Argument(help="image to certify (PNG 8/16-bit, JPEG; RGB, RGBA or gray)")],
     sigma: Annotated[float, typer.Option(help="noise level σ in [0,1] pixel space")] = 0.25,
@@ -94,6 +103,9 @@ def certify(
     shared_memory: Annotated[SharedMemoryChoice, typer.Option(
         help="system shared memory with --servers on this machine")] = SharedMemoryChoice.auto,
     retries: Annotated[int, typer.Option(help="retries of a failed --server batch before the run stops")] = 3,
+    max_pixels: Annotated[int, typer.Option(
+        help="refuse images and label maps with more pixels, from their header, before decoding (the default "
+        "fits the default --batch in 24 GB)")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Certify every pixel of IMAGE: a class that provably holds within L2 radius R, or abstain."""
     from certseg.engine.certify_command import CertifyRequest, run_certify
@@ -105,6 +117,7 @@ def certify(
         antialias=antialias, noise_backend=noise_backend.value, non_finite=non_finite.value,
         ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()),
         in_flight=in_flight, shared_memory=shared_memory.value, retries=retries,
+        max_pixels=max_pixels,
     )
     started = time.perf_counter()
     try:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from enum import StrEnum
-from typing import NoReturn
+from typing import NoReturn, ParamSpec, TypeVar
 
 import typer
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class MethodChoice(StrEnum):
@@ -40,3 +45,24 @@ def fail(program: str, message: str, code: int = 2) -> NoReturn:
     text = message.strip()
     typer.echo(f"{program}: error: {text.splitlines()[0] if text else 'failed'}", err=True)
     raise typer.Exit(code)
+
+
+def interruptible(message: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Ctrl-C anywhere in the decorated command: ``message`` on stderr and exit code 130.
+
+    Caught inside the command because Typer turns a KeyboardInterrupt that reaches it into a silent exit 130, so
+    a handler around ``app()`` never runs.
+    """
+
+    def decorate(command: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(command)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                typer.echo(message, err=True)
+                raise typer.Exit(130) from None
+
+        return run
+
+    return decorate

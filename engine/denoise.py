@@ -12,6 +12,7 @@ matched, for results to store.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,15 +58,34 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return height, width
 
 
+_COMB_ELEMENTS = 1 << 22
+"""float64 values per resize call in ``_axis_row_sq_norms`` (32 MiB), whatever the image size."""
+
+
 def _axis_row_sq_norms(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     """Squared row norms of the 1-D operator that ``stages.resize`` applies along one axis (n_out,).
 
-    Resizes the n_in one-hot bases along H with W kept at 2 -> 2 (an identity axis). Not W = 1: torch 2.13's
-    CPU antialiased bilinear gives wrong weights for width-1 images (every output row equals the first).
+    Resizing the one-hot basis e_i gives column i of the operator A, but n_in such bases hold n_in² values
+    (2.3 GB for a 12000-pixel side). A row of A is nonzero only on a window of input pixels narrower than
+    ``spacing`` (bilinear: 2; antialiased downscaling by r: at most 2r + 1), so a "comb" of bases spaced
+    ``spacing`` apart meets each row at most once: every output value of a resized comb is a single entry
+    A[b, i], and the squares summed over all ``spacing`` combs are the squared row norms. The combs are
+    resized in groups of at most ``_COMB_ELEMENTS`` values, so memory is linear in the side, and the
+    entries are torch's own weights. Resized along H with W kept at 2 -> 2 (an identity axis). Not W = 1:
+    torch 2.13's CPU antialiased bilinear gives wrong weights for width-1 images (every output row equals
+    the first).
     """
-    basis = torch.eye(n_in, dtype=torch.float64)[:, None, :, None].expand(n_in, 1, n_in, 2).contiguous()
-    columns = resize(basis, (n_out, 2), antialias=antialias)[:, 0, :, 0]  # (n_in, n_out): A[i, b] at [b, i]
-    return (columns**2).sum(dim=0).numpy()
+    spacing = min(n_in, 2 * math.ceil(n_in / n_out) + 3)
+    per_call = max(1, _COMB_ELEMENTS // (2 * n_in))
+    positions = torch.arange(n_in) % spacing
+    total = torch.zeros(n_out, dtype=torch.float64)
+    for first in range(0, spacing, per_call):
+        offsets = torch.arange(first, min(first + per_call, spacing))
+        combs = (positions[None, :] == offsets[:, None]).to(torch.float64)  # (combs, n_in)
+        combs = combs[:, None, :, None].expand(-1, 1, n_in, 2).contiguous()
+        values = resize(combs, (n_out, 2), antialias=antialias)[:, 0, :, 0]  # (combs, n_out)
+        total += (values**2).sum(dim=0)
+    return total.numpy()
 
 
 @lru_cache(maxsize=64)

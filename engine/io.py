@@ -1,33 +1,43 @@
 """Reading images and label maps, writing certified label maps, overlays and JSON reports.
 
-Images become (3, H, W) float32 in [0, 1]: 8-bit and 16-bit PNG, JPEG; RGB, RGBA (alpha dropped) and
-grayscale (replicated to 3 channels). Certified label maps are written as palette PNGs whose pixel values are
+Images become (C, H, W) float32 in [0, 1]: 8-bit and 16-bit PNG, JPEG; RGB and RGBA (alpha dropped) as C = 3,
+grayscale (with or without alpha) as C = 1, so that a gray image is certified in its own pixel space (the runtimes
+replicate it to RGB after the noise). Certified label maps are written as palette PNGs whose pixel values are
 the class ids (abstain = K), so they are both machine-readable and visible.
+
+Images and label maps are checked against a pixel limit from their header, before any pixel is decoded, and
+are turned upright by their EXIF orientation tag, as image viewers show them: the pixels certified are the
+ones a person looks at, and a label map drawn over the upright image stays aligned with it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from certseg.engine.errors import InputError
+from certseg.engine.limits import DEFAULT_MAX_PIXELS, check_pixel_limit
 from certseg.engine.png16 import read_png16
 
 ABSTAIN_COLOUR = (255, 255, 255)
 
 
-def _to_rgb(array: np.ndarray, max_value: float, path: Path) -> np.ndarray:
-    """(H, W[, C]) integers -> (3, H, W) float32 in [0, 1]; gray is replicated, alpha dropped."""
+def _to_channels(array: np.ndarray, max_value: float, path: Path) -> np.ndarray:
+    """(H, W[, C]) integers -> (C, H, W) float32 in [0, 1]: (1, H, W) for gray, (3, H, W) for colour; alpha
+    dropped. Gray is not replicated here: three copies would each get their own noise and certify a radius that is
+    only R/sqrt(3) in the gray image's own space."""
     if array.ndim == 2:
         array = array[:, :, None]
     channels = array.shape[2]
     if channels in (1, 2):  # gray, gray + alpha
-        array = np.repeat(array[:, :, :1], 3, axis=2)
+        array = array[:, :, :1]
     elif channels == 4:
         array = array[:, :, :3]
     elif channels != 3:
@@ -35,45 +45,108 @@ def _to_rgb(array: np.ndarray, max_value: float, path: Path) -> np.ndarray:
     return np.ascontiguousarray((array.astype(np.float32) / np.float32(max_value)).transpose(2, 0, 1))
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as (3, H, W) float32 in [0, 1] pixel space, keeping 16-bit precision."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such image file")
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180°
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.swapaxes(0, 1),  # transposed
+    6: lambda a: np.rot90(a, -1),  # rotated 90° clockwise to be upright
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],  # transversed
+    8: lambda a: np.rot90(a, 1),  # rotated 90° counter-clockwise to be upright
+}
+"""EXIF orientation -> the (H, W, ...) array operation that ``ImageOps.exif_transpose`` performs (tested equal),
+for the 16-bit PNGs that certseg decodes itself."""
+
+
+@contextmanager
+def _pillow_bomb_check_off() -> Iterator[None]:
+    """Pillow's own decompression-bomb check off while certseg's pixel limit, checked right after the header is
+    read, applies instead: Pillow's would raise (a traceback) or warn, and refuse sizes a user allowed."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        deep = read_png16(path)
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _existing_file(path: str | Path, kind: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give one {kind} file (a folder of images is not supported yet)")
+    if not path.is_file():
+        raise InputError(f"{path}: no such {kind} file")
+    return path
+
+
+@contextmanager
+def open_checked(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[Image.Image]:
+    """A decoded Pillow image: size checked against ``max_pixels`` from the header before decoding, EXIF
+    orientation applied."""
+    with _pillow_bomb_check_off(), Image.open(path) as image:
+        check_pixel_limit(*image.size, max_pixels, source=path)
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        yield image
+
+
+def _exif_orientation(path: Path) -> int:
+    """The EXIF orientation tag (1 = upright) of a 16-bit PNG, from an eXIf chunk before the image data (where
+    the PNG specification puts it). Read from ``info``: Pillow's ``getexif`` would decode the whole image to
+    look for one after the data."""
+    with _pillow_bomb_check_off(), Image.open(path) as image:
+        raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    orientation = exif.get(ExifTags.Base.Orientation, 1)
+    return int(orientation) if orientation in _ORIENT else 1
+
+
+def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as (3, H, W) RGB or (1, H, W) gray float32 in [0, 1], keeping 16-bit precision.
+
+    Refused before decoding when it has more than ``max_pixels`` pixels (None: no limit); turned upright by
+    its EXIF orientation.
+    """
+    path = _existing_file(path, "image")
+    try:
+        deep = read_png16(path, max_pixels=max_pixels)
         if deep is not None:
-            return _to_rgb(deep, 65535.0, path)
-        with Image.open(path) as image:
-            image.load()
+            orientation = _exif_orientation(path)
+            return _to_channels(_ORIENT[orientation](deep) if orientation != 1 else deep, 65535.0, path)
+        with open_checked(path, max_pixels) as image:
             mode = image.mode
             if mode in ("I;16", "I;16B", "I;16L"):
-                return _to_rgb(np.asarray(image, dtype=np.uint16), 65535.0, path)
+                return _to_channels(np.asarray(image, dtype=np.uint16), 65535.0, path)
             if mode == "I":  # 16-bit gray decoded to 32-bit ints by some Pillow versions
-                return _to_rgb(np.asarray(image).astype(np.uint32), 65535.0, path)
-            if mode not in ("RGB", "RGBA", "L", "LA"):
+                return _to_channels(np.asarray(image).astype(np.uint32), 65535.0, path)
+            if mode == "1":  # bilevel: gray
+                image = image.convert("L")
+            elif mode not in ("RGB", "RGBA", "L", "LA"):
                 image = image.convert("RGBA" if "A" in mode or "transparency" in image.info else "RGB")
-            return _to_rgb(np.asarray(image), 255.0, path)
+            return _to_channels(np.asarray(image), 255.0, path)
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise InputError(f"{path}: not a readable image ({error.__class__.__name__}: {error})") from None
 
 
-def read_labels(path: str | Path) -> np.ndarray:
-    """Read a label PNG (class ids per pixel, 255 = ignore) as a 2-D integer array."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such label file")
+def read_labels(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read a label PNG (class ids per pixel, 255 = ignore) as a 2-D integer array.
+
+    The same pixel limit and EXIF orientation as ``read_image``, so labels stay aligned with their image.
+    """
+    path = _existing_file(path, "label")
     try:
-        with Image.open(path) as image:
-            image.load()
+        with open_checked(path, max_pixels) as image:
             if image.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
                 raise InputError(f"{path}: label maps must be single-channel (got mode {image.mode})")
             return np.asarray(image).astype(np.int64 if image.mode.startswith("I") else np.uint8)
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise InputError(f"{path}: not a readable label map ({error.__class__.__name__}: {error})") from None
 
 
@@ -96,12 +169,12 @@ def write_label_png(path: Path, labels: np.ndarray, palette: np.ndarray) -> None
     """Palette PNG: pixel value = class id (abstain = K, drawn white); uint16 grayscale when K + 1 > 256."""
     num_entries = len(palette) + 1
     if num_entries > 256:
-        Image.fromarray(labels.astype(np.uint16)).save(path)
+        Image.fromarray(labels.astype(np.uint16)).save(path, format="PNG")
         return
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
     colours = np.concatenate([palette, np.array([ABSTAIN_COLOUR], dtype=np.uint8)])
     image.putpalette(colours.ravel().tolist())
-    image.save(path)
+    image.save(path, format="PNG")
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, opacity: float = 0.55) -> np.ndarray:
@@ -119,7 +192,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, opacity:
 
 
 def write_rgb_png(path: Path, rgb: np.ndarray) -> None:
-    Image.fromarray(rgb, mode="RGB").save(path)
+    Image.fromarray(rgb, mode="RGB").save(path, format="PNG")
 
 
 def _jsonable(value: Any) -> Any:
@@ -138,8 +211,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def json_text(report: dict[str, Any]) -> str:
+    """The report as indented JSON: numpy values as numbers, paths as strings, non-finite floats as null."""
+    return json.dumps(_jsonable(report), indent=2) + "\n"
+
+
 def write_json(path: Path, report: dict[str, Any]) -> None:
     """Write atomically (temp file + rename) so an interrupted run never leaves half a report."""
     temporary = path.with_suffix(path.suffix + ".partial")
-    temporary.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    temporary.write_text(json_text(report))
     temporary.replace(path)

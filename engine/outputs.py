@@ -1,8 +1,18 @@
-"""The files a certification leaves behind: certified label PNG, overlay PNG and a JSON report that re-makes it."""
+"""The files a certification leaves behind: certified label PNG, overlay PNG and a JSON report that re-makes it.
+
+All or nothing: the three files are written to temporary files in the output folder and renamed into place only
+when all are complete, the JSON last. Its presence means the run completed, and it names the sha256 of the two
+PNGs it vouches for. The folder is checked before certification starts, so a bad ``--out`` fails in seconds.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
+import tempfile
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -10,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from certseg.engine.io import default_palette, overlay, write_json, write_label_png, write_rgb_png
+from certseg.engine.errors import InputError
+from certseg.engine.io import default_palette, json_text, overlay, write_label_png, write_rgb_png
 from certseg.engine.pipeline import CertifiedSegmentation
 
 CITYSCAPES_CLASSES = (
@@ -73,6 +84,44 @@ def output_paths(out_dir: Path, stem: str) -> OutputPaths:
     return OutputPaths(out_dir / f"{stem}.certified.png", out_dir / f"{stem}.overlay.png", out_dir / f"{stem}.json")
 
 
+def check_output_folder(out_dir: Path) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be written (nothing is created).
+
+    The folder itself, or the nearest folder above it that exists (``write_outputs`` creates the rest), gets a
+    temporary file that disappears at once: the only sure test of "writable" (permissions, read-only mounts).
+    """
+    out_dir = Path(out_dir)
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = f"--out {out_dir}" if existing == out_dir else f"--out {out_dir}: {existing}"
+        raise InputError(f"{what} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise InputError(f"--out {out_dir}: cannot write in {existing} ({error.strerror or error})") from None
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _staged(out_dir: Path, final: Path, write: Callable[[Path], None]) -> Path:
+    """``write`` to a new temporary file beside ``final`` (hidden, same folder so renaming is atomic), synced."""
+    temporary = out_dir / f".{final.name}.{uuid.uuid4().hex[:12]}.partial"
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the usual mode (umask), not 0600
+    try:
+        write(temporary)
+        with temporary.open("rb+") as file:
+            os.fsync(file.fileno())  # a full disk must fail here, not after the rename
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
+
+
 def write_outputs(
     out_dir: Path,
     stem: str,
@@ -81,11 +130,30 @@ def write_outputs(
     report: dict[str, Any],
     palette: np.ndarray | None = None,
 ) -> OutputPaths:
-    """Write the three files; the JSON last, so its presence means the run completed."""
+    """Write the three files all or nothing; the JSON last, so its presence means the run completed.
+
+    Every file is first written to a temporary file in ``out_dir``. A failure there (a full disk) removes the
+    temporary files and leaves an earlier run's outputs as they were. Then the earlier JSON is removed before
+    any PNG is replaced, and the new JSON (which records the sha256 of both PNGs) is renamed in last: a crash
+    between renames leaves no JSON rather than one that vouches for another run's maps.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = output_paths(out_dir, stem)
     palette = default_palette(result.num_classes) if palette is None else palette
-    write_label_png(paths.certified, result.labels, palette)
-    write_rgb_png(paths.overlay, overlay(image, result.labels, palette))
-    write_json(paths.report, report)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        certified = _staged(out_dir, paths.certified, lambda p: write_label_png(p, result.labels, palette))
+        staged.append((certified, paths.certified))
+        picture = overlay(image, result.labels, palette)
+        staged.append((_staged(out_dir, paths.overlay, lambda p: write_rgb_png(p, picture)), paths.overlay))
+        files = {"certified": {"file": paths.certified.name, "sha256": file_sha256(certified)},
+                 "overlay": {"file": paths.overlay.name, "sha256": file_sha256(staged[1][0])}}
+        text = json_text({**report, "outputs": files})
+        staged.append((_staged(out_dir, paths.report, lambda p: p.write_text(text)), paths.report))
+        paths.report.unlink(missing_ok=True)
+        for temporary, final in staged:
+            os.replace(temporary, final)
+    finally:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)  # only those not renamed are still there
     return paths

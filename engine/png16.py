@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from PIL import Image
 
 from certseg.engine.errors import InputError
+from certseg.engine.limits import DEFAULT_MAX_PIXELS, check_pixel_limit
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
@@ -51,19 +51,24 @@ class Header:
         return 2 * self.channels
 
 
-def read_png16(path: str | os.PathLike[str]) -> np.ndarray | None:
+def read_png16(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray | None:
     """(H, W, C) uint16 in native byte order for a 16-bit PNG; None for any other file (let Pillow read it).
 
-    Raises ``InputError`` (one line naming the file) when a 16-bit PNG is corrupt or truncated.
+    Raises ``InputError`` (one line naming the file) when a 16-bit PNG is corrupt or truncated, or when its
+    header says it has more than ``max_pixels`` pixels (checked before the file's data is read).
     """
     try:
-        loaded = load_scanlines(path)
+        loaded = load_scanlines(path, max_pixels)
         return None if loaded is None else decode_image(*loaded)
     except InputError as error:
         raise InputError(f"{path}: {error}") from None
 
 
-def load_scanlines(path: str | os.PathLike[str]) -> tuple[Header, np.ndarray] | None:
+def load_scanlines(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[Header, np.ndarray] | None:
     """The header and the inflated (still filtered) scanlines; the file's bytes are released on return."""
     with open(path, "rb") as file:
         head = file.read(33)  # signature + IHDR chunk: enough to leave every other file to Pillow
@@ -72,6 +77,7 @@ def load_scanlines(path: str | os.PathLike[str]) -> tuple[Header, np.ndarray] | 
         header = parse_header(head)
         if header is None:
             return None
+        check_pixel_limit(header.width, header.height, max_pixels)
         file.seek(0)
         data = file.read()
     expected = sum(height * (1 + width * header.bpp) for *_, width, height in pass_sizes(header))
@@ -91,9 +97,6 @@ def parse_header(head: bytes) -> Header | None:
         return None
     if not (0 < width <= _MAX_CHUNK and 0 < height <= _MAX_CHUNK):
         raise InputError(f"corrupt PNG: invalid size {width}x{height}")
-    limit = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb policy, so 8- and 16-bit files are treated alike
-    if limit is not None and width * height > 2 * limit:
-        raise InputError(f"image too large: {width}x{height} pixels exceeds twice PIL.Image.MAX_IMAGE_PIXELS")
     if compression != 0 or filtering != 0 or interlace not in (0, 1):
         raise InputError(
             f"corrupt PNG: unknown compression/filter/interlace methods ({compression}, {filtering}, {interlace})"

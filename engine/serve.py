@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,27 @@ from certseg.engine.errors import ServerError
 LOCALHOST = "127.0.0.1"
 _LOG_NOISE = ("NVML", "DCGM", "CudaDriverHelper", "CUDA driver", "cuda driver")
 """Error lines every start on a machine without a GPU logs; never the reason a start failed."""
+_GLOG_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+\s+[^\]\s]+\]\s?(.*)$")
+"""tritonserver's log lines: severity (Info, Warning, Error, Fatal), mmdd time thread file:line] message."""
+_PLAIN_ERROR = re.compile(r"^(?:(?:error|fatal)\b|\w*(?:Error|Exception): )", re.IGNORECASE)
+"""Error lines without a log prefix: "error: creating server: ...", a Python exception's last line."""
+
+
+def error_message(line: str) -> str | None:
+    """The message of an error line of a tritonserver log (first line, quotes stripped); None for any other
+    line: info and warning lines, GPU-monitoring noise of CPU-only machines, Python warnings."""
+    text = line.strip()
+    glog = _GLOG_LINE.match(text)
+    if glog is not None:
+        if glog.group(1) not in ("E", "F"):
+            return None
+        text = glog.group(2)
+    elif not _PLAIN_ERROR.match(text) or "Warning: " in text:
+        return None
+    message = text.strip().strip('"').split("\\n", 1)[0].strip().rstrip('"').strip()
+    if not message or any(noise in message for noise in _LOG_NOISE):
+        return None
+    return message
 
 
 @dataclass(frozen=True)
@@ -268,16 +290,15 @@ class TritonServer:
 
     def log_summary(self) -> str:
         """What went wrong, in one line: the last error lines of the log (the first line of each, without the
-        CPU-only machine's GPU-monitoring noise), plus the log's path."""
+        CPU-only machine's GPU-monitoring noise), plus the log's path. Never a warning or info line: those are
+        not why a server failed."""
         picked = []
         for line in self.log_tail(60):
-            if any(noise in line for noise in _LOG_NOISE):
-                continue
-            if line.startswith("E") or line.lower().startswith("error"):
-                message = line.split('] "', 1)[-1].split("\\n", 1)[0].rstrip('"').strip()
-                if message not in picked:
-                    picked.append(message)
-        return " | ".join(picked[-2:] or self.log_tail(1)) + f" (log: {self.log_path})"
+            message = error_message(line)
+            if message is not None and message not in picked:
+                picked.append(message)
+        reason = " | ".join(picked[-2:]) or "no error line in the log"
+        return f"{reason} (log: {self.log_path})"
 
     def stop(self) -> None:
         """SIGTERM to our server's PID, SIGKILL after the grace period; then remove its leftovers."""

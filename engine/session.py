@@ -19,10 +19,20 @@ import torch
 from certseg.engine.certify import validate_parameters
 from certseg.engine.errors import InputError
 from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec, make_spec
+from certseg.engine.memory import (
+    MARGIN,
+    ONNX_MARGIN,
+    PROBE_BATCH,
+    MemoryEstimate,
+    PipelineMemory,
+    cached_pipeline_memory,
+    estimate_memory,
+    probe_pipeline_memory,
+)
 from certseg.engine.models.registry import LoadedModel, default_model, load_model
 from certseg.engine.pipeline import CertifiedSegmentation, Progress, certified_space, certify_image
-from certseg.engine.runtimes.torch_runtime import resolve_device, torch_runtime
-from certseg.engine.sampling import Runtime
+from certseg.engine.runtimes.torch_runtime import autocast_label_fn, resolve_device, torch_runtime
+from certseg.engine.sampling import LocalRuntime, Runtime
 
 if TYPE_CHECKING:
     from certseg.engine.runtimes.triton_runtime import ServedModel, SharedMemory, TritonRuntime
@@ -66,6 +76,10 @@ class Settings:
 @lru_cache(maxsize=8)
 def _cached_model(ref: str, role: str, device: str) -> LoadedModel:
     return load_model(ref, role, device=device)  # type: ignore[arg-type]
+
+
+_PIPELINE_MEMORY: dict[tuple[Any, ...], PipelineMemory] = {}
+"""Probe results per (models, settings that change activations): each is measured once per process."""
 
 
 @dataclass
@@ -179,14 +193,65 @@ class Session:
         return onnx_runtime_from_export(spec, folder, precision=s.precision, expected_sha256=expected,
                                         batch_size=s.batch, noise_backend=s.noise_backend)
 
+    def memory_estimate(self, image_size: tuple[int, int]) -> MemoryEstimate | None:
+        """What certifying an image of ``image_size`` will need (None for Triton servers: they hold the memory).
+
+        The label pipeline is probed once (``certseg.engine.memory``; cached per models and settings) on the
+        torch models: the ONNX runtime runs graphs exported from them, so the torch probe in fp32 stands in for
+        it, with a larger margin. A model that cannot run at the probe's small sizes is not refused for that:
+        its estimate counts the engine's own arrays only, and the record says why.
+        """
+        if self.remote is not None:
+            return None
+        s = self.settings
+        onnx = s.runtime == "onnx"
+        device = torch.device("cpu") if onnx else torch.device(self.device)
+        precision = "fp32" if onnx else s.precision
+        key = (self.segmenter.sha256, None if self.denoiser is None else self.denoiser.sha256, s.method, s.scale,
+               s.antialias, precision, str(device), onnx, s.noise_backend)
+        if key not in _PIPELINE_MEMORY:
+            try:
+                _PIPELINE_MEMORY[key] = cached_pipeline_memory(key, lambda: probe_pipeline_memory(
+                    lambda size: self._probe_run(size, device, precision, channels_last=not onnx), s.scale
+                ))
+            except (RuntimeError, ValueError) as error:  # a model that cannot run at the probe's small sizes
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                _PIPELINE_MEMORY[key] = PipelineMemory((), {"failed": f"{type(error).__name__}: {first}"})
+        batch = min(s.batch, max(s.n0, s.n))
+        return estimate_memory(_PIPELINE_MEMORY[key], image_size, batch=batch,
+                               device="cpu" if device.type == "cpu" else str(device), num_classes=self.num_classes,
+                               numpy_noise=s.noise_backend == "numpy-philox", margin=ONNX_MARGIN if onnx else MARGIN)
+
+    def _probe_run(
+        self, size: tuple[int, int], device: torch.device, precision: str, *, channels_last: bool
+    ) -> Callable[[], object]:
+        """A call that pushes ``PROBE_BATCH`` samples of a ``size`` image through this session's pipeline."""
+        s = self.settings
+        spec = make_spec(
+            s.method, s.sigma, size, scale=s.scale, timestep_rule=s.t_rule, antialias=s.antialias,
+            denoiser_size=None if self.denoiser is None else self.denoiser.input_size,
+        )
+        pipeline = LabelPipeline(spec, self.segmenter.module, None if self.denoiser is None else self.denoiser.module)
+        # The torch runtime converts the models exactly so when it is built; ONNX exports them as loaded.
+        label_fn = autocast_label_fn(pipeline, device, precision) if channels_last else pipeline  # type: ignore[arg-type]
+        runtime = LocalRuntime(label_fn, batch_size=PROBE_BATCH, device=device, noise_backend=s.noise_backend)
+        image = np.full((3, *size), 0.5, dtype=np.float32)
+        return lambda: list(runtime.labels(image, sigma=s.sigma, seed=0, start=0, count=PROBE_BATCH))
+
     def certify(
         self, image: np.ndarray, *, seed: int | None = None, progress: Progress | None = None
     ) -> tuple[CertifiedSegmentation, dict[str, Any]]:
         """Certify one (3, H, W) RGB or (1, H, W) gray image; returns the result and the JSON-ready record of how
-        it was made."""
+        it was made.
+
+        Refused in seconds, before any sample, when the memory estimate says the image cannot fit.
+        """
         s = self.settings
         image_size = (int(image.shape[-2]), int(image.shape[-1]))
         s.validate(image_size[0] * image_size[1])
+        memory = self.memory_estimate(image_size)
+        if memory is not None:
+            memory.check()
         spec, runtime = self.runtime_for(image_size)
         stages_before = self.remote.statistics() if self.remote is not None else None
         started = time.perf_counter()
@@ -211,5 +276,6 @@ class Session:
             "timings": timings,
             "non_finite": result.non_finite,
             "certified_space": certified_space(int(image.shape[0])),
+            "memory": None if memory is None else memory.record(),
         }
         return result, record

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_io import png_header_only
 from typer.testing import CliRunner
 
 from certseg.bench import cli
@@ -158,7 +159,8 @@ def test_bench_20_images_match_certseg_certify(models: SimpleNamespace, tmp_path
         assert report["abstain_percent"] == pytest.approx(100 * entry["abstain_fraction"], abs=1e-12)
         assert report["metrics"]["certified_accuracy"] == pytest.approx(entry["metrics"]["certified_accuracy"],
                                                                         abs=1e-12)
-        assert report["metrics"]["mean_iou"] == pytest.approx(entry["metrics"]["mean_iou"], abs=1e-12)
+        # The bench keeps the dataset convention (all K classes); certify reports it as mean_iou_all_classes.
+        assert report["metrics"]["mean_iou_all_classes"] == pytest.approx(entry["metrics"]["mean_iou"], abs=1e-12)
     # The stage split accounts for the sampling time it splits.
     for entry in entries:
         stages = entry["timings"]["stages"]
@@ -337,3 +339,41 @@ def test_clear_errors_for_missing_data_and_mismatched_classes(models: SimpleName
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_images_over_the_pixel_limit_are_refused_from_their_header(models: SimpleNamespace, tmp_path: Path) -> None:
+    """--max-pixels applies to the bench's reads too: a label map whose header claims 14000x14000 is refused
+    before decoding (Pillow's own check would have raised), and so is a procedural --scene-size."""
+    root = tmp_path / "cityscapes"
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(_mkdir(root / "leftImg8bit/val/x") / "x_0_0_leftImg8bit.png")
+    png_header_only(_mkdir(root / "gtFine/val/x") / "x_0_0_gtFine_labelIds.png", 14000, 14000)
+    args = ["--images", "1", "--method", "segcertify", "--n", "40", "--alpha", "0.1", "--quiet", *models.args]
+    result = runner.invoke(cli.app, ["--root", str(root), "--out", str(tmp_path / "a"), *args])
+    assert result.exit_code == 2 and "14000x14000 = 196,000,000 pixels exceeds the limit of 4,194,304" in result.output
+    result = runner.invoke(cli.app, ["--root", str(root), "--out", str(tmp_path / "b"), "--max-pixels", "100", *args])
+    assert result.exit_code == 2 and "leftImg8bit.png: 16x8 = 128 pixels exceeds the limit of 100" in result.output
+    result = runner.invoke(cli.app, ["--scene-size", "4096x4096", "--out", str(tmp_path / "c"), *args])
+    assert result.exit_code == 2 and "--scene-size: 4096x4096 = 16,777,216 pixels exceeds the limit" in result.output
+
+
+def test_ctrl_c_prints_one_line_keeps_finished_entries_and_exits_130(models: SimpleNamespace, tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    results = out / "results.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "certseg.bench.cli", *RESUME_ARGS, *models.args, "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _entry_lines(results) < 1 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["certseg-bench: interrupted (finished entries are kept; rerun to resume)"]
+    assert _entry_lines(results) >= 1

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_io import png_header_only
 
 from certseg.engine.io import read_labels
 from certseg.engine.models.registry import shipped_models
@@ -52,6 +56,9 @@ def test_readme_first_command_certifies_the_shipped_sample(tmp_path: Path) -> No
     assert report["radius"] == pytest.approx(0.25 * 0.6744897501960817)
     assert report["timestep"]["rule"] == "principled" and report["timestep"]["t"] > 0
     assert report["models"]["denoiser"]["name"] == "procedural-adm"
+    assert report["certified_space"]["channels"] == 3
+    assert report["non_finite"] == {"policy": "abstain", "selection_samples": 0, "selection_pixel_samples": 0,
+                                    "estimation_samples": 0, "estimation_pixel_samples": 0}
     abstained = float(np.mean(certified == num_classes)) * 100
     assert report["abstain_percent"] == pytest.approx(abstained)
     assert sum(report["per_class_certified_pixels"].values()) == certified.size
@@ -60,7 +67,15 @@ def test_readme_first_command_certifies_the_shipped_sample(tmp_path: Path) -> No
     decided = certified != num_classes
     assert np.mean(certified[decided] == truth[decided]) > 0.85
     assert report["metrics"]["certified_accuracy"] == pytest.approx(np.mean(certified == truth))
+    present = [c for c in range(num_classes) if (truth == c).any() or (certified == c).any()]
+    ious = [((certified == c) & (truth == c)).sum() / ((certified == c) | (truth == c)).sum() for c in present]
+    assert report["metrics"]["mean_iou"] == pytest.approx(np.mean(ious))
+    assert report["metrics"]["mean_iou_convention"] == "classes present in labels or prediction"
     assert "torch" in report["versions"]
+    for name in ("certified", "overlay"):  # the JSON vouches for exactly these maps
+        entry = report["outputs"][name]
+        assert hashlib.sha256((tmp_path / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
+    assert report["memory"]["needs_bytes"]["host"] > 0 and report["memory"]["batch"] == 16
 
 
 @needs_shipped
@@ -92,12 +107,19 @@ def test_same_seed_same_certificate_and_segcertify_runs(tmp_path: Path) -> None:
         (["certify", "{example}", "--segmenter", "{bad}"], "checkpoint"),
         (["certify", "{example}", "--denoiser", "no-such-model"], "unknown model"),
         (["certify", "{example}", "--labels", "{bad}"], "not a readable label map"),
+        (["certify", "{folder}"], "is a folder"),
+        (["certify", "{bomb}"], "14000x14000 = 196,000,000 pixels exceeds the limit of 4,194,304 pixels"),
+        (["certify", "{example}", "--max-pixels", "32767"], "256x128 = 32,768 pixels exceeds the limit of 32,767"),
+        (["certify", "{example}", "--labels", "{bomb}", "--max-pixels", "100000000"], "bomb.png: 14000x14000"),
+        (["certify", "{example}", "--max-pixels", "0"], "--max-pixels must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero_exit(tmp_path: Path, args: list[str], message: str) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG broken")
-    filled = [a.format(bad=bad, example=EXAMPLE) for a in args]
+    bomb = png_header_only(tmp_path / "bomb.png", 14000, 14000)  # 14000x14000 8-bit gray, in 100 bytes
+    (tmp_path / "folder").mkdir()
+    filled = [a.format(bad=bad, example=EXAMPLE, bomb=bomb, folder=tmp_path / "folder") for a in args]
     result = certseg(*filled, "--out", str(tmp_path / "out"), "--quiet")
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -137,3 +159,59 @@ def test_vit_adapter_segmenter_certifies_images_larger_than_its_crop(
     assert report["models"]["segmenter"]["family"] == "vit_adapter"
     certified = read_labels(tmp_path / "street.certified.png")
     assert certified.shape == (128, 256) and certified.max() <= len(report["classes"])
+
+
+@needs_shipped
+def test_an_out_that_is_a_file_and_labels_out_of_range_are_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file")
+    result = certseg("certify", str(EXAMPLE), "--out", str(tmp_path / "taken"), "--quiet")
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        f"certseg: error: --out {tmp_path / 'taken'} is a file, not a folder"]
+    labels = np.zeros((128, 256), dtype=np.uint8)
+    labels[3, 3] = 8  # 8 classes: 0..7
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    result = certseg("certify", str(EXAMPLE), "--labels", str(tmp_path / "labels.png"), "--out", str(tmp_path / "o"),
+                     "--quiet")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "label values must be classes 0..7" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+@needs_shipped
+def test_ctrl_c_mid_run_prints_one_line_and_exits_130(tmp_path: Path) -> None:
+    """SIGINT once sampling is about to start (the memory probe has just written its cache file)."""
+    cache = tmp_path / "cache"
+    env = dict(os.environ, OMP_NUM_THREADS="2", CERTSEG_CACHE_DIR=str(cache))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "certseg.engine.cli", "certify", str(EXAMPLE), "--method", "segcertify", "--n", "20000",
+         "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(cache.glob("memory/*.json")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "certseg: interrupted" and "Traceback" not in stderr
+    assert not (tmp_path / "out").exists()
+
+
+@needs_shipped
+def test_a_grayscale_image_is_certified_in_its_own_space(tmp_path: Path) -> None:
+    """A gray PNG keeps one channel: one noise draw per pixel, recorded as the certified space."""
+    with Image.open(EXAMPLE) as colour:
+        colour.convert("L").crop((0, 0, 128, 64)).save(tmp_path / "gray.png")
+    result = certseg("certify", str(tmp_path / "gray.png"), "--method", "segcertify", "--n0", "2", "--n", "64",
+                     "--out", str(tmp_path / "out"), "--seed", "4", "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "gray.json").read_text())
+    assert report["certified_space"]["channels"] == 1 and report["certified_space"]["name"] == "grayscale"
+    assert report["image_size"] == [64, 128]
+    with Image.open(tmp_path / "out" / "gray.overlay.png") as overlay:
+        assert overlay.size == (128, 64) and overlay.mode == "RGB"

@@ -283,3 +283,35 @@ def test_multi_step_learned_range_needs_six_channels() -> None:
         three_channel, noisy, 5, noise=torch.Generator(), variance="fixed_small", denoiser_size=8
     )
     assert out.shape == noisy.shape
+
+
+def dense_axis_row_sq_norms(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
+    """Reference: the whole 1-D operator from the n_in one-hot bases (n_in² values), squared row norms."""
+    basis = torch.eye(n_in, dtype=torch.float64)[:, None, :, None].expand(n_in, 1, n_in, 2).contiguous()
+    operator = resize(basis, (n_out, 2), antialias=antialias)[:, 0, :, 0]  # (n_in, n_out)
+    return (operator**2).sum(dim=0).numpy()
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize(("n_in", "n_out"), [(2048, 256), (1024, 256), (480, 256), (999, 37), (1500, 7), (50, 300),
+                                             (257, 256), (3, 1)])
+def test_axis_norms_equal_the_dense_operator(n_in: int, n_out: int, antialias: bool) -> None:
+    """Downscaling by up to 214x (wide antialiased windows), upscaling and near-identity ratios."""
+    expected = dense_axis_row_sq_norms(n_in, n_out, antialias)
+    np.testing.assert_allclose(dn._axis_row_sq_norms(n_in, n_out, antialias), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("side", [3000, 20000])
+def test_noise_factor_memory_is_linear_in_the_side(side: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No resize call gets more than a fixed number of values (the old n×n identity: 2·side² of them)."""
+    largest = []
+
+    def recording_resize(images: torch.Tensor, size: Any, antialias: bool = False) -> torch.Tensor:
+        largest.append(images.numel())
+        return resize(images, size, antialias=antialias)
+
+    monkeypatch.setattr(dn, "resize", recording_resize)
+    for antialias in (False, True):
+        factor = dn._resize_noise_factor.__wrapped__((side, side), (256, 256), antialias)
+        assert 0 < factor < 1
+    assert max(largest) <= 1 << 22

@@ -2,35 +2,45 @@
 
 from __future__ import annotations
 
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
+from test_png16 import chunk, encode_png
 
+from certseg.engine import io
 from certseg.engine.errors import InputError
 from certseg.engine.io import default_palette, overlay, read_image, read_labels, write_json, write_label_png
+from certseg.engine.png16 import PNG_SIGNATURE
 
 RNG = np.random.default_rng(0)
 RGB8 = RNG.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("mode, suffix", [("RGB", ".png"), ("RGBA", ".png"), ("L", ".png"), ("LA", ".png")])
-def test_8bit_png_modes(tmp_path: Path, mode: str, suffix: str) -> None:
+@pytest.mark.parametrize("mode, suffix", [("RGB", ".png"), ("RGBA", ".png"), ("L", ".png"), ("LA", ".png"),
+                                          ("1", ".png"), ("L", ".jpg")])
+def test_8bit_modes_keep_their_own_channels(tmp_path: Path, mode: str, suffix: str) -> None:
+    """Colour becomes (3, H, W), gray (1, H, W): a gray image is certified in its own space, not as 3 copies."""
     path = tmp_path / f"im{suffix}"
-    Image.fromarray(RGB8).convert(mode).save(path)
+    Image.fromarray(RGB8).convert(mode).save(path, **({"quality": 100} if suffix == ".jpg" else {}))
     image = read_image(path)
-    assert image.shape == (3, 5, 7) and image.dtype == np.float32
-    expected = np.asarray(Image.fromarray(RGB8).convert(mode).convert("RGB"), dtype=np.float32) / 255
-    np.testing.assert_allclose(image, expected.transpose(2, 0, 1), atol=1e-7)
+    gray = mode in ("L", "LA", "1")
+    assert image.shape == ((1 if gray else 3), 5, 7) and image.dtype == np.float32
+    with Image.open(path) as stored:
+        expected = np.asarray(stored.convert("L" if gray else "RGB"), dtype=np.float32) / 255
+    np.testing.assert_allclose(image, expected.reshape(5, 7, -1).transpose(2, 0, 1), atol=1e-7)
 
 
 def test_16bit_gray_png_keeps_precision(tmp_path: Path) -> None:
     gray = RNG.integers(0, 65536, size=(4, 6), dtype=np.uint16)
     Image.fromarray(gray).save(tmp_path / "g16.png")
     image = read_image(tmp_path / "g16.png")
-    for channel in image:
-        np.testing.assert_allclose(channel, gray / 65535.0, atol=1e-7)
+    assert image.shape == (1, 4, 6)
+    np.testing.assert_allclose(image[0], gray / 65535.0, atol=1e-7)
 
 
 def test_jpeg_and_palette_images(tmp_path: Path) -> None:
@@ -81,3 +91,97 @@ def test_json_is_written_atomically_and_is_valid(tmp_path: Path) -> None:
     write_json(tmp_path / "r.json", {"a": np.float32(1.5), "b": np.arange(3), "c": float("nan")})
     assert (tmp_path / "r.json").read_text().count("\n") > 1
     assert not list(tmp_path.glob("*.partial"))
+
+
+def png_header_only(path: Path, width: int, height: int, depth: int = 8, colour: int = 0) -> Path:
+    """A tiny PNG whose header claims width x height (a decompression bomb as far as any reader that trusts the
+    header can tell: the pixel data is never reached when the limit is checked first)."""
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0))
+    path.write_bytes(PNG_SIGNATURE + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("depth, colour", [(8, 0), (8, 2), (16, 2)])
+@pytest.mark.parametrize("reader", [read_image, read_labels])
+def test_huge_header_is_refused_before_decoding_in_one_line(tmp_path: Path, reader, depth: int, colour: int) -> None:
+    """14000x14000 (over twice Pillow's own limit, which raised DecompressionBombError) and the 16-bit decoder."""
+    path = png_header_only(tmp_path / "bomb.png", 14000, 14000, depth, colour)
+    with pytest.raises(InputError) as error:
+        reader(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message
+    assert "14000x14000" in message and f"{io.DEFAULT_MAX_PIXELS:,}" in message and "--max-pixels" in message
+
+
+def test_a_raised_limit_replaces_pillows_own_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's MAX_IMAGE_PIXELS (here made tiny) neither refuses nor warns about what --max-pixels allows."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    Image.fromarray(RGB8).save(tmp_path / "im.png")  # 35 pixels: Pillow would raise above 20 and warn above 10
+    Image.fromarray(RGB8[:, :, 0]).save(tmp_path / "labels.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(read_image(tmp_path / "im.png", max_pixels=35) * 255, RGB8.transpose(2, 0, 1))
+        np.testing.assert_array_equal(read_labels(tmp_path / "labels.png", max_pixels=35), RGB8[:, :, 0])
+    assert Image.MAX_IMAGE_PIXELS == 10  # restored
+    with pytest.raises(InputError, match="7x5 = 35 pixels exceeds the limit of 34"):
+        read_image(tmp_path / "im.png", max_pixels=34)
+
+
+def test_a_folder_is_called_a_folder(tmp_path: Path) -> None:
+    for reader in (read_image, read_labels):
+        with pytest.raises(InputError, match="is a folder"):
+            reader(tmp_path)
+
+
+def exif_with(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def test_jpeg_exif_orientation_is_applied_to_images_and_labels(tmp_path: Path) -> None:
+    """Orientation 6 (stored sideways, shown rotated 90° clockwise): read as a viewer shows it."""
+    stored = np.repeat(np.repeat(RGB8, 8, axis=0), 8, axis=1)  # 40x56, blocks survive JPEG well
+    Image.fromarray(stored).save(tmp_path / "im.jpg", quality=100, exif=exif_with(6))
+    with Image.open(tmp_path / "im.jpg") as raw:
+        decoded = np.asarray(raw.convert("RGB"))  # the stored pixels, as decoded, not turned
+    image = read_image(tmp_path / "im.jpg")
+    assert image.shape == (3, 56, 40)
+    np.testing.assert_array_equal(image.transpose(1, 2, 0) * 255, np.rot90(decoded, -1).astype(np.float32))
+    labels = (np.arange(40 * 56) % 7).astype(np.uint8).reshape(40, 56)
+    Image.fromarray(labels).save(tmp_path / "labels.png", exif=exif_with(6))
+    np.testing.assert_array_equal(read_labels(tmp_path / "labels.png"), np.rot90(labels, -1))
+    assert read_labels(tmp_path / "labels.png").shape == image.shape[1:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_16bit_png_orientation_matches_pillows_exif_transpose(tmp_path: Path, orientation: int) -> None:
+    """certseg decodes 16-bit PNGs itself; its turn must equal what Pillow does for an 8-bit copy of the file."""
+    samples = (np.arange(3 * 4 * 3, dtype=np.uint16).reshape(3, 4, 3) * 1000).astype(np.uint16)
+    data = encode_png(samples, 2)
+    exif = exif_with(orientation).tobytes()
+    data = data[:33] + chunk(b"eXIf", exif) + data[33:]  # after IHDR, before IDAT
+    (tmp_path / "deep.png").write_bytes(data)
+    eight = Image.fromarray((samples // 256).astype(np.uint8))
+    expected = np.asarray(ImageOps.exif_transpose(_with_exif(eight, exif)))
+    got = read_image(tmp_path / "deep.png").transpose(1, 2, 0) * 65535
+    np.testing.assert_array_equal(np.round(got).astype(np.uint16) // 256, expected)
+
+
+def _with_exif(image: Image.Image, exif: bytes) -> Image.Image:
+    image.info["exif"] = exif
+    return image
+
+
+def test_16bit_png_orientation_is_read_without_a_second_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """certseg decodes 16-bit PNGs itself; Pillow only reads their header chunks (for an eXIf chunk)."""
+    from PIL import PngImagePlugin
+
+    samples = np.arange(4 * 5 * 3, dtype=np.uint16).reshape(4, 5, 3)
+    (tmp_path / "deep.png").write_bytes(encode_png(samples, 2))
+
+    def no_decode(self: object) -> None:
+        raise AssertionError("Pillow decoded the image")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
+    np.testing.assert_array_equal(np.round(read_image(tmp_path / "deep.png") * 65535).transpose(1, 2, 0), samples)

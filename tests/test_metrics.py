@@ -72,3 +72,29 @@ def test_bad_inputs_are_refused() -> None:
         metrics.update(np.full((2, 2), 4), np.zeros((2, 2), int))
     with pytest.raises(InputError, match="label values"):
         metrics.update(np.zeros((2, 2), int), np.full((2, 2), 7))
+
+
+def test_one_image_miou_averages_the_classes_present_in_labels_or_prediction() -> None:
+    """8 classes, an image showing 2: a perfect map scores 1 (the dataset convention would say 2/8 = 0.25)."""
+    target = np.array([[0, 0, 1, 1], [0, 1, 255, 255]])
+    metrics = CertifiedMetrics(8)
+    metrics.update(np.where(target == 255, 2, target), target)  # whatever is predicted on ignored pixels
+    assert metrics.mean_iou_present == 1.0 and metrics.mean_iou == pytest.approx(0.25)
+    # A wrong class 3 on one pixel of class 0, an abstention (8) on one of class 1: present are 0, 1 and 3.
+    prediction = np.array([[0, 3, 1, 1], [0, 8, 5, 5]])  # class 5 only on ignored pixels: not present
+    metrics = CertifiedMetrics(8)
+    metrics.update(prediction, target)
+    assert metrics.present_classes.tolist() == [0, 1, 3]
+    iou_0, iou_1, iou_3 = 2 / 3, 2 / 3, 0.0  # class 0: tp 2, gt 3, pred 2; class 1: tp 2, gt 3, pred 2
+    assert metrics.mean_iou_present == pytest.approx((iou_0 + iou_1 + iou_3) / 3)
+    assert metrics.mean_iou == pytest.approx((iou_0 + iou_1) / 8)
+
+
+def test_certify_reports_the_per_image_convention_and_keeps_the_dataset_one() -> None:
+    from certseg.engine.certify_command import image_metrics
+
+    target = np.array([[0, 0], [1, 1]])
+    report = image_metrics(target.astype(np.uint8), target, num_classes=8, ignore_index=255)
+    assert report["mean_iou"] == 1.0 and report["mean_iou_convention"] == "classes present in labels or prediction"
+    assert report["mean_iou_all_classes"] == pytest.approx(0.25)
+    assert report["classes_present"] == [0, 1] and len(report["per_class_iou"]) == 8

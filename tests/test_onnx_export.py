@@ -328,3 +328,37 @@ def test_dynamo_exporter(tmp_path: Path, role: str, denoiser, segmenter) -> None
         assert graph.dynamic_size
     assert [s.name for s in graph.inputs] == (["x_t", "timesteps"] if role == "denoiser" else ["images"])
     assert all(p["max_abs"] <= FP32_TOL for p in graph.parity["fp32"])
+
+
+def test_a_killed_exports_staging_folder_is_removed_at_the_next_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first ``--runtime onnx`` killed mid-export leaves ``<key>.partial-<pid>``; the next export removes it
+    (its process is gone) but not the staging folder of an export still running (this process)."""
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from certseg.engine.runtimes import onnx_runtime as ort_runtime
+    from certseg.export import onnx as onnx_export
+
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / "onnx" / f"0123456789abcdef.partial-{gone.pid}"
+    running = tmp_path / "onnx" / f"fedcba9876543210.partial-{os.getpid()}"
+    for folder in (stale, running):
+        (folder / "graphs").mkdir(parents=True)
+        (folder / "graphs" / "half-written.onnx").write_bytes(b"\0" * 64)
+
+    def fake_export(segmenter: Any, denoiser: Any, out_dir: Path, **kwargs: Any) -> None:
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "export.json").write_text("{}")
+
+    monkeypatch.setattr(onnx_export, "export_models", fake_export)
+    model = SimpleNamespace(sha256="0" * 64)
+    folder = ort_runtime.cached_export(model, None, (32, 64), scale=1.0, fp16=False)  # type: ignore[arg-type]
+    assert (folder / "export.json").is_file()
+    assert not stale.exists() and running.is_dir()
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted([folder.name, running.name])

@@ -215,6 +215,12 @@ def test_bad_filter_type_and_short_data(tmp_path: Path) -> None:
 
 
 def test_decompression_bomb_limit(tmp_path: Path) -> None:
+    """The pixel limit is checked from IHDR, before the (absent) data: the default, then an explicit one."""
     header = chunk(b"IHDR", struct.pack(">IIBBBBB", 50_000, 50_000, 16, 2, 0, 0, 0))
     data = png16.PNG_SIGNATURE + header + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-    raises_one_line(write(tmp_path, data), "too large", "50000x50000")
+    raises_one_line(write(tmp_path, data), "50000x50000", "exceeds the limit", "--max-pixels 2500000000")
+    samples = np.arange(4 * 6 * 3, dtype=np.uint16).reshape(4, 6, 3)
+    path = write(tmp_path, encode_png(samples, 2))
+    with pytest.raises(InputError, match="6x4 = 24 pixels exceeds the limit of 23 pixels"):
+        read_png16(path, max_pixels=23)
+    np.testing.assert_array_equal(read_png16(path, max_pixels=24), samples)

@@ -101,3 +101,28 @@ def test_full_presets_are_known_for_every_family() -> None:
     assert {"vit-adapter-beit-large-cityscapes", "vit-adapter-beit-large-pascal-context-59"} <= set(
         FAMILIES["vit_adapter"].presets
     )
+
+
+@pytest.mark.parametrize(
+    "description, message",
+    [
+        ({"name": "x", "role": "segmenter", "config": {}}, "lacks the 'family' field"),
+        ({"name": "x", "role": "segmenter", "family": "hrnet"}, "lacks the 'config' field"),
+        ({"family": ["hrnet"], "config": {}}, "'family' field of its 'certseg' metadata is not a string"),
+        ([1, 2], "is not a JSON object"),
+    ],
+)
+def test_incomplete_metadata_is_a_one_line_error_naming_the_file_and_field(
+    tmp_path: Path, description: object, message: str
+) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "incomplete.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"certseg": json.dumps(description)})
+    for role in ("segmenter", "denoiser"):
+        with pytest.raises(CheckpointError) as error:
+            load_model(path, role)
+        assert str(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"certseg": "{not json"})
+    with pytest.raises(CheckpointError, match="metadata is not JSON"):
+        load_model(path, "segmenter")

@@ -21,10 +21,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from certseg.bench.datasets.common import BenchDataset, DatasetError, DatasetItem, every_kth, square_resize
-from certseg.engine.io import read_image
+from certseg.engine.io import open_checked, read_image
+from certseg.engine.limits import DEFAULT_MAX_PIXELS
 
 CLASSES: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -104,9 +104,8 @@ def label_path(root: Path, image: Path, split: str = "val") -> tuple[Path, bool]
     raise DatasetError(f"Cityscapes: no label map for {image.name}: expected {train_ids} or {raw}")
 
 
-def read_label_map(path: Path, raw_ids: bool) -> np.ndarray:
-    with Image.open(path) as handle:
-        handle.load()
+def read_label_map(path: Path, raw_ids: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    with open_checked(path, max_pixels) as handle:
         if handle.mode not in ("L", "P", "I", "I;16"):
             raise DatasetError(f"{path}: label maps must be single-channel PNGs (got mode {handle.mode})")
         labels = np.asarray(handle)
@@ -115,14 +114,18 @@ def read_label_map(path: Path, raw_ids: bool) -> np.ndarray:
     return labels.astype(np.uint8)
 
 
-def _load(image: Path, labels: Path, raw_ids: bool, resize: int | None) -> tuple[np.ndarray, np.ndarray]:
-    pixels, target = read_image(image), read_label_map(labels, raw_ids)
+def _load(
+    image: Path, labels: Path, raw_ids: bool, resize: int | None, max_pixels: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    pixels, target = read_image(image, max_pixels), read_label_map(labels, raw_ids, max_pixels)
     if pixels.shape[1:] != target.shape:
         raise DatasetError(f"{labels}: label map is {target.shape}, image {image.name} is {pixels.shape[1:]}")
     return square_resize(pixels, target, resize) if resize else (pixels, target)
 
 
-def open_cityscapes(root: Path, *, split: str = "val", resize: int | None = None) -> BenchDataset:
+def open_cityscapes(
+    root: Path, *, split: str = "val", resize: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> BenchDataset:
     """The protocol selection (every 5th sorted val image) as lazily loaded items."""
     root = Path(root)
     images = list_images(root, split)
@@ -130,7 +133,8 @@ def open_cityscapes(root: Path, *, split: str = "val", resize: int | None = None
     for index, image in enumerate(every_kth(images, STEP)):
         labels, raw_ids = label_path(root, image, split)
         stem = image.name[: -len(IMAGE_SUFFIX)]
-        items.append(DatasetItem(index=index, id=stem, load=partial(_load, image, labels, raw_ids, resize), path=image))
+        items.append(DatasetItem(index=index, id=stem, load=partial(_load, image, labels, raw_ids, resize, max_pixels),
+                                 path=image))
     description = {
         "root": str(root.resolve()),
         "split": split,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from certseg.bench.datasets.common import BenchDataset, DatasetError
+from certseg.engine.limits import DEFAULT_MAX_PIXELS, check_pixel_limit
 
 DATASETS: tuple[str, ...] = ("procedural", "cityscapes", "pascal-context")
 
@@ -33,8 +34,13 @@ def open_dataset(
     scene_size: tuple[int, int] | None = None,
     write_data: Path | None = None,
     resize: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> BenchDataset:
-    """The dataset's protocol selection; procedural when neither ``name`` nor ``root`` is given."""
+    """The dataset's protocol selection; procedural when neither ``name`` nor ``root`` is given.
+
+    Images and label maps with more than ``max_pixels`` pixels are refused from their header (procedural
+    scenes: from ``scene_size``) before they are decoded or rendered.
+    """
     if name is None:
         name = "procedural" if root is None else detect(root)
     if name not in DATASETS:
@@ -51,13 +57,15 @@ def open_dataset(
             )
         if resize is not None:
             raise DatasetError("--resize applies to real datasets (Pascal-Context: --resize 480); use --scene-size")
-        return open_procedural(images, data_seed=data_seed, size=scene_size or SCENE_SIZE, write_to=write_data)
+        size = scene_size or SCENE_SIZE
+        check_pixel_limit(size[1], size[0], max_pixels, source="--scene-size")
+        return open_procedural(images, data_seed=data_seed, size=size, write_to=write_data)
     if root is None:
         raise DatasetError(f"--dataset {name} needs --root (the folder holding the dataset)")
     if name == "cityscapes":
         from certseg.bench.datasets.cityscapes import open_cityscapes
 
-        return open_cityscapes(root, resize=resize)
+        return open_cityscapes(root, resize=resize, max_pixels=max_pixels)
     from certseg.bench.datasets.pascal_context import open_pascal_context
 
-    return open_pascal_context(root, resize=resize)
+    return open_pascal_context(root, resize=resize, max_pixels=max_pixels)

@@ -20,10 +20,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from certseg.bench.datasets.common import BenchDataset, DatasetError, DatasetItem, every_kth, square_resize
-from certseg.engine.io import read_image
+from certseg.engine.io import open_checked, read_image
+from certseg.engine.limits import DEFAULT_MAX_PIXELS
 
 CLASSES: tuple[str, ...] = (
     "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building",
@@ -94,10 +94,9 @@ def context_labels(mask: np.ndarray, path: Path | str = "label map") -> np.ndarr
     return out.astype(np.uint8)
 
 
-def _load(image: Path, labels: Path, resize: int | None) -> tuple[np.ndarray, np.ndarray]:
-    pixels = read_image(image)
-    with Image.open(labels) as handle:
-        handle.load()
+def _load(image: Path, labels: Path, resize: int | None, max_pixels: int | None) -> tuple[np.ndarray, np.ndarray]:
+    pixels = read_image(image, max_pixels)
+    with open_checked(labels, max_pixels) as handle:
         if handle.mode not in ("L", "P"):
             raise DatasetError(f"{labels}: label maps must be 8-bit single-channel PNGs (got mode {handle.mode})")
         target = context_labels(np.asarray(handle), labels)
@@ -106,7 +105,9 @@ def _load(image: Path, labels: Path, resize: int | None) -> tuple[np.ndarray, np
     return square_resize(pixels, target, resize) if resize else (pixels, target)
 
 
-def open_pascal_context(root: Path, *, resize: int | None = None) -> BenchDataset:
+def open_pascal_context(
+    root: Path, *, resize: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> BenchDataset:
     """The protocol selection (every 51st sorted val image) as lazily loaded items."""
     root = find_root(Path(root))
     label_dir = _label_dir(root)
@@ -118,7 +119,8 @@ def open_pascal_context(root: Path, *, resize: int | None = None) -> BenchDatase
         for path in (image, labels):
             if not path.is_file():
                 raise DatasetError(f"Pascal-Context: {path} is missing; {layout_help(root)}")
-        items.append(DatasetItem(index=index, id=name, load=partial(_load, image, labels, resize), path=image))
+        items.append(DatasetItem(index=index, id=name, load=partial(_load, image, labels, resize, max_pixels),
+                                 path=image))
     description = {
         "root": str(root.resolve()),
         "val_list": source,

@@ -160,7 +160,8 @@ def file_sha256(path: Path) -> str:
 
 
 def read_description(path: Path) -> dict[str, Any] | None:
-    """The certseg metadata of a self-describing safetensors file, or None."""
+    """The certseg metadata of a self-describing safetensors file, or None; a description without the fields
+    ``load_model`` needs ("family", "config") is a one-line ``CheckpointError`` naming the file and the field."""
     if path.suffix != ".safetensors":
         return None
     from safetensors import safe_open
@@ -170,7 +171,21 @@ def read_description(path: Path) -> dict[str, Any] | None:
             metadata = handle.metadata() or {}
     except Exception as error:  # corrupt files get their one-line error from read_state_dict
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({error})") from None
-    return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+    if METADATA_KEY not in metadata:
+        return None
+    try:
+        description = json.loads(metadata[METADATA_KEY])
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path}: its {METADATA_KEY!r} metadata is not JSON ({error})") from None
+    if not isinstance(description, dict):
+        raise CheckpointError(f"checkpoint {path}: its {METADATA_KEY!r} metadata is not a JSON object")
+    for name, kind in (("family", str), ("config", dict)):
+        if name not in description:
+            raise CheckpointError(f"checkpoint {path}: its {METADATA_KEY!r} metadata lacks the {name!r} field")
+        if not isinstance(description[name], kind):
+            raise CheckpointError(f"checkpoint {path}: the {name!r} field of its {METADATA_KEY!r} metadata is not "
+                                  f"a {'string' if kind is str else 'JSON object'}")
+    return description
 
 
 def save_model(path: Path, module: nn.Module, description: Mapping[str, Any]) -> None:

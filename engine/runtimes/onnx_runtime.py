@@ -182,13 +182,36 @@ def onnx_runtime_from_export(
                         noise_backend=noise_backend, providers=providers, threads=threads)
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Remove the ``<key>.partial-<pid>`` staging folders in ``folder`` whose exporting process is gone (killed
+    mid-export); a running export's folder is left alone. Returns what was removed."""
+    removed = []
+    for staging in folder.glob("*.partial-*") if folder.is_dir() else ():
+        pid = staging.name.rpartition(".partial-")[2]
+        if staging.is_dir() and pid.isdigit() and not _pid_running(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed
+
+
 def cached_export(
     segmenter: LoadedModel, denoiser: LoadedModel | None, image_size: tuple[int, int], *, scale: float, fp16: bool
 ) -> Path:
     """An ONNX export of these exact weights for this deployment size, made once and kept in the cache.
 
     Keyed by the checkpoints' sha256s, the sizes and the export code's version, so different weights never
-    share graphs (``onnx_runtime_from_export`` checks the hashes again when it loads them).
+    share graphs (``onnx_runtime_from_export`` checks the hashes again when it loads them). Staging folders
+    left by killed exports are removed before a new export starts.
     """
     from certseg.export.onnx import EXPORT_FORMAT_VERSION, export_models
 
@@ -197,6 +220,7 @@ def cached_export(
          list(image_size), scale, fp16], sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir() / "onnx" / key
     if not (folder / "export.json").is_file():
+        remove_stale_staging(folder.parent)
         staging = folder.with_name(folder.name + f".partial-{os.getpid()}")
         export_models(segmenter, denoiser, staging, image_size=image_size, scale=scale, fp16=fp16, tensorrt=False)
         if folder.exists():  # another process finished the same export first

@@ -1,0 +1,368 @@
+"""Whether certifying an image fits in memory, decided before the first forward pass.
+
+The bytes one sample holds after each op of the label pipeline grow linearly with the image's pixels (noise,
+noisy copy, the segmenter's activations, full-size logits; the denoiser works at its own fixed size), so two
+tiny probe runs of the real pipeline, with every tensor they allocate tracked, give one line per op, and the
+peak at any size is the highest of those lines (``probe_pipeline_memory``). Added to that are the per-image
+arrays the engine keeps on the host (counters, certificate, overlay), counted per pixel below, a margin and a
+fixed overhead, both measured against the peak resident memory of real runs (``tests/test_memory.py``).
+
+An image that cannot fit is refused in seconds with one line naming the estimate, the memory available and a
+``--batch`` (or image size) that fits, instead of failing after minutes with a traceback. The first guard, the
+pixel limit checked from image headers, is ``certseg.engine.limits``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from certseg.engine.cache import cache_dir
+from certseg.engine.errors import InputError
+
+__all__ = ["MemoryEstimate", "PipelineMemory", "estimate_memory", "probe_pipeline_memory"]
+
+
+def format_bytes(count: float) -> str:
+    """Bytes in the largest binary unit that keeps a number >= 1 (1.5 GiB, 312.0 MiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024:
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat(path: Path, key: str) -> int:
+    """One field of a cgroup ``memory.stat`` file (0 when absent)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def host_available_bytes(
+    meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """Memory this process can still take: MemAvailable, capped by the headroom under the cgroup's limit
+    (containers; page cache that can be dropped counts as free); None if unknown (not Linux)."""
+    available = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        return None
+    for limit_file, usage_file, stat_file, inactive in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    ):
+        limit, usage = _read_int(cgroup / limit_file), _read_int(cgroup / usage_file)
+        if limit is not None and usage is not None and limit < (1 << 60):
+            used = max(0, usage - _stat(cgroup / stat_file, inactive))
+            headroom = max(0, limit - used)
+            available = headroom if available is None else min(available, headroom)
+            break
+    return available
+
+
+def device_available_bytes(device: str) -> int | None:
+    """Free memory of a CUDA device (what the driver has free plus what torch's cache holds unused); None for
+    the CPU (see ``host_available_bytes``) and other devices."""
+    resolved = torch.device(device)
+    if resolved.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(resolved)
+    return int(free + torch.cuda.memory_reserved(resolved) - torch.cuda.memory_allocated(resolved))
+
+
+SAMPLING_HOST_BYTES_PER_PIXEL = 48
+"""Host bytes per image pixel held while sampling, besides the batch and K bytes of selection counts: the pixel
+index and update temporaries of the counters (8-byte ints), guess and agreements (measured: 42 with K = 8)."""
+NUMPY_NOISE_BYTES_PER_PIXEL = 12
+"""numpy-philox noise is drawn on the host, 3 float32 values per pixel per sample, before torch copies it."""
+OUTPUT_BYTES_PER_PIXEL = 128
+"""Host bytes per pixel after sampling: the certificate (p-values, flags) and the overlay's float temporaries
+(measured: about 110)."""
+MARGIN = 1.3
+"""Headroom on the tracked bytes for what tracking cannot see: memory the allocator holds but no tensor uses
+(measured on CPU: resident memory grows up to 1.22× the tracked bytes), convolution scratch space."""
+ONNX_MARGIN = 1.7
+"""The same for ONNX Runtime, which is estimated from the torch models it was exported from but keeps its own
+arena and copies every input and output (measured on CPU: 1.58× the torch pipeline's tracked bytes)."""
+OVERHEAD_BYTES = 384 << 20
+"""Once per run: what the first forward passes load (thread pools, kernels; measured: up to about 280 MiB on
+CPU with the shipped models)."""
+PROBE_SIDES = (128, 256)
+"""The segmenter input sides of the two probe runs: small, and multiples of 32 so that every stride of a
+segmenter divides them and activations are exactly proportional to the pixels."""
+PROBE_BATCH = 2
+PROBE_VERSION = 1
+"""Part of the key of cached probe results: bump when the probe or what it runs changes."""
+
+
+@dataclass(frozen=True)
+class PipelineMemory:
+    """Peak tensor bytes of one sample through the label pipeline at any image size: the largest of a few lines
+    ``base + per_pixel × pixels``, one per moment of the run (see ``probe_pipeline_memory``)."""
+
+    lines: tuple[tuple[float, float], ...]
+    """(base bytes, bytes per image pixel) per sample; none is below another at every size."""
+    probe: dict[str, Any]
+    """How it was measured: the probe image sizes and peaks, for the record."""
+
+    def per_sample(self, num_pixels: int) -> float:
+        return max(0.0, max((base + per_pixel * num_pixels for base, per_pixel in self.lines), default=0.0))
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The bytes held by live tensors that torch ops create while the mode is active, after every op.
+
+    Every op's output storage is counted once (views share it) until the last tensor using it is gone, so this
+    is the real occupancy of the tensors over time, not a sum of module outputs. Tensors made outside torch ops
+    (``torch.from_numpy``) are not seen: the noise drawn by numpy is added separately.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.timeline: list[int] = []
+        """``current`` right after each op's outputs exist (frees in between only lower it)."""
+        self._storages: dict[tuple[str, int], list[int]] = {}
+        self._seen: set[int] = set()
+
+    @property
+    def peak(self) -> int:
+        return max(self.timeline, default=0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # torch's protocol
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self._track(value)
+        self.timeline.append(self.current)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        if id(tensor) in self._seen or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key, size = (str(tensor.device), storage.data_ptr()), storage.nbytes()
+        if size == 0:
+            return
+        if key not in self._storages:
+            self._storages[key] = [0, size]
+            self.current += size
+        self._storages[key][0] += 1
+        self._seen.add(id(tensor))
+        weakref.finalize(tensor, self._release, key, id(tensor))
+
+    def _release(self, key: tuple[str, int], tensor_id: int) -> None:
+        self._seen.discard(tensor_id)
+        entry = self._storages.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self._storages[key]
+
+
+def tensor_timeline(run: Callable[[], object]) -> list[int]:
+    """Bytes of live tensors after each torch op of ``run``."""
+    with LiveTensorBytes() as tracker:
+        run()
+    return tracker.timeline
+
+
+def probe_sizes(scale: float) -> list[tuple[int, int]]:
+    """Square probe images whose segmenter inputs (``scale`` × side) are the ``PROBE_SIDES``."""
+    return [(max(1, round(side / scale)),) * 2 for side in PROBE_SIDES]  # type: ignore[misc]
+
+
+def _upper_lines(lines: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """The lines not below another one at every size >= 0 (so that few are kept)."""
+    kept = {line for line in lines if not any(o != line and o[0] >= line[0] and o[1] >= line[1] for o in lines)}
+    return tuple(sorted(kept))
+
+
+def probe_pipeline_memory(make_run: Callable[[tuple[int, int]], Callable[[], object]], scale: float) -> PipelineMemory:
+    """Per-sample peak bytes at any size, from two small probe runs of the real pipeline.
+
+    ``make_run(size)`` builds (untracked: moving weights is not the run's memory) a call that pushes
+    ``PROBE_BATCH`` samples of a ``size`` image through the pipeline. A peak is not linear in the pixels (at
+    small sizes the denoiser's fixed-size work is the peak, at large sizes the full-size logits are), but the
+    occupancy after each op is: both runs make the same ops in the same order, so op i gives one line through
+    its two occupancies, and the peak at any size is the largest of those lines. When the runs differ in their
+    ops (e.g. a sliding window that takes more windows), the bound is the small run's peak plus the large run's
+    peak per pixel, which is above any mix of a fixed part and a part proportional to the pixels.
+    """
+    sizes = probe_sizes(scale)
+    runs = [make_run(size) for size in sizes]
+    runs[0]()  # warm-up: first calls allocate caches that later calls reuse
+    first, second = (np.asarray(tensor_timeline(run), dtype=np.float64) / PROBE_BATCH for run in runs)
+    (n1, n2) = [h * w for h, w in sizes]
+    if len(first) == len(second) and len(first) and n1 != n2:
+        per_pixel = (second - first) / (n2 - n1)
+        lines = _upper_lines(list(zip((first - per_pixel * n1).tolist(), per_pixel.tolist(), strict=True)))
+        fit = "one line per op"
+    else:
+        lines = ((float(first.max(initial=0)), float(second.max(initial=0)) / n2),)
+        fit = "small peak + large peak per pixel"
+    probe = {"probe_sizes": [list(size) for size in sizes], "fit": fit,
+             "probe_peak_bytes_per_sample": [float(first.max(initial=0)), float(second.max(initial=0))]}
+    return PipelineMemory(lines, probe)
+
+
+def cached_pipeline_memory(key: Sequence[object], probe: Callable[[], PipelineMemory]) -> PipelineMemory:
+    """``probe()`` once per key: kept as JSON in the cache folder, since its numbers depend only on the models
+    and settings in ``key`` and on torch's version, and the probe costs a few forward passes."""
+    digest = hashlib.sha256(json.dumps([PROBE_VERSION, torch.__version__, *key], default=str).encode())
+    path = cache_dir() / "memory" / f"{digest.hexdigest()[:24]}.json"
+    try:
+        data = json.loads(path.read_text())
+        return PipelineMemory(tuple((float(a), float(b)) for a, b in data["lines"]), dict(data["probe"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    memory = probe()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".probe-", suffix=".partial")
+        with os.fdopen(handle, "w") as file:
+            json.dump({"key": [str(part) for part in key], "lines": memory.lines, "probe": memory.probe}, file)
+        os.replace(temporary, path)
+    except OSError:
+        pass  # a read-only cache only costs the probe next time
+    return memory
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What certifying one image at one batch size needs, where, and what is available there."""
+
+    image_size: tuple[int, int]
+    batch: int
+    device: str
+    num_classes: int
+    pipeline: PipelineMemory
+    numpy_noise: bool
+    available: dict[str, int | None]
+    """Bytes available per place: "host", and the CUDA device when the batch runs on one."""
+    margin: float = MARGIN
+    """Headroom on the probed pipeline bytes (``ONNX_MARGIN`` for ONNX Runtime)."""
+
+    @property
+    def num_pixels(self) -> int:
+        return self.image_size[0] * self.image_size[1]
+
+    def needs(self, batch: int | None = None, num_pixels: int | None = None) -> dict[str, int]:
+        """Peak bytes beyond what is already allocated (models, the image), per place."""
+        batch = self.batch if batch is None else batch
+        pixels = self.num_pixels if num_pixels is None else num_pixels
+        samples = self.margin * batch * self.pipeline.per_sample(pixels)
+        noise = batch * NUMPY_NOISE_BYTES_PER_PIXEL * pixels if self.numpy_noise else 0
+        sampling = MARGIN * ((SAMPLING_HOST_BYTES_PER_PIXEL + self.num_classes) * pixels + noise)
+        outputs = MARGIN * OUTPUT_BYTES_PER_PIXEL * pixels
+        if self.device == "cpu":
+            return {"host": int(OVERHEAD_BYTES + max(sampling + samples, outputs))}
+        on_device = OVERHEAD_BYTES + samples + MARGIN * 12 * pixels  # plus the image's copy on the device
+        return {"host": int(OVERHEAD_BYTES + max(sampling, outputs)), self.device: int(on_device)}
+
+    def shortfall(self, batch: int | None = None, num_pixels: int | None = None) -> str | None:
+        """The first place where the run does not fit, or None."""
+        for place, needed in self.needs(batch, num_pixels).items():
+            available = self.available.get(place)
+            if available is not None and needed > available:
+                return place
+        return None
+
+    def largest_batch(self) -> int | None:
+        """The largest batch up to the requested one that fits, or None when not even 1 does."""
+        fitting = [b for b in range(self.batch, 0, -1) if self.shortfall(batch=b) is None]
+        return fitting[0] if fitting else None
+
+    def largest_image(self, batch: int) -> int:
+        """About the most pixels an image may have to fit at ``batch`` (bisection on the estimate)."""
+        low, high = 0, max(1, self.num_pixels)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.shortfall(batch=batch, num_pixels=middle) is None:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def check(self) -> None:
+        """Raise one line when the run cannot fit: the estimate, what is available, and what would fit."""
+        place = self.shortfall()
+        if place is None:
+            return
+        height, width = self.image_size
+        needed, available = self.needs()[place], self.available[place]
+        where = "memory" if place == "host" else f"{place} memory"
+        message = (
+            f"certifying a {height}x{width} image at --batch {self.batch} needs about {format_bytes(needed)} of "
+            f"{where} (estimate), but {format_bytes(available or 0)} is available"
+        )
+        fits = self.largest_batch()
+        if fits is not None:
+            message += f"; --batch {fits} fits (about {format_bytes(self.needs(batch=fits)[place])})"
+        else:
+            largest = self.largest_image(1)
+            message += (f"; even --batch 1 needs about {format_bytes(self.needs(batch=1)[place])}: at --batch 1 "
+                        f"images up to about {largest:,} pixels fit (--max-pixels {largest})")
+        raise InputError(message)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready: the estimate and its parts, for the result's record."""
+        return {
+            "batch": self.batch,
+            "needs_bytes": self.needs(),
+            "available_bytes": self.available,
+            "per_sample_bytes": int(self.margin * self.pipeline.per_sample(self.num_pixels)),
+            "pipeline": {"lines": [list(line) for line in self.pipeline.lines], **self.pipeline.probe},
+            "margin": self.margin,
+            "overhead_bytes": OVERHEAD_BYTES,
+        }
+
+
+def estimate_memory(
+    pipeline: PipelineMemory,
+    image_size: tuple[int, int],
+    *,
+    batch: int,
+    device: str,
+    num_classes: int,
+    numpy_noise: bool,
+    margin: float = MARGIN,
+) -> MemoryEstimate:
+    """The estimate for one image, with the memory available now on the host (and the CUDA device)."""
+    available: dict[str, int | None] = {"host": host_available_bytes()}
+    if device != "cpu":
+        available[device] = device_available_bytes(device)
+    return MemoryEstimate((int(image_size[0]), int(image_size[1])), int(batch), device, int(num_classes),
+                          pipeline, numpy_noise, available, margin)

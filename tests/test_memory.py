@@ -1,0 +1,198 @@
+"""The memory estimate: tracked tensor bytes, the per-op fit, the check before sampling, and reality (peak RSS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from certseg.engine import memory
+from certseg.engine import session as session_module
+from certseg.engine.certify_command import CertifyRequest, run_certify
+from certseg.engine.errors import InputError
+from certseg.engine.limits import DEFAULT_MAX_PIXELS
+from certseg.engine.models.registry import shipped_models
+from certseg.engine.session import Session, Settings
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "street.png"
+
+needs_shipped = pytest.mark.skipif(
+    not {"procedural-hrnet-clean", "procedural-hrnet-noise025", "procedural-adm"} <= set(shipped_models()),
+    reason="the shipped default models are not in engine/weights",
+)
+
+
+def test_live_tensor_bytes_follow_allocations_views_and_frees() -> None:
+    with memory.LiveTensorBytes() as tracker:
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # 8000 live
+        view = b.view(10, 100)  # same storage: no new bytes
+        del a  # 4000 live
+        c = torch.zeros(250, dtype=torch.float64)  # 2000 more: 6000
+        del b  # the view still holds b's storage
+        d = view + 0  # 10000
+        del view, d, c
+        e = torch.ones(10)  # noqa: F841 - 40 bytes, still live at the end
+    assert tracker.timeline[:4] == [4000, 8000, 8000, 6000]
+    assert tracker.peak == 10000 and tracker.current == 40
+
+
+def test_probe_keeps_a_line_per_op_so_the_peak_moves_between_stages() -> None:
+    """A fixed-size stage (a denoiser at its own size) and a per-pixel stage: the peak is the larger of the two
+    at every size, which a straight line through the two probe peaks would get wrong at large sizes."""
+    fixed, per_pixel = 600_000, 3.0
+
+    def make_run(size: tuple[int, int]):
+        pixels = size[0] * size[1]
+
+        def run() -> None:
+            stage = torch.empty(int(fixed) * memory.PROBE_BATCH, dtype=torch.uint8)
+            del stage
+            stage = torch.empty(int(per_pixel * pixels) * memory.PROBE_BATCH, dtype=torch.uint8)
+            del stage
+
+        return run
+
+    probed = memory.probe_pipeline_memory(make_run, scale=1.0)
+    for pixels in (100, 128 * 128, 256 * 256, 12000 * 12000):
+        assert probed.per_sample(pixels) == pytest.approx(max(fixed, per_pixel * pixels))
+    assert probed.probe["fit"] == "one line per op"
+
+
+def test_probe_results_are_cached_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))
+    first = memory.cached_pipeline_memory(["models", 1.0], lambda: memory.PipelineMemory(((1.0, 2.0),), {"a": 1}))
+
+    def must_not_run() -> memory.PipelineMemory:
+        raise AssertionError("probed again")
+
+    again = memory.cached_pipeline_memory(["models", 1.0], must_not_run)
+    assert again == first and len(list((tmp_path / "memory").glob("*.json"))) == 1
+
+
+def fake_available(monkeypatch: pytest.MonkeyPatch, available: int) -> None:
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: available)
+
+
+def no_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(session_module, "certify_image", refuse)
+
+
+@needs_shipped
+def test_an_image_that_cannot_fit_is_refused_before_sampling_naming_a_batch_that_fits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = Session.open(Settings(method="segcertify", batch=16))
+    estimate = session.memory_estimate((128, 256))
+    assert estimate is not None
+    available = (estimate.needs(batch=3)["host"] + estimate.needs(batch=4)["host"]) // 2  # 3 fits, 4 does not
+    fake_available(monkeypatch, available)
+    no_sampling(monkeypatch)
+    request = CertifyRequest(image=EXAMPLE, method="segcertify", out=tmp_path / "out", progress=False)
+    with pytest.raises(InputError) as error:
+        run_certify(request)
+    message = str(error.value)
+    assert "\n" not in message and "128x256" in message and "--batch 16" in message
+    assert memory.format_bytes(available) in message and "--batch 3 fits" in message
+    assert not (tmp_path / "out").exists()
+
+
+@needs_shipped
+@pytest.mark.parametrize("method", ["segcertify", "denoisecertify"])
+def test_a_12000_pixel_side_is_refused_in_seconds_with_one_line(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raising --max-pixels does not turn a 12000x12000 image into a MemoryError after minutes: the estimate
+    refuses it before sampling (the image is a broadcast view: it takes no memory here)."""
+    fake_available(monkeypatch, 24 * 10**9)
+    no_sampling(monkeypatch)
+    image = np.broadcast_to(np.float32(0.5), (3, 12000, 12000))
+    with pytest.raises(InputError) as error:
+        Session.open(Settings(method=method)).certify(image, seed=0)
+    message = str(error.value)
+    assert "12000x12000" in message and "even --batch 1 needs" in message and "pixels fit" in message
+
+
+@needs_shipped
+@pytest.mark.parametrize("method", ["segcertify", "denoisecertify"])
+def test_the_default_pixel_limit_fits_the_default_batch_in_24_gb(method: str) -> None:
+    estimate = Session.open(Settings(method=method)).memory_estimate((2048, 2048))
+    assert estimate is not None and estimate.num_pixels == DEFAULT_MAX_PIXELS and estimate.batch == 16
+    assert 12 * 10**9 < estimate.needs()["host"] <= 24 * 10**9
+
+
+MEASURE = """
+import json, sys, numpy as np, torch
+from pathlib import Path
+from certseg.engine.outputs import write_outputs
+from certseg.engine.session import Session, Settings
+
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+
+method, height, width, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(2)
+session = Session.open(Settings(method=method, batch=batch, n0=10, n=100))
+image = np.random.default_rng(0).random((3, height, width), dtype=np.float32)
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS: the peak from here on
+result, record = session.certify(image, seed=0)
+write_outputs(Path(sys.argv[5]), "x", image, result, {})
+print(json.dumps({"growth": status("VmHWM:") - before, "estimate": record["memory"]["needs_bytes"]["host"]}))
+"""
+
+
+@needs_shipped
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
+@pytest.mark.parametrize("method", ["segcertify", "denoisecertify"])
+def test_estimate_covers_the_measured_peak_of_a_real_run_within_a_sane_factor(method: str, tmp_path: Path) -> None:
+    """A fresh process (probe included, as on a first run) certifies a 384x768 image at batch 4 and writes the
+    outputs: its peak resident memory growth stays under the estimate, and the estimate under 2.5× the growth."""
+    env = dict(os.environ, CERTSEG_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", MEASURE, method, "384", "768", "4", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["growth"] <= measured["estimate"] <= 2.5 * measured["growth"], measured
+
+
+def test_available_memory_is_capped_by_the_cgroup_headroom(tmp_path: Path) -> None:
+    """MemAvailable of the host, and a container's limit minus what it uses (droppable page cache not counted)."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683652 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert memory.host_available_bytes(meminfo, cgroup) == 20000000 * 1024
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text(f"{3 << 30}\n")
+    assert memory.host_available_bytes(meminfo, cgroup) == 20000000 * 1024  # no limit
+    (cgroup / "memory.max").write_text(f"{8 << 30}\n")
+    (cgroup / "memory.stat").write_text(f"anon {2 << 30}\ninactive_file {1 << 30}\nactive_file 5\n")
+    assert memory.host_available_bytes(meminfo, cgroup) == (8 << 30) - (3 << 30) + (1 << 30)
+    assert memory.host_available_bytes(tmp_path / "no-such-file", cgroup) is None
+
+
+@needs_shipped
+def test_a_model_that_cannot_run_at_the_probe_sizes_is_not_refused_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))  # nothing probed before, on disk or in this process
+    monkeypatch.setattr(session_module, "_PIPELINE_MEMORY", {})
+    session = Session.open(Settings(method="segcertify"))
+
+    def cannot_run(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("input too small for this model\nsecond line")
+
+    monkeypatch.setattr(session, "_probe_run", cannot_run)
+    estimate = session.memory_estimate((128, 256))
+    assert estimate is not None and estimate.pipeline.per_sample(10**6) == 0.0
+    assert estimate.record()["pipeline"]["failed"] == "RuntimeError: input too small for this model"
+    estimate.check()  # the engine's own arrays fit
