@@ -126,7 +126,18 @@ def certify(
         fail(str(error))
     except (ValueError, OSError) as error:
         fail(f"{error.__class__.__name__}: {error}")
+    except MemoryError:
+        fail(f"out of memory while certifying {image}: lower --batch (now {batch}) or --max-pixels; nothing written")
+    except RuntimeError as error:
+        if "out of memory" not in str(error).lower():
+            raise
+        fail(f"{_first_line(error)}: lower --batch (now {batch}) or certify a smaller image; nothing written")
     typer.echo(summary + f" ({time.perf_counter() - started:.1f} s)")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{error.__class__.__name__}: {text.splitlines()[0] if text else ''}"
 
 
 @app.command()

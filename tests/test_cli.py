@@ -215,3 +215,22 @@ def test_a_grayscale_image_is_certified_in_its_own_space(tmp_path: Path) -> None
     assert report["image_size"] == [64, 128]
     with Image.open(tmp_path / "out" / "gray.overlay.png") as overlay:
         assert overlay.size == (128, 64) and overlay.mode == "RGB"
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")])
+def test_running_out_of_memory_mid_run_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    error: BaseException) -> None:
+    """If the memory estimate is ever wrong, the run still ends in one line, not a traceback."""
+    from typer.testing import CliRunner
+
+    import certseg.engine.certify_command as command
+    from certseg.engine.cli import app
+
+    def run_out(request):
+        raise error
+
+    monkeypatch.setattr(command, "run_certify", run_out)
+    result = CliRunner().invoke(app, ["certify", str(EXAMPLE), "--out", str(tmp_path / "o"), "--batch", "8"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1, result.output
+    assert "out of memory" in lines[0] and "--batch (now 8)" in lines[0]
