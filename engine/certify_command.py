@@ -16,7 +16,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from certseg.engine.errors import InputError
-from certseg.engine.io import default_palette, read_image, read_labels
+from certseg.engine.io import default_palette, read_image, read_labels, write_rgb_png
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.metrics import DATASET_MIOU, PER_IMAGE_MIOU, CertifiedMetrics, check_target
 from certseg.engine.outputs import (
@@ -28,6 +28,8 @@ from certseg.engine.outputs import (
     versions,
     write_outputs,
 )
+from certseg.engine.radius import ACCURACY_RADII, RadiusMap, certified_accuracy_at, radius_map
+from certseg.engine.radius_outputs import radius_picture, write_radius_npz
 from certseg.engine.session import Session, Settings
 
 
@@ -55,6 +57,8 @@ class CertifyRequest:
     antialias: bool = False
     noise_backend: str = "numpy-philox"
     non_finite: str = "abstain"
+    radius_map: bool = False
+    """Also write the per-pixel radius map (``<stem>.radius.png`` / ``.radius.npz``, ``radius_map`` in the JSON)."""
     ignore_index: int = 255
     progress: bool = True
     servers: tuple[str, ...] = ()
@@ -121,16 +125,31 @@ def run_certify(request: CertifyRequest) -> str:
     }
     if target is not None:
         report["metrics"] = image_metrics(result.labels, target, result.num_classes, request.ignore_index)
+    extras = {}
+    if request.radius_map:
+        radii = radius_map(result.certificate.agree, result.n, sigma=result.sigma, alpha=settings.alpha)
+        report["radius_map"] = radii.summary()
+        if target is not None:
+            report["radius_map"]["certified_accuracy_at"] = radius_accuracy(radii, result.guess, target,
+                                                                            request.ignore_index)
+        top = radii.top
+        extras = {"radius_png": lambda p: write_rgb_png(p, radius_picture(image, radii.radius, top)),
+                  "radius_npz": lambda p: write_radius_npz(p, radii.radius, result.guess)}
     palette = session.segmenter.extra.get("palette")
     stem = request.image.stem
     paths = write_outputs(
-        request.out, stem, image, result, report, None if palette is None else _palette(palette, result.num_classes)
+        request.out, stem, image, result, report, None if palette is None else _palette(palette, result.num_classes),
+        extras=extras,
     )
+    written = ", ".join(str(p) for p in (paths.certified, paths.overlay, *paths.extras.values(), paths.report))
     summary = (
         f"certified {100 - report['abstain_percent']:.1f}% of {result.certificate.num_pixels} pixels at "
-        f"R = {result.radius:.4f} (σ = {result.sigma}, {settings.method}); wrote {paths.certified}, "
-        f"{paths.overlay}, {paths.report}"
+        f"R = {result.radius:.4f} (σ = {result.sigma}, {settings.method}); wrote {written}"
     )
+    if request.radius_map:
+        median = report["radius_map"]["radius_quantiles"].get("q50")
+        summary += (f"; radius map: {report['radius_map']['certified_percent']:.1f}% with a radius"
+                    + (f", median {median:.3f}" if median is not None else ""))
     invalid = result.non_finite
     if invalid.get("selection_samples") or invalid.get("estimation_samples"):
         summary += (f"; WARNING: non-finite model outputs in {invalid['selection_samples']} selection and "
@@ -140,6 +159,13 @@ def run_certify(request: CertifyRequest) -> str:
         summary += (f"; certified accuracy {report['metrics']['certified_accuracy']:.3f}, "
                     f"mIoU {'n/a' if mean_iou != mean_iou else f'{mean_iou:.3f}'}")
     return summary
+
+
+def radius_accuracy(radii: RadiusMap, guess: np.ndarray, target: np.ndarray, ignore_index: int) -> dict[str, float]:
+    """Certified accuracy of the radius map at the README's radii: correct pixels whose radius reaches each."""
+    valid = target != ignore_index
+    curve = certified_accuracy_at(radii.radius, guess == target, valid, np.asarray(ACCURACY_RADII))
+    return {f"{level:g}": float(value) for level, value in zip(ACCURACY_RADII, curve, strict=True)}
 
 
 def image_metrics(labels: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int) -> dict[str, Any]:

@@ -94,6 +94,9 @@ def certify(
     non_finite: Annotated[NonFiniteChoice, typer.Option(
         help="NaN/Inf model outputs: their pixels count as disagreements (abstain) or the run stops (fail)")
     ] = NonFiniteChoice.abstain,
+    radius_map: Annotated[bool, typer.Option(
+        "--radius-map", help="also write each pixel's own certified radius (<stem>.radius.png / .radius.npz)")
+    ] = False,
     ignore_index: Annotated[int, typer.Option(help="label value ignored by the metrics")] = 255,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     server: Annotated[list[str] | None, typer.Option(
@@ -114,7 +117,7 @@ def certify(
         image=image, sigma=sigma, n0=n0, n=n, alpha=alpha, tau=tau, fwer=fwer.value, method=method.value,
         segmenter=segmenter, denoiser=denoiser, scale=scale, seed=seed, batch=batch, out=out, labels=labels,
         runtime=runtime.value, device=device, precision=precision.value, t_rule=t_rule.value,
-        antialias=antialias, noise_backend=noise_backend.value, non_finite=non_finite.value,
+        antialias=antialias, noise_backend=noise_backend.value, non_finite=non_finite.value, radius_map=radius_map,
         ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()),
         in_flight=in_flight, shared_memory=shared_memory.value, retries=retries,
         max_pixels=max_pixels,

@@ -177,17 +177,21 @@ def write_label_png(path: Path, labels: np.ndarray, palette: np.ndarray) -> None
     image.save(path, format="PNG")
 
 
+def abstain_look(image: np.ndarray) -> np.ndarray:
+    """(H, W, 1) float: how abstained pixels are drawn in every picture, the image greyed and hatched white."""
+    gray = image.transpose(1, 2, 0).mean(axis=2, keepdims=True) * 255.0 * 0.5 + 64
+    rows, cols = np.indices(image.shape[1:])
+    hatch = ((rows + cols) // 4) % 2 == 0
+    return np.where(hatch[:, :, None], gray, np.full_like(gray, 255.0))
+
+
 def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, opacity: float = 0.55) -> np.ndarray:
     """RGB uint8 picture of the certificate: class colours over the image; abstained pixels greyed and hatched."""
     rgb = image.transpose(1, 2, 0) * 255.0
     abstain = labels >= len(palette)
     colours = palette[np.minimum(labels, len(palette) - 1)].astype(np.float32)
     blended = (1 - opacity) * rgb + opacity * colours
-    gray = rgb.mean(axis=2, keepdims=True) * 0.5 + 64
-    rows, cols = np.indices(labels.shape)
-    hatch = ((rows + cols) // 4) % 2 == 0
-    abstain_look = np.where(hatch[:, :, None], gray, np.full_like(gray, 255.0))
-    out = np.where(abstain[:, :, None], abstain_look, blended)
+    out = np.where(abstain[:, :, None], abstain_look(image), blended)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 

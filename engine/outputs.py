@@ -12,8 +12,8 @@ import os
 import platform
 import tempfile
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,14 @@ class OutputPaths:
     certified: Path
     overlay: Path
     report: Path
+    extras: dict[str, Path] = field(default_factory=dict)
+    """Optional outputs by role (``radius_png``, ``radius_npz``), present when that run wrote them."""
+
+
+EXTRA_SUFFIXES: dict[str, str] = {"radius_png": ".radius.png", "radius_npz": ".radius.npz"}
+"""The optional outputs a run may add, by role: ``<stem><suffix>`` beside the three files."""
+
+Writer = Callable[[Path], None]
 
 
 def output_paths(out_dir: Path, stem: str) -> OutputPaths:
@@ -129,28 +137,45 @@ def write_outputs(
     result: CertifiedSegmentation,
     report: dict[str, Any],
     palette: np.ndarray | None = None,
+    extras: Mapping[str, Writer] | None = None,
 ) -> OutputPaths:
-    """Write the three files all or nothing; the JSON last, so its presence means the run completed.
+    """Write the files all or nothing; the JSON last, so its presence means the run completed.
 
-    Every file is first written to a temporary file in ``out_dir``. A failure there (a full disk) removes the
-    temporary files and leaves an earlier run's outputs as they were. Then the earlier JSON is removed before
-    any PNG is replaced, and the new JSON (which records the sha256 of both PNGs) is renamed in last: a crash
-    between renames leaves no JSON rather than one that vouches for another run's maps.
+    ``extras`` maps optional roles of ``EXTRA_SUFFIXES`` to the function that writes that file. Every file is
+    first written to a temporary file in ``out_dir``. A failure there (a full disk) removes the temporary files
+    and leaves an earlier run's outputs as they were. Then the earlier JSON is removed before any other file is
+    replaced (and an earlier run's optional files that this run does not write are removed with it), and the new
+    JSON, which records the sha256 of every file it vouches for, is renamed in last: a crash between renames
+    leaves no JSON rather than one that vouches for another run's maps.
     """
+    extras = dict(extras or {})
+    unknown = set(extras) - set(EXTRA_SUFFIXES)
+    if unknown:
+        raise ValueError(f"unknown optional outputs {sorted(unknown)}; known: {sorted(EXTRA_SUFFIXES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = output_paths(out_dir, stem)
+    base = output_paths(out_dir, stem)
+    paths = OutputPaths(base.certified, base.overlay, base.report,
+                        {role: out_dir / f"{stem}{EXTRA_SUFFIXES[role]}" for role in extras})
     palette = default_palette(result.num_classes) if palette is None else palette
+    picture = overlay(image, result.labels, palette)
+    writers: dict[str, tuple[Path, Writer]] = {
+        "certified": (paths.certified, lambda p: write_label_png(p, result.labels, palette)),
+        "overlay": (paths.overlay, lambda p: write_rgb_png(p, picture)),
+        **{role: (paths.extras[role], write) for role, write in extras.items()},
+    }
     staged: list[tuple[Path, Path]] = []
     try:
-        certified = _staged(out_dir, paths.certified, lambda p: write_label_png(p, result.labels, palette))
-        staged.append((certified, paths.certified))
-        picture = overlay(image, result.labels, palette)
-        staged.append((_staged(out_dir, paths.overlay, lambda p: write_rgb_png(p, picture)), paths.overlay))
-        files = {"certified": {"file": paths.certified.name, "sha256": file_sha256(certified)},
-                 "overlay": {"file": paths.overlay.name, "sha256": file_sha256(staged[1][0])}}
+        files = {}
+        for role, (final, write) in writers.items():
+            temporary = _staged(out_dir, final, write)
+            staged.append((temporary, final))
+            files[role] = {"file": final.name, "sha256": file_sha256(temporary)}
         text = json_text({**report, "outputs": files})
         staged.append((_staged(out_dir, paths.report, lambda p: p.write_text(text)), paths.report))
         paths.report.unlink(missing_ok=True)
+        for role, suffix in EXTRA_SUFFIXES.items():
+            if role not in extras:
+                (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)  # an earlier run's, vouched for by no JSON
         for temporary, final in staged:
             os.replace(temporary, final)
     finally:

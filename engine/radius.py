@@ -35,6 +35,8 @@ from scipy.stats import beta, norm
 from certseg.engine.certify import validate_sigma, validate_tau_alpha
 
 QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
+ACCURACY_RADII: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)
+"""The radii at which reports tabulate certified accuracy."""
 
 
 def lower_bound_table(n: int, confidence_alpha: float) -> np.ndarray:
@@ -76,6 +78,11 @@ class RadiusMap:
     def certified(self) -> np.ndarray:
         return ~np.isnan(self.radius)
 
+    @property
+    def top(self) -> float:
+        """The largest radius any pixel can get with these σ, n, α, N (all n samples agreeing)."""
+        return float(radius_table(self.n, self.sigma, self.alpha, self.num_pixels)[self.n])
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready: the bound's inputs, the certified fraction and the radius quantiles over certified pixels."""
         radii = self.radius[self.certified]
@@ -86,6 +93,7 @@ class RadiusMap:
             "certified_percent": 100.0 * float(self.certified.mean()) if self.radius.size else 0.0,
             "radius_quantiles": quantiles,
             "radius_max": float(radii.max()) if radii.size else None,
+            "radius_attainable_max": self.top,
         }
 
 

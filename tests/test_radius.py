@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 from scipy.stats import binom, binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
+from typer.testing import CliRunner
 
 from certseg.engine.certify import certify
+from certseg.engine.cli import app
+from certseg.engine.io import read_image, read_labels
 from certseg.engine.pipeline import certify_image
 from certseg.engine.radius import certified_accuracy_at, lower_bound_table, radius_map, radius_table
+from certseg.engine.radius_outputs import BAR_WIDTH, read_radius_npz
 from certseg.engine.sampling import LocalRuntime
+from certseg.engine.session import Session, Settings
 
 from segmenters import ThresholdSegmenter
 
@@ -110,3 +119,46 @@ def test_certified_accuracy_curve_counts_correct_certified_pixels_at_each_radius
     valid = np.array([True, True, True, True, True, False])
     curve = certified_accuracy_at(radii, correct, valid, np.array([0.0, 0.1, 0.25, 0.3, 1.0]))
     np.testing.assert_allclose(curve, [3 / 5, 2 / 5, 1 / 5, 1 / 5, 0.0])
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "street.png"
+EXAMPLE_LABELS = REPO / "examples" / "street_labels.png"
+
+
+def test_certify_radius_map_writes_the_radii_of_the_same_counts(tmp_path: Path) -> None:
+    """The npz holds exactly the radii of the certificate's own counts; the picture is the image's size plus the
+    colour bar; the JSON says what the bound used; a rerun without --radius-map leaves no stale radius files."""
+    crop = tmp_path / "crop.png"
+    with Image.open(EXAMPLE) as colour:
+        colour.crop((0, 0, 96, 48)).save(crop)
+    with Image.open(EXAMPLE_LABELS) as labels:
+        labels.crop((0, 0, 96, 48)).save(tmp_path / "labels.png")
+    args = ["certify", str(crop), "--method", "segcertify", "--n0", "4", "--n", "64", "--seed", "5", "--quiet",
+            "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--radius-map", "--labels", str(tmp_path / "labels.png")])
+    assert result.exit_code == 0, result.output
+    radius, guess = read_radius_npz(tmp_path / "out" / "crop.radius.npz")
+    session = Session.open(Settings(method="segcertify", n0=4, n=64))
+    reference, _ = session.certify(read_image(crop), seed=5)
+    expected = radius_map(reference.certificate.agree, 64, sigma=0.25, alpha=0.001)
+    assert radius.dtype == np.float32 and radius.shape == (48, 96)
+    np.testing.assert_array_equal(radius, expected.radius)
+    np.testing.assert_array_equal(guess, reference.guess)
+    assert np.isnan(radius).any() and (~np.isnan(radius)).any()
+    report = json.loads((tmp_path / "out" / "crop.json").read_text())
+    summary = report["radius_map"]
+    assert (summary["sigma"], summary["n"], summary["alpha"], summary["num_pixels"]) == (0.25, 64, 0.001, 48 * 96)
+    assert summary["radius_quantiles"]["q50"] == pytest.approx(float(np.nanmedian(radius)), rel=1e-6)
+    target = read_labels(tmp_path / "labels.png")
+    correct = (guess == target) & ~np.isnan(radius)
+    assert summary["certified_accuracy_at"]["0"] == pytest.approx(correct.mean())
+    assert {"radius_png", "radius_npz"} <= set(report["outputs"])
+    with Image.open(tmp_path / "out" / "crop.radius.png") as picture:
+        assert picture.size == (96 + BAR_WIDTH, 48) and picture.mode == "RGB"
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert not (tmp_path / "out" / "crop.radius.npz").exists() and not (tmp_path / "out" / "crop.radius.png").exists()
+    assert "radius_map" not in json.loads((tmp_path / "out" / "crop.json").read_text())

@@ -33,6 +33,8 @@ from certseg.engine.io import read_image, read_labels  # noqa: E402
 from certseg.engine.label_pipeline import make_spec  # noqa: E402
 from certseg.engine.models.registry import shipped_models  # noqa: E402
 from certseg.engine.pipeline import certify_image  # noqa: E402
+from certseg.engine.radius import radius_map  # noqa: E402
+from certseg.engine.radius_outputs import read_radius_npz  # noqa: E402
 from certseg.engine.runtimes.onnx_runtime import onnx_runtime  # noqa: E402
 from certseg.engine.runtimes.triton_runtime import (  # noqa: E402
     REPOSITORY_VERSION,
@@ -330,7 +332,7 @@ def test_certify_command_against_the_server_writes_the_outputs(served: TritonSer
                                                                image: np.ndarray, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [
         "certify", str(SAMPLE), "--server", served.grpc_address, "--n0", "8", "--n", "64", "--seed", "11",
-        "--batch", "8", "--out", str(tmp_path), "--quiet",
+        "--batch", "8", "--out", str(tmp_path), "--quiet", "--radius-map",
     ])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "street.json").read_text())
@@ -342,6 +344,11 @@ def test_certify_command_against_the_server_writes_the_outputs(served: TritonSer
     local = certify_image(local_runtime(models, spec), image, num_classes=NUM_CLASSES, sigma=SIGMA, n0=8, n=64,
                           seed=11)
     np.testing.assert_array_equal(read_labels(tmp_path / "street.certified.png"), local.labels)
+    radius, guess = read_radius_npz(tmp_path / "street.radius.npz")  # the radius map is made from served counts
+    expected = radius_map(local.certificate.agree, 64, sigma=SIGMA, alpha=0.001).radius
+    np.testing.assert_array_equal(radius, expected)
+    np.testing.assert_array_equal(guess, local.guess)
+    assert report["radius_map"]["num_pixels"] == local.certificate.num_pixels
 
 
 def test_version_mismatch_missing_model_and_unreachable_server_are_one_line_errors(served: TritonServer,

@@ -1,10 +1,14 @@
-"""A picture of the per-pixel radius map: a perceptual colour ramp in the image's size, plus a colour bar.
+"""The radius map's files: ``<stem>.radius.npz`` (the radii themselves) and ``<stem>.radius.png`` (a picture).
 
-Drawn with Pillow (as ``bench/plots.py``), so outputs need no plotting library. Abstained pixels are drawn as
-in the overlay (grey hatching over the image), so the two pictures read the same way.
+The npz is a contract other tools read: ``radius`` float32 (H, W) in the image's L2 pixel-space units, NaN where
+the pixel abstains, and ``guess`` (H, W), the class each radius is for. The picture colours the radii on a
+perceptual ramp in the image's size, with a colour bar beside it; abstained pixels are drawn as in the overlay
+(grey hatching over the image), so the two pictures read the same way. Drawn with Pillow (as ``bench/plots.py``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -54,3 +58,16 @@ def colour_bar(height: int, top: float) -> np.ndarray:
         draw.text((34, min(max(y - 5, 0), max(height - 11, 0))), label, fill=(20, 20, 20), font=font)
     draw.text((34, height // 4), "R", fill=(20, 20, 20), font=font)
     return np.asarray(bar)
+
+
+def write_radius_npz(path: Path, radius: np.ndarray, guess: np.ndarray) -> None:
+    """The radii (float32, NaN = abstain) and the class each is for, compressed; written through a file object
+    so that numpy does not append ``.npz`` to a temporary name."""
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, radius=np.asarray(radius, dtype=np.float32), guess=np.asarray(guess))
+
+
+def read_radius_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(radius, guess) from a ``<stem>.radius.npz``."""
+    with np.load(path, allow_pickle=False) as data:
+        return data["radius"], data["guess"]
