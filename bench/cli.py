@@ -120,6 +120,8 @@ def bench(
     out: Annotated[Path, typer.Option(help="output folder (results.jsonl, report.md, plots)")] = Path("bench-out"),
     baseline: Annotated[bool, typer.Option(help="also run the authors-style baseline (speed comparison)")] = False,
     report: Annotated[bool, typer.Option(help="write report.md and PNG plots")] = False,
+    radius_map: Annotated[bool, typer.Option(
+        "--radius-map", help="per-pixel radius maps: certified accuracy as a function of radius")] = False,
     report_only: Annotated[bool, typer.Option(help="only render the report from an existing results.jsonl")] = False,
     save_labels: Annotated[bool, typer.Option(help="write every certified label map as a PNG")] = False,
     stage_timing: Annotated[bool, typer.Option(help="split time into stages")] = True,
@@ -142,9 +144,12 @@ def bench(
         aggregate,
         compare,
         comparison_table,
+        radius_curves,
+        radius_table,
         stage_table,
         throughput_table,
     )
+    from certseg.engine.radius import ACCURACY_RADII
 
     console = Console(width=None if sys.stdout.isatty() else 180)
     try:
@@ -160,7 +165,7 @@ def bench(
                 scales=tuple(scale or (1.0,)), n0=n0, n=n, alpha=alpha, tau=tau, fwer=fwer, segmenter=segmenter,
                 denoiser=denoiser, runtime=runtime.value, device=device, precision=precision, batch=batch,
                 t_rule=t_rule, antialias=antialias, seed=seed, out=out, baseline=baseline, save_labels=save_labels,
-                stage_timing=stage_timing, threads=threads, max_pixels=max_pixels,
+                stage_timing=stage_timing, threads=threads, max_pixels=max_pixels, radius_map=radius_map,
             )
             run = prepare(config)
             entries = execute(run, show_progress=not quiet)
@@ -174,6 +179,10 @@ def bench(
     _print_table(console, "Throughput", *throughput_table(rows))
     if any(r.stages for r in rows):
         _print_table(console, "Seconds per image by stage", *stage_table(rows))
+    curves = radius_curves(entries)
+    if curves:
+        _print_table(console, "Certified accuracy vs radius (per-pixel radius maps)",
+                     *radius_table(curves, ACCURACY_RADII))
     comparisons = compare(entries)
     if comparisons:
         _print_table(console, "Engine vs authors-style baseline", *comparison_table(comparisons))

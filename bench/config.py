@@ -75,6 +75,8 @@ class BenchConfig:
     out: Path = Path("bench-out")
     baseline: bool = False
     save_labels: bool = False
+    radius_map: bool = False
+    """Also record each entry's per-pixel radii (as counts per agreement level) for accuracy-vs-radius curves."""
     stage_timing: bool = True
     threads: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -123,7 +125,7 @@ class BenchConfig:
         The selection lists (images, methods, σ, scales, baseline) are not here: they only add or skip entries.
         """
         keep = ("seed", "n0", "n", "alpha", "tau", "fwer", "segmenter", "denoiser", "runtime", "precision", "batch",
-                "t_rule", "antialias", "noise_backend")
+                "t_rule", "antialias", "noise_backend", "radius_map")
         own = {k: v for k, v in asdict(self).items() if k in keep}
         same_pixels = {k: dataset.get(k) for k in ("name", "root", "generator_version", "scene_size", "resize")}
         return {**own, "device": device, "dataset": same_pixels}

@@ -96,8 +96,9 @@ class _Frame:
 def line_chart(
     path: Path, title: str, series: dict[str, list[tuple[float, float]]], *, x_label: str, y_label: str,
     x_ticks: Sequence[tuple[float, str]] | None = None, y_range: tuple[float, float] | None = None,
+    markers: bool = True,
 ) -> Path:
-    """One polyline with markers per series."""
+    """One polyline per series, with a marker at each point unless ``markers`` is off (dense curves)."""
     points = [p for values in series.values() for p in values]
     xs = [p[0] for p in points] or [0.0, 1.0]
     ys = [p[1] for p in points] or [0.0, 1.0]
@@ -113,7 +114,7 @@ def line_chart(
         pixels = [(frame.x(x), frame.y(y)) for x, y in sorted(values)]
         if len(pixels) > 1:
             frame.draw.line(pixels, fill=colour, width=3 * S, joint="curve")
-        for px, py in pixels:
+        for px, py in pixels if markers else ():
             frame.draw.ellipse([px - 4 * S, py - 4 * S, px + 4 * S, py + 4 * S], fill=colour)
     frame.legend(list(series))
     return frame.save(path)

@@ -6,18 +6,24 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from certseg.bench.plots import line_chart, stacked_bars
 from certseg.bench.tables import (
+    RadiusCurve,
     Row,
     accuracy_table,
     aggregate,
     compare,
     comparison_table,
     markdown,
+    radius_curves,
+    radius_table,
     stage_table,
     throughput_table,
 )
 from certseg.bench.timing import STAGES
+from certseg.engine.radius import ACCURACY_RADII
 
 SHORT = {"segcertify": "SegCertify", "denoisecertify": "DenoiseCertify"}
 ABBREVIATION = {"segcertify": "SC", "denoisecertify": "DC"}
@@ -64,6 +70,16 @@ def plot(rows: list[Row], folder: Path) -> list[Path]:
     return paths
 
 
+def plot_radius_curves(curves: list[RadiusCurve], folder: Path, points: int = 120) -> Path:
+    """Cohen et al.'s figure: certified accuracy against radius, one line per method, scale and σ."""
+    top = max((float(c.radii.max()) for c in curves if c.radii.size), default=1.0)
+    levels = np.linspace(0.0, top * 1.02, points)
+    series = {f"{SHORT.get(c.method, c.method)} x{c.scale:g} sigma={c.sigma:g}":
+              list(zip(levels.tolist(), c.accuracy_at(levels).tolist(), strict=True)) for c in curves}
+    return line_chart(folder / "accuracy_vs_radius.png", "Certified accuracy vs radius (per-pixel radius maps)",
+                      series, x_label="L2 radius R", y_label="certified accuracy", y_range=(0.0, 1.0), markers=False)
+
+
 def _settings_lines(header: dict[str, Any] | None, entries: list[dict[str, Any]]) -> list[str]:
     if not entries:
         return []
@@ -104,7 +120,15 @@ def write_report(folder: Path, header: dict[str, Any] | None, entries: list[dict
         parts += ["## Engine vs authors-style baseline (same images, models, seeds)", "",
                   "Baseline: batch 1, fp32 eager, per-pixel `binomtest` loop, statsmodels FWER.", "",
                   markdown(*comparison_table(comparisons))]
+    curves = radius_curves(entries)
+    if curves:
+        parts += ["## Certified accuracy vs radius (per-pixel radius maps)", "",
+                  "Each pixel's own radius R_i = σ·Φ⁻¹(p̲_i), p̲_i its Clopper–Pearson lower bound at 1 − α/N (valid for "
+                  "all pixels at once with probability ≥ 1 − α); accuracy = correct pixels with R_i ≥ R over all "
+                  "non-ignored pixels.", "", markdown(*radius_table(curves, ACCURACY_RADII))]
     plots = plot(rows, folder)
+    if curves:
+        plots.append(plot_radius_curves(curves, folder))
     if plots:
         parts += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     path = folder / "report.md"

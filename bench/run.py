@@ -32,6 +32,8 @@ from certseg.engine.errors import InputError
 from certseg.engine.io import default_palette, write_label_png
 from certseg.engine.label_pipeline import LabelPipeline
 from certseg.engine.metrics import CertifiedMetrics
+from certseg.engine.pipeline import CertifiedSegmentation
+from certseg.engine.radius import radius_table
 from certseg.engine.runtimes.torch_runtime import resolve_device
 from certseg.engine.session import Session
 
@@ -217,6 +219,8 @@ def _certify_engine(
         "min_agreements": result.certificate.min_agreements,
         "non_finite": record["non_finite"],
     }
+    if run.config.radius_map:
+        extra["radius_map"] = radius_record(result, target, run.config.alpha, run.dataset.ignore_index)
     if timer is not None:
         timer.add("certify", timings["certify"])
         timings["stages"] = timer.snapshot()
@@ -224,6 +228,20 @@ def _certify_engine(
     entry = _entry(run, item, setting, "engine", seed, result.labels, target, result.num_classes, timings, session,
                    extra)
     return entry, result.labels
+
+
+def radius_record(result: CertifiedSegmentation, target: np.ndarray, alpha: float, ignore_index: int) -> dict[str, Any]:
+    """The entry's radius map, compactly and exactly: radii take one value per agreement count k, so the radius of
+    each k and how many correctly guessed (non-ignored) pixels have each k give the whole accuracy-vs-radius curve."""
+    agree = result.certificate.agree.astype(np.intp)
+    valid = target != ignore_index
+    correct = valid & (result.guess == target)
+    radii = radius_table(result.n, result.sigma, alpha, int(agree.size))
+    return {
+        "radius_by_k": [None if np.isnan(r) else float(r) for r in radii],
+        "correct_by_k": np.bincount(agree[correct], minlength=result.n + 1).tolist(),
+        "valid_pixels": int(valid.sum()),
+    }
 
 
 def _certify_baseline(

@@ -212,3 +212,55 @@ def markdown(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class RadiusCurve:
+    """Certified accuracy as a function of radius for one (method, scale, σ), from the entries' radius maps.
+
+    Pooled over images as the accuracy column is: correctly guessed pixels whose radius reaches r, over all
+    non-ignored pixels.
+    """
+
+    method: str
+    scale: float
+    sigma: float
+    images: int
+    radii: np.ndarray
+    """Every radius some pixel got, with ``counts`` the correctly guessed pixels that got it."""
+    counts: np.ndarray
+    valid_pixels: int
+
+    def accuracy_at(self, levels: Iterable[float]) -> np.ndarray:
+        levels = np.asarray(list(levels), dtype=np.float64)
+        reached = self.radii[None, :] >= levels[:, None] - 1e-9
+        return (reached * self.counts[None, :]).sum(axis=1) / max(self.valid_pixels, 1)
+
+
+def radius_curves(entries: Iterable[dict[str, Any]]) -> list[RadiusCurve]:
+    """One curve per (method, scale, σ) over the engine entries that carry a radius map, in the paper's order."""
+    groups: dict[tuple[str, float, float], list[dict[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        if entry["variant"] == "engine" and entry.get("radius_map"):
+            groups[(entry["method"], float(entry["scale"]), float(entry["sigma"]))].append(entry)
+    curves = []
+    for method, scale, sigma in sorted(groups, key=lambda g: (g[1], _rank(METHODS, g[0]), g[0], g[2])):
+        members = groups[(method, scale, sigma)]
+        radii, counts = [], []
+        for entry in members:
+            record = entry["radius_map"]
+            for value, count in zip(record["radius_by_k"], record["correct_by_k"], strict=True):
+                if value is not None and count:
+                    radii.append(float(value))
+                    counts.append(int(count))
+        curves.append(RadiusCurve(method, scale, sigma, len(members), np.asarray(radii), np.asarray(counts),
+                                  sum(int(e["radius_map"]["valid_pixels"]) for e in members)))
+    return curves
+
+
+def radius_table(curves: list[RadiusCurve], levels: tuple[float, ...]) -> tuple[list[str], list[list[str]]]:
+    """Certified accuracy of the per-pixel radius maps at fixed radii (Cohen et al.'s table)."""
+    header = ["scale", "method", "σ", *(f"acc @ R={level:g}" for level in levels), "images"]
+    body = [[f"{c.scale:.2f}", c.method, f"{c.sigma:.2f}", *(f"{a:.3f}" for a in c.accuracy_at(levels)),
+             str(c.images)] for c in curves]
+    return header, body

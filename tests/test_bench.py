@@ -24,7 +24,7 @@ from certseg.bench.config import BenchConfig, Setting, image_seed
 from certseg.bench.datasets import procedural
 from certseg.bench.report import write_report
 from certseg.bench.results import ResultsFile, ResumeError, entry_key, labels_digest, load_entries, read_lines
-from certseg.bench.tables import aggregate
+from certseg.bench.tables import aggregate, radius_curves
 from certseg.bench.timing import STAGES
 from certseg.engine import cli as certseg_cli
 from certseg.engine.certify import min_samples_to_certify
@@ -33,6 +33,7 @@ from certseg.engine.label_pipeline import LabelPipeline
 from certseg.engine.models.adm import build_adm
 from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.models.registry import default_model, save_model
+from certseg.engine.radius_outputs import read_radius_npz
 from certseg.engine.session import Session
 
 from conftest import REPO_ROOT
@@ -377,3 +378,35 @@ def test_ctrl_c_prints_one_line_keeps_finished_entries_and_exits_130(models: Sim
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["certseg-bench: interrupted (finished entries are kept; rerun to resume)"]
     assert _entry_lines(results) >= 1
+
+
+def test_radius_map_curves_equal_the_certify_radius_maps_of_the_same_images(models: SimpleNamespace,
+                                                                          tmp_path: Path) -> None:
+    """--radius-map: each entry's compact record gives exactly the curve of certify --radius-map's npz for the same
+    image and seed; the pooled curve is what the report tabulates and plots."""
+    model_args = _shipped_or_tiny(models, "segcertify")
+    out, data = tmp_path / "bench", tmp_path / "data"
+    common = ["--method", "segcertify", "--sigma", "0.5", "--n0", "2", "--n", "40", "--alpha", "0.05"]
+    result = bench(["--images", "3", *common, "--scene-size", "32x64", "--write-data", str(data), "--out", str(out),
+                    "--quiet", "--seed", "3", "--radius-map", "--report", *model_args])
+    assert "Certified accuracy vs radius" in result.output
+    _, entries = load_entries(out / "results.jsonl")
+    levels = np.array([0.0, 0.05, 0.1, 0.2, 0.3])
+    hits, valid = np.zeros(len(levels)), 0
+    for entry in entries:
+        image = Path(entry["image_path"])
+        labels = data / "gtFine" / "val" / procedural.CITY / f"{entry['image']}_gtFine_labelTrainIds.png"
+        invoke(certseg_cli.app, ["certify", str(image), *common, "--seed", str(entry["seed"]), "--radius-map",
+                                 "--out", str(tmp_path / "certify"), "--quiet", *model_args])
+        radius, guess = read_radius_npz(tmp_path / "certify" / f"{image.stem}.radius.npz")
+        target = np.asarray(Image.open(labels))
+        correct = (guess == target) & (target != 255)
+        own = radius_curves([entry])[0].accuracy_at(levels)
+        expected = [(correct & (np.nan_to_num(radius, nan=-1.0) >= level - 1e-6)).sum() for level in levels]
+        np.testing.assert_allclose(own * (target != 255).sum(), expected)
+        hits += expected
+        valid += int((target != 255).sum())
+    assert hits[0] > 0 and hits[-1] < hits[0]  # a curve that falls: the check compares something
+    np.testing.assert_allclose(radius_curves(entries)[0].accuracy_at(levels), hits / valid)
+    report = (out / "report.md").read_text()
+    assert "## Certified accuracy vs radius" in report and (out / "accuracy_vs_radius.png").is_file()
