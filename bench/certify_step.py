@@ -5,7 +5,9 @@ Everything is measured in one run on the same arrays, so the ratios are comparab
 - certseg: ``certseg.engine.certify.certify`` (p-value table + Holm threshold from the histogram of k);
 - scipy + statsmodels, vectorised: ``binom.sf`` on every pixel + ``multipletests(method="holm")``;
 - the published per-pixel loop (one exact test per pixel), timed on a subsample and extrapolated.
-The decisions of the first two are checked to be identical.
+The decisions of the first two are checked to be identical. The per-pixel radius map
+(``certseg.engine.radius.radius_map``, a Clopper–Pearson table over k) is timed on the same counts, against
+scipy's exact interval pixel by pixel (on a subsample, extrapolated, values checked equal).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from scipy.stats import binom, binomtest
+from scipy.stats import binom, binomtest, norm
 
 from certseg.engine.certify import certify
+from certseg.engine.radius import radius_map
 
 
 def synthetic_counts(height: int, width: int, num_classes: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +80,18 @@ def run(
         report["scipy_statsmodels_s"] = best_time(vectorised, max(1, repeats // 2))
         report["decisions_identical"] = bool(np.array_equal(reject, result.certified.ravel()))
         report["speedup_vs_scipy_statsmodels"] = report["scipy_statsmodels_s"] / ours
+    sigma = 0.25
+    radii = radius_map(agree, n, sigma=sigma, alpha=alpha).radius
+    report["radius_map_s"] = best_time(lambda: radius_map(agree, n, sigma=sigma, alpha=alpha), repeats)
+    # The same radii pixel by pixel from scipy's exact interval, timed on a sample and extrapolated.
+    level = alpha / agree.size
+    sample = agree.ravel()[:loop_pixels]
+    started = time.perf_counter()
+    lows = [binomtest(int(k), n, alternative="greater").proportion_ci(1 - level).low for k in sample]
+    report["radius_per_pixel_scipy_s_extrapolated"] = (time.perf_counter() - started) / loop_pixels * agree.size
+    expected = np.where(np.asarray(lows) > 0.5, sigma * norm.ppf(np.maximum(lows, 0.5)), np.nan)
+    report["radius_map_matches_scipy"] = bool(np.allclose(radii.ravel()[:loop_pixels], expected, rtol=2e-5,
+                                                          equal_nan=True))
     flat = agree.ravel()
     started = time.perf_counter()
     for k in flat[:loop_pixels]:

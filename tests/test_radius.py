@@ -162,3 +162,12 @@ def test_certify_radius_map_writes_the_radii_of_the_same_counts(tmp_path: Path) 
     assert CliRunner().invoke(app, args).exit_code == 0
     assert not (tmp_path / "out" / "crop.radius.npz").exists() and not (tmp_path / "out" / "crop.radius.png").exists()
     assert "radius_map" not in json.loads((tmp_path / "out" / "crop.json").read_text())
+
+
+def test_certify_step_benchmark_runs_small_and_checks_itself() -> None:
+    """The benchmark's own equality checks pass on a small map (the timings themselves are not asserted)."""
+    from certseg.bench.certify_step import run
+
+    report = run(height=32, width=48, num_classes=5, n=100, repeats=1, loop_pixels=40)
+    assert report["decisions_identical"] and report["radius_map_matches_scipy"]
+    assert report["radius_map_s"] > 0 and report["pixels"] == 32 * 48
