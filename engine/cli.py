@@ -77,7 +77,8 @@ def certify(
     fwer: Annotated[FwerChoice, typer.Option(help="FWER control")] = FwerChoice.holm,
     method: Annotated[MethodChoice, typer.Option(help="denoise first, or not")] = MethodChoice.denoisecertify,
     segmenter: Annotated[str | None, typer.Option(
-        help="shipped model name, checkpoint path, or your own .onnx file (README: Bring your own ONNX models)")] = None,
+        help="shipped model name, checkpoint path, or your own .onnx file (README: bring your own ONNX models)")
+    ] = None,
     denoiser: Annotated[str | None, typer.Option(
         help="shipped model name, checkpoint path, or your own ε-prediction .onnx UNet")] = None,
     scale: Annotated[float, typer.Option(help="segmenter input size as a fraction of the image size")] = 1.0,
@@ -124,7 +125,8 @@ def certify(
     request = CertifyRequest(
         image=image, sigma=sigma, n0=n0, n=n, alpha=alpha, tau=tau, fwer=fwer.value, method=method.value,
         segmenter=segmenter, denoiser=denoiser, scale=scale, seed=seed, batch=batch, out=out, labels=labels,
-        runtime=None if runtime is None else runtime.value, device=device, precision=precision.value, t_rule=t_rule.value,
+        runtime=None if runtime is None else runtime.value, device=device, precision=precision.value,
+        t_rule=t_rule.value,
         antialias=antialias, noise_backend=noise_backend.value, non_finite=non_finite.value,
         ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()),
         in_flight=in_flight, shared_memory=shared_memory.value, retries=retries,
