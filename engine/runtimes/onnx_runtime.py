@@ -130,8 +130,8 @@ class OrtModule(nn.Module):
         fixed_ok = all(not isinstance(d, int) or d == s for d, s in zip(declared, shape, strict=False))
         if len(declared) != len(shape) or not fixed_ok or shape[0] != batch:
             shown = tuple(d if isinstance(d, int) else str(d) for d in declared)
-            raise ModelError(f"{self.path.name}: output {name} came back {tuple(shape)} for a batch of {batch}; the "
-                             f"graph declares {shown} (dim 0 must be the batch, fixed dims must hold)")
+            raise ModelError(f"{self.path.name}: output {name} came back {tuple(shape)} for a batch of {batch} (its "
+                             f"shape in the graph: {shown}); an output's dim 0 must be the batch, and fixed dims hold")
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, providers={self.providers}"
