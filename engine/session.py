@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from certseg.engine.certify import validate_parameters
+from certseg.engine.denoise import LINEAR
 from certseg.engine.errors import InputError
 from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec, make_spec
 from certseg.engine.memory import (
@@ -211,7 +212,7 @@ class Session:
             denoiser_size=None if self.denoiser is None else self.denoiser.input_size,
             timestep_rule=s.t_rule, antialias=s.antialias,  # type: ignore[arg-type]
             normalization=facts.normalization(self.segmenter), segmenter_input_size=self.segmenter.input_size,
-            schedule=facts.LINEAR if self.denoiser is None else facts.schedule(self.denoiser),
+            schedule=LINEAR if self.denoiser is None else facts.schedule(self.denoiser),
         )
 
     def _runtime(self, spec: PipelineSpec) -> Runtime:
