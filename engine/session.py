@@ -31,7 +31,7 @@ from certseg.engine.memory import (
     probe_pipeline_memory,
 )
 from certseg.engine.models import facts
-from certseg.engine.models.registry import LoadedModel, default_model, load_model
+from certseg.engine.models.registry import LoadedModel, default_model, load_model, resolve
 from certseg.engine.pipeline import CertifiedSegmentation, Progress, certified_space, certify_image
 from certseg.engine.runtimes.torch_runtime import autocast_label_fn, resolve_device, torch_runtime
 from certseg.engine.sampling import LocalRuntime, Runtime
@@ -83,8 +83,15 @@ class Settings:
 
 
 @lru_cache(maxsize=8)
-def _cached_model(ref: str, role: str, device: str) -> LoadedModel:
+def _cached_model(ref: str, role: str, device: str, stamp: tuple[int, int] | None) -> LoadedModel:
     return load_model(ref, role, device=device)  # type: ignore[arg-type]
+
+
+def _open_model(ref: str, role: str, device: str) -> LoadedModel:
+    """A model loaded once per process, and again when its file changed (re-exported to the same path)."""
+    path, _ = resolve(ref)
+    stat = path.stat() if path.is_file() else None
+    return _cached_model(ref, role, device, None if stat is None else (stat.st_mtime_ns, stat.st_size))
 
 
 def default_runtime(*refs: str | None) -> str:
@@ -126,11 +133,11 @@ class Session:
     def open(cls, settings: Settings) -> Session:
         device = resolve_device(settings.device)
         segmenter_ref = settings.segmenter or default_model("segmenter", settings.method)
-        segmenter = _cached_model(segmenter_ref, "segmenter", str(device))
+        segmenter = _open_model(segmenter_ref, "segmenter", str(device))
         denoiser = None
         if settings.method == "denoisecertify":
             denoiser_ref = settings.denoiser or default_model("denoiser", settings.method)
-            denoiser = _cached_model(denoiser_ref, "denoiser", str(device))
+            denoiser = _open_model(denoiser_ref, "denoiser", str(device))
         if segmenter.num_classes is None:
             raise InputError(f"segmenter {segmenter.name} does not say how many classes it has")
         _check_onnx_models(settings, [m for m in (segmenter, denoiser) if m is not None])

@@ -311,3 +311,13 @@ def test_certseg_export_writes_the_contract_into_its_own_graphs(tmp_path: Path) 
     np.testing.assert_array_equal(from_checkpoints.certificate.agree, from_files.certificate.agree)
     assert record["pipeline"] == file_record["pipeline"]
     assert file_record["models"]["segmenter"]["classes"] == ["x", "y", "z"]
+
+
+def test_a_file_rewritten_at_the_same_path_is_loaded_again(tmp_path: Path) -> None:
+    """A session opens the file as it is now, not a model cached from an earlier export to the same path."""
+    from certseg.engine.session import Session, Settings
+
+    path = export_segmenter(tmp_path / "model.onnx")
+    assert Session.open(Settings(segmenter=str(path), method="segcertify", runtime="onnx")).num_classes == 4
+    graph_file(path, [IMAGE_IN], [("y", FLOAT, ["b", 6, "h", "w"])], pad_to(2))
+    assert Session.open(Settings(segmenter=str(path), method="segcertify", runtime="onnx")).num_classes == 6
