@@ -30,7 +30,7 @@ from certseg.engine.outputs import (
 )
 from certseg.engine.radius import ACCURACY_RADII, RadiusMap, certified_accuracy_at, radius_map
 from certseg.engine.radius_outputs import radius_picture, write_radius_npz
-from certseg.engine.session import Session, Settings
+from certseg.engine.session import Session, Settings, default_runtime
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class CertifyRequest:
     batch: int = 16
     out: Path = Path("certseg-out")
     labels: Path | None = None
-    runtime: str = "torch"
+    runtime: str | None = None
+    """None: ONNX Runtime when a model is an .onnx file, else torch."""
     device: str | None = None
     precision: str = "fp32"
     t_rule: str = "principled"
@@ -68,14 +69,20 @@ class CertifyRequest:
     retries: int = 3
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images and label maps with more pixels are refused from their header, before decoding."""
+    seg_mean: tuple[float, float, float] | None = None
+    seg_std: tuple[float, float, float] | None = None
+    seg_input_size: tuple[int, int] | None = None
+    classes: str | None = None
 
     def settings(self) -> Settings:
         return Settings(
             method=self.method, sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, tau=self.tau,
             fwer=self.fwer, scale=self.scale, t_rule=self.t_rule, antialias=self.antialias,
-            segmenter=self.segmenter, denoiser=self.denoiser, runtime=self.runtime, device=self.device,
+            segmenter=self.segmenter, denoiser=self.denoiser,
+            runtime=self.runtime or default_runtime(self.segmenter, self.denoiser), device=self.device,
             precision=self.precision, batch=self.batch, noise_backend=self.noise_backend,
-            non_finite=self.non_finite,
+            non_finite=self.non_finite, seg_mean=self.seg_mean, seg_std=self.seg_std,
+            seg_input_size=self.seg_input_size, classes=self.classes,
         )
 
 

@@ -76,14 +76,18 @@ def certify(
     tau: Annotated[float, typer.Option(help="agreement threshold τ; radius R = σ·Φ⁻¹(τ)")] = 0.75,
     fwer: Annotated[FwerChoice, typer.Option(help="FWER control")] = FwerChoice.holm,
     method: Annotated[MethodChoice, typer.Option(help="denoise first, or not")] = MethodChoice.denoisecertify,
-    segmenter: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path")] = None,
-    denoiser: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path")] = None,
+    segmenter: Annotated[str | None, typer.Option(
+        help="shipped model name, checkpoint path, or your own .onnx file (README: bring your own ONNX models)")
+    ] = None,
+    denoiser: Annotated[str | None, typer.Option(
+        help="shipped model name, checkpoint path, or your own ε-prediction .onnx UNet")] = None,
     scale: Annotated[float, typer.Option(help="segmenter input size as a fraction of the image size")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="root seed (drawn and recorded when omitted)")] = None,
     batch: Annotated[int, typer.Option(help="samples per forward pass")] = 16,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("certseg-out"),
     labels: Annotated[Path | None, typer.Option(help="ground-truth label PNG: adds accuracy and mIoU")] = None,
-    runtime: Annotated[RuntimeChoice, typer.Option(help="in-process runtime")] = RuntimeChoice.torch,
+    runtime: Annotated[RuntimeChoice | None, typer.Option(
+        help="in-process runtime (default: onnx when a model is an .onnx file, else torch)")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
     precision: Annotated[PrecisionChoice, typer.Option(help="model precision (autocast)")] = PrecisionChoice.fp32,
     t_rule: Annotated[RuleChoice, typer.Option("--t-rule", help="how t* is matched to σ")] = RuleChoice.principled,
@@ -109,6 +113,14 @@ def certify(
     max_pixels: Annotated[int, typer.Option(
         help="refuse images and label maps with more pixels, from their header, before decoding (the default "
         "fits the default --batch in 24 GB)")] = DEFAULT_MAX_PIXELS,
+    seg_mean: Annotated[tuple[float, float, float] | None, typer.Option(
+        help="segmenter input mean R G B, in its input range's units (default: what the model states)")] = None,
+    seg_std: Annotated[tuple[float, float, float] | None, typer.Option(
+        help="segmenter input std R G B, in its input range's units (default: what the model states)")] = None,
+    seg_input_size: Annotated[tuple[int, int] | None, typer.Option(
+        help="feed the segmenter H W whatever the image size (default: what the model states, else --scale)")] = None,
+    classes: Annotated[Path | None, typer.Option(
+        help="JSON class names (a list, or {\"classes\": [...], \"palette\": [[r, g, b], ...]})")] = None,
 ) -> None:
     """Certify every pixel of IMAGE: a class that provably holds within L2 radius R, or abstain."""
     from certseg.engine.certify_command import CertifyRequest, run_certify
@@ -116,11 +128,13 @@ def certify(
     request = CertifyRequest(
         image=image, sigma=sigma, n0=n0, n=n, alpha=alpha, tau=tau, fwer=fwer.value, method=method.value,
         segmenter=segmenter, denoiser=denoiser, scale=scale, seed=seed, batch=batch, out=out, labels=labels,
-        runtime=runtime.value, device=device, precision=precision.value, t_rule=t_rule.value,
-        antialias=antialias, noise_backend=noise_backend.value, non_finite=non_finite.value, radius_map=radius_map,
+        runtime=None if runtime is None else runtime.value, device=device, precision=precision.value,
+        t_rule=t_rule.value, antialias=antialias, noise_backend=noise_backend.value, non_finite=non_finite.value,
+        radius_map=radius_map,
         ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()),
         in_flight=in_flight, shared_memory=shared_memory.value, retries=retries,
-        max_pixels=max_pixels,
+        max_pixels=max_pixels, seg_mean=seg_mean, seg_std=seg_std, seg_input_size=seg_input_size,
+        classes=None if classes is None else str(classes),
     )
     started = time.perf_counter()
     try:

@@ -7,7 +7,8 @@ ancestral sampling from t* down to 0 (the paper's Table 3 ablation). Every resiz
 
 Which t* to use depends on how much noise reaches the denoiser, and the resize changes that. So t* selection
 is explicit: ``select_timestep`` returns a ``TimestepChoice`` that records the rule, t* and the noise level it
-matched, for results to store.
+matched, for results to store. It also records the denoiser's noise ``Schedule`` (guided-diffusion's linear one,
+or Nichol & Dhariwal's cosine one), which every stage then takes ᾱ from.
 """
 
 from __future__ import annotations
@@ -27,9 +28,45 @@ from certseg.engine.stages import resize
 NUM_TIMESTEPS = 1000
 TimestepRule = Literal["principled", "authors", "dds"]
 TIMESTEP_RULES: tuple[str, ...] = ("principled", "authors", "dds")
+SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 VarianceMode = Literal["learned_range", "fixed_small"]
 NoiseFn = Callable[[int, torch.Size], torch.Tensor]
 """``noise_fn(timestep, shape)`` -> standard-normal noise of ``shape`` for the ancestral step at ``timestep``."""
+COSINE_OFFSET = 0.008
+"""s in Nichol & Dhariwal's cosine schedule: keeps β small near t = 0."""
+MAX_BETA = 0.999
+"""β is clipped here (Nichol & Dhariwal): the cosine's last steps would otherwise have β → 1."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A denoiser's noise schedule: which ᾱ_t its timestep t (0-based, what the UNet takes) stands for.
+
+    Every place ᾱ is used (t* selection, x_t's scaling, x̂0, the ancestral chain) takes it from here, so a
+    cosine-schedule denoiser is run with its own ᾱ throughout. ``num_timesteps`` T is the length the model
+    was trained with (1000 for guided-diffusion's ADM).
+    """
+
+    name: str = "linear"
+    num_timesteps: int = NUM_TIMESTEPS
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {self.name!r}; expected one of {', '.join(SCHEDULES)}")
+        if int(self.num_timesteps) < 2:
+            raise ValueError(f"a schedule needs at least 2 timesteps, got {self.num_timesteps}")
+        object.__setattr__(self, "num_timesteps", int(self.num_timesteps))
+
+    def alpha_bar(self) -> np.ndarray:
+        """ᾱ_t for t = 0 … T-1, float64 (read-only: shared)."""
+        return _schedule_alpha_bar(self.name, self.num_timesteps)
+
+    def record(self) -> dict[str, object]:
+        return {"name": self.name, "num_timesteps": self.num_timesteps}
+
+
+LINEAR = Schedule()
+"""guided-diffusion's linear schedule over 1000 steps: the shipped denoiser's and the official ADM's."""
 
 
 def linear_alpha_bar() -> np.ndarray:
@@ -40,9 +77,34 @@ def linear_alpha_bar() -> np.ndarray:
     return _alpha_bar().copy()
 
 
-@lru_cache(maxsize=1)
+def cosine_alpha_bar(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
+    """ᾱ_t of Nichol & Dhariwal's cosine schedule, built as guided-diffusion's ``betas_for_alpha_bar``.
+
+    f(u) = cos²((u + s)/(1 + s)·π/2), s = 0.008; β_t = min(1 - f((t+1)/T)/f(t/T), 0.999); ᾱ_t = cumprod(1 - β).
+    Unclipped, the product telescopes to ᾱ_t = f((t+1)/T)/f(0): the continuous ᾱ(u) = f(u)/f(0) at u = (t+1)/T.
+    """
+    return _schedule_alpha_bar("cosine", num_timesteps).copy()
+
+
+def _f(u: np.ndarray) -> np.ndarray:
+    return np.cos((u + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+
+
+@lru_cache(maxsize=8)
+def _schedule_alpha_bar(name: str, num_timesteps: int) -> np.ndarray:
+    if name == "linear":
+        scale = NUM_TIMESTEPS / num_timesteps  # guided-diffusion's get_named_beta_schedule; 1.0 for T = 1000
+        betas = np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+    else:
+        steps = np.arange(num_timesteps, dtype=np.float64)
+        betas = np.minimum(1.0 - _f((steps + 1) / num_timesteps) / _f(steps / num_timesteps), MAX_BETA)
+    alpha_bar = np.cumprod(1.0 - betas)
+    alpha_bar.flags.writeable = False
+    return alpha_bar
+
+
 def _alpha_bar() -> np.ndarray:
-    return np.cumprod(1.0 - np.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=np.float64))
+    return LINEAR.alpha_bar()
 
 
 def timestep_std(alpha_bar: np.ndarray | float) -> np.ndarray | float:
@@ -123,6 +185,13 @@ class TimestepChoice:
     """resize_noise_factor(image_size -> denoiser_size); 1.0 when no image size was given."""
     timestep_std: float
     """sqrt((1-ᾱ_t*)/ᾱ_t*): the noise std the model assumes at t*, to compare with the effective one."""
+    schedule: str = "linear"
+    """The denoiser's noise schedule, which gave ᾱ_t* here and gives it to every stage that uses t*."""
+    num_timesteps: int = NUM_TIMESTEPS
+
+    @property
+    def noise_schedule(self) -> Schedule:
+        return Schedule(self.schedule, self.num_timesteps)
 
 
 def select_timestep(
@@ -132,6 +201,7 @@ def select_timestep(
     image_size: int | Sequence[int] | None = None,
     denoiser_size: int | Sequence[int] = 256,
     antialias: bool = False,
+    schedule: Schedule = LINEAR,
 ) -> TimestepChoice:
     """t* for pixel-space noise level σ, where s = 2σ·resize_noise_factor(image_size -> denoiser_size):
 
@@ -142,7 +212,8 @@ def select_timestep(
     - "dds": DDS's criterion, the first t with sqrt((1-ᾱ_t)/ᾱ_t) >= s. DDS resized nothing, so with no
       image_size this is exactly its 2σ rule (145, 259, 396 for σ = 0.25, 0.5, 1).
 
-    ``image_size`` None means the image is already at the denoiser size (no resize, factor 1).
+    ``image_size`` None means the image is already at the denoiser size (no resize, factor 1). ᾱ comes from
+    the denoiser's ``schedule`` (the quoted t* are the linear schedule's).
     """
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
@@ -150,7 +221,7 @@ def select_timestep(
         raise ValueError(f"unknown timestep rule {rule!r}; choose one of {TIMESTEP_RULES}")
     factor = 1.0 if image_size is None else resize_noise_factor(image_size, denoiser_size, antialias=antialias)
     effective = 2.0 * float(sigma) * factor
-    alpha_bar = _alpha_bar()
+    alpha_bar = schedule.alpha_bar()
     stds = timestep_std(alpha_bar)
     if rule == "authors":
         t = int(np.argmin(np.abs(alpha_bar - 1.0 / (1.0 + float(sigma) ** 2))))
@@ -169,6 +240,8 @@ def select_timestep(
         sigma=float(sigma),
         noise_factor=factor,
         timestep_std=float(stds[t]),
+        schedule=schedule.name,
+        num_timesteps=schedule.num_timesteps,
     )
 
 
@@ -202,9 +275,9 @@ def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float) -> torc
     return torch.clamp(recip * x_t - recip_m1 * eps, -1, 1)
 
 
-def _check_timestep(t: int) -> int:
-    if not 0 <= int(t) < NUM_TIMESTEPS:
-        raise ValueError(f"timestep must be in [0, {NUM_TIMESTEPS}), got {t}")
+def _check_timestep(t: int, schedule: Schedule = LINEAR) -> int:
+    if not 0 <= int(t) < schedule.num_timesteps:
+        raise ValueError(f"timestep must be in [0, {schedule.num_timesteps}), got {t}")
     return int(t)
 
 
@@ -214,18 +287,29 @@ def _timesteps_like(x: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def denoiser_input(
-    noisy01: torch.Tensor, t: int, *, denoiser_size: int | Sequence[int] = (256, 256), antialias: bool = False
+    noisy01: torch.Tensor,
+    t: int,
+    *,
+    denoiser_size: int | Sequence[int] = (256, 256),
+    antialias: bool = False,
+    schedule: Schedule = LINEAR,
 ) -> torch.Tensor:
-    """The "scale" stage: x_t = sqrt(ᾱ_t)·resize(2x - 1) at the denoiser's size."""
-    alpha_bar_t = float(_alpha_bar()[_check_timestep(t)])
+    """The "scale" stage: x_t = sqrt(ᾱ_t)·resize(2x - 1) at the denoiser's size, ᾱ from its ``schedule``."""
+    alpha_bar_t = float(schedule.alpha_bar()[_check_timestep(t, schedule)])
     return scale_for_timestep(resize(to_model_space(noisy01), _pair(denoiser_size), antialias=antialias), alpha_bar_t)
 
 
 def denoiser_output(
-    x_t: torch.Tensor, eps: torch.Tensor, t: int, *, out_size: Sequence[int], antialias: bool = False
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: int,
+    *,
+    out_size: Sequence[int],
+    antialias: bool = False,
+    schedule: Schedule = LINEAR,
 ) -> torch.Tensor:
-    """x̂0 from ε (first 3 channels used), back to [0, 1] and resized to ``out_size``."""
-    alpha_bar_t = float(_alpha_bar()[_check_timestep(t)])
+    """x̂0 from ε (first 3 channels used), back to [0, 1] and resized to ``out_size``; ᾱ from ``schedule``."""
+    alpha_bar_t = float(schedule.alpha_bar()[_check_timestep(t, schedule)])
     x0 = predict_x0(x_t, eps[:, :3].to(x_t.dtype), alpha_bar_t)
     return resize(from_model_space(x0), _pair(out_size), antialias=antialias)
 
@@ -238,15 +322,17 @@ def one_step_denoise(
     denoiser_size: int | Sequence[int] = (256, 256),
     antialias: bool = False,
     out_size: Sequence[int] | None = None,
+    schedule: Schedule = LINEAR,
 ) -> torch.Tensor:
     """Denoise (B, 3, H, W) noisy images in [0, 1] with one UNet call at timestep t; returns [0, 1] images.
 
     x_t = sqrt(ᾱ_t)·resize(2x - 1); ε = unet(x_t, t)[:, :3]; x̂0 clipped; (x̂0 + 1)/2 resized to ``out_size``
     (default: the input size). ``antialias`` applies to both resizes; the authors used none.
     """
-    x_t = denoiser_input(noisy01, t, denoiser_size=denoiser_size, antialias=antialias)
+    x_t = denoiser_input(noisy01, t, denoiser_size=denoiser_size, antialias=antialias, schedule=schedule)
     eps = unet(x_t, _timesteps_like(x_t, t))
-    return denoiser_output(x_t, eps, t, out_size=out_size or noisy01.shape[-2:], antialias=antialias)
+    return denoiser_output(x_t, eps, t, out_size=out_size or noisy01.shape[-2:], antialias=antialias,
+                           schedule=schedule)
 
 
 @dataclass(frozen=True)
@@ -262,8 +348,8 @@ class _Chain:
     mean_coef_xt: np.ndarray
 
 
-def _chain(timesteps: np.ndarray) -> _Chain:
-    used = _alpha_bar()[timesteps]
+def _chain(timesteps: np.ndarray, schedule: Schedule = LINEAR) -> _Chain:
+    used = schedule.alpha_bar()[timesteps]
     betas = 1.0 - used / np.append(1.0, used[:-1])
     alphas = 1.0 - betas
     alpha_bar = np.cumprod(alphas)
@@ -282,10 +368,10 @@ def _chain(timesteps: np.ndarray) -> _Chain:
     )
 
 
-def spaced_timesteps(t: int, steps: int | None = None) -> np.ndarray:
+def spaced_timesteps(t: int, steps: int | None = None, schedule: Schedule = LINEAR) -> np.ndarray:
     """The timesteps an ancestral run from t down to 0 visits, increasing: every one (None) or ``steps``
     evenly spaced ones that include t and, for steps >= 2, 0."""
-    t = _check_timestep(t)
+    t = _check_timestep(t, schedule)
     if steps is None:
         return np.arange(t + 1)
     if not 1 <= steps <= t + 1:
@@ -314,6 +400,7 @@ def multi_step_denoise(
     denoiser_size: int | Sequence[int] = (256, 256),
     antialias: bool = False,
     out_size: Sequence[int] | None = None,
+    schedule: Schedule = LINEAR,
 ) -> torch.Tensor:
     """DDPM ancestral sampling from x_t (built as in ``one_step_denoise``) down to t = 0, clipping x̂0 each step.
 
@@ -327,8 +414,9 @@ def multi_step_denoise(
     """
     if variance not in ("learned_range", "fixed_small"):
         raise ValueError(f"variance must be 'learned_range' or 'fixed_small', got {variance!r}")
-    chain = _chain(spaced_timesteps(t, steps))
-    x = denoiser_input(noisy01, int(chain.timesteps[-1]), denoiser_size=denoiser_size, antialias=antialias)
+    chain = _chain(spaced_timesteps(t, steps, schedule), schedule)
+    x = denoiser_input(noisy01, int(chain.timesteps[-1]), denoiser_size=denoiser_size, antialias=antialias,
+                       schedule=schedule)
     for k in reversed(range(len(chain.timesteps))):
         timestep = int(chain.timesteps[k])
         out = unet(x, _timesteps_like(x, timestep))

@@ -19,3 +19,8 @@ class CheckpointError(CertsegError, ValueError):
 
 class ServerError(CertsegError, RuntimeError):
     """A Triton server that is unreachable, lacks a model, or failed a request beyond the retry budget."""
+
+
+class ModelError(CertsegError, RuntimeError):
+    """A model that failed while running: an ONNX graph that onnxruntime could not run on the inputs the pipeline
+    gave it, or whose outputs are not the shape it declares."""

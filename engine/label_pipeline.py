@@ -1,9 +1,9 @@
 """What one noisy sample goes through: (scale → denoise →) resize → segment → argmax, as a torch module.
 
-``PipelineSpec`` is the complete, recordable description of that path (method, σ, t* and its rule, sizes,
-resize mode); ``LabelPipeline`` composes the stage functions of ``certseg.engine.stages`` and
-``certseg.engine.denoise`` around the two models, so the torch runtime, ONNX export and the Triton step
-models all run the same maths.
+``PipelineSpec`` is the complete, recordable description of that path (method, σ, t* with its rule and the
+denoiser's noise schedule, sizes, resize mode, the segmenter's input normalisation); ``LabelPipeline``
+composes the stage functions of ``certseg.engine.stages`` and ``certseg.engine.denoise`` around the two
+models, so the torch runtime, ONNX export and the Triton step models all run the same maths.
 """
 
 from __future__ import annotations
@@ -14,8 +14,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from certseg.engine.denoise import TimestepChoice, denoiser_input, denoiser_output, select_timestep
-from certseg.engine.stages import finite_samples, labels_from_logits, scaled_size, segmenter_input
+from certseg.engine.denoise import LINEAR, Schedule, TimestepChoice, denoiser_input, denoiser_output, select_timestep
+from certseg.engine.stages import (
+    IMAGENET,
+    Normalization,
+    finite_samples,
+    labels_from_logits,
+    scaled_size,
+    segmenter_input,
+)
 
 Method = Literal["segcertify", "denoisecertify"]
 METHODS: tuple[str, ...] = ("segcertify", "denoisecertify")
@@ -33,9 +40,15 @@ class PipelineSpec:
     denoiser_size: tuple[int, int] | None = None
     timestep: TimestepChoice | None = None
     antialias: bool = False
+    normalization: Normalization = IMAGENET
+    """How [0, 1] pixels become the segmenter's input (its mean, std and input range)."""
+    segmenter_input_size: tuple[int, int] | None = None
+    """A segmenter that takes one fixed (H, W) gets that, whatever the image; None: round(scale · image size)."""
 
     @property
     def segmenter_size(self) -> tuple[int, int]:
+        if self.segmenter_input_size is not None:
+            return self.segmenter_input_size
         return scaled_size(*self.image_size, self.scale)
 
     def record(self) -> dict[str, Any]:
@@ -54,8 +67,12 @@ def make_spec(
     denoiser_size: tuple[int, int] | None = None,
     timestep_rule: TimestepRule = "principled",
     antialias: bool = False,
+    normalization: Normalization = IMAGENET,
+    segmenter_input_size: tuple[int, int] | None = None,
+    schedule: Schedule = LINEAR,
 ) -> PipelineSpec:
-    """A spec with t* chosen by ``timestep_rule`` for the noise that actually reaches the denoiser."""
+    """A spec with t* chosen by ``timestep_rule`` (on the denoiser's ``schedule``) for the noise that actually
+    reaches the denoiser; the defaults are the shipped models' (ImageNet normalisation, linear schedule)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     timestep = None
@@ -63,7 +80,8 @@ def make_spec(
         if denoiser_size is None:
             raise ValueError("denoisecertify needs the denoiser's input size")
         timestep = select_timestep(
-            sigma, timestep_rule, image_size=image_size, denoiser_size=denoiser_size, antialias=antialias
+            sigma, timestep_rule, image_size=image_size, denoiser_size=denoiser_size, antialias=antialias,
+            schedule=schedule,
         )
     else:
         denoiser_size = None
@@ -75,6 +93,9 @@ def make_spec(
         denoiser_size=None if denoiser_size is None else (int(denoiser_size[0]), int(denoiser_size[1])),
         timestep=timestep,
         antialias=antialias,
+        normalization=normalization,
+        segmenter_input_size=None if segmenter_input_size is None else (
+            int(segmenter_input_size[0]), int(segmenter_input_size[1])),
     )
 
 
@@ -104,14 +125,15 @@ class LabelPipeline(nn.Module):
         spec = self.spec
         if self.denoiser is None:
             return noisy, None
-        t = spec.timestep.t
-        x_t = denoiser_input(noisy, t, denoiser_size=spec.denoiser_size, antialias=spec.antialias)
+        t, schedule = spec.timestep.t, spec.timestep.noise_schedule
+        x_t = denoiser_input(noisy, t, denoiser_size=spec.denoiser_size, antialias=spec.antialias, schedule=schedule)
         eps = self.denoiser(x_t, torch.full_like(x_t[:, 0, 0, 0], t, dtype=torch.int64))
-        clean = denoiser_output(x_t, eps, t, out_size=spec.segmenter_size, antialias=spec.antialias)
+        clean = denoiser_output(x_t, eps, t, out_size=spec.segmenter_size, antialias=spec.antialias,
+                                schedule=schedule)
         return clean, finite_samples(eps[:, :3])
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         """Labels, with K (= num_classes) where the sample's scores, or its denoiser output, were non-finite."""
         clean, valid = self.denoise(noisy)
-        logits = self.segmenter(segmenter_input(clean, self.spec.segmenter_size))
+        logits = self.segmenter(segmenter_input(clean, self.spec.segmenter_size, self.spec.normalization))
         return labels_from_logits(logits, noisy.shape[-2:], valid)

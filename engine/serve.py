@@ -360,11 +360,11 @@ class TritonServer:
 def default_repository(*, max_batch: int = 16, max_request_bytes: int | None = None, refresh: bool = False) -> Path:
     """A CPU repository of the shipped default models, exported once and cached under ``cache_dir()``.
 
-    Keyed by everything that decides its content: the model files' sha256s, the repository version, a hash of
-    the templates folder (a changed template never serves from a stale cache) and the rendering parameters
-    (``max_batch``, ``max_request_bytes``, default: ``DEFAULT_MAX_REQUEST_BYTES``). Serves DenoiseCertify
-    (default segmenter + denoiser) and SegCertify (its own default segmenter when one is shipped, else the same
-    segmenter).
+    Keyed by everything that decides its content: the model files' sha256s, the repository and export format
+    versions, a hash of the templates folder (a changed template never serves from a stale cache) and the
+    rendering parameters (``max_batch``, ``max_request_bytes``, default: ``DEFAULT_MAX_REQUEST_BYTES``). Serves
+    DenoiseCertify (default segmenter + denoiser) and SegCertify (its own default segmenter when one is shipped,
+    else the same segmenter).
     """
     import hashlib
     import json
@@ -373,7 +373,7 @@ def default_repository(*, max_batch: int = 16, max_request_bytes: int | None = N
     from certseg.engine.models.registry import default_model, file_sha256, load_model, resolve
     from certseg.engine.runtimes.triton_runtime import DEFAULT_MAX_REQUEST_BYTES, REPOSITORY_VERSION
     from certseg.export.cli import default_image_size
-    from certseg.export.onnx import export_models
+    from certseg.export.onnx import EXPORT_FORMAT_VERSION, export_models
     from certseg.export.repository import METADATA_FILE, ModelFiles, templates_dir, write_repository
 
     names = {"segmenter": default_model("segmenter", "denoisecertify"),
@@ -384,8 +384,8 @@ def default_repository(*, max_batch: int = 16, max_request_bytes: int | None = N
         names["segcertify_segmenter"] = names["segmenter"]
     digests = {role: file_sha256(resolve(name)[0]) for role, name in names.items()}
     rendering = {"max_batch": max_batch, "max_request_bytes": max_request_bytes or DEFAULT_MAX_REQUEST_BYTES}
-    key = hashlib.sha256(json.dumps([REPOSITORY_VERSION, tree_sha256(templates_dir()), rendering, digests],
-                                    sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([REPOSITORY_VERSION, EXPORT_FORMAT_VERSION, tree_sha256(templates_dir()),
+                                     rendering, digests], sort_keys=True).encode()).hexdigest()
     root = cache_dir() / "repositories" / key[:16]
     repository = root / "cpu"
     if (repository / METADATA_FILE).is_file() and not refresh:

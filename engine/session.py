@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from certseg.engine.certify import validate_parameters
+from certseg.engine.denoise import LINEAR
 from certseg.engine.errors import InputError
 from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec, make_spec
 from certseg.engine.memory import (
@@ -29,7 +30,8 @@ from certseg.engine.memory import (
     estimate_memory,
     probe_pipeline_memory,
 )
-from certseg.engine.models.registry import LoadedModel, default_model, load_model
+from certseg.engine.models import facts
+from certseg.engine.models.registry import LoadedModel, default_model, load_model, resolve
 from certseg.engine.pipeline import CertifiedSegmentation, Progress, certified_space, certify_image
 from certseg.engine.runtimes.torch_runtime import autocast_label_fn, resolve_device, torch_runtime
 from certseg.engine.sampling import LocalRuntime, Runtime
@@ -61,6 +63,13 @@ class Settings:
     noise_backend: str = "numpy-philox"
     non_finite: str = "abstain"
     """NaN/Inf model outputs: "abstain" (those pixels count as disagreements) or "fail" (stop the run)."""
+    seg_mean: tuple[float, float, float] | None = None
+    """Overrides the segmenter's stated normalisation mean (in its input range's units)."""
+    seg_std: tuple[float, float, float] | None = None
+    seg_input_size: tuple[int, int] | None = None
+    """Feed the segmenter (H, W) whatever the image (its fixed size; overrides what it states)."""
+    classes: str | None = None
+    """A JSON file of class names (and palette) replacing what the segmenter states."""
 
     def validate(self, num_pixels: int) -> None:
         validate_parameters(
@@ -74,8 +83,33 @@ class Settings:
 
 
 @lru_cache(maxsize=8)
-def _cached_model(ref: str, role: str, device: str) -> LoadedModel:
+def _cached_model(ref: str, role: str, device: str, stamp: tuple[int, int] | None) -> LoadedModel:
     return load_model(ref, role, device=device)  # type: ignore[arg-type]
+
+
+def _open_model(ref: str, role: str, device: str) -> LoadedModel:
+    """A model loaded once per process, and again when its file changed (re-exported to the same path)."""
+    path, _ = resolve(ref)
+    stat = path.stat() if path.is_file() else None
+    return _cached_model(ref, role, device, None if stat is None else (stat.st_mtime_ns, stat.st_size))
+
+
+def default_runtime(*refs: str | None) -> str:
+    """The in-process runtime when none is named: ONNX Runtime if a model is an ``.onnx`` file, else torch."""
+    return "onnx" if any(ref is not None and str(ref).lower().endswith(".onnx") for ref in refs) else "torch"
+
+
+def _check_onnx_models(settings: Settings, models: list[LoadedModel]) -> None:
+    """ONNX files run as given, in ONNX Runtime: refuse the settings that would need them to be something else."""
+    onnx = next((m for m in models if m.family == "onnx"), None)
+    if onnx is None:
+        return
+    if settings.runtime != "onnx":
+        raise InputError(f"{onnx.name} is an ONNX graph, which --runtime {settings.runtime} cannot run: use "
+                         "--runtime onnx (the default when a model is an .onnx file)")
+    if settings.precision != "fp32":
+        raise InputError(f"{onnx.name} is an ONNX graph and runs as given (fp32): drop --precision "
+                         f"{settings.precision}")
 
 
 _PIPELINE_MEMORY: dict[tuple[Any, ...], PipelineMemory] = {}
@@ -99,13 +133,22 @@ class Session:
     def open(cls, settings: Settings) -> Session:
         device = resolve_device(settings.device)
         segmenter_ref = settings.segmenter or default_model("segmenter", settings.method)
-        segmenter = _cached_model(segmenter_ref, "segmenter", str(device))
+        segmenter = _open_model(segmenter_ref, "segmenter", str(device))
         denoiser = None
         if settings.method == "denoisecertify":
             denoiser_ref = settings.denoiser or default_model("denoiser", settings.method)
-            denoiser = _cached_model(denoiser_ref, "denoiser", str(device))
+            denoiser = _open_model(denoiser_ref, "denoiser", str(device))
         if segmenter.num_classes is None:
             raise InputError(f"segmenter {segmenter.name} does not say how many classes it has")
+        _check_onnx_models(settings, [m for m in (segmenter, denoiser) if m is not None])
+        segmenter = facts.with_overrides(segmenter, mean=settings.seg_mean, std=settings.seg_std,
+                                         input_size=settings.seg_input_size, classes_file=settings.classes)
+        if segmenter.input_size is not None and settings.scale != 1.0:
+            raise InputError(f"{segmenter.name} takes a fixed {segmenter.input_size[0]}x{segmenter.input_size[1]} "
+                             "input, so --scale does not apply: leave it out")
+        contract = getattr(segmenter.module, "contract", None)
+        if contract is not None and settings.seg_input_size is not None:
+            contract.check_size(segmenter.input_size, "--seg-input-size")
         return cls(settings=settings, segmenter=segmenter, denoiser=denoiser, device=device)
 
     @classmethod
@@ -125,6 +168,12 @@ class Session:
         """
         from certseg.engine.runtimes.triton_runtime import ENSEMBLES, TritonRuntime, served_model
 
+        local = [flag for flag, value in (("--seg-mean", settings.seg_mean), ("--seg-std", settings.seg_std),
+                                          ("--seg-input-size", settings.seg_input_size),
+                                          ("--classes", settings.classes)) if value is not None]
+        if local:
+            raise InputError(f"{local[0]} describes a local model; with --server the repository's models come with "
+                             "their own (certseg-export takes the same options)")
         remote = TritonRuntime(
             servers, ENSEMBLES[settings.method], batch=settings.batch, in_flight=in_flight,
             shared_memory=shared_memory, retries=retries,
@@ -153,13 +202,25 @@ class Session:
     def runtime_for(self, image_size: tuple[int, int]) -> tuple[PipelineSpec, Runtime]:
         if image_size not in self._runtimes:
             s = self.settings
-            spec = make_spec(
-                s.method, s.sigma, image_size, scale=s.scale,
-                denoiser_size=None if self.denoiser is None else self.denoiser.input_size,
-                timestep_rule=s.t_rule, antialias=s.antialias,
-            )
+            spec = self._spec(image_size)
+            contract = getattr(getattr(self.segmenter, "module", None), "contract", None)
+            if contract is not None and self.segmenter.input_size is None:
+                contract.check_size(spec.segmenter_size, f"this {image_size[0]}x{image_size[1]} image at --scale "
+                                    f"{s.scale}")
             self._runtimes[image_size] = (spec, self._runtime(spec))
         return self._runtimes[image_size]
+
+    def _spec(self, image_size: tuple[int, int]) -> PipelineSpec:
+        """The pipeline spec for an image size: the settings plus what the models state (normalisation, fixed
+        input size, noise schedule)."""
+        s = self.settings
+        return make_spec(
+            s.method, s.sigma, image_size, scale=s.scale,
+            denoiser_size=None if self.denoiser is None else self.denoiser.input_size,
+            timestep_rule=s.t_rule, antialias=s.antialias,  # type: ignore[arg-type]
+            normalization=facts.normalization(self.segmenter), segmenter_input_size=self.segmenter.input_size,
+            schedule=LINEAR if self.denoiser is None else facts.schedule(self.denoiser),
+        )
 
     def _runtime(self, spec: PipelineSpec) -> Runtime:
         if self.remote is not None:
@@ -179,27 +240,34 @@ class Session:
         )
 
     def _onnx_runtime(self, spec: PipelineSpec) -> Runtime:
-        """ONNX Runtime on graphs exported from exactly these weights (exported once, then cached)."""
-        from certseg.engine.runtimes.onnx_runtime import cached_export, onnx_runtime_from_export
+        """ONNX Runtime: an ONNX model file as given, other models on graphs exported from exactly their weights
+        (exported once, then cached)."""
+        from certseg.engine.runtimes.onnx_runtime import OrtModule, cached_export, export_paths
 
         s = self.settings
         if s.precision == "bf16":
             raise InputError("the ONNX runtime runs fp32 or fp16 graphs; use --precision fp32 or fp16")
-        folder = cached_export(self.segmenter, self.denoiser, spec.image_size, scale=spec.scale,
-                               fp16=s.precision == "fp16")
-        expected = {"segmenter": self.segmenter.sha256}
-        if self.denoiser is not None:
-            expected["denoiser"] = self.denoiser.sha256
-        return onnx_runtime_from_export(spec, folder, precision=s.precision, expected_sha256=expected,
-                                        batch_size=s.batch, noise_backend=s.noise_backend)
+        models = {"segmenter": self.segmenter, "denoiser": self.denoiser}
+        modules = {role: m.module for role, m in models.items() if m is not None and m.family == "onnx"}
+        exported = {role: m for role, m in models.items() if m is not None and role not in modules}
+        if exported:
+            folder = cached_export(exported.get("segmenter"), exported.get("denoiser"), spec.image_size,  # type: ignore[arg-type]
+                                   scale=spec.scale, fp16=s.precision == "fp16")
+            paths = export_paths(folder, precision=s.precision,
+                                 expected_sha256={role: m.sha256 for role, m in exported.items()})
+            modules.update({role: OrtModule(paths[role]) for role in exported})  # type: ignore[arg-type]
+        pipeline = LabelPipeline(spec, modules["segmenter"], modules.get("denoiser")).eval()
+        return LocalRuntime(pipeline, batch_size=s.batch, device="cpu", noise_backend=s.noise_backend)
 
     def memory_estimate(self, image_size: tuple[int, int]) -> MemoryEstimate | None:
         """What certifying an image of ``image_size`` will need (None for Triton servers: they hold the memory).
 
         The label pipeline is probed once (``certseg.engine.memory``; cached per models and settings) on the
         torch models: the ONNX runtime runs graphs exported from them, so the torch probe in fp32 stands in for
-        it, with a larger margin. A model that cannot run at the probe's small sizes is not refused for that:
-        its estimate counts the engine's own arrays only, and the record says why.
+        it, with a larger margin. An ONNX model file has no torch model: the probe runs it in ONNX Runtime and
+        sees its inputs and outputs but not its activations, and the record says so. A model that cannot run at
+        the probe's small sizes is not refused for that: its estimate counts the engine's own arrays only, and
+        the record says why.
         """
         if self.remote is not None:
             return None
@@ -207,13 +275,21 @@ class Session:
         onnx = s.runtime == "onnx"
         device = torch.device("cpu") if onnx else torch.device(self.device)
         precision = "fp32" if onnx else s.precision
+        fixed = self.segmenter.input_size
         key = (self.segmenter.sha256, None if self.denoiser is None else self.denoiser.sha256, s.method, s.scale,
-               s.antialias, precision, str(device), onnx, s.noise_backend)
+               s.antialias, precision, str(device), onnx, s.noise_backend, *(() if fixed is None else (fixed,)))
+        files = [m.name for m in (self.segmenter, self.denoiser) if m is not None and m.family == "onnx"]
+
+        def probe() -> PipelineMemory:
+            memory = probe_pipeline_memory(
+                lambda size: self._probe_run(size, device, precision, channels_last=not onnx), s.scale)
+            if files:
+                memory.probe["untracked"] = f"activations inside onnxruntime of {', '.join(files)}"
+            return memory
+
         if key not in _PIPELINE_MEMORY:
             try:
-                _PIPELINE_MEMORY[key] = cached_pipeline_memory(key, lambda: probe_pipeline_memory(
-                    lambda size: self._probe_run(size, device, precision, channels_last=not onnx), s.scale
-                ))
+                _PIPELINE_MEMORY[key] = cached_pipeline_memory(key, probe)
             except (RuntimeError, ValueError) as error:  # a model that cannot run at the probe's small sizes
                 first = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 _PIPELINE_MEMORY[key] = PipelineMemory((), {"failed": f"{type(error).__name__}: {first}"})
@@ -227,10 +303,7 @@ class Session:
     ) -> Callable[[], object]:
         """A call that pushes ``PROBE_BATCH`` samples of a ``size`` image through this session's pipeline."""
         s = self.settings
-        spec = make_spec(
-            s.method, s.sigma, size, scale=s.scale, timestep_rule=s.t_rule, antialias=s.antialias,
-            denoiser_size=None if self.denoiser is None else self.denoiser.input_size,
-        )
+        spec = self._spec(size)
         pipeline = LabelPipeline(spec, self.segmenter.module, None if self.denoiser is None else self.denoiser.module)
         # The torch runtime converts the models exactly so when it is built; ONNX exports them as loaded.
         label_fn = autocast_label_fn(pipeline, device, precision) if channels_last else pipeline  # type: ignore[arg-type]

@@ -1,5 +1,8 @@
 """``certseg-export``: export the segmenter and denoiser to ONNX (+ FP16, + TensorRT where installed).
 
+A model given as an ``.onnx`` file (bring your own) is copied unchanged and served as given; ``--seg-mean``,
+``--seg-std``, ``--seg-input-size`` and ``--classes`` override what the segmenter states, as in ``certseg certify``.
+
 Thin by design: resolve the models, call ``certseg.export.onnx.export_models``, print progress and a summary.
 Every failure a user can cause ends in one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -36,20 +39,28 @@ def fail(message: str, code: int = 2) -> NoReturn:
     fail_with("certseg-export", message, code)
 
 
-def default_image_size(segmenter_name: str) -> tuple[int, int]:
-    """The scene size a shipped segmenter was trained at; other models need ``--image-size``."""
+def default_image_size(segmenter_name: str, fixed: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The scene size a shipped segmenter was trained at, or the ``fixed`` input size a segmenter states; other
+    models need ``--image-size``."""
     from certseg.engine.models.registry import shipped_models
 
+    if fixed is not None:
+        return fixed
     size = shipped_models().get(segmenter_name, {}).get("training", {}).get("scene_size")
     if not size:
         raise InputError(f"pass --image-size H W: the image size that {segmenter_name} will serve is not known")
     return int(size[0]), int(size[1])
 
 
-def _load(method: MethodChoice, segmenter: str | None, denoiser: str | None):
+def _load(method: MethodChoice, segmenter: str | None, denoiser: str | None, **overrides):
+    from certseg.engine.models.facts import with_overrides
     from certseg.engine.models.registry import default_model, load_model
 
-    segmenter_model = load_model(segmenter or default_model("segmenter", method.value), "segmenter")
+    segmenter_model = with_overrides(load_model(segmenter or default_model("segmenter", method.value), "segmenter"),
+                                     **overrides)
+    contract = getattr(segmenter_model.module, "contract", None)
+    if contract is not None and overrides.get("input_size") is not None:
+        contract.check_size(segmenter_model.input_size, "--seg-input-size")
     denoiser_model = None
     if method is MethodChoice.denoisecertify:
         denoiser_model = load_model(denoiser or default_model("denoiser", method.value), "denoiser")
@@ -112,9 +123,10 @@ def write_repository_hook(result, repository: Path, profile: ProfileChoice,
 
 @app.command()
 def export(
-    segmenter: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path "
-                                                       "(default: the shipped default for --method)")] = None,
-    denoiser: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path "
+    segmenter: Annotated[str | None, typer.Option(help="shipped model name, checkpoint path or your own .onnx file, "
+                                                       "copied unchanged (default: the shipped default for --method)")
+                         ] = None,
+    denoiser: Annotated[str | None, typer.Option(help="shipped model name, checkpoint path or your own .onnx file "
                                                       "(default: the shipped default)")] = None,
     method: Annotated[MethodChoice, typer.Option(help="segcertify exports the segmenter only")] = (
         MethodChoice.denoisecertify
@@ -138,6 +150,14 @@ def export(
     max_request_bytes: Annotated[int | None, typer.Option(
         help="repository: the most bytes of noisy images one request may make (COUNT x C x H x W float32; "
         "default 268435456); clients split their requests to fit")] = None,
+    seg_mean: Annotated[tuple[float, float, float] | None, typer.Option(
+        help="segmenter input mean R G B, in its input range's units (default: what the model states)")] = None,
+    seg_std: Annotated[tuple[float, float, float] | None, typer.Option(
+        help="segmenter input std R G B, in its input range's units (default: what the model states)")] = None,
+    seg_input_size: Annotated[tuple[int, int] | None, typer.Option(
+        help="feed the segmenter H W whatever the image size (default: what the model states, else --scale)")] = None,
+    classes: Annotated[Path | None, typer.Option(
+        help="JSON class names (a list, or {\"classes\": [...], \"palette\": [[r, g, b], ...]})")] = None,
 ) -> None:
     """Export the models of a certseg deployment: ONNX graphs, FP16 variants, TensorRT plans, export.json."""
     import torch
@@ -149,8 +169,13 @@ def export(
     try:
         if max_request_bytes is not None and max_request_bytes < 1:
             raise InputError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
-        segmenter_model, denoiser_model = _load(method, segmenter, denoiser)
-        size = tuple(image_size) if image_size is not None else default_image_size(segmenter_model.name)
+        segmenter_model, denoiser_model = _load(method, segmenter, denoiser, mean=seg_mean, std=seg_std,
+                                                input_size=seg_input_size, classes_file=classes)
+        if segmenter_model.input_size is not None and scale != 1.0:
+            raise InputError(f"{segmenter_model.name} takes a fixed {segmenter_model.input_size[0]}x"
+                             f"{segmenter_model.input_size[1]} input, so --scale does not apply: leave it out")
+        size = tuple(image_size) if image_size is not None else default_image_size(segmenter_model.name,
+                                                                                    segmenter_model.input_size)
         with console.status("exporting"):
             result = export_models(
                 segmenter_model, denoiser_model, out, image_size=size, max_batch=max_batch, fp16=fp16,

@@ -7,6 +7,10 @@ Graphs (names are the contract the runtimes and the Triton repository rely on):
 - segmenter: ``images`` float32 (B, 3, h, w), ImageNet-normalised at the segmenter's input size →
   ``logits`` float32 (B, K, h', w'). For ViT-Adapter these are class scores, not logits; only the argmax is used.
 
+Each graph carries certseg's metadata props (``certseg.engine.models.facts.KEYS``: the segmenter's normalisation,
+classes and palette, the denoiser's schedule), so the file alone says how to run it. A bring-your-own ONNX model
+(``LoadedModel`` of family "onnx") is copied unchanged: no fp16 variant, no parity (there is no torch model).
+
 The batch is always dynamic. HRNet keeps h/w dynamic too when a probe at a second size matches torch; models
 with a fixed crop (ViT-Adapter: a slide over windows whose count depends on the size) are exported at the
 deployment size. The legacy TorchScript exporter is the default: 10-15x faster than ``dynamo=True`` on these
@@ -24,6 +28,7 @@ import io
 import json
 import math
 import platform
+import shutil
 import tempfile
 import time
 import warnings
@@ -75,8 +80,8 @@ and lifts argmax agreement from 0.9938 to 0.9995 on one input set. Keeping the d
 (InstanceNormalization) fp32 made it worse (max |Δ| 1.2e-3 vs 7e-4): the extra casts cost more than they save."""
 
 
-EXPORT_FORMAT_VERSION = 1
-"""Bump when exported graphs change for the same weights (cached exports are keyed by it)."""
+EXPORT_FORMAT_VERSION = 2
+"""Bump when exported graphs change for the same weights (cached exports are keyed by it). 2: metadata props."""
 
 
 def _log(log: Log | None, message: str) -> None:
@@ -142,15 +147,19 @@ class ExportedGraph:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     fp32_in_fp16: dict[str, list[str]] = field(default_factory=dict)
+    side_files: tuple[Path, ...] = ()
+    """A bring-your-own file's external-data files, under their own names (its graph refers to them so)."""
 
     @property
     def data_path(self) -> Path | None:
         """The side file holding the weights when they are stored as external data."""
+        if self.side_files:
+            return self.side_files[0]
         return self.path.with_name(self.path.name + ".data") if self.external_data else None
 
     def files(self) -> list[Path]:
         """Every file of this graph: fp32, its external data, fp16 and (if any) the fp16's external data."""
-        paths = [self.path, self.data_path, self.fp16_path]
+        paths = [self.path, self.data_path, *self.side_files[1:], self.fp16_path]
         if self.fp16_path is not None:
             paths.append(self.fp16_path.with_name(self.fp16_path.name + ".data"))
         return [p for p in paths if p is not None and p.is_file()]
@@ -418,13 +427,15 @@ def export_graph(
     exporter: Exporter = "legacy",
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     output_shapes: Mapping[str, Sequence[int | str]] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> bool:
     """Export ``module`` traced on ``args`` to ``path``; True when the weights went to ``<path>.data``.
 
     Both exporters write into a scratch folder first (legacy scatters one file per tensor above 2 GB, dynamo
     names its own data file); the model is then re-saved with one consolidated data file or none.
     ``output_shapes`` overrides the declared output shapes (the legacy exporter leaves ones behind a Resize
-    as opaque names, which Triton configs and TensorRT profiles cannot use).
+    as opaque names, which Triton configs and TensorRT profiles cannot use). ``metadata`` becomes the file's
+    metadata props (certseg's contract keys).
     """
     onnx = _require_onnx()
     if opset < 18:
@@ -437,6 +448,9 @@ def export_graph(
     for output in model.graph.output:
         if output_shapes and output.name in output_shapes:
             _declare_shape(output, output_shapes[output.name])
+    for key, value in (metadata or {}).items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
     return save_model(model, Path(path), external_data_threshold=external_data_threshold)
 
 
@@ -578,6 +592,7 @@ def export_denoiser(
     parity_batches: Sequence[int] = PARITY_BATCHES,
     threads: int | None = None,
     log: Log | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> ExportedGraph:
     """Export the UNet as ``x_t``, ``timesteps`` → ``eps`` (dynamic batch) at its native ``image_size``.
 
@@ -592,6 +607,7 @@ def export_denoiser(
     external = export_graph(
         wrapped, denoiser_parity_inputs(size, 2), path, input_names=DENOISER_INPUTS, output_names=DENOISER_OUTPUTS,
         dynamic_axes=axes, opset=opset, exporter=exporter, external_data_threshold=external_data_threshold,
+        metadata=metadata,
     )
     inputs, outputs = graph_io(path)
     graph = ExportedGraph(
@@ -656,6 +672,7 @@ def export_segmenter(
     parity_batches: Sequence[int] = PARITY_BATCHES,
     threads: int | None = None,
     log: Log | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> ExportedGraph:
     """Export a segmenter as ``images`` → ``logits`` (dynamic batch), traced at ``example_size`` (h, w).
 
@@ -668,14 +685,16 @@ def export_segmenter(
     dynamic = (not hasattr(module, "crop_size")) if dynamic_size is None else bool(dynamic_size)
     notes = [] if dynamic or dynamic_size is False else [f"fixed size: the model has a fixed crop {module.crop_size}"]
     started = time.perf_counter()
-    external = _export_segmenter_graph(module, path, size, dynamic, opset, exporter, external_data_threshold)
+    external = _export_segmenter_graph(module, path, size, dynamic, opset, exporter, external_data_threshold,
+                                       metadata)
     if dynamic and dynamic_size is None:
         problem = _size_probe(module, path, size, threads)
         if problem is not None:
             notes.append(f"fixed size: the dynamic-size graph failed at another size ({problem})")
             _log(log, f"segmenter: {notes[-1]}; re-exporting at {size[0]}x{size[1]}")
             dynamic = False
-            external = _export_segmenter_graph(module, path, size, False, opset, exporter, external_data_threshold)
+            external = _export_segmenter_graph(module, path, size, False, opset, exporter, external_data_threshold,
+                                               metadata)
     inputs, outputs = graph_io(path)
     graph = ExportedGraph(
         role="segmenter", path=path, inputs=inputs, outputs=outputs, opset=opset, exporter=exporter,
@@ -694,7 +713,7 @@ def export_segmenter(
 
 def _export_segmenter_graph(
     module: nn.Module, path: Path, size: tuple[int, int], dynamic: bool, opset: int, exporter: Exporter,
-    threshold: int,
+    threshold: int, metadata: Mapping[str, str] | None = None,
 ) -> bool:
     spatial_in = {2: "height", 3: "width"} if dynamic else {}
     spatial_out = {2: "out_height", 3: "out_width"} if dynamic else {}
@@ -705,7 +724,7 @@ def _export_segmenter_graph(
     return export_graph(
         module, (segmenter_parity_inputs(size, 2),), path, input_names=SEGMENTER_INPUTS,
         output_names=SEGMENTER_OUTPUTS, dynamic_axes=axes, opset=opset, exporter=exporter,
-        external_data_threshold=threshold, output_shapes={"logits": declared},
+        external_data_threshold=threshold, output_shapes={"logits": declared}, metadata=metadata,
     )
 
 
@@ -725,7 +744,8 @@ class ExportResult:
     segmenter_size: tuple[int, int]
     denoiser_size: tuple[int, int] | None
     max_batch: int
-    segmenter_graph: ExportedGraph
+    segmenter_graph: ExportedGraph | None
+    """None only for a denoiser-only export (the in-process ONNX runtime's cache, beside an ONNX segmenter)."""
     denoiser_graph: ExportedGraph | None
     models: dict[str, dict[str, Any] | None]
     engines: dict[str, Any] = field(default_factory=dict)
@@ -742,8 +762,8 @@ class ExportResult:
         return {role: graph.parity for role, graph in self.graphs.items()}
 
     @property
-    def segmenter(self) -> Path:
-        return self.segmenter_graph.path
+    def segmenter(self) -> Path | None:
+        return None if self.segmenter_graph is None else self.segmenter_graph.path
 
     @property
     def denoiser(self) -> Path | None:
@@ -751,7 +771,7 @@ class ExportResult:
 
     @property
     def segmenter_fp16(self) -> Path | None:
-        return self.segmenter_graph.fp16_path
+        return None if self.segmenter_graph is None else self.segmenter_graph.fp16_path
 
     @property
     def denoiser_fp16(self) -> Path | None:
@@ -775,7 +795,7 @@ class ExportResult:
         records, the served image size."""
         facts = {key: value for key, value in self.client_facts.items() if value is not None}
         return facts | {
-            "segmenter": self.models["segmenter"],
+            "segmenter": self.models.get("segmenter"),
             **({"denoiser": self.models["denoiser"]} if self.models.get("denoiser") else {}),
             "image_size": list(self.image_size),
             "segmenter_size": list(self.segmenter_size),
@@ -800,11 +820,62 @@ def versions() -> dict[str, str | None]:
 
 
 def _model_record(model: LoadedModel) -> dict[str, Any]:
-    return model.record() | {"num_classes": model.num_classes, "input_size": model.input_size}
+    """What clients record about an exported model, including how the pipeline must run it (the repository
+    writer renders the segmenter's normalisation and the denoiser's schedule from here)."""
+    from certseg.engine.models import facts
+
+    record = model.record() | {"num_classes": model.num_classes, "input_size": model.input_size}
+    if model.role == "segmenter":
+        record["normalization"] = facts.normalization_record(facts.normalization(model))
+    else:
+        record["schedule"] = facts.schedule(model).record()
+    return record
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The side files an ONNX file keeps its weights in (relative to its folder), by the names it uses."""
+    onnx = _require_onnx()
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    return [path.parent / name for name in sorted(names)]
+
+
+def copy_onnx_model(model: LoadedModel, path: Path, log: Log | None = None) -> ExportedGraph:
+    """A bring-your-own ONNX model into the export folder, byte for byte (its sha256 stays the model's), with
+    its external-data files under the names its graph refers to."""
+    onnx = _require_onnx()
+    source = Path(model.source)
+    started = time.perf_counter()
+    sides = external_data_files(source)
+    copied = []
+    for side in sides:
+        target = path.parent / side.name
+        if target.exists() and target.read_bytes() != side.read_bytes():
+            raise InputError(f"{source.name} keeps its weights in {side.name}, and another model's {target} has "
+                             "that name: rename one of them")
+        shutil.copyfile(side, target)
+        copied.append(target)
+    shutil.copyfile(source, path)
+    inputs, outputs = graph_io(path)
+    opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
+                  if o.domain in ("", "ai.onnx")), 0)
+    image_dims = inputs[0].shape[2:]
+    graph = ExportedGraph(
+        role=model.role, path=path, inputs=inputs, outputs=outputs, opset=opset, exporter="as given",
+        external_data=bool(copied), dynamic_size=not all(isinstance(d, int) for d in image_dims),
+        example_size=model.input_size or (0, 0), side_files=tuple(copied),
+        seconds={"export": time.perf_counter() - started},
+        notes=[f"bring-your-own ONNX file {source.name}, copied unchanged (no fp16 variant, no parity: there is no "
+               "torch model to compare with)"],
+    )
+    _log(log, f"{model.role}: copied {source.name} unchanged to {path.name}")
+    return graph
 
 
 def export_models(
-    segmenter: LoadedModel,
+    segmenter: LoadedModel | None,
     denoiser: LoadedModel | None,
     out_dir: str | Path,
     *,
@@ -824,7 +895,9 @@ def export_models(
 
     Writes ``segmenter.onnx``, ``denoiser.onnx`` (+ ``.data`` above the threshold), their ``.fp16.onnx``
     variants, TensorRT plans when ``tensorrt`` (None: when TensorRT imports; True: required), and
-    ``export.json``. The segmenter is traced at round(scale · image_size), the denoiser at its native size.
+    ``export.json``. The segmenter is traced at round(scale · image_size) (or the fixed input size it states),
+    the denoiser at its native size. Each graph carries certseg's metadata props. An ONNX model (family "onnx")
+    is copied unchanged instead. ``segmenter`` None exports the denoiser alone.
     """
     if max_batch < 1:
         raise InputError(f"max batch must be >= 1, got {max_batch}")
@@ -833,22 +906,34 @@ def export_models(
         raise InputError(f"image size must be positive, got {height}x{width}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    segmenter_size = scaled_size(height, width, scale)
+    from certseg.engine.models import facts
+
+    fixed = None if segmenter is None else segmenter.input_size
+    segmenter_size = scaled_size(height, width, scale) if fixed is None else fixed
     common = dict(opset=opset, fp16=fp16, exporter=exporter, external_data_threshold=external_data_threshold,
                   parity_batches=parity_batches, threads=threads, log=log)
-    seg_graph = export_segmenter(segmenter.module, out / "segmenter.onnx", example_size=segmenter_size, **common)
+    seg_graph = None
+    if segmenter is not None and segmenter.family == "onnx":
+        seg_graph = copy_onnx_model(segmenter, out / "segmenter.onnx", log)
+    elif segmenter is not None:
+        seg_graph = export_segmenter(segmenter.module, out / "segmenter.onnx", example_size=segmenter_size,
+                                     metadata=facts.segmenter_props(segmenter), **common)
     den_graph, denoiser_size = None, None
     if denoiser is not None:
         denoiser_size = denoiser.input_size
         if denoiser_size is None:
             raise InputError(f"denoiser {denoiser.name} does not say its input size")
-        den_graph = export_denoiser(denoiser.module, out / "denoiser.onnx", image_size=denoiser_size, **common)
+        if denoiser.family == "onnx":
+            den_graph = copy_onnx_model(denoiser, out / "denoiser.onnx", log)
+        else:
+            den_graph = export_denoiser(denoiser.module, out / "denoiser.onnx", image_size=denoiser_size,
+                                        metadata=facts.denoiser_props(denoiser), **common)
     result = ExportResult(
         out_dir=out, image_size=(height, width), segmenter_size=segmenter_size, denoiser_size=denoiser_size,
         max_batch=max_batch, segmenter_graph=seg_graph, denoiser_graph=den_graph,
-        models={"segmenter": _model_record(segmenter),
+        models={"segmenter": None if segmenter is None else _model_record(segmenter),
                 "denoiser": None if denoiser is None else _model_record(denoiser)},
-        client_facts={key: segmenter.extra.get(key) for key in ("classes", "palette")},
+        client_facts={key: None if segmenter is None else segmenter.extra.get(key) for key in ("classes", "palette")},
     )
     if tensorrt is not False:
         result.engines = _build_engines(result, required=bool(tensorrt), fp16=fp16, log=log)

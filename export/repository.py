@@ -7,6 +7,11 @@ Templates live in ``model_repository/templates/v<N>/``: ``common/`` (the python 
 ``cpu/`` and ``gpu/`` (the two model steps, which differ by profile) and ``python/`` (the step models' code,
 copied beside each python step's config). Every rendered ``config.pbtxt`` is parsed with Triton's own protobuf
 schema (``tritonclient.grpc.model_config_pb2.ModelConfig``) before anything is moved into place.
+
+Any ONNX files that meet certseg's model contract (``certseg.engine.models.onnx_model``) are served as given:
+their own input and output names are rendered into the configs, the segmenter's normalisation into the steps
+that prepare its input, the denoiser's schedule into the steps that use ᾱ, and the ensembles' metadata says
+both, so clients build the same pipeline spec and record it.
 """
 
 from __future__ import annotations
@@ -24,12 +29,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from certseg.engine.denoise import LINEAR, Schedule
+from certseg.engine.models import facts
+from certseg.engine.models.onnx_model import denoiser_contract, segmenter_contract
 from certseg.engine.runtimes.triton_runtime import (
     DEFAULT_MAX_REQUEST_BYTES,
     MAX_REQUEST_BYTES,
     REPOSITORY_VERSION,
     VERSION_PARAMETER,
 )
+from certseg.engine.stages import IMAGENET, Normalization
+from certseg.export.onnx import external_data_files
 
 Profile = Literal["cpu", "gpu"]
 PROFILES: tuple[str, ...] = ("cpu", "gpu")
@@ -69,9 +79,9 @@ class ModelFiles:
     """The exported models a repository serves, and what the client must learn about them."""
 
     segmenter: Path
-    """Segmenter ONNX: ``images`` float32 [B,3,h,w] (ImageNet-normalised) -> ``logits`` float32 [B,K,h',w']."""
+    """Segmenter ONNX: images float32 [B,3,h,w] (normalised as it states) -> class scores float32 [B,K,h',w']."""
     denoiser: Path | None = None
-    """Denoiser ONNX: ``x_t`` float32 [B,3,S,S], ``timesteps`` int64 [B] -> ``eps`` float32 [B,C,S,S]."""
+    """Denoiser ONNX: x_t float32 [B,3,S,S], timesteps int64 [B] -> eps float32 [B,C,S,S] (any names)."""
     segcertify_segmenter: Path | None = None
     """A second segmenter for the SegCertify ensemble (typically noise-trained); default: ``segmenter``."""
     segmenter_fp16: Path | None = None
@@ -82,7 +92,9 @@ class ModelFiles:
     segcertify_segmenter_plan: Path | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     """JSON-ready facts for clients: ``classes``, ``palette``, and the ``segmenter``, ``denoiser`` and
-    ``segcertify_segmenter`` records (name, family, source, sha256 of the checkpoint) that results store."""
+    ``segcertify_segmenter`` records (name, family, source, sha256 of the checkpoint) that results store. A
+    record's ``normalization`` / ``input_size`` (segmenters) and ``schedule`` (denoiser) take precedence over
+    what the file's metadata props state (``certseg-export`` puts command-line overrides there)."""
 
 
 _PATH_FIELDS = tuple(f for f in ModelFiles.__dataclass_fields__ if f != "metadata")
@@ -99,63 +111,82 @@ def model_files(source: ModelFiles | Mapping[str, Any] | Any) -> ModelFiles:
     return ModelFiles(**paths, metadata=dict(get("metadata", None) or {}))
 
 
+def _per_sample(dims: tuple[int | str, ...]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else -1 for d in dims[1:])
+
+
 @dataclass(frozen=True)
 class SegmenterIO:
-    """A segmenter ONNX file's per-sample dims (batch dropped; -1 where the graph is dynamic)."""
+    """A segmenter ONNX file's names and per-sample dims (batch dropped; -1 where the graph is dynamic), and
+    how its input is made: the normalisation and fixed input size the pipeline must use."""
 
     images: tuple[int, ...]
     logits: tuple[int, ...]
+    input_name: str = "images"
+    output_name: str = "logits"
+    normalization: Normalization = IMAGENET
+    input_size: tuple[int, int] | None = None
+    classes: list[str] | None = None
+    """The class names and palette the file's metadata props state (used when the export's metadata has none)."""
+    palette: list[list[int]] | None = None
 
     @property
     def num_classes(self) -> int:
         return self.logits[0]
 
 
-def segmenter_io(path: Path) -> SegmenterIO:
-    """``images`` [B, 3, h, w] -> ``logits`` [B, K, h', w'] with a fixed K (read without loading the weights)."""
-    inputs, outputs = _io_dims(path)
-    images, logits = inputs.get("images"), outputs.get("logits")
-    if images is None or len(images) != 4 or logits is None or len(logits) != 4 or not isinstance(logits[1], int):
-        raise RepositoryError(f"{path}: expected images [B, 3, h, w] -> logits [B, K, h, w] with a fixed K")
-    return SegmenterIO(tuple(d if isinstance(d, int) else -1 for d in images[1:]),
-                       tuple(d if isinstance(d, int) else -1 for d in logits[1:]))
+def segmenter_io(path: Path, record: Mapping[str, Any] | None = None) -> SegmenterIO:
+    """The segmenter contract of ``path`` (read without loading the weights; one line if it is broken), with
+    ``record``'s normalisation / input size, where it states them, over the file's metadata props."""
+    checked = segmenter_contract(path)
+    record = record or {}
+    if "normalization" in record:
+        norm = facts.normalization(SimpleModel(extra={"normalization": record["normalization"]}))
+    else:
+        norm = checked.facts.get("normalization") or IMAGENET
+    size = record["input_size"] if "input_size" in record else checked.input_size
+    return SegmenterIO(_per_sample(checked.inputs[0].dims), _per_sample(checked.output.dims),
+                       checked.inputs[0].name, checked.output.name, norm,
+                       None if size is None else (int(size[0]), int(size[1])),
+                       checked.facts.get("classes"), checked.facts.get("palette"))
+
+
+@dataclass(frozen=True)
+class DenoiserIO:
+    """A denoiser ONNX file's names, its size S, output channels C and noise schedule."""
+
+    size: int
+    channels: int
+    x_t: str = "x_t"
+    timesteps: str = "timesteps"
+    eps: str = "eps"
+    schedule: Schedule = LINEAR
+
+
+def denoiser_io(path: Path, record: Mapping[str, Any] | None = None) -> DenoiserIO:
+    """The denoiser contract of ``path`` (one line if it is broken), with ``record``'s schedule over the file's."""
+    checked = denoiser_contract(path)
+    record = record or {}
+    if "schedule" in record:
+        schedule = facts.schedule(SimpleModel(extra={"schedule": record["schedule"]}))
+    else:
+        schedule = checked.facts.get("schedule") or LINEAR
+    x_t, timesteps = checked.inputs
+    return DenoiserIO(int(checked.input_size[0]), checked.channels, x_t.name, timesteps.name,  # type: ignore[index]
+                      checked.output.name, schedule)
 
 
 def denoiser_shape(path: Path) -> tuple[int, int]:
-    """(S, C) of a denoiser ONNX file: ``x_t`` [B, 3, S, S] and ``eps`` [B, C, S, S]."""
-    inputs, outputs = _io_dims(path)
-    x_t, eps = inputs.get("x_t"), outputs.get("eps")
-    if x_t is None or "timesteps" not in inputs or eps is None:
-        raise RepositoryError(f"{path}: expected inputs x_t, timesteps and output eps")
-    if len(x_t) != 4 or not (isinstance(x_t[2], int) and x_t[2] == x_t[3]) or not isinstance(eps[1], int):
-        raise RepositoryError(f"{path}: x_t must be [B, 3, S, S] and eps [B, C, S, S] with fixed S and C")
-    return int(x_t[2]), int(eps[1])
+    """(S, C) of a denoiser ONNX file: x_t [B, 3, S, S] and eps [B, C, S, S]."""
+    io = denoiser_io(path)
+    return io.size, io.channels
 
 
-def _io_dims(path: Path) -> tuple[dict[str, list[int | str]], dict[str, list[int | str]]]:
-    import onnx
+@dataclass(frozen=True)
+class SimpleModel:
+    """Just the ``extra`` of a model, for reading facts out of a record."""
 
-    if not path.is_file():
-        raise RepositoryError(f"model file {path} does not exist")
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-
-    def dims(values) -> dict[str, list[int | str]]:
-        shapes = {v.name: v.type.tensor_type.shape.dim for v in values if v.name not in initializers}
-        return {name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-                for name, dims in shapes.items()}
-
-    return dims(graph.input), dims(graph.output)
-
-
-def _external_data(path: Path) -> list[Path]:
-    """The side files (``.onnx.data``) an ONNX file keeps its weights in; they must travel with it."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    model = onnx.load(str(path), load_external_data=False)
-    names = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
-    return [path.parent / name for name in sorted(names)]
+    extra: Mapping[str, Any]
 
 
 def sha256(path: Path) -> str:
@@ -312,7 +343,7 @@ def _serve(onnx: Path, half: Path | None, plan: Path | None, role: str, profile:
         chosen = half
     if not chosen.is_file():
         raise RepositoryError(f"model file {chosen} does not exist")
-    side = tuple(_external_data(chosen)) if chosen.suffix == ".onnx" else ()
+    side = tuple(external_data_files(chosen)) if chosen.suffix == ".onnx" else ()
     missing = [p for p in side if not p.is_file()]
     if missing:
         raise RepositoryError(f"{chosen} keeps its weights in {missing[0]}, which does not exist")
@@ -322,13 +353,24 @@ def _serve(onnx: Path, half: Path | None, plan: Path | None, role: str, profile:
 def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: bool,
            settings: Mapping[str, Any]) -> list[_Plan]:
     """Every model folder of the repository: the python steps, one segment step per distinct segmenter, the
-    denoise step, and the ensembles (each with its own metadata: its segmenter's record and classes)."""
+    denoise step, and the ensembles (each with its own metadata: its segmenter's record, classes, normalisation
+    and input size, and the denoiser's schedule). The steps that make a segmenter's input get its
+    normalisation (certseg_prepare: the SegCertify segmenter's; certseg_resize: the DenoiseCertify one's)."""
     gpu = profile == "gpu"
-    io = segmenter_io(files.segmenter)
+    records = {role: files.metadata.get(role) if isinstance(files.metadata.get(role), Mapping) else None
+               for role in ("segmenter", "segcertify_segmenter", "denoiser")}
+    io = segmenter_io(files.segmenter, records["segmenter"])
     num_classes = io.num_classes
     if num_classes > 65536:
         raise RepositoryError(f"{num_classes} classes do not fit uint16 label maps")
-    size, channels = denoiser_shape(files.denoiser) if files.denoiser is not None else (0, 0)
+    denoiser_facts = denoiser_io(files.denoiser, records["denoiser"]) if files.denoiser is not None else None
+    ios = {"segmenter": io}
+    if files.segcertify_segmenter is not None and files.segcertify_segmenter != files.segmenter:
+        ios["segcertify_segmenter"] = segmenter_io(files.segcertify_segmenter, records["segcertify_segmenter"])
+        if ios["segcertify_segmenter"].num_classes != num_classes:
+            raise RepositoryError("the SegCertify segmenter must have as many classes as the segmenter")
+    segcertify_io = ios.get("segcertify_segmenter", io)
+    schedule = LINEAR if denoiser_facts is None else denoiser_facts.schedule
     common = {
         "repository_version": REPOSITORY_VERSION,
         "profile": profile,
@@ -336,8 +378,14 @@ def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: boo
         "step_kind": "KIND_GPU" if gpu else "KIND_CPU",
         "num_classes": str(num_classes),
         "labels_type": "TYPE_UINT8" if num_classes <= 255 else "TYPE_UINT16",
-        "denoiser_size": str(size),
-        "eps_channels": str(channels),
+        "denoiser_size": str(0 if denoiser_facts is None else denoiser_facts.size),
+        "eps_channels": str(0 if denoiser_facts is None else denoiser_facts.channels),
+        "denoiser_x_t": pbtxt_string("x_t" if denoiser_facts is None else denoiser_facts.x_t),
+        "denoiser_timesteps": pbtxt_string("timesteps" if denoiser_facts is None else denoiser_facts.timesteps),
+        "denoiser_eps": pbtxt_string("eps" if denoiser_facts is None else denoiser_facts.eps),
+        "schedule": pbtxt_string(json.dumps(schedule.record(), sort_keys=True)),
+        "prepare_normalization": pbtxt_string(segcertify_io.normalization.to_json()),
+        "resize_normalization": pbtxt_string(io.normalization.to_json()),
         "python_parameters": parameters_block(
             {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if gpu
             else {"torch_threads": str(settings["threads"]), "ort_threads": str(settings["threads"])}
@@ -350,19 +398,19 @@ def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: boo
     segments = {"certseg_segment": ("segmenter", serve(files.segmenter, files.segmenter_fp16, files.segmenter_plan,
                                                         "segmenter"))}
     segcertify_segment = "certseg_segment"
-    if files.segcertify_segmenter is not None and files.segcertify_segmenter != files.segmenter:
-        if segmenter_io(files.segcertify_segmenter).num_classes != num_classes:
-            raise RepositoryError("the SegCertify segmenter must have as many classes as the segmenter")
+    if "segcertify_segmenter" in ios:
         segcertify_segment = "certseg_segment_segcertify"
         segments[segcertify_segment] = ("segcertify_segmenter", serve(
-            files.segcertify_segmenter, files.segcertify_segmenter_fp16, files.segcertify_segmenter_plan,
+            files.segcertify_segmenter, files.segcertify_segmenter_fp16, files.segcertify_segmenter_plan,  # type: ignore[arg-type]
             "SegCertify segmenter"))
     plans = []
-    for name, (_, served) in segments.items():
-        dims = segmenter_io(served.path if served.path.suffix == ".onnx" else files.segmenter)
+    for name, (role, served) in segments.items():
+        dims = ios[role]
         plans.append(_Plan(name, "certseg_segment", {
             **common, "model_name": name, "segmenter_file": served.served_name, "segmenter_platform": served.platform,
-            "images_dims": _dims(dims.images), "logits_dims": _dims(dims.logits)}, served))
+            "images_dims": _dims(dims.images), "logits_dims": _dims(dims.logits),
+            "segmenter_input": pbtxt_string(dims.input_name), "segmenter_output": pbtxt_string(dims.output_name)},
+            served))
     ensembles = {"certseg_segcertify": (segcertify_segment, None)}
     if files.denoiser is not None:
         denoiser = serve(files.denoiser, files.denoiser_fp16, files.denoiser_plan, "denoiser")
@@ -373,25 +421,33 @@ def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: boo
     plans += [_Plan(name, name, common) for name in sorted(light)]
     for name, (segment, denoiser) in ensembles.items():
         role, served = segments[segment]
+        segment_io = ios[role]
         served_files = {segment: served}
         if denoiser is not None:
             served_files["certseg_denoise"] = denoiser
         digests = {step: sha256(s.path) for step, s in served_files.items()}
+        stated = {key: getattr(segment_io, key) for key in ("classes", "palette") if getattr(segment_io, key)}
         metadata: dict[str, Any] = {
             "certseg_profile": profile,
             "num_classes": num_classes,
             **{key: settings[key] for key in ("max_batch", "noise_backend", "precision", "engine", MAX_REQUEST_BYTES)},
             "served_files": {step: {"file": s.path.name, "sha256": digests[step]} for step, s in served_files.items()},
             "models_sha256": hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest(),
+            **(stated if "classes" not in files.metadata else {}),
             **{key: files.metadata[key] for key in ("classes", "palette") if key in files.metadata},
+            "normalization": facts.normalization_record(segment_io.normalization),
+            "segmenter_input_size": None if segment_io.input_size is None else list(segment_io.input_size),
         }
-        if role in files.metadata:  # the record of the segmenter this ensemble serves (never the other's)
-            metadata["segmenter"] = files.metadata[role]
-        if denoiser is not None:
-            metadata["denoiser_size"] = size
-            if "denoiser" in files.metadata:
-                metadata["denoiser"] = files.metadata["denoiser"]
+        if records[role] is not None:  # the record of the segmenter this ensemble serves (never the other's)
+            metadata["segmenter"] = records[role]
+        if denoiser is not None and denoiser_facts is not None:
+            metadata["denoiser_size"] = denoiser_facts.size
+            metadata["schedule"] = denoiser_facts.schedule.record()
+            if records["denoiser"] is not None:
+                metadata["denoiser"] = records["denoiser"]
         plans.append(_Plan(name, name, {**common, "segment_model": segment,
+                                        "segment_input": pbtxt_string(segment_io.input_name),
+                                        "segment_output": pbtxt_string(segment_io.output_name),
                                         "metadata_parameters": parameters_block(metadata)}))
     return plans
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -315,3 +316,66 @@ def test_noise_factor_memory_is_linear_in_the_side(side: int, monkeypatch: pytes
         factor = dn._resize_noise_factor.__wrapped__((side, side), (256, 256), antialias)
         assert 0 < factor < 1
     assert max(largest) <= 1 << 22
+
+
+def independent_cosine_alpha_bar(steps: int) -> np.ndarray:
+    """Nichol & Dhariwal's ᾱ(u) = f(u)/f(0), f(u) = cos²((u + s)/(1 + s)·π/2), s = 0.008, at u = (t + 1)/T for
+    the 0-based UNet timestep t, written out from the paper's formula in Python floats (no clipping applied)."""
+    def f(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array([f((t + 1) / steps) / f(0.0) for t in range(steps)])
+
+
+@pytest.mark.parametrize("steps", [1000, 4000])
+def test_cosine_alpha_bar_is_nichol_and_dhariwals_formula(steps: int) -> None:
+    alpha_bar = dn.Schedule("cosine", steps).alpha_bar()
+    reference = independent_cosine_alpha_bar(steps)
+    # Every step but the last has β < 0.999, where the running product telescopes to the formula.
+    np.testing.assert_allclose(alpha_bar[:-1], reference[:-1], rtol=1e-9, atol=0)
+    assert np.all(np.diff(alpha_bar) < 0) and 0 < alpha_bar[-1] < alpha_bar[-2]
+    # The last β is clipped: 1 - ᾱ_T/ᾱ_(T-1) would be 1 (f(1) = cos²(π/2) ≈ 0), and is 0.999 instead.
+    assert 1 - alpha_bar[-1] / alpha_bar[-2] == pytest.approx(0.999, rel=1e-12)
+    assert reference[-1] < 1e-30
+    np.testing.assert_allclose(dn.cosine_alpha_bar(steps), alpha_bar, rtol=0, atol=0)
+
+
+def test_linear_schedule_with_another_length_is_guided_diffusions() -> None:
+    betas = np.linspace(0.5 * 1e-4, 0.5 * 0.02, 2000)  # get_named_beta_schedule("linear", 2000): scale 1000/T
+    np.testing.assert_allclose(dn.Schedule("linear", 2000).alpha_bar(), np.cumprod(1 - betas), rtol=1e-13)
+    assert dn.LINEAR.alpha_bar() is dn.Schedule().alpha_bar()  # the same cached values as linear_alpha_bar()
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        dn.Schedule("sqrt")
+
+
+def test_the_cosine_schedule_reaches_every_use_of_alpha_bar() -> None:
+    """t* selection, x_t's scaling, x̂0 and the ancestral chain all take ᾱ from the schedule they are given; the
+    linear default is what they used before."""
+    cosine = dn.Schedule("cosine")
+    alpha_bar = independent_cosine_alpha_bar(1000)
+    alpha_bar[-1] = dn.cosine_alpha_bar()[-1]  # the clipped end, not reached by the rules below
+    for sigma in SIGMAS:
+        effective = 2 * sigma
+        choice = dn.select_timestep(sigma, "principled", schedule=cosine)
+        expected = int(np.argmin(np.abs(np.sqrt((1 - alpha_bar) / alpha_bar) - effective)))
+        assert choice.t == expected and (choice.schedule, choice.num_timesteps) == ("cosine", 1000)
+        assert choice.alpha_bar == pytest.approx(alpha_bar[expected], rel=1e-9)
+        assert choice.t != dn.select_timestep(sigma, "principled").t  # the schedule changed t*
+        assert dn.select_timestep(sigma, "authors", schedule=cosine).t == int(
+            np.argmin(np.abs(alpha_bar - 1 / (1 + sigma**2))))
+        assert choice.noise_schedule == cosine
+    assert dn.select_timestep(0.25, "principled").noise_schedule == dn.LINEAR
+    noisy, t = torch.rand(2, 3, 16, 16), 300
+    unet = RecordingUNet()
+    out = dn.one_step_denoise(unet, noisy, t, denoiser_size=16, schedule=cosine)
+    ((x_t, _),) = unet.calls
+    scale = np.float32(math.sqrt(alpha_bar[t]))
+    assert torch.equal(x_t, (2 * noisy - 1) * float(scale))
+    recip, recip_m1 = (float(np.float32(v)) for v in (math.sqrt(1 / alpha_bar[t]), math.sqrt(1 / alpha_bar[t] - 1)))
+    assert torch.allclose(out, (torch.clamp(recip * x_t - recip_m1 * 0.1 * x_t, -1, 1) + 1) / 2, atol=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    multi = dn.multi_step_denoise(RecordingUNet(), noisy, t, noise=generator, steps=1, denoiser_size=16,
+                                  schedule=cosine)
+    assert (multi - out).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match=r"\[0, 50\)"):
+        dn.denoiser_input(noisy, 60, denoiser_size=16, schedule=dn.Schedule("cosine", 50))

@@ -14,7 +14,7 @@ from certseg.engine.models.adm import build_adm
 from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.pipeline import certify_image
 from certseg.engine.runtimes.torch_runtime import torch_runtime
-from certseg.engine.stages import IMAGENET_MEAN, IMAGENET_STD
+from certseg.engine.stages import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalization
 
 SIZE = (32, 64)
 
@@ -57,6 +57,29 @@ def test_segcertify_chain_with_scale(models) -> None:
     noisy = torch.rand(2, 3, *SIZE)
     labels = LabelPipeline(spec, segmenter)(noisy)
     torch.testing.assert_close(labels, by_hand(segmenter, noisy, (16, 32)), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_segmenters_own_normalisation_and_fixed_input_size(models) -> None:
+    """A [0, 255] model with mmseg's statistics, fed a fixed 24x24 input: (255·x - mean) / std at that size;
+    the spec records both."""
+    _, segmenter = models
+    mmseg = Normalization((123.675, 116.28, 103.53), (58.395, 57.12, 57.375), (0, 255))
+    spec = make_spec("segcertify", 0.25, SIZE, normalization=mmseg, segmenter_input_size=(24, 24))
+    assert spec.segmenter_size == (24, 24)
+    noisy = torch.rand(2, 3, *SIZE)
+    x = F.interpolate(noisy, size=(24, 24), mode="bilinear", align_corners=False)
+    mean, std = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1), torch.tensor([58.395, 57.12, 57.375])
+    logits = F.interpolate(segmenter((255 * x - mean) / std.view(1, 3, 1, 1)), size=SIZE, mode="bilinear",
+                           align_corners=False)
+    torch.testing.assert_close(LabelPipeline(spec, segmenter)(noisy), logits.argmax(1).to(torch.uint8), rtol=0, atol=0)
+    record = spec.record()
+    assert record["normalization"] == {"mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375),
+                                       "input_range": (0.0, 255.0)}
+    assert record["segmenter_input_size"] == (24, 24) and record["segmenter_size"] == [24, 24]
+    assert make_spec("segcertify", 0.25, SIZE).normalization == IMAGENET  # the shipped models' default
+    with pytest.raises(ValueError, match="outside the input range"):
+        Normalization((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))  # [0, 255] values on [0, 1] pixels
 
 
 def test_spec_records_everything_needed_to_remake_a_result() -> None:

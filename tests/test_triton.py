@@ -682,3 +682,69 @@ def test_max_request_bytes_flags_refuse_what_they_cannot_set_in_one_line(tmp_pat
         result = CliRunner().invoke(command, args)
         lines = result.output.strip().splitlines()
         assert result.exit_code != 0 and len(lines) == 1 and expected in lines[0], result.output
+
+
+def test_your_own_onnx_models_are_served_unchanged_and_certify_as_in_process(triton_runs: None,
+                                                                             tmp_path: Path) -> None:
+    """`certseg-export --segmenter my.onnx --denoiser my.onnx` puts both files into the repository byte for byte
+    (cpu and gpu profiles, their own I/O names in the configs, their normalisation and cosine schedule in the
+    steps); the bundled server then certifies exactly as `certseg certify --segmenter my.onnx` in-process, with
+    both ensembles (the segmenter takes a fixed 64x96 input, which the client learns from the server)."""
+    import hashlib
+
+    from byo_models import MMSEG
+    from byo_models import export_denoiser as export_own_denoiser
+    from byo_models import export_segmenter as export_own_segmenter
+
+    from certseg.export import cli as export_cli
+
+    segmenter = export_own_segmenter(tmp_path / "my_segmenter.onnx", fixed_size=(64, 96))
+    denoiser = export_own_denoiser(tmp_path / "my_denoiser.onnx")
+    digest = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in (segmenter, denoiser)}
+    for profile in ("cpu", "gpu"):
+        result = CliRunner().invoke(export_cli.app, [
+            "--segmenter", str(segmenter), "--denoiser", str(denoiser), "--out", str(tmp_path / f"export-{profile}"),
+            "--repository", str(tmp_path / profile), "--profile", profile, "--no-tensorrt", "--max-batch", "8"])
+        assert result.exit_code == 0, result.output
+        root = tmp_path / profile
+        assert hashlib.sha256((root / "certseg_segment" / "1" / "segmenter.onnx").read_bytes()).hexdigest() == \
+            digest[segmenter]
+        assert hashlib.sha256((root / "certseg_denoise" / "1" / "denoiser.onnx").read_bytes()).hexdigest() == \
+            digest[denoiser]
+        configs = read_configs(root)
+        assert [i.name for i in configs["certseg_segment"].input] == ["pixels"]
+        assert [o.name for o in configs["certseg_segment"].output] == ["scores"]
+        assert [i.name for i in configs["certseg_denoise"].input] == ["latent", "t"]
+        assert [o.name for o in configs["certseg_denoise"].output] == ["noise"]
+        denoise_step = next(s for s in configs["certseg_denoisecertify"].ensemble_scheduling.step
+                            if s.model_name == "certseg_denoise")
+        assert dict(denoise_step.input_map) == {"latent": "x_t", "t": "timesteps"}
+        for step in ("certseg_prepare", "certseg_resize"):
+            assert json.loads(configs[step].parameters["normalization"].string_value)["mean"] == list(MMSEG.mean)
+        assert json.loads(configs["certseg_scale"].parameters["schedule"].string_value)["name"] == "cosine"
+        if profile == "gpu":
+            assert configs["certseg_segment"].platform == "onnxruntime_onnx"
+            assert configs["certseg_segment"].default_model_filename == "segmenter.onnx"
+    common = ["--n0", "8", "--n", "64", "--seed", "13", "--batch", "8", "--quiet"]
+    with TritonServer(tmp_path / "cpu", exit_timeout_s=0) as server:
+        for method in ("denoisecertify", "segcertify"):
+            result = CliRunner().invoke(app, ["certify", str(SAMPLE), "--server", server.grpc_address, "--method",
+                                              method, "--out", str(tmp_path / f"served-{method}"), *common])
+            assert result.exit_code == 0, result.output
+    for method in ("denoisecertify", "segcertify"):
+        result = CliRunner().invoke(app, ["certify", str(SAMPLE), "--segmenter", str(segmenter), "--denoiser",
+                                          str(denoiser), "--method", method, "--out", str(tmp_path / f"local-{method}"),
+                                          *common])
+        assert result.exit_code == 0, result.output
+        served, local = (tmp_path / f"{where}-{method}" for where in ("served", "local"))
+        np.testing.assert_array_equal(read_labels(served / "street.certified.png"),
+                                      read_labels(local / "street.certified.png"))
+        served_report, local_report = (json.loads((folder / "street.json").read_text()) for folder in (served, local))
+        assert served_report["pipeline"] == local_report["pipeline"]
+        assert served_report["pipeline"]["segmenter_size"] == [64, 96]
+        assert served_report["models"]["segmenter"]["sha256"] == digest[segmenter]
+        assert served_report["classes"] == local_report["classes"]
+        assert 0.0 < served_report["abstain_percent"] < 100.0
+        if method == "denoisecertify":
+            assert served_report["timestep"]["schedule"] == "cosine"
+            assert served_report["models"]["denoiser"]["sha256"] == digest[denoiser]

@@ -1,8 +1,10 @@
 """Finding and loading models by name or path: the shipped defaults and official checkpoints, one code path.
 
-A model file is either self-describing (a certseg ``.safetensors`` whose metadata holds the builder config:
-the shipped defaults and anything ``certseg`` trains) or an official checkpoint, which is matched against the
-official presets of its role on the ``meta`` device. Either way the weights go through the strict loader of
+An ``.onnx`` file is a bring-your-own model: its graph is checked against the contract of its role and run as
+given in ONNX Runtime (``certseg.engine.models.onnx_model``). Any other model file is either self-describing
+(a certseg ``.safetensors`` whose metadata holds the builder config: the shipped defaults and anything
+``certseg`` trains) or an official checkpoint, which is matched against the official presets of its role on the
+``meta`` device. Either way the weights go through the strict loader of
 ``certseg.engine.models.checkpoints``: all keys and shapes checked, nothing loaded partially, nothing downloaded.
 """
 
@@ -125,15 +127,24 @@ class LoadedModel:
 
     @property
     def input_size(self) -> tuple[int, int] | None:
-        """The denoiser's native square input size (ADM ``image_size``)."""
+        """The denoiser's native square input size (ADM ``image_size``), or the fixed (H, W) a model must be fed
+        (an ONNX graph's fixed dims, ``--seg-input-size``); None for a segmenter that takes any size."""
         kwargs = self.config.get("create_model_kwargs")
-        if not kwargs:
-            return None
-        size = int(kwargs["image_size"])
-        return size, size
+        if kwargs:
+            size = int(kwargs["image_size"])
+            return size, size
+        fixed = self.config.get("input_size")
+        return None if fixed is None else (int(fixed[0]), int(fixed[1]))
 
     def record(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family, "source": self.source, "sha256": self.sha256}
+        """Name, family, source and sha256; an ONNX file also records what it is beyond its bytes (role, K,
+        input size, the classes, normalisation or schedule it states)."""
+        out = {"name": self.name, "family": self.family, "source": self.source, "sha256": self.sha256}
+        if self.family == "onnx":
+            described = {"role": self.role, "num_classes": self.num_classes, "input_size": self.input_size,
+                         **{key: self.extra.get(key) for key in ("classes", "palette", "normalization", "schedule")}}
+            out |= {key: value for key, value in described.items() if value is not None}
+        return out
 
 
 def shipped_models() -> dict[str, dict[str, Any]]:
@@ -210,8 +221,13 @@ def resolve(ref: str | os.PathLike) -> tuple[Path, str]:
 
 
 def load_model(ref: str | os.PathLike, role: Role, device: torch.device | str = "cpu") -> LoadedModel:
-    """Build and strictly load a model by shipped name or checkpoint path, in eval mode on ``device``."""
+    """Build and strictly load a model by shipped name or checkpoint path, in eval mode on ``device``; an ``.onnx``
+    path is checked against its role's contract and runs in ONNX Runtime (``device`` does not apply)."""
     path, name = resolve(ref)
+    if path.suffix.lower() == ".onnx":
+        from certseg.engine.models.onnx_model import load_onnx_model
+
+        return load_onnx_model(path, name, role)
     description = read_description(path) if path.is_file() else None
     state_dict = read_state_dict(path)
     if description is not None:

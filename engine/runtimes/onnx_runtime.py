@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from certseg.engine.cache import cache_dir
-from certseg.engine.errors import InputError
+from certseg.engine.errors import InputError, ModelError
 from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec
+from certseg.engine.models import facts
 from certseg.engine.models.registry import LoadedModel
 from certseg.engine.sampling import LocalRuntime
 
@@ -66,19 +67,28 @@ class OrtModule(nn.Module):
     Being a module (not a bare callable) lets it sit where ``LabelPipeline`` expects its models: ``.to()``,
     ``.eval()`` and ``state_dict()`` work and do nothing. Inputs are cast to the graph's declared dtypes;
     outputs come back on the first input's device. Fixed (non-dynamic) input dims are checked up front, so a
-    graph exported at another size fails with a clear message instead of an ORT shape error.
+    graph exported at another size fails with a clear message instead of an ORT shape error; outputs must have
+    the inputs' batch and the fixed dims the graph declares. ``input_order`` names the graph inputs in the
+    order ``forward`` receives them (default: the graph's own order). A failure inside onnxruntime is one
+    ``ModelError`` line naming the file and the input shapes.
     """
 
     def __init__(
-        self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None
+        self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
+        input_order: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.path = Path(path)
         self.session = make_session(self.path, providers, threads)
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        order = list(input_order) if input_order is not None else list(inputs)
+        if sorted(order) != sorted(inputs):
+            raise InputError(f"{self.path.name} has inputs {sorted(inputs)}, expected {sorted(order)}")
+        self.input_names = order
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._input_types = [_NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()]
-        self._input_shapes = [list(i.shape) for i in self.session.get_inputs()]
+        self._input_types = [_NUMPY_TYPES.get(inputs[name].type, np.float32) for name in order]
+        self._input_shapes = [list(inputs[name].shape) for name in order]
+        self._output_shapes = [list(o.shape) for o in self.session.get_outputs()]
 
     @property
     def providers(self) -> list[str]:
@@ -101,10 +111,27 @@ class OrtModule(nn.Module):
         for index, (name, dtype, tensor) in enumerate(zip(self.input_names, self._input_types, inputs, strict=True)):
             self._check_shape(index, tensor.shape)
             feeds[name] = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
-        outputs = self.session.run(self.output_names, feeds)
+        try:
+            outputs = self.session.run(self.output_names, feeds)
+        except Exception as error:  # onnxruntime's own exception types derive from Exception only
+            text = str(error).strip()
+            shapes = ", ".join(f"{name} {tuple(feeds[name].shape)}" for name in self.input_names)
+            raise ModelError(f"{self.path.name}: onnxruntime failed on {shapes}: "
+                             f"{text.splitlines()[0] if text else type(error).__name__}") from None
+        for name, declared, value in zip(self.output_names, self._output_shapes, outputs, strict=True):
+            self._check_output(name, declared, np.shape(value), len(inputs[0]))
         device = inputs[0].device
         tensors = tuple(torch.from_numpy(np.asarray(o)).to(device) for o in outputs)
         return tensors[0] if len(tensors) == 1 else tensors
+
+    def _check_output(self, name: str, declared: Sequence[int | str | None], shape: Sequence[int], batch: int) -> None:
+        if not declared:  # a graph that does not declare this output's shape
+            return
+        fixed_ok = all(not isinstance(d, int) or d == s for d, s in zip(declared, shape, strict=False))
+        if len(declared) != len(shape) or not fixed_ok or shape[0] != batch:
+            shown = tuple(d if isinstance(d, int) else str(d) for d in declared)
+            raise ModelError(f"{self.path.name}: output {name} came back {tuple(shape)} for a batch of {batch} (its "
+                             f"shape in the graph: {shown}); an output's dim 0 must be the batch, and fixed dims hold")
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, providers={self.providers}"
@@ -158,6 +185,18 @@ def onnx_runtime_from_export(
     ``precision`` "fp16" picks the ``*.fp16.onnx`` graphs. ``expected_sha256`` (role → checkpoint sha256, e.g.
     from ``LoadedModel.sha256``) refuses graphs exported from other weights.
     """
+    paths = export_paths(export_dir, precision=precision, expected_sha256=expected_sha256)
+    if paths["segmenter"] is None:
+        raise InputError(f"{Path(export_dir) / 'export.json'} has no segmenter graph")
+    return onnx_runtime(pipeline_spec, paths["segmenter"], paths["denoiser"], batch_size=batch_size,
+                        noise_backend=noise_backend, providers=providers, threads=threads)
+
+
+def export_paths(
+    export_dir: str | os.PathLike, *, precision: str = "fp32", expected_sha256: Mapping[str, str] | None = None
+) -> dict[str, Path | None]:
+    """role → the ``precision`` graph of a ``certseg-export`` folder (None where it has none), after checking
+    that each role in ``expected_sha256`` was exported from those weights."""
     folder = Path(export_dir)
     manifest = folder / "export.json"
     if not manifest.is_file():
@@ -169,17 +208,14 @@ def onnx_runtime_from_export(
         exported = (record.get("models", {}).get(role) or {}).get("sha256")
         if exported != digest:
             raise InputError(f"{manifest} holds a {role} exported from other weights (sha256 {exported})")
-    paths = {}
+    paths: dict[str, Path | None] = {}
     for role in ("segmenter", "denoiser"):
         graph = record.get("graphs", {}).get(role)
         name = None if graph is None else graph["fp16_file" if precision == "fp16" else "file"]
         if graph is not None and name is None:
             raise InputError(f"{manifest} has no {precision} {role} graph (export without --no-fp16)")
         paths[role] = None if name is None else folder / name
-    if paths["segmenter"] is None:
-        raise InputError(f"{manifest} has no segmenter graph")
-    return onnx_runtime(pipeline_spec, paths["segmenter"], paths["denoiser"], batch_size=batch_size,
-                        noise_backend=noise_backend, providers=providers, threads=threads)
+    return paths
 
 
 def _pid_running(pid: int) -> bool:
@@ -205,19 +241,24 @@ def remove_stale_staging(folder: Path) -> list[Path]:
 
 
 def cached_export(
-    segmenter: LoadedModel, denoiser: LoadedModel | None, image_size: tuple[int, int], *, scale: float, fp16: bool
+    segmenter: LoadedModel | None, denoiser: LoadedModel | None, image_size: tuple[int, int], *, scale: float,
+    fp16: bool,
 ) -> Path:
-    """An ONNX export of these exact weights for this deployment size, made once and kept in the cache.
+    """An ONNX export of these exact weights for this deployment size, made once and kept in the cache
+    (``segmenter`` None: the denoiser alone, beside a segmenter that is an ONNX file already).
 
-    Keyed by the checkpoints' sha256s, the sizes and the export code's version, so different weights never
-    share graphs (``onnx_runtime_from_export`` checks the hashes again when it loads them). Staging folders
-    left by killed exports are removed before a new export starts.
+    Keyed by the checkpoints' sha256s, the sizes, what the graphs state (``facts``) and the export code's
+    version, so different weights never share graphs (``onnx_runtime_from_export`` checks the hashes again
+    when it loads them). Staging folders left by killed exports are removed before a new export starts.
     """
     from certseg.export.onnx import EXPORT_FORMAT_VERSION, export_models
 
     key = hashlib.sha256(json.dumps(
-        [EXPORT_FORMAT_VERSION, segmenter.sha256, None if denoiser is None else denoiser.sha256,
-         list(image_size), scale, fp16], sort_keys=True).encode()).hexdigest()[:16]
+        [EXPORT_FORMAT_VERSION, None if segmenter is None else segmenter.sha256,
+         None if denoiser is None else denoiser.sha256, list(image_size), scale, fp16,
+         None if segmenter is None else facts.segmenter_props(segmenter),  # input size, what the graph states
+         None if denoiser is None else facts.denoiser_props(denoiser)],
+        sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir() / "onnx" / key
     if not (folder / "export.json").is_file():
         remove_stale_staging(folder.parent)

@@ -54,6 +54,8 @@ SAMPLE_FIELDS: tuple[tuple[str, str], ...] = (
     ("precision", "precision"), ("noise backend", "noise_backend"), ("number of classes", "num_classes"),
     ("labels dtype", "labels_dtype"), ("denoiser size", "denoiser_size"), ("pipeline steps", "steps"),
     ("inputs", "inputs"), ("model files", "served_files"), ("model files", "models_sha256"), ("classes", "classes"),
+    ("segmenter normalisation", "normalization"), ("segmenter input size", "segmenter_input_size"),
+    ("noise schedule", "schedule"),
 )
 """What every server of a pool must agree on (a retried batch can land on any of them): anything that changes
 the samples or what the labels mean. (description, ensemble metadata key or ``ServedPipeline`` attribute)"""
@@ -227,7 +229,8 @@ class ServedModel:
 
 def served_model(pipeline: ServedPipeline, role: str) -> ServedModel | None:
     """The segmenter or denoiser a pipeline serves, from the ensemble's metadata (the export's records, the
-    served file's sha256, classes and palette)."""
+    served file's sha256, classes and palette, the segmenter's normalisation and fixed input size, the
+    denoiser's noise schedule: what the client's pipeline spec must use and record)."""
     prefix = {"segmenter": "certseg_segment", "denoiser": "certseg_denoise"}[role]
     step = next((name for name in pipeline.steps if name.startswith(prefix)), None)  # e.g. *_segment_segcertify
     if step is None:
@@ -239,9 +242,13 @@ def served_model(pipeline: ServedPipeline, role: str) -> ServedModel | None:
     extra: dict[str, Any] = {"served_file": served}
     if role == "segmenter":
         config["num_classes"] = pipeline.num_classes
-        extra.update({k: meta[k] for k in ("classes", "palette") if k in meta})
-    elif pipeline.denoiser_size is not None:
-        config["input_size"] = list(pipeline.denoiser_size)
+        config["input_size"] = meta.get("segmenter_input_size")
+        extra.update({k: meta[k] for k in ("classes", "palette", "normalization") if k in meta})
+    else:
+        if pipeline.denoiser_size is not None:
+            config["input_size"] = list(pipeline.denoiser_size)
+        if "schedule" in meta:
+            extra["schedule"] = meta["schedule"]
     return ServedModel(
         role=role,
         name=str(record.get("name") or served.get("file") or step),

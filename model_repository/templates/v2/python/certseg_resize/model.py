@@ -1,17 +1,21 @@
 """resize: x_t and ε → x̂0 in [0, 1] at the segmenter's size → the segmenter's normalised input.
 
-Also answers SAMPLE_VALID: whether each sample's ε was finite, checked before x̂0's clamp could hide it.
+ᾱ comes from the denoiser's noise schedule (config parameter ``schedule``), the normalisation from the
+segmenter's (``normalization``). Also answers SAMPLE_VALID: whether each sample's ε was finite, checked before
+x̂0's clamp could hide it.
 """
 
-from certseg_step import Step
+from certseg_step import Step, schedule
 
 from certseg.engine.denoise import denoiser_output
-from certseg.engine.stages import finite_samples, segmenter_input
+from certseg.engine.stages import IMAGENET, Normalization, finite_samples, segmenter_input
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.step = Step(args)
+        self.normalization = Normalization.from_json(self.step.parameter("normalization", IMAGENET.to_json()))
+        self.schedule = schedule(self.step)
 
     def run(self, request):
         step = self.step
@@ -20,9 +24,10 @@ class TritonPythonModel:
         step.check_bytes("the segmenter input", (len(eps), 3, *size))
         clean = denoiser_output(
             step.tensor(request, "X_T"), eps, int(step.scalar(request, "TIMESTEP")),
-            out_size=size, antialias=bool(step.scalar(request, "ANTIALIAS")),
+            out_size=size, antialias=bool(step.scalar(request, "ANTIALIAS")), schedule=self.schedule,
         )
-        return {"SEG_INPUT": segmenter_input(clean, size), "SAMPLE_VALID": finite_samples(eps[:, :3]).cpu()}
+        return {"SEG_INPUT": segmenter_input(clean, size, self.normalization),
+                "SAMPLE_VALID": finite_samples(eps[:, :3]).cpu()}
 
     def execute(self, requests):
         return [self.step.respond(request, self.run) for request in requests]
