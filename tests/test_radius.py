@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from certseg.engine.certify import certify
 from certseg.engine.cli import app
-from certseg.engine.io import read_image, read_labels
+from certseg.engine.io import abstain_look, read_image, read_labels
 from certseg.engine.pipeline import certify_image
 from certseg.engine.radius import certified_accuracy_at, lower_bound_table, radius_map, radius_table
-from certseg.engine.radius_outputs import BAR_WIDTH, read_radius_npz
+from certseg.engine.radius_outputs import colour_ramp, read_radius_npz
 from certseg.engine.sampling import LocalRuntime
 from certseg.engine.session import Session, Settings
 
@@ -158,7 +158,14 @@ def test_certify_radius_map_writes_the_radii_of_the_same_counts(tmp_path: Path) 
     assert summary["certified_accuracy_at"]["0"] == pytest.approx(correct.mean())
     assert {"radius_png", "radius_npz"} <= set(report["outputs"])
     with Image.open(tmp_path / "out" / "crop.radius.png") as picture:
-        assert picture.size == (96 + BAR_WIDTH, 48) and picture.mode == "RGB"
+        assert picture.size == (96, 48) and picture.mode == "RGB"  # lies over the image pixel for pixel
+        drawn = np.asarray(picture)[:, :32]  # left of the colour-bar inset
+    image = read_image(crop)
+    abstain = np.isnan(radius[:, :32])
+    look = np.clip(np.round(abstain_look(image)[:, :32]), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(drawn[abstain], np.repeat(look, 3, axis=2)[abstain])  # as in the overlay
+    ramp = colour_ramp(radius[:, :32][~abstain] / summary["radius_attainable_max"])
+    np.testing.assert_array_equal(drawn[~abstain], ramp)
     assert CliRunner().invoke(app, args).exit_code == 0
     assert not (tmp_path / "out" / "crop.radius.npz").exists() and not (tmp_path / "out" / "crop.radius.png").exists()
     assert "radius_map" not in json.loads((tmp_path / "out" / "crop.json").read_text())
