@@ -15,11 +15,15 @@ from typing import Annotated, NoReturn
 import typer
 
 from certseg.engine.cli_common import (
+    ClassesOption,
     FwerChoice,
     MethodChoice,
     PrecisionChoice,
     ProfileChoice,
     RuleChoice,
+    SegInputSizeOption,
+    SegMeanOption,
+    SegStdOption,
     interruptible,
 )
 from certseg.engine.cli_common import fail as fail_with
@@ -113,14 +117,10 @@ def certify(
     max_pixels: Annotated[int, typer.Option(
         help="refuse images and label maps with more pixels, from their header, before decoding (the default "
         "fits the default --batch in 24 GB)")] = DEFAULT_MAX_PIXELS,
-    seg_mean: Annotated[tuple[float, float, float] | None, typer.Option(
-        help="segmenter input mean R G B, in its input range's units (default: what the model states)")] = None,
-    seg_std: Annotated[tuple[float, float, float] | None, typer.Option(
-        help="segmenter input std R G B, in its input range's units (default: what the model states)")] = None,
-    seg_input_size: Annotated[tuple[int, int] | None, typer.Option(
-        help="feed the segmenter H W whatever the image size (default: what the model states, else --scale)")] = None,
-    classes: Annotated[Path | None, typer.Option(
-        help="JSON class names (a list, or {\"classes\": [...], \"palette\": [[r, g, b], ...]})")] = None,
+    seg_mean: SegMeanOption = None,
+    seg_std: SegStdOption = None,
+    seg_input_size: SegInputSizeOption = None,
+    classes: ClassesOption = None,
 ) -> None:
     """Certify every pixel of IMAGE: a class that provably holds within L2 radius R, or abstain."""
     from certseg.engine.certify_command import CertifyRequest, run_certify

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from enum import StrEnum
-from typing import NoReturn, ParamSpec, TypeVar
+from pathlib import Path
+from typing import Annotated, NoReturn, ParamSpec, TypeVar
 
 import typer
 
@@ -66,3 +67,14 @@ def interruptible(message: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         return run
 
     return decorate
+
+
+# The options that describe a bring-your-own ONNX segmenter, shared by `certseg certify` and `certseg-export`.
+SegMeanOption = Annotated[tuple[float, float, float] | None, typer.Option(
+    help="segmenter input mean R G B, in its input range's units (default: what the model states)")]
+SegStdOption = Annotated[tuple[float, float, float] | None, typer.Option(
+    help="segmenter input std R G B, in its input range's units (default: what the model states)")]
+SegInputSizeOption = Annotated[tuple[int, int] | None, typer.Option(
+    help="feed the segmenter H W whatever the image size (default: what the model states, else --scale)")]
+ClassesOption = Annotated[Path | None, typer.Option(
+    help="JSON class names (a list, or {\"classes\": [...], \"palette\": [[r, g, b], ...]})")]

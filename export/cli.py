@@ -19,7 +19,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from certseg.engine.cli_common import MethodChoice, ProfileChoice
+from certseg.engine.cli_common import (
+    ClassesOption,
+    MethodChoice,
+    ProfileChoice,
+    SegInputSizeOption,
+    SegMeanOption,
+    SegStdOption,
+)
 from certseg.engine.cli_common import fail as fail_with
 from certseg.engine.errors import CertsegError, InputError
 
@@ -150,14 +157,10 @@ def export(
     max_request_bytes: Annotated[int | None, typer.Option(
         help="repository: the most bytes of noisy images one request may make (COUNT x C x H x W float32; "
         "default 268435456); clients split their requests to fit")] = None,
-    seg_mean: Annotated[tuple[float, float, float] | None, typer.Option(
-        help="segmenter input mean R G B, in its input range's units (default: what the model states)")] = None,
-    seg_std: Annotated[tuple[float, float, float] | None, typer.Option(
-        help="segmenter input std R G B, in its input range's units (default: what the model states)")] = None,
-    seg_input_size: Annotated[tuple[int, int] | None, typer.Option(
-        help="feed the segmenter H W whatever the image size (default: what the model states, else --scale)")] = None,
-    classes: Annotated[Path | None, typer.Option(
-        help="JSON class names (a list, or {\"classes\": [...], \"palette\": [[r, g, b], ...]})")] = None,
+    seg_mean: SegMeanOption = None,
+    seg_std: SegStdOption = None,
+    seg_input_size: SegInputSizeOption = None,
+    classes: ClassesOption = None,
 ) -> None:
     """Export the models of a certseg deployment: ONNX graphs, FP16 variants, TensorRT plans, export.json."""
     import torch

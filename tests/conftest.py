@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,3 +30,17 @@ def reference() -> Path:
 @pytest.fixture(scope="session")
 def golden(reference: Path) -> Path:
     return reference / "golden"
+
+
+def interrupt_when(process: subprocess.Popen, ready: Callable[[], bool], wait_s: float) -> str:
+    """Send SIGINT to ``process`` once ``ready()`` (asserting it still runs then); return what it wrote on stderr."""
+    try:
+        deadline = time.monotonic() + wait_s
+        while not ready() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGINT)
+        return process.communicate(timeout=120)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()

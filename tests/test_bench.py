@@ -36,7 +36,7 @@ from certseg.engine.models.registry import default_model, save_model
 from certseg.engine.radius_outputs import read_radius_npz
 from certseg.engine.session import Session
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, interrupt_when
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -365,16 +365,7 @@ def test_ctrl_c_prints_one_line_keeps_finished_entries_and_exits_130(models: Sim
         [sys.executable, "-m", "certseg.bench.cli", *RESUME_ARGS, *models.args, "--out", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )
-    try:
-        deadline = time.monotonic() + 120
-        while _entry_lines(results) < 1 and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert process.poll() is None, process.communicate()
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    stderr = interrupt_when(process, lambda: _entry_lines(results) >= 1, wait_s=120)
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["certseg-bench: interrupted (finished entries are kept; rerun to resume)"]
     assert _entry_lines(results) >= 1

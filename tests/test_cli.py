@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ from test_io import png_header_only
 
 from certseg.engine.io import read_labels
 from certseg.engine.models.registry import shipped_models
+
+from conftest import interrupt_when
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "street.png"
@@ -187,16 +187,7 @@ def test_ctrl_c_mid_run_prints_one_line_and_exits_130(tmp_path: Path) -> None:
          "--out", str(tmp_path / "out")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
-    try:
-        deadline = time.monotonic() + 300
-        while not list(cache.glob("memory/*.json")) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert process.poll() is None, process.communicate()
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    stderr = interrupt_when(process, lambda: bool(list(cache.glob("memory/*.json"))), wait_s=300)
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "certseg: interrupted" and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
