@@ -14,7 +14,9 @@ classes and palette, the denoiser's schedule), so the file alone says how to run
 The batch is always dynamic. HRNet keeps h/w dynamic too when a probe at a second size matches torch; models
 with a fixed crop (ViT-Adapter: a slide over windows whose count depends on the size) are exported at the
 deployment size. The legacy TorchScript exporter is the default: 10-15x faster than ``dynamo=True`` on these
-models with the same parity (see ``EXPORTER_NOTES``); ``exporter="dynamo"`` is there for when legacy goes.
+models with the same parity; ``exporter="dynamo"`` is there for when legacy goes. Measured (torch 2.13, export
+seconds on 2 shared CPU cores, legacy vs dynamo): golden ADM small 4.0 vs 48.6, golden HRNet small 1.9 vs 28.2,
+small ViT-Adapter 5.2 vs 62.0; fp32 parity equal (~1e-6; 1e-5 for ViT-Adapter); dynamo files 5-40% larger.
 
 FP16 variants (``*.fp16.onnx``) come from onnxruntime's converter with float32 I/O (``keep_io_types``). The
 sinusoidal timestep embedding (t·f, sin, cos: the weight-free nodes computed from ``timesteps``) stays
@@ -61,12 +63,6 @@ PARITY_TIMESTEPS: tuple[int, ...] = (999, 73, 144, 258)
 """DenoiseCertify's t* for σ = 0.25/0.5/1 and the schedule's end, where fp16 rounding of t·f is worst."""
 PROBE_TOLERANCE = 1e-3
 """Relative max error under which a graph traced with dynamic h/w counts as valid at another size."""
-EXPORTER_NOTES = (
-    "legacy (TorchScript) exporter vs dynamo=True, export seconds on 2 shared, busy CPU cores (torch 2.13): "
-    "golden ADM small 4.0 vs 48.6, golden HRNet small 1.9 vs 28.2, small ViT-Adapter 5.2 vs 62.0; "
-    "fp32 parity equal (~1e-6; 1e-5 for ViT-Adapter), dynamo files 5-40% larger. HRNet keeps dynamic h/w with both."
-)
-"""Why ``legacy`` is the default exporter (``dynamo`` works for all three and is the future)."""
 DENOISER_INPUTS = ("x_t", "timesteps")
 DENOISER_OUTPUTS = ("eps",)
 SEGMENTER_INPUTS = ("images",)

@@ -20,9 +20,9 @@ from certseg.engine.models.hrnet import (
     PRESETS,
     build_hrnet,
     build_preset,
-    load_hrnet,
     preset_factories,
 )
+from certseg.engine.models.registry import FAMILIES, Family, load_model
 
 TOLERANCE = 1e-5
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -155,28 +155,38 @@ def _official_checkpoint(small: dict, path: Path, *, torch04: bool) -> None:
     torch.save(entries, path)
 
 
+def with_presets(monkeypatch: pytest.MonkeyPatch, presets: dict) -> None:
+    """The HRNet family with ``presets`` as its only official presets (the golden small config is none)."""
+    family = FAMILIES["hrnet"]
+    monkeypatch.setitem(FAMILIES, "hrnet", Family(**{**family.__dict__, "presets": presets}))
+
+
 @pytest.mark.parametrize("torch04", [False, True])
-def test_load_hrnet_reads_official_keying(small: dict, tmp_path: Path, torch04: bool) -> None:
+def test_the_one_loader_reads_official_hrnet_keying(small: dict, tmp_path: Path, torch04: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.`` prefix, ``loss.criterion.weight`` and torch-0.4 files without BN step counters load as is."""
     path = tmp_path / "best.pth"
     _official_checkpoint(small, path, torch04=torch04)
-    net = load_hrnet(path, (small["model_cfg"], small["num_classes"]), candidates={})
-    assert not net.training
-    got = _run(net, small["arrays"]["x"])
+    with_presets(monkeypatch, {"small": {"model_cfg": small["model_cfg"], "num_classes": small["num_classes"]}})
+    loaded = load_model(path, "segmenter")
+    assert not loaded.module.training and loaded.extra["preset"] == "small"
+    got = _run(loaded.module, small["arrays"]["x"])
     assert (got - torch.from_numpy(small["arrays"]["out"])).abs().max().item() <= TOLERANCE
 
 
-def test_load_hrnet_names_the_fitting_preset(small: dict, tmp_path: Path) -> None:
+def test_the_one_loader_picks_the_fitting_preset_or_names_the_closest(small: dict, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "best.pth"
     _official_checkpoint(small, path, torch04=True)
-    wrong_classes = (small["model_cfg"], small["num_classes"] + 1)
-    candidates = {
-        "small-right": lambda: build_hrnet(small["model_cfg"], small["num_classes"]),
-        "small-wrong": lambda: build_hrnet(*wrong_classes),
-    }
+    right = {"model_cfg": small["model_cfg"], "num_classes": small["num_classes"]}
+    wrong = {"model_cfg": small["model_cfg"], "num_classes": small["num_classes"] + 1}
+    with_presets(monkeypatch, {"small-wrong": wrong, "small-right": right})
+    assert load_model(path, "segmenter").extra["preset"] == "small-right"
+    with_presets(monkeypatch, {"small-wrong": wrong})
     with pytest.raises(CheckpointError) as caught:
-        load_hrnet(path, wrong_classes, candidates=candidates)
+        load_model(path, "segmenter")
     first = str(caught.value).splitlines()[0]
-    assert "0 missing, 0 unexpected, 2 mis-shaped keys; it fits preset small-right" in first
+    assert "(closest: small-wrong): 0 missing, 0 unexpected, 2 mis-shaped keys" in first
 
 
 def test_onnx_export_dynamic_batch_and_size(model: torch.nn.Module, small: dict) -> None:

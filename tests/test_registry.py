@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from certseg.engine.errors import CheckpointError
 from certseg.engine.models import registry
@@ -81,8 +82,9 @@ def test_official_vit_adapter_checkpoint_loads_with_rebuilt_indices(
     monkeypatch.setitem(FAMILIES, "vit_adapter", Family(**{**family.__dict__, "presets": {"small": preset}}))
     released = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
     path = tmp_path / "vit.pth"
-    torch.save({"meta": {"CLASSES": ["x"]}, "state_dict": released}, path)
+    torch.save({"meta": {"CLASSES": ["x"]}, "state_dict": released}, path)  # 1 name for K > 1 classes: ignored
     loaded = load_model(path, "segmenter")
+    assert "classes" not in loaded.extra and "palette" not in loaded.extra
     reference = build_vit_adapter(cfg)
     reference.load_state_dict(state)
     x = torch.randn(1, 3, *cfg["backbone"]["img_size"])
@@ -126,3 +128,39 @@ def test_incomplete_metadata_is_a_one_line_error_naming_the_file_and_field(
     save_file({"w": torch.zeros(2)}, str(path), metadata={"certseg": "{not json"})
     with pytest.raises(CheckpointError, match="metadata is not JSON"):
         load_model(path, "segmenter")
+
+
+def test_an_mmseg_checkpoints_classes_and_palette_reach_the_json_and_the_overlay(
+    tmp_path: Path, golden: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mmcv's meta (CLASSES, PALETTE) travels with an official checkpoint into certify's record and pictures."""
+    from typer.testing import CliRunner
+
+    from certseg.engine.cli import app
+    from certseg.engine.io import overlay, read_image, read_labels
+
+    config, state = golden_state(golden, "vit_adapter_small")
+    cfg = config["mmseg_model_cfg"]
+    num_classes = registry.vit_num_classes(cfg)
+    family = FAMILIES["vit_adapter"]
+    preset = {"model_cfg": cfg, "num_classes": num_classes}
+    monkeypatch.setitem(FAMILIES, "vit_adapter", Family(**{**family.__dict__, "presets": {"small": preset}}))
+    names = [f"thing-{i}" for i in range(num_classes)]
+    palette = [[(37 * i) % 256, (91 * i + 40) % 256, (53 * i + 200) % 256] for i in range(num_classes)]
+    path = tmp_path / "mmseg.pth"
+    released = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
+    torch.save({"meta": {"CLASSES": names, "PALETTE": palette}, "state_dict": released}, path)
+    loaded = load_model(path, "segmenter")
+    assert loaded.extra["classes"] == names and loaded.extra["palette"] == palette
+    example = Path(__file__).resolve().parents[1] / "examples" / "street.png"
+    result = CliRunner().invoke(app, ["certify", str(example), "--method", "segcertify", "--segmenter", str(path),
+                                      "--n0", "2", "--n", "50", "--alpha", "0.1", "--seed", "3",
+                                      "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "street.json").read_text())
+    assert report["classes"] == names and set(report["per_class_certified_pixels"]) == {*names, "abstain"}
+    labels = read_labels(tmp_path / "out" / "street.certified.png")
+    expected = overlay(read_image(example), labels, np.asarray(palette, dtype=np.uint8))
+    with Image.open(tmp_path / "out" / "street.overlay.png") as drawn:
+        np.testing.assert_array_equal(np.asarray(drawn), expected)
+    assert (labels < num_classes).any()  # some pixel is drawn in the checkpoint's colours

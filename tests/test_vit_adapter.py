@@ -16,12 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from certseg.engine.errors import CheckpointError, InputError
+from certseg.engine.models import registry
 from certseg.engine.models.mask2former import semantic_inference
+from certseg.engine.models.registry import FAMILIES, Family, load_model
 from certseg.engine.models.vit_adapter import (
     PRESETS,
     ViTAdapterSegmenter,
     build_vit_adapter,
-    load_vit_adapter_checkpoint,
     slide_inference,
     slide_windows,
 )
@@ -163,25 +164,42 @@ def mmcv_checkpoint(arrays: dict[str, np.ndarray], prefix: str = "") -> dict:
     return {"meta": {"CLASSES": ["a", "b"], "PALETTE": [[0, 0, 0], [1, 1, 1]]}, "state_dict": state}
 
 
+def only_preset(monkeypatch: pytest.MonkeyPatch, cfg: dict) -> None:
+    """The ViT-Adapter family with the golden small config as its only official preset."""
+    family = FAMILIES["vit_adapter"]
+    preset = {"model_cfg": cfg["mmseg_model_cfg"], "num_classes": registry.vit_num_classes(cfg["mmseg_model_cfg"])}
+    monkeypatch.setitem(FAMILIES, "vit_adapter", Family(**{**family.__dict__, "presets": {"small": preset}}))
+
+
 @pytest.mark.parametrize("prefix", ["", "module."])
-def test_loader_rebuilds_relative_position_index(fixture, tmp_path: Path, prefix: str) -> None:
+def test_loader_rebuilds_relative_position_index(fixture, tmp_path: Path, prefix: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A released mmcv checkpoint (runner format, no index buffers) through the one loader: indices rebuilt."""
     cfg, arrays = fixture
     path = tmp_path / "released.pth"
     torch.save(mmcv_checkpoint(arrays, prefix), path)
-    net = build_vit_adapter(cfg["mmseg_model_cfg"])
-    for name, buffer in net.named_buffers():
-        if name.endswith("relative_position_index"):
-            buffer.zero_()  # the loader must rebuild them, not keep the built ones by luck
-    meta = load_vit_adapter_checkpoint(net, path)
-    assert meta["CLASSES"] == ["a", "b"]
-    loaded = net.state_dict()
+    only_preset(monkeypatch, cfg)
+    real_build = FAMILIES["vit_adapter"].build
+
+    def build_with_zeroed_indices(config):
+        net = real_build(config)
+        for name, buffer in net.named_buffers():
+            if name.endswith("relative_position_index"):
+                buffer.zero_()  # the loader must rebuild them, not keep the built ones by luck
+        return net
+
+    family = FAMILIES["vit_adapter"]
+    monkeypatch.setitem(FAMILIES, "vit_adapter", Family(**{**family.__dict__, "build": build_with_zeroed_indices}))
+    loaded = load_model(path, "segmenter")
+    assert loaded.extra.get("classes") == (["a", "b"] if loaded.num_classes == 2 else None)  # meta kept if it fits
+    state = loaded.module.state_dict()
     indices = [key for key in arrays if key.endswith("relative_position_index")]
     assert indices
     for key in indices:
-        assert loaded[key].dtype == torch.int64
-        assert np.array_equal(loaded[key].numpy(), arrays[key])
+        assert state[key].dtype == torch.int64
+        assert np.array_equal(state[key].numpy(), arrays[key])
     for key, value in state_dict_of(arrays).items():
-        assert torch.equal(loaded[key], value), key
+        assert torch.equal(state[key], value), key
 
 
 def broken(state: dict[str, torch.Tensor], kind: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -198,30 +216,30 @@ def broken(state: dict[str, torch.Tensor], kind: str) -> tuple[dict[str, torch.T
 
 
 @pytest.mark.parametrize("kind", ["missing", "unexpected", "mis-shaped"])
-def test_loader_refuses_mismatched_keys(fixture, tmp_path: Path, kind: str) -> None:
+def test_loader_refuses_mismatched_keys(fixture, tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg, arrays = fixture
     checkpoint = mmcv_checkpoint(arrays)
     checkpoint["state_dict"], key = broken(checkpoint["state_dict"], kind)
     path = tmp_path / f"{kind}.pth"
     torch.save(checkpoint, path)
-    net = build_vit_adapter(cfg["mmseg_model_cfg"])
-    before = {k: v.clone() for k, v in net.state_dict().items()}
+    only_preset(monkeypatch, cfg)
     with pytest.raises(CheckpointError, match=f"1 {kind}") as error:
-        load_vit_adapter_checkpoint(net, path)
+        load_model(path, "segmenter")
     summary, *listing = str(error.value).splitlines()
-    assert "does not fit the ViT-Adapter model" in summary and any(key in line for line in listing)
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing was loaded
+    assert "closest: small" in summary and any(key in line for line in listing)
 
 
-def test_loader_refuses_a_wrong_relative_position_index(fixture, tmp_path: Path) -> None:
+def test_loader_refuses_a_wrong_relative_position_index(fixture, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     cfg, arrays = fixture
     state = state_dict_of(arrays)
     key = next(k for k in state if k.endswith("relative_position_index"))
     state[key] = state[key].flip(0)
     path = tmp_path / "index.pth"
     torch.save({"meta": {}, "state_dict": state}, path)
+    only_preset(monkeypatch, cfg)
     with pytest.raises(CheckpointError, match=f"{key} differs"):
-        load_vit_adapter_checkpoint(build_vit_adapter(cfg["mmseg_model_cfg"]), path)
+        load_model(path, "segmenter")
 
 
 class Opaque:
@@ -230,14 +248,13 @@ class Opaque:
 
 @pytest.mark.parametrize("content", ["garbage", "object"])
 def test_loader_refuses_unreadable_files(fixture, tmp_path: Path, content: str) -> None:
-    cfg, _ = fixture
     path = tmp_path / "bad.pth"
     if content == "garbage":
         path.write_bytes(b"not a checkpoint")
     else:
         torch.save({"state_dict": {"x": Opaque()}}, path)
     with pytest.raises(CheckpointError, match=r"checkpoint .*bad\.pth (is truncated|holds Python objects)") as error:
-        load_vit_adapter_checkpoint(build_vit_adapter(cfg["mmseg_model_cfg"]), path)
+        load_model(path, "segmenter")
     assert "\n" not in str(error.value)
 
 

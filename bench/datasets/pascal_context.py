@@ -34,7 +34,6 @@ CLASSES: tuple[str, ...] = (
 )
 IGNORE_INDEX = 255
 STEP = 51
-PEERS_RESIZE = 480
 LABEL_DIRS = ("SegmentationClassContext", "SegmentationClassContext59")
 VAL_LIST = Path("ImageSets") / "SegmentationContext" / "val.txt"
 

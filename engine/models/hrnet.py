@@ -11,15 +11,12 @@ Sizes are read from tensors and no branch depends on values, so the model export
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from certseg.engine.models.checkpoints import is_num_batches_tracked, load_checkpoint
 
 OFFICIAL_EXTRAS: frozenset[str] = frozenset({"loss.criterion.weight"})
 """Non-model entries of official checkpoints: ``tools/train.py`` saves ``FullModel(model, loss)``, whose loss
@@ -322,31 +319,3 @@ def build_preset(name: str) -> HRNetV2:
 def preset_factories() -> dict[str, Callable[[], nn.Module]]:
     """Builders of every preset, for the loader's "it fits preset X" suggestion (it calls them on meta)."""
     return {name: partial(build_preset, name) for name in PRESETS}
-
-
-def load_hrnet(
-    path: str | os.PathLike,
-    preset: str | tuple[Mapping, int],
-    *,
-    candidates: Mapping[str, Callable[[], nn.Module]] | None = None,
-    extras: Collection[str] = OFFICIAL_EXTRAS,
-) -> HRNetV2:
-    """Build a preset (name) or ``(model_cfg, num_classes)`` and strictly load an official checkpoint into it.
-
-    Handles the official keying (``model.`` prefix, ``loss.criterion.weight``) and torch-0.4 checkpoints that
-    lack ``num_batches_tracked``; anything else that does not fit raises ``CheckpointError`` naming the
-    presets among ``candidates`` (default: all HRNet presets) that would fit. Returns the model in eval mode.
-    """
-    if isinstance(preset, str):
-        model, model_name = build_preset(preset), preset
-    else:
-        model, model_name = build_hrnet(*preset), "the given HRNet config"
-    load_checkpoint(
-        model,
-        path,
-        extras=extras,
-        presets=preset_factories() if candidates is None else candidates,
-        model_name=model_name,
-        optional_missing=is_num_batches_tracked,
-    )
-    return model.eval()

@@ -31,7 +31,7 @@ from certseg.engine.models.checkpoints import (
     is_num_batches_tracked,
     layout,
     load_into,
-    read_state_dict,
+    read_checkpoint,
     strip_prefixes,
 )
 
@@ -51,6 +51,8 @@ class Family:
     presets: Mapping[str, Mapping[str, Any]]
     extras: tuple[str, ...] = ()
     optional_missing: Callable[[str], bool] | None = None
+    check_state: Callable[[nn.Module, Mapping[str, torch.Tensor], Path], None] | None = None
+    """Family-specific checks of a state dict before it is loaded (e.g. BEiT's derived index buffers)."""
     after_load: Callable[[nn.Module], None] | None = None
 
 
@@ -96,6 +98,7 @@ FAMILIES: dict[str, Family] = {
             for name, cfg in vit_adapter.PRESETS.items()
         },
         optional_missing=vit_adapter.is_relative_position_index,
+        check_state=vit_adapter.check_relative_position_indices,
         after_load=_rebuild_indices,
     ),
     "adm": Family(
@@ -229,11 +232,13 @@ def load_model(ref: str | os.PathLike, role: Role, device: torch.device | str = 
 
         return load_onnx_model(path, name, role)
     description = read_description(path) if path.is_file() else None
-    state_dict = read_state_dict(path)
+    state_dict, meta = read_checkpoint(path)
     if description is not None:
         family = _family(description["family"], role, path)
         config = dict(description["config"])
         module = family.build(config)
+        if family.check_state is not None:
+            family.check_state(module, state_dict, path)
         load_into(module, state_dict, model_name=description.get("name", name), source=path,
                   optional_missing=family.optional_missing)
         extra = {k: v for k, v in description.items() if k not in ("family", "config", "role")}
@@ -241,8 +246,10 @@ def load_model(ref: str | os.PathLike, role: Role, device: torch.device | str = 
         family, preset, state_dict = _match_official(state_dict, role, path)
         config = dict(family.presets[preset])
         module = family.build(config)
+        if family.check_state is not None:
+            family.check_state(module, state_dict, path)
         load_into(module, state_dict, model_name=preset, source=path, optional_missing=family.optional_missing)
-        extra = {"preset": preset}
+        extra = {"preset": preset, **classes_from_meta(meta, config.get("num_classes"))}
     if family.after_load is not None:
         family.after_load(module)
     return LoadedModel(
@@ -255,6 +262,19 @@ def load_model(ref: str | os.PathLike, role: Role, device: torch.device | str = 
         sha256=file_sha256(path),
         extra=extra,
     )
+
+
+def classes_from_meta(meta: Mapping[str, Any], num_classes: int | None) -> dict[str, Any]:
+    """mmcv's ``meta`` CLASSES and PALETTE (mmseg checkpoints) as the model's ``classes`` / ``palette``, where they
+    describe exactly its K classes; anything else is left out rather than guessed."""
+    out: dict[str, Any] = {}
+    classes, palette = meta.get("CLASSES"), meta.get("PALETTE")
+    if isinstance(classes, (list, tuple)) and (num_classes is None or len(classes) == num_classes):
+        out["classes"] = [str(name) for name in classes]
+    if (isinstance(palette, (list, tuple)) and (num_classes is None or len(palette) == num_classes)
+            and all(isinstance(c, (list, tuple)) and len(c) == 3 for c in palette)):
+        out["palette"] = [[int(v) for v in colour] for colour in palette]
+    return out
 
 
 def _family(name: str, role: Role, path: Path) -> Family:

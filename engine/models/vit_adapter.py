@@ -22,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, InputError
-from .checkpoints import load_into, read_checkpoint, strip_prefixes
 from .mask2former import Mask2FormerHead
 from .ms_deform_attn import MSDeformAttn, Shapes, level_maps, reference_points, tokens
 
@@ -658,20 +657,3 @@ def rebuild_relative_position_indices(model: nn.Module) -> None:
 def preset_factories() -> dict[str, Callable[[], nn.Module]]:
     """Builders of the official presets, for the loader's "it fits preset X" hint (built on meta)."""
     return {name: partial(build_vit_adapter, cfg) for name, cfg in PRESETS.items()}
-
-
-def load_vit_adapter_checkpoint(model: ViTAdapterSegmenter, path: str | Path) -> dict[str, Any]:
-    """Load an official ViT-Adapter mmseg checkpoint strictly; returns its ``meta`` (CLASSES, PALETTE, ...).
-
-    mmcv runner files (``{'meta', 'state_dict'}``, ``module.`` from DDP) are unwrapped by the shared reader;
-    every key and shape is checked before anything is loaded (mmcv loads non-strictly, which would silently
-    keep random weights for whatever does not match); missing ``relative_position_index`` buffers are rebuilt.
-    """
-    state_dict, meta = read_checkpoint(path)
-    state_dict = strip_prefixes(state_dict, ("module.",))
-    check_relative_position_indices(model, state_dict, path)
-    load_into(model, state_dict, presets=preset_factories(), model_name="the ViT-Adapter model", source=path,
-              optional_missing=is_relative_position_index)
-    with torch.no_grad():
-        rebuild_relative_position_indices(model)
-    return meta
