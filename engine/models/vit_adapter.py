@@ -3,7 +3,8 @@
 Rebuilds czczup/ViT-Adapter ``segmentation/`` (mmseg 0.20 ``EncoderDecoderMask2Former``) without mmcv/mmseg, from
 the same config vocabulary: :func:`build_vit_adapter` takes the mmseg ``model`` dict, ``model(x)`` gives the
 ``encode_decode`` class scores of a normalised (B, 3, H, W) batch at its own size, :func:`slide_inference` the
-official sliding-window scores, and :func:`load_vit_adapter_checkpoint` loads the released mmcv checkpoints.
+official sliding-window scores; the released mmcv checkpoints load through ``certseg.engine.models.registry``
+(:func:`check_relative_position_indices` and :func:`rebuild_relative_position_indices` are its hooks).
 The scores are Σ_q p(class|q)·sigmoid(mask_q), not logits (the argmax is the prediction; the official
 ``inference`` softmaxes them over classes first, which keeps the argmax).
 Inference only: dropout, drop-path and checkpointing have no effect in eval and are not built.
