@@ -19,6 +19,7 @@ import torch
 from certseg.bench.timing import StageTimer
 from certseg.engine.errors import InputError
 from certseg.engine.label_pipeline import LabelPipeline
+from certseg.engine.labels import label_numpy_dtype
 from certseg.engine.pipeline import validate_image
 from certseg.engine.sampling import NoiseSource
 from certseg.engine.stages import add_noise, to_rgb
@@ -116,7 +117,7 @@ def authors_certify(
     certified = multipletests(pvalues.ravel(), alpha=alpha, method=method)[0].reshape(guess.shape)
     timings["certify"] = time.perf_counter() - started
     timer.add("certify", timings["certify"])
-    labels = guess.astype(np.uint8 if num_classes <= 255 else np.uint16)
+    labels = guess.astype(label_numpy_dtype(num_classes))
     labels[~certified] = num_classes
     return BaselineResult(labels=labels, guess=guess, agree=agree, certified=certified, num_classes=num_classes,
                           timings=timings)

@@ -27,9 +27,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from certseg.bench.datasets import procedural
 from certseg.engine.denoise import denoiser_input, linear_alpha_bar, predict_x0
+from certseg.engine.digest import file_sha256
 from certseg.engine.models.adm import build_adm
 from certseg.engine.models.hrnet import build_hrnet
-from certseg.engine.models.registry import MANIFEST, WEIGHTS_DIR, file_sha256, save_model
+from certseg.engine.models.registry import MANIFEST, WEIGHTS_DIR, save_model
 from certseg.engine.stages import normalize_imagenet, resize
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])

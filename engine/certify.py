@@ -20,6 +20,7 @@ import numpy as np
 from scipy.stats import binom, norm
 
 from certseg.engine.errors import CertificationError
+from certseg.engine.labels import label_numpy_dtype
 
 Fwer = Literal["holm", "bonferroni"]
 FWER_METHODS: tuple[str, ...] = ("holm", "bonferroni")
@@ -161,10 +162,7 @@ class Certificate:
 
     def labels(self, abstain_label: int) -> np.ndarray:
         """Certified label map: the guess where certified, ``abstain_label`` elsewhere."""
-        dtype = np.uint8 if abstain_label <= np.iinfo(np.uint8).max else np.uint16
-        if abstain_label > np.iinfo(np.uint16).max:
-            dtype = np.int32
-        out = self.guess.astype(dtype, copy=True)
+        out = self.guess.astype(label_numpy_dtype(abstain_label), copy=True)
         out[~self.certified] = abstain_label
         return out
 

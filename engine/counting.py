@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from certseg.engine.labels import label_numpy_dtype
+
 
 def _counter_dtype(max_count: int) -> np.dtype:
     for dtype in (np.uint8, np.uint16, np.uint32):
@@ -84,7 +86,7 @@ class ModeCounter:
         if self.num_samples == 0:
             raise ValueError("no selection samples were counted")
         guess = self.counts[: self.num_classes].argmax(axis=0)
-        return guess.astype(np.uint8 if self.num_classes <= 256 else np.uint16).reshape(self.shape)
+        return guess.astype(label_numpy_dtype(self.num_classes)).reshape(self.shape)
 
 
 class AgreementCounter:

@@ -14,7 +14,6 @@ or Nichol & Dhariwal's cosine one), which every stage then takes ᾱ from.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,7 +22,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from certseg.engine.stages import resize
+from certseg.engine.stages import as_pair, resize
 
 NUM_TIMESTEPS = 1000
 TimestepRule = Literal["principled", "authors", "dds"]
@@ -112,14 +111,6 @@ def timestep_std(alpha_bar: np.ndarray | float) -> np.ndarray | float:
     return np.sqrt((1.0 - alpha_bar) / alpha_bar)
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, numbers.Integral):
-        size = int(size)
-        return size, size
-    height, width = (int(s) for s in size)
-    return height, width
-
-
 _COMB_ELEMENTS = 1 << 22
 """float64 values per resize call in ``_axis_row_sq_norms`` (32 MiB), whatever the image size."""
 
@@ -168,7 +159,7 @@ def resize_noise_factor(
     std of all output noise values pooled (what a Monte Carlo measurement of "the noise std" reports).
     1024x2048 -> 256x256 non-antialiased gives exactly 0.5 (each axis averages two pixels).
     """
-    return _resize_noise_factor(_pair(in_size), _pair(out_size), bool(antialias))
+    return _resize_noise_factor(as_pair(in_size), as_pair(out_size), bool(antialias))
 
 
 @dataclass(frozen=True)
@@ -296,7 +287,7 @@ def denoiser_input(
 ) -> torch.Tensor:
     """The "scale" stage: x_t = sqrt(ᾱ_t)·resize(2x - 1) at the denoiser's size, ᾱ from its ``schedule``."""
     alpha_bar_t = float(schedule.alpha_bar()[_check_timestep(t, schedule)])
-    return scale_for_timestep(resize(to_model_space(noisy01), _pair(denoiser_size), antialias=antialias), alpha_bar_t)
+    return scale_for_timestep(resize(to_model_space(noisy01), as_pair(denoiser_size), antialias=antialias), alpha_bar_t)
 
 
 def denoiser_output(
@@ -311,7 +302,7 @@ def denoiser_output(
     """x̂0 from ε (first 3 channels used), back to [0, 1] and resized to ``out_size``; ᾱ from ``schedule``."""
     alpha_bar_t = float(schedule.alpha_bar()[_check_timestep(t, schedule)])
     x0 = predict_x0(x_t, eps[:, :3].to(x_t.dtype), alpha_bar_t)
-    return resize(from_model_space(x0), _pair(out_size), antialias=antialias)
+    return resize(from_model_space(x0), as_pair(out_size), antialias=antialias)
 
 
 def one_step_denoise(
@@ -429,7 +420,7 @@ def multi_step_denoise(
         else:
             std = torch.exp(0.5 * _log_variance(chain, k, out, variance).to(x.dtype))
             x = mean + std * _standard_normal(noise, timestep, x)
-    return resize(from_model_space(x), _pair(out_size or noisy01.shape[-2:]), antialias=antialias)
+    return resize(from_model_space(x), as_pair(out_size or noisy01.shape[-2:]), antialias=antialias)
 
 
 def _log_variance(chain: _Chain, k: int, out: torch.Tensor, variance: VarianceMode) -> torch.Tensor:

@@ -24,3 +24,16 @@ class ServerError(CertsegError, RuntimeError):
 class ModelError(CertsegError, RuntimeError):
     """A model that failed while running: an ONNX graph that onnxruntime could not run on the inputs the pipeline
     gave it, or whose outputs are not the shape it declares."""
+
+
+def first_line(error: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
+    """The first line of an exception's message (gRPC errors: their ``message()``), for one-line reports.
+
+    ``with_type`` prefixes the class name (``ValueError: ...``); an empty message gives the class name alone.
+    """
+    message = error.message() if callable(getattr(error, "message", None)) else str(error)
+    lines = (message or "").strip().splitlines()
+    text = lines[0][:limit] if lines else ""
+    if not text:
+        return error.__class__.__name__
+    return f"{error.__class__.__name__}: {text}" if with_type else text

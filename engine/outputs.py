@@ -7,22 +7,21 @@ PNGs it vouches for. The folder is checked before certification starts, so a bad
 
 from __future__ import annotations
 
-import hashlib
 import os
-import platform
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from certseg.engine.digest import file_sha256
 from certseg.engine.errors import InputError
 from certseg.engine.io import default_palette, json_text, overlay, write_label_png, write_rgb_png
 from certseg.engine.pipeline import CertifiedSegmentation
+from certseg.engine.versions import package_versions
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -39,13 +38,9 @@ def class_names(num_classes: int, names: list[str] | None = None) -> list[str]:
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for package in ("certseg", "torch", "numpy", "scipy", "onnxruntime"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+    """The versions a certificate records (packages that are not installed are left out)."""
+    found = package_versions(("certseg", "torch", "numpy", "scipy", "onnxruntime"))
+    return {name: version for name, version in found.items() if version is not None}
 
 
 def per_class_counts(result: CertifiedSegmentation, names: list[str]) -> dict[str, int]:
@@ -110,10 +105,6 @@ def check_output_folder(out_dir: Path) -> None:
             pass
     except OSError as error:
         raise InputError(f"--out {out_dir}: cannot write in {existing} ({error.strerror or error})") from None
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _staged(out_dir: Path, final: Path, write: Callable[[Path], None]) -> Path:

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from certseg.engine.cache import cache_dir
+from certseg.engine.cache import cache_dir, cached_folder
+from certseg.engine.digest import file_sha256, tree_sha256
 from certseg.engine.errors import ServerError
 
 LOCALHOST = "127.0.0.1"
@@ -366,11 +367,9 @@ def default_repository(*, max_batch: int = 16, max_request_bytes: int | None = N
     DenoiseCertify (default segmenter + denoiser) and SegCertify (its own default segmenter when one is shipped,
     else the same segmenter).
     """
-    import hashlib
-    import json
 
     from certseg.engine.errors import CheckpointError
-    from certseg.engine.models.registry import default_model, file_sha256, load_model, resolve
+    from certseg.engine.models.registry import default_model, load_model, resolve
     from certseg.engine.runtimes.triton_runtime import DEFAULT_MAX_REQUEST_BYTES, REPOSITORY_VERSION
     from certseg.export.cli import default_image_size
     from certseg.export.onnx import EXPORT_FORMAT_VERSION, export_models
@@ -384,32 +383,24 @@ def default_repository(*, max_batch: int = 16, max_request_bytes: int | None = N
         names["segcertify_segmenter"] = names["segmenter"]
     digests = {role: file_sha256(resolve(name)[0]) for role, name in names.items()}
     rendering = {"max_batch": max_batch, "max_request_bytes": max_request_bytes or DEFAULT_MAX_REQUEST_BYTES}
-    key = hashlib.sha256(json.dumps([REPOSITORY_VERSION, EXPORT_FORMAT_VERSION, tree_sha256(templates_dir()),
-                                     rendering, digests], sort_keys=True).encode()).hexdigest()
-    root = cache_dir() / "repositories" / key[:16]
-    repository = root / "cpu"
-    if (repository / METADATA_FILE).is_file() and not refresh:
-        return repository
-    image_size = default_image_size(names["segmenter"])
-    main = export_models(load_model(names["segmenter"], "segmenter"), load_model(names["denoiser"], "denoiser"),
-                         root / "onnx", image_size=image_size, max_batch=max_batch, fp16=False, tensorrt=False)
-    metadata = dict(main.metadata)
-    segcertify = None
-    if names["segcertify_segmenter"] != names["segmenter"]:
-        result = export_models(load_model(names["segcertify_segmenter"], "segmenter"), None, root / "onnx-segcertify",
-                               image_size=image_size, max_batch=max_batch, fp16=False, tensorrt=False)
-        segcertify = result.segmenter
-        metadata["segcertify_segmenter"] = result.metadata["segmenter"]
-    files = ModelFiles(segmenter=main.segmenter, denoiser=main.denoiser, segcertify_segmenter=segcertify,
-                       metadata=metadata)
-    return write_repository(files, repository, profile="cpu", overwrite=True, **rendering)
+    parts = [REPOSITORY_VERSION, EXPORT_FORMAT_VERSION, tree_sha256(templates_dir()), rendering, digests]
+
+    def build(root: Path) -> None:
+        image_size = default_image_size(names["segmenter"])
+        main = export_models(load_model(names["segmenter"], "segmenter"), load_model(names["denoiser"], "denoiser"),
+                             root / "onnx", image_size=image_size, max_batch=max_batch, fp16=False, tensorrt=False)
+        metadata = dict(main.metadata)
+        segcertify = None
+        if names["segcertify_segmenter"] != names["segmenter"]:
+            result = export_models(load_model(names["segcertify_segmenter"], "segmenter"), None,
+                                   root / "onnx-segcertify", image_size=image_size, max_batch=max_batch, fp16=False,
+                                   tensorrt=False)
+            segcertify = result.segmenter
+            metadata["segcertify_segmenter"] = result.metadata["segmenter"]
+        files = ModelFiles(segmenter=main.segmenter, denoiser=main.denoiser, segcertify_segmenter=segcertify,
+                           metadata=metadata)
+        write_repository(files, root / "cpu", profile="cpu", **rendering)
+
+    return cached_folder("repositories", parts, build, complete=f"cpu/{METADATA_FILE}", refresh=refresh) / "cpu"
 
 
-def tree_sha256(folder: Path) -> str:
-    """sha256 over every file of ``folder`` (relative paths and contents, in sorted order)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from certseg.engine.labels import label_numpy_dtype
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -121,9 +124,17 @@ def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return resize(logits, size, antialias=False)
 
 
+def as_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """An (H, W) size from one int (square) or a pair."""
+    if isinstance(size, numbers.Integral):
+        return int(size), int(size)
+    height, width = (int(s) for s in size)
+    return height, width
+
+
 def label_dtype(num_classes: int) -> torch.dtype:
     """uint8 while the K classes and the invalid/abstain label K fit (K <= 255), else int32."""
-    return torch.uint8 if num_classes <= 255 else torch.int32
+    return torch.uint8 if label_numpy_dtype(num_classes).itemsize == 1 else torch.int32
 
 
 def argmax_labels(logits: torch.Tensor) -> torch.Tensor:

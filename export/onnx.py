@@ -29,7 +29,6 @@ import contextlib
 import io
 import json
 import math
-import platform
 import shutil
 import tempfile
 import time
@@ -42,8 +41,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from certseg.engine.errors import CertsegError, InputError
-from certseg.engine.stages import normalize_imagenet, scaled_size
+from certseg.engine.digest import file_sha256
+from certseg.engine.errors import CertsegError, InputError, first_line
+from certseg.engine.stages import as_pair, normalize_imagenet, scaled_size
+from certseg.engine.versions import package_versions
 
 if TYPE_CHECKING:
     import onnx
@@ -83,13 +84,6 @@ EXPORT_FORMAT_VERSION = 2
 def _log(log: Log | None, message: str) -> None:
     if log is not None:
         log(message)
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    height, width = (int(s) for s in size)
-    return height, width
 
 
 def _require_onnx():
@@ -375,9 +369,7 @@ def _trace(
     except CertsegError:
         raise
     except Exception as error:
-        text = str(error).strip()
-        first = text.splitlines()[0] if text else ""
-        raise CertsegError(f"torch.onnx ({exporter} exporter) failed: {type(error).__name__}: {first}") from error
+        raise CertsegError(f"torch.onnx ({exporter} exporter) failed: {first_line(error, with_type=True)}") from error
 
 
 def _run_exporter(
@@ -596,7 +588,7 @@ def export_denoiser(
     measured at each of ``parity_batches`` (none: skip) and stored in the returned graph.
     """
     path = Path(path)
-    size = _pair(image_size)
+    size = as_pair(image_size)
     wrapped = EpsOnly(module).eval()
     axes = {"x_t": {0: "batch"}, "timesteps": {0: "batch"}, "eps": {0: "batch"}}
     started = time.perf_counter()
@@ -649,7 +641,7 @@ def _size_probe(module: nn.Module, path: Path, size: tuple[int, int], threads: i
         got = OrtModule(path, providers=["CPUExecutionProvider"], threads=threads)(images)
         stats = parity_stats(reference, got)
     except Exception as error:  # any failure at the other size means the graph is not size-generic
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        return first_line(error, with_type=True)
     if stats["max_abs"] > PROBE_TOLERANCE * max(1.0, stats["ref_max_abs"]):
         return f"max |Δ| {stats['max_abs']:.2e} at {probe_size(size)}"
     return None
@@ -676,7 +668,7 @@ def export_segmenter(
     only if the graph matches torch at a second size, else re-exported at ``example_size``. True/False force it.
     """
     path = Path(path)
-    size = _pair(example_size)
+    size = as_pair(example_size)
     module = module.eval()
     dynamic = (not hasattr(module, "crop_size")) if dynamic_size is None else bool(dynamic_size)
     notes = [] if dynamic or dynamic_size is False else [f"fixed size: the model has a fixed crop {module.crop_size}"]
@@ -799,20 +791,8 @@ class ExportResult:
 
 
 def versions() -> dict[str, str | None]:
-    """Versions of everything that shapes the exported files."""
-    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("onnx", "onnxruntime", "onnxscript", "tensorrt"):
-        try:
-            out[package] = __import__(package).__version__
-        except Exception:
-            out[package] = None
-    try:
-        from importlib.metadata import version
-
-        out["certseg"] = version("certseg")
-    except Exception:
-        out["certseg"] = None
-    return out
+    """Versions of everything that shapes the exported files (None where a package is not installed)."""
+    return package_versions(("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt", "certseg"))
 
 
 def _model_record(model: LoadedModel) -> dict[str, Any]:
@@ -897,7 +877,7 @@ def export_models(
     """
     if max_batch < 1:
         raise InputError(f"max batch must be >= 1, got {max_batch}")
-    height, width = _pair(image_size)
+    height, width = as_pair(image_size)
     if height < 1 or width < 1:
         raise InputError(f"image size must be positive, got {height}x{width}")
     out = Path(out_dir)
@@ -968,8 +948,6 @@ def _sample_shape(spec: TensorSpec, result: ExportResult, role: str) -> tuple[in
 
 
 def _file_record(path: Path) -> dict[str, Any]:
-    from certseg.engine.models.registry import file_sha256
-
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 

@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from certseg.engine.denoise import LINEAR, Schedule
+from certseg.engine.digest import file_sha256
+from certseg.engine.errors import CertsegError
+from certseg.engine.labels import label_numpy_dtype
 from certseg.engine.models import facts
 from certseg.engine.models.onnx_model import denoiser_contract, segmenter_contract
 from certseg.engine.runtimes.triton_runtime import (
@@ -57,7 +60,7 @@ STEP_HELPER = "certseg_step.py"
 METADATA_FILE = "certseg-repository.json"
 
 
-class RepositoryError(ValueError):
+class RepositoryError(CertsegError, ValueError):
     """A template, model file or rendered config that cannot make a valid repository."""
 
 
@@ -187,14 +190,6 @@ class SimpleModel:
     """Just the ``extra`` of a model, for reading facts out of a record."""
 
     extra: Mapping[str, Any]
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(partial(handle.read, 1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pbtxt_string(value: str) -> str:
@@ -377,7 +372,7 @@ def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: boo
         **{key: str(value) for key, value in settings.items()},
         "step_kind": "KIND_GPU" if gpu else "KIND_CPU",
         "num_classes": str(num_classes),
-        "labels_type": "TYPE_UINT8" if num_classes <= 255 else "TYPE_UINT16",
+        "labels_type": "TYPE_UINT8" if label_numpy_dtype(num_classes).itemsize == 1 else "TYPE_UINT16",
         "denoiser_size": str(0 if denoiser_facts is None else denoiser_facts.size),
         "eps_channels": str(0 if denoiser_facts is None else denoiser_facts.channels),
         "denoiser_x_t": pbtxt_string("x_t" if denoiser_facts is None else denoiser_facts.x_t),
@@ -425,7 +420,7 @@ def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: boo
         served_files = {segment: served}
         if denoiser is not None:
             served_files["certseg_denoise"] = denoiser
-        digests = {step: sha256(s.path) for step, s in served_files.items()}
+        digests = {step: file_sha256(s.path) for step, s in served_files.items()}
         stated = {key: getattr(segment_io, key) for key in ("classes", "palette") if getattr(segment_io, key)}
         metadata: dict[str, Any] = {
             "certseg_profile": profile,

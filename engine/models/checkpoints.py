@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from certseg.engine.errors import CheckpointError
+from certseg.engine.errors import CheckpointError, first_line
 
 TORCH_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin", ".pth.tar")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -75,9 +75,8 @@ def _local_file(path: str | os.PathLike) -> Path:
     return file
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+def _reason(err: BaseException) -> str:
+    return first_line(err, with_type=True, limit=200)
 
 
 def _load_torch(file: Path) -> Any:
@@ -93,7 +92,7 @@ def _load_torch(file: Path) -> Any:
                 "untrusted and only read with torch.load(weights_only=True)"
             ) from err
         raise CheckpointError(
-            f"checkpoint {file} is truncated, corrupt or not a PyTorch checkpoint ({_first_line(err)})"
+            f"checkpoint {file} is truncated, corrupt or not a PyTorch checkpoint ({_reason(err)})"
         ) from err
 
 
@@ -104,7 +103,7 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
         return load_file(file, device="cpu")
     except Exception as err:  # every failure becomes one user-facing line
         raise CheckpointError(
-            f"checkpoint {file} is truncated, corrupt or not a safetensors file ({_first_line(err)})"
+            f"checkpoint {file} is truncated, corrupt or not a safetensors file ({_reason(err)})"
         ) from err
 
 

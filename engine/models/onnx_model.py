@@ -215,7 +215,8 @@ def load_onnx_model(path: Path, name: str, role: str) -> Any:
     Its identity is the file's sha256; ``config`` holds K and the input size, ``extra`` the facts it states
     (classes, palette, normalisation, schedule). The contract travels as ``module.contract``.
     """
-    from certseg.engine.models.registry import LoadedModel, file_sha256
+    from certseg.engine.digest import file_sha256
+    from certseg.engine.models.registry import LoadedModel
     from certseg.engine.runtimes.onnx_runtime import OrtModule
 
     checked = contract(path, role)

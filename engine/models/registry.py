@@ -10,7 +10,6 @@ given in ONNX Runtime (``certseg.engine.models.onnx_model``). Any other model fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from certseg.engine.digest import file_sha256
 from certseg.engine.errors import CheckpointError
 from certseg.engine.models import adm, hrnet, vit_adapter
 from certseg.engine.models.checkpoints import (
@@ -163,14 +163,6 @@ def default_model(role: Role, variant: str = "default") -> str:
         if entry["role"] == role and variant in entry.get("defaults", []):
             return name
     raise CheckpointError(f"no shipped {role} is marked as {variant!r}; pass a checkpoint path")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(partial(handle.read, 1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_description(path: Path) -> dict[str, Any] | None:

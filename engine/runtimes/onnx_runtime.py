@@ -6,10 +6,8 @@ the torch code of ``certseg.engine.stages`` / ``denoise``, so the ORT runtime ca
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from certseg.engine.cache import cache_dir
-from certseg.engine.errors import InputError, ModelError
+from certseg.engine.cache import cached_folder
+from certseg.engine.errors import InputError, ModelError, first_line
 from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec
 from certseg.engine.models import facts
 from certseg.engine.models.registry import LoadedModel
@@ -57,8 +55,7 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
     except Exception as error:  # ORT raises its own exception types; one line for users
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"onnxruntime cannot load {path}: {first}") from None
+        raise InputError(f"onnxruntime cannot load {path}: {first_line(error)}") from None
 
 
 class OrtModule(nn.Module):
@@ -114,10 +111,8 @@ class OrtModule(nn.Module):
         try:
             outputs = self.session.run(self.output_names, feeds)
         except Exception as error:  # onnxruntime's own exception types derive from Exception only
-            text = str(error).strip()
             shapes = ", ".join(f"{name} {tuple(feeds[name].shape)}" for name in self.input_names)
-            raise ModelError(f"{self.path.name}: onnxruntime failed on {shapes}: "
-                             f"{text.splitlines()[0] if text else type(error).__name__}") from None
+            raise ModelError(f"{self.path.name}: onnxruntime failed on {shapes}: {first_line(error)}") from None
         for name, declared, value in zip(self.output_names, self._output_shapes, outputs, strict=True):
             self._check_output(name, declared, np.shape(value), len(inputs[0]))
         device = inputs[0].device
@@ -218,28 +213,6 @@ def export_paths(
     return paths
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def remove_stale_staging(folder: Path) -> list[Path]:
-    """Remove the ``<key>.partial-<pid>`` staging folders in ``folder`` whose exporting process is gone (killed
-    mid-export); a running export's folder is left alone. Returns what was removed."""
-    removed = []
-    for staging in folder.glob("*.partial-*") if folder.is_dir() else ():
-        pid = staging.name.rpartition(".partial-")[2]
-        if staging.is_dir() and pid.isdigit() and not _pid_running(int(pid)):
-            shutil.rmtree(staging, ignore_errors=True)
-            removed.append(staging)
-    return removed
-
-
 def cached_export(
     segmenter: LoadedModel | None, denoiser: LoadedModel | None, image_size: tuple[int, int], *, scale: float,
     fp16: bool,
@@ -253,19 +226,12 @@ def cached_export(
     """
     from certseg.export.onnx import EXPORT_FORMAT_VERSION, export_models
 
-    key = hashlib.sha256(json.dumps(
-        [EXPORT_FORMAT_VERSION, None if segmenter is None else segmenter.sha256,
-         None if denoiser is None else denoiser.sha256, list(image_size), scale, fp16,
-         None if segmenter is None else facts.segmenter_props(segmenter),  # input size, what the graph states
-         None if denoiser is None else facts.denoiser_props(denoiser)],
-        sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir() / "onnx" / key
-    if not (folder / "export.json").is_file():
-        remove_stale_staging(folder.parent)
-        staging = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    parts = [EXPORT_FORMAT_VERSION, None if segmenter is None else segmenter.sha256,
+             None if denoiser is None else denoiser.sha256, list(image_size), scale, fp16,
+             None if segmenter is None else facts.segmenter_props(segmenter),  # input size, what the graph states
+             None if denoiser is None else facts.denoiser_props(denoiser)]
+
+    def build(staging: Path) -> None:
         export_models(segmenter, denoiser, staging, image_size=image_size, scale=scale, fp16=fp16, tensorrt=False)
-        if folder.exists():  # another process finished the same export first
-            shutil.rmtree(staging)
-        else:
-            staging.replace(folder)
-    return folder
+
+    return cached_folder("onnx", parts, build, complete="export.json")

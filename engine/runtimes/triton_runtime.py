@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from certseg.engine.errors import ServerError
+from certseg.engine.errors import ServerError, first_line
 from certseg.engine.sampling import batch_ranges
 
 REPOSITORY_VERSION = "2"
@@ -73,12 +73,6 @@ def _shm():
     from tritonclient.utils import shared_memory
 
     return shared_memory
-
-
-def _first_line(error: BaseException) -> str:
-    message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
-    lines = (message or error.__class__.__name__).strip().splitlines()
-    return lines[0] if lines else error.__class__.__name__
 
 
 def _status(error: BaseException) -> str:
@@ -162,13 +156,13 @@ def describe(client: Any, address: str, model: str, timeout_s: float = 10.0) -> 
     try:
         client.is_server_live(client_timeout=timeout_s)
     except Exception as error:  # noqa: BLE001 - every failure here means "cannot talk to it"
-        raise ServerError(f"cannot reach a Triton server at {address} (gRPC): {_first_line(error)}") from None
+        raise ServerError(f"cannot reach a Triton server at {address} (gRPC): {first_line(error)}") from None
     try:
         ready = client.is_model_ready(model, client_timeout=timeout_s)
         config = client.get_model_config(model, client_timeout=timeout_s).config if ready else None
     except Exception as error:  # noqa: BLE001
         if _status(error) != "StatusCode.NOT_FOUND":
-            raise ServerError(f"{address}: asking for model {model} failed: {_first_line(error)}") from None
+            raise ServerError(f"{address}: asking for model {model} failed: {first_line(error)}") from None
         config = None
     if config is None:
         raise ServerError(f"{address} serves no ready model {model} (serving: {_served(client, timeout_s)}); "
@@ -498,9 +492,9 @@ class TritonRuntime:
         chunk.attempts += 1
         what = f"samples [{chunk.start}, {chunk.start + chunk.count}) of seed {seed}"
         if _status(error) in PERMANENT:
-            raise ServerError(f"{lane.address} refused {what}: {_first_line(error)}")
+            raise ServerError(f"{lane.address} refused {what}: {first_line(error)}")
         if chunk.attempts > self.retries:
-            raise ServerError(f"{what} failed {chunk.attempts} times (last on {lane.address}): {_first_line(error)}")
+            raise ServerError(f"{what} failed {chunk.attempts} times (last on {lane.address}): {first_line(error)}")
         chunk.not_before = time.monotonic() + self.retry_delay_s * 2 ** (chunk.attempts - 1)
         pending.appendleft(chunk)
 
@@ -636,11 +630,11 @@ class _SharedRegions:
         try:
             self.handles.append(_shm().create_shared_memory_region(name, f"/{name}", byte_size, create_only=True))
         except Exception as error:  # noqa: BLE001
-            raise ServerError(f"cannot create shared memory for {self.address}: {_first_line(error)}") from None
+            raise ServerError(f"cannot create shared memory for {self.address}: {first_line(error)}") from None
         try:
             self.client.register_system_shared_memory(name, f"/{name}", byte_size)
         except Exception as error:  # noqa: BLE001
-            raise ServerError(f"{self.address} cannot use this machine's shared memory: {_first_line(error)}") from None
+            raise ServerError(f"{self.address} cannot use this machine's shared memory: {first_line(error)}") from None
         self.registered.append(name)
         return name, self.handles[-1]
 
@@ -661,7 +655,7 @@ class _SharedRegions:
         try:
             self.client.unregister_system_shared_memory(name, client_timeout=5.0)
         except Exception as error:  # noqa: BLE001 - the server may be gone
-            return "in use" not in _first_line(error)
+            return "in use" not in first_line(error)
         return True
 
 
@@ -672,7 +666,7 @@ def server_statistics(client: Any, address: str, models: Sequence[str] | None = 
     try:
         stats = client.get_inference_statistics(client_timeout=timeout_s)
     except Exception as error:  # noqa: BLE001
-        raise ServerError(f"cannot read statistics from {address}: {_first_line(error)}") from None
+        raise ServerError(f"cannot read statistics from {address}: {first_line(error)}") from None
     out: dict[str, dict[str, int]] = {}
     for model in stats.model_stats:
         if models is not None and model.name not in models:
