@@ -32,7 +32,9 @@ from certseg.engine.runtimes.onnx_runtime import onnx_runtime
 from certseg.engine.runtimes.torch_runtime import torch_runtime
 from certseg.engine.runtimes.triton_runtime import (
     ENSEMBLES,
+    REQUEST_INPUTS,
     TritonRuntime,
+    request_values,
     stage_timings,
     statistics_delta,
 )
@@ -100,17 +102,14 @@ class HttpRuntime:
 
     def _request(self, image: np.ndarray, sigma: float, seed: int, start: int, count: int):
         spec = self.spec
-        values = {
-            "IMAGE": np.ascontiguousarray(image, np.float32), "SEED": np.array([seed], np.uint64),
-            "START": np.array([start], np.int64), "COUNT": np.array([count], np.int32),
-            "SIGMA": np.array([sigma], np.float64), "SEG_SIZE": np.asarray(spec.segmenter_size, np.int32),
-            "TIMESTEP": np.array([spec.timestep.t if spec.timestep else 0], np.int64),
-            "ANTIALIAS": np.array([spec.antialias], np.bool_),
-        }
+        values = {"IMAGE": np.ascontiguousarray(image, np.float32), **request_values(
+            seed=seed, start=start, count=count, sigma=sigma, timestep=spec.timestep.t if spec.timestep else None,
+            seg_size=spec.segmenter_size, antialias=spec.antialias)}
+        types = {i.name: i.triton_type for i in REQUEST_INPUTS}
         inputs = []
         for name, array in values.items():
             if name in self.inputs:
-                tensor = self.http.InferInput(name, list(array.shape), _triton_type(array.dtype))
+                tensor = self.http.InferInput(name, list(array.shape), types[name])
                 tensor.set_data_from_numpy(array, binary_data=True)
                 inputs.append(tensor)
         outputs = [self.http.InferRequestedOutput("LABELS", binary_data=True)]
@@ -127,12 +126,6 @@ class HttpRuntime:
 
     def close(self) -> None:
         self.client.close()
-
-
-def _triton_type(dtype: np.dtype) -> str:
-    from tritonclient.utils import np_to_triton_dtype
-
-    return np_to_triton_dtype(dtype)
 
 
 def export_onnx(segmenter: LoadedModel, denoiser: LoadedModel | None, folder: Path, image_size: tuple[int, int],

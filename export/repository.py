@@ -39,6 +39,7 @@ from certseg.engine.runtimes.triton_runtime import (
     DEFAULT_MAX_REQUEST_BYTES,
     MAX_REQUEST_BYTES,
     REPOSITORY_VERSION,
+    REQUEST_INPUTS,
     VERSION_PARAMETER,
 )
 from certseg.engine.stages import IMAGENET, Normalization
@@ -441,10 +442,17 @@ def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: boo
             if records["denoiser"] is not None:
                 metadata["denoiser"] = records["denoiser"]
         plans.append(_Plan(name, name, {**common, "segment_model": segment,
+                                        "request_inputs": request_inputs_block(denoising=denoiser is not None),
                                         "segment_input": pbtxt_string(segment_io.input_name),
                                         "segment_output": pbtxt_string(segment_io.output_name),
                                         "metadata_parameters": parameters_block(metadata)}))
     return plans
+
+
+def request_inputs_block(*, denoising: bool) -> str:
+    """An ensemble's ``input [...]`` entries, rendered from the client's request schema (``REQUEST_INPUTS``)."""
+    return ",\n".join(f'  {{ name: "{i.name}" data_type: TYPE_{i.triton_type} dims: [ {_dims(i.dims)} ] }}'
+                       for i in REQUEST_INPUTS if denoising or not i.denoising_only)
 
 
 def _dims(dims: tuple[int, ...]) -> str:

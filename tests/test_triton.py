@@ -748,3 +748,23 @@ def test_your_own_onnx_models_are_served_unchanged_and_certify_as_in_process(tri
         if method == "denoisecertify":
             assert served_report["timestep"]["schedule"] == "cosine"
             assert served_report["models"]["denoiser"]["sha256"] == digest[denoiser]
+
+
+def test_the_ensembles_take_exactly_the_request_schema_the_clients_send(models: ModelFiles, tmp_path: Path) -> None:
+    """One source for the request: both ensembles' inputs are rendered from REQUEST_INPUTS, and request_values
+    gives every scalar input in its declared dtype."""
+    from certseg.engine.runtimes.triton_runtime import REQUEST_INPUTS, request_values
+
+    configs = read_configs(write_repository(models, tmp_path / "repository"))
+    for ensemble, denoising in (("certseg_denoisecertify", True), ("certseg_segcertify", False)):
+        declared = [(i.name, DataType.Name(i.data_type), tuple(i.dims)) for i in configs[ensemble].input]
+        expected = [(i.name, f"TYPE_{i.triton_type}", i.dims) for i in REQUEST_INPUTS
+                    if denoising or not i.denoising_only]
+        assert declared == expected
+    values = request_values(seed=2**63 + 5, start=7, count=3, sigma=0.25, timestep=73, seg_size=(64, 128),
+                            antialias=True)
+    schema = {i.name: i for i in REQUEST_INPUTS}
+    assert set(values) == set(schema) - {"IMAGE"}
+    for name, array in values.items():
+        assert array.dtype == schema[name].dtype and array.shape == tuple(max(d, 1) for d in schema[name].dims)
+    assert int(values["SEED"][0]) == 2**63 + 5 and values["SEG_SIZE"].tolist() == [64, 128]

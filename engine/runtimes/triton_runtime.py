@@ -39,6 +39,45 @@ ENSEMBLES: dict[str, str] = {"denoisecertify": "certseg_denoisecertify", "segcer
 """The ensemble serving each certification method."""
 LABELS = "LABELS"
 SharedMemory = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class RequestInput:
+    """One input of a certseg request: its name, numpy dtype and per-request dims (-1: any)."""
+
+    name: str
+    dtype: type[np.generic]
+    dims: tuple[int, ...]
+    denoising_only: bool = False
+
+    @property
+    def triton_type(self) -> str:
+        """The wire type name ("FP32", "UINT64", "BOOL") that tritonclient and config.pbtxt ("TYPE_…") use."""
+        return {np.float32: "FP32", np.float64: "FP64", np.uint64: "UINT64", np.int64: "INT64", np.int32: "INT32",
+                np.bool_: "BOOL"}[self.dtype]
+
+
+REQUEST_INPUTS: tuple[RequestInput, ...] = (
+    RequestInput("IMAGE", np.float32, (-1, -1, -1)),
+    RequestInput("SEED", np.uint64, (1,)),
+    RequestInput("START", np.int64, (1,)),
+    RequestInput("COUNT", np.int32, (1,)),
+    RequestInput("SIGMA", np.float64, (1,)),
+    RequestInput("TIMESTEP", np.int64, (1,), denoising_only=True),
+    RequestInput("SEG_SIZE", np.int32, (2,)),
+    RequestInput("ANTIALIAS", np.bool_, (1,), denoising_only=True),
+)
+"""The request schema, the one source of the ensembles' inputs (rendered into their config.pbtxt) and of what
+every client sends: the image once plus (seed, first sample index, count, σ) and the pipeline spec's t*, segmenter
+size and resize mode."""
+
+
+def request_values(*, seed: int, start: int, count: int, sigma: float, timestep: int | None,
+                   seg_size: tuple[int, int] | None, antialias: bool) -> dict[str, np.ndarray]:
+    """The request's scalar inputs (all but IMAGE) as arrays of the schema's dtypes."""
+    values = {"SEED": [seed], "START": [start], "COUNT": [count], "SIGMA": [sigma], "TIMESTEP": [timestep or 0],
+              "SEG_SIZE": list(seg_size or (0, 0)), "ANTIALIAS": [antialias]}
+    return {i.name: np.asarray(values[i.name], dtype=i.dtype) for i in REQUEST_INPUTS if i.name in values}
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
 PERMANENT = frozenset({"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED"})
 """gRPC statuses that a retry cannot fix (a malformed request, a missing model)."""
@@ -516,7 +555,7 @@ class TritonRuntime:
         """The image input (shared memory or inline) and one output slot per in-flight request, each region
         sized for this image: the image's bytes, and ``batch`` label maps of its size."""
         lane = _Lane(endpoint, deque(range(self.in_flight)))
-        lane.image_input = _grpc().InferInput("IMAGE", list(image.shape), "FP32")
+        lane.image_input = _grpc().InferInput("IMAGE", list(image.shape), REQUEST_INPUTS[0].triton_type)
         use_shm = self.shared_memory != "off" and is_local(endpoint.address)
         if use_shm:
             lane.regions = _SharedRegions(endpoint.client, endpoint.address)
@@ -540,19 +579,13 @@ class TritonRuntime:
 
     def _inputs(self, lane: _Lane, chunk: _Chunk, sigma: float, seed: int) -> list[Any]:
         grpcclient = _grpc()
-        values: dict[str, tuple[np.ndarray, str]] = {
-            "SEED": (np.array([seed], np.uint64), "UINT64"),
-            "START": (np.array([chunk.start], np.int64), "INT64"),
-            "COUNT": (np.array([chunk.count], np.int32), "INT32"),
-            "SIGMA": (np.array([sigma], np.float64), "FP64"),
-            "TIMESTEP": (np.array([self.timestep or 0], np.int64), "INT64"),
-            "SEG_SIZE": (np.asarray(self.seg_size or (0, 0), np.int32), "INT32"),
-            "ANTIALIAS": (np.array([self.antialias], np.bool_), "BOOL"),
-        }
+        values = request_values(seed=seed, start=chunk.start, count=chunk.count, sigma=sigma, timestep=self.timestep,
+                                seg_size=self.seg_size, antialias=self.antialias)
+        types = {i.name: i.triton_type for i in REQUEST_INPUTS}
         inputs = [lane.image_input]
-        for name, (array, dtype) in values.items():
+        for name, array in values.items():
             if name in self.pipeline.inputs:
-                tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+                tensor = grpcclient.InferInput(name, list(array.shape), types[name])
                 tensor.set_data_from_numpy(array)
                 inputs.append(tensor)
         return inputs
