@@ -768,3 +768,18 @@ def test_the_ensembles_take_exactly_the_request_schema_the_clients_send(models: 
     for name, array in values.items():
         assert array.dtype == schema[name].dtype and array.shape == tuple(max(d, 1) for d in schema[name].dims)
     assert int(values["SEED"][0]) == 2**63 + 5 and values["SEG_SIZE"].tolist() == [64, 128]
+
+
+def test_the_http_benchmark_client_gets_the_same_maps_as_in_process(served: TritonServer, models: ModelFiles,
+                                                                    image: np.ndarray) -> None:
+    """bench/serving.py's HTTP client builds its requests from the same schema: same seed, same maps."""
+    from certseg.bench.serving import HttpRuntime
+
+    spec = spec_for(image)
+    http = HttpRuntime(served.http_url.removeprefix("http://"), "certseg_denoisecertify", spec, batch=4, in_flight=2)
+    try:
+        got = np.concatenate(list(http.labels(image, sigma=SIGMA, seed=9, start=2, count=6)))
+    finally:
+        http.close()
+    expected = np.concatenate(list(local_runtime(models, spec).labels(image, sigma=SIGMA, seed=9, start=2, count=6)))
+    np.testing.assert_array_equal(got, expected)
