@@ -1,6 +1,6 @@
 """FP16 TensorRT engines (serialized plans) from the exported ONNX files, with the TensorRT Python API.
 
-TensorRT cannot be installed on the development machines (PLATFORM-FACTS), so this module is written against
+TensorRT cannot be installed on the development machines (its PyPI wheels fetch from NVIDIA at install), so it is written against
 the documented TensorRT 10 API and every entry point skips with ``TENSORRT_MISSING`` when ``import tensorrt``
 fails. Two build modes, chosen by what the installed TensorRT offers:
 

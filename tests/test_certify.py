@@ -77,7 +77,7 @@ def test_holm_is_never_less_powerful_than_bonferroni() -> None:
 
 
 def test_floor_matches_the_published_numbers_for_cityscapes() -> None:
-    """REFERENCE-BEHAVIOUR: 2.1 Mpx, n=100, tau=0.75 needs k >= 98 under Bonferroni at 1e-3 (99 at 1e-4)."""
+    """The published numbers: 2.1 Mpx, n=100, tau=0.75 needs k >= 98 under Bonferroni at 1e-3 (99 at 1e-4)."""
     num_pixels = 1024 * 2048
     agree = np.full(num_pixels, 100, dtype=np.int32)
     agree[:10] = np.arange(90, 100)

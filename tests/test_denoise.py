@@ -106,7 +106,7 @@ def test_timestep_choice_is_frozen_and_validated() -> None:
 
 
 def test_noise_factor_reference_measurements() -> None:
-    """REFERENCE-BEHAVIOUR.md: 0.4996 measured for 1024x2048 -> 256 (exactly 0.5), about 0.66 for Pascal 480."""
+    """The published reference measurement: 0.4996 for 1024x2048 -> 256 (exactly 0.5), about 0.66 for 480 -> 256."""
     assert dn.resize_noise_factor((1024, 2048), (256, 256)) == pytest.approx(0.4996, abs=1e-3)
     assert dn.resize_noise_factor((1024, 2048), 256) == pytest.approx(0.5, abs=1e-12)
     assert dn.resize_noise_factor(480, 256) == pytest.approx(0.66, abs=0.01)
