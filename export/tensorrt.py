@@ -1,8 +1,8 @@
 """FP16 TensorRT engines (serialized plans) from the exported ONNX files, with the TensorRT Python API.
 
-TensorRT cannot be installed on the development machines (its PyPI wheels fetch from NVIDIA at install), so it is written against
-the documented TensorRT 10 API and every entry point skips with ``TENSORRT_MISSING`` when ``import tensorrt``
-fails. Two build modes, chosen by what the installed TensorRT offers:
+TensorRT cannot be installed on the development machines (its PyPI wheels fetch from NVIDIA at install), so
+this module is written against the documented TensorRT 10 API and every entry point skips with
+``TENSORRT_MISSING`` when ``import tensorrt`` fails. Two build modes, chosen by what the installed TensorRT offers:
 
 - TensorRT 10 (``BuilderFlag.FP16`` exists): the fp32 ONNX, weakly typed, FP16 allowed, and
   ``OBEY_PRECISION_CONSTRAINTS`` pinning normalisation and softmax layers, plus every layer computed from the
