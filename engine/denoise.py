@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from certseg.engine.stages import as_pair, resize
+from certseg.engine.stages import as_pair, finite_samples, resize
 
 NUM_TIMESTEPS = 1000
 TimestepRule = Literal["principled", "authors", "dds"]
@@ -320,10 +320,27 @@ def one_step_denoise(
     x_t = sqrt(ᾱ_t)·resize(2x - 1); ε = unet(x_t, t)[:, :3]; x̂0 clipped; (x̂0 + 1)/2 resized to ``out_size``
     (default: the input size). ``antialias`` applies to both resizes; the authors used none.
     """
+    return one_step_denoise_checked(unet, noisy01, t, denoiser_size=denoiser_size, antialias=antialias,
+                                    out_size=out_size, schedule=schedule)[0]
+
+
+def one_step_denoise_checked(
+    unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noisy01: torch.Tensor,
+    t: int,
+    *,
+    denoiser_size: int | Sequence[int] = (256, 256),
+    antialias: bool = False,
+    out_size: Sequence[int] | None = None,
+    schedule: Schedule = LINEAR,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``one_step_denoise`` plus (B,) bool: whether each sample's ε was finite, checked before x̂0's clamp (which
+    would turn an infinite ε into a finite, meaningless image). The label pipeline runs this."""
     x_t = denoiser_input(noisy01, t, denoiser_size=denoiser_size, antialias=antialias, schedule=schedule)
     eps = unet(x_t, _timesteps_like(x_t, t))
-    return denoiser_output(x_t, eps, t, out_size=out_size or noisy01.shape[-2:], antialias=antialias,
-                           schedule=schedule)
+    clean = denoiser_output(x_t, eps, t, out_size=out_size or noisy01.shape[-2:], antialias=antialias,
+                            schedule=schedule)
+    return clean, finite_samples(eps[:, :3])
 
 
 @dataclass(frozen=True)

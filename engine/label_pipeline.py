@@ -14,11 +14,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from certseg.engine.denoise import LINEAR, Schedule, TimestepChoice, denoiser_input, denoiser_output, select_timestep
+from certseg.engine.denoise import LINEAR, Schedule, TimestepChoice, one_step_denoise_checked, select_timestep
 from certseg.engine.stages import (
     IMAGENET,
     Normalization,
-    finite_samples,
     labels_from_logits,
     scaled_size,
     segmenter_input,
@@ -125,12 +124,10 @@ class LabelPipeline(nn.Module):
         spec = self.spec
         if self.denoiser is None:
             return noisy, None
-        t, schedule = spec.timestep.t, spec.timestep.noise_schedule
-        x_t = denoiser_input(noisy, t, denoiser_size=spec.denoiser_size, antialias=spec.antialias, schedule=schedule)
-        eps = self.denoiser(x_t, torch.full_like(x_t[:, 0, 0, 0], t, dtype=torch.int64))
-        clean = denoiser_output(x_t, eps, t, out_size=spec.segmenter_size, antialias=spec.antialias,
-                                schedule=schedule)
-        return clean, finite_samples(eps[:, :3])
+        return one_step_denoise_checked(
+            self.denoiser, noisy, spec.timestep.t, denoiser_size=spec.denoiser_size, antialias=spec.antialias,
+            out_size=spec.segmenter_size, schedule=spec.timestep.noise_schedule,
+        )
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         """Labels, with K (= num_classes) where the sample's scores, or its denoiser output, were non-finite."""
