@@ -36,7 +36,7 @@ from certseg.engine.models.registry import default_model, save_model
 from certseg.engine.radius_outputs import read_radius_npz
 from certseg.engine.session import Session
 
-from conftest import REPO_ROOT, interrupt_when
+from conftest import REPO_ROOT, interrupt_when, needs_cityscapesscripts
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -345,6 +345,7 @@ def test_onnx_runtime_entries_match_certseg_certify_on_onnx(
 # ------------------------------------------------------------------------------------------------- errors
 
 
+@needs_cityscapesscripts
 def test_clear_errors_for_missing_data_and_mismatched_classes(models: SimpleNamespace, tmp_path: Path) -> None:
     result = runner.invoke(cli.app, ["--dataset", "cityscapes", "--root", str(tmp_path / "nowhere"), "--quiet"])
     assert result.exit_code == 2 and "leftImg8bit/val/<city>" in result.output
@@ -363,6 +364,7 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+@needs_cityscapesscripts
 def test_images_over_the_pixel_limit_are_refused_from_their_header(models: SimpleNamespace, tmp_path: Path) -> None:
     """--max-pixels applies to the bench's reads too: a label map whose header claims 14000x14000 is refused
     before decoding (Pillow's own check would have raised), and so is a procedural --scene-size."""
