@@ -119,7 +119,8 @@ def bench(
     seed: Annotated[int, typer.Option(help="root seed; each image's seed derives from it and its index")] = 0,
     out: Annotated[Path, typer.Option(help="output folder (results.jsonl, report.md, plots)")] = Path("bench-out"),
     baseline: Annotated[bool, typer.Option(help="also run the authors-style baseline (speed comparison)")] = False,
-    report: Annotated[bool, typer.Option(help="write report.md and PNG plots")] = False,
+    report: Annotated[bool, typer.Option(
+        help="write report.md and its figures (PNG, PDF, SVG; figures need certseg[bench])")] = False,
     radius_map: Annotated[bool, typer.Option(
         "--radius-map", help="per-pixel radius maps: certified accuracy as a function of radius")] = False,
     report_only: Annotated[bool, typer.Option(help="only render the report from an existing results.jsonl")] = False,
@@ -135,6 +136,7 @@ def bench(
     --method, --sigma and --scale take one or more values, space-separated (--sigma 0.25 0.5 1.0) or repeated
     (--sigma 0.25 --sigma 0.5). Rerunning into the same --out skips finished entries.
     """
+    from certseg.bench import plots
     from certseg.bench.config import BenchConfig
     from certseg.bench.report import write_report
     from certseg.bench.results import load_entries
@@ -189,6 +191,8 @@ def bench(
     console.print(f"results: {out / 'results.jsonl'} ({len(entries)} entries)")
     if report or report_only:
         console.print(f"report: {write_report(out, header, entries)}")
+        if not plots.available():
+            typer.echo(f"certseg-bench: {plots.MISSING}", err=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,141 +1,126 @@
-"""Small PNG charts drawn with Pillow (line charts and stacked bars), so reports need no plotting library.
+"""The report's figures, drawn with matplotlib (the ``bench`` extra: ``pip install 'certseg[bench]'``).
 
-Drawn at twice the size and downsampled, which antialiases lines and text. Labels stay ASCII: Pillow's default
-font has no Greek letters.
+Every figure is written three times beside each other: PNG for ``report.md`` and the README, PDF and SVG as vector
+figures for papers (text kept as text in both, so it stays editable and Greek letters survive). Figures are built
+on ``matplotlib.figure.Figure`` directly, not pyplot: no screen, no global backend switch, nothing left open. Files
+carry no creation date, so re-rendering the same results gives the same bytes.
 """
 
 from __future__ import annotations
 
-import math
+import importlib.util
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw, ImageFont
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-WIDTH, HEIGHT = 900, 520
-S = 2  # supersampling factor
-MARGIN = {"left": 80, "right": 230, "top": 50, "bottom": 70}
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-GRID, AXIS, TEXT = (225, 225, 225), (60, 60, 60), (20, 20, 20)
+FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
+"""Written for every figure; the PNG is the one the report links."""
+SIZE_INCHES, DPI = (9.0, 5.2), 100
+"""900 × 520 pixels as PNG."""
+MISSING = "plots skipped: they need matplotlib (pip install 'certseg[bench]')"
+STYLE: dict[str, Any] = {
+    "pdf.fonttype": 42,  # TrueType: text stays text in PDF editors
+    "svg.fonttype": "none",  # text as <text>, not outlines
+    "svg.hashsalt": "certseg",  # stable element ids
+    "axes.grid": True,
+    "grid.color": "0.9",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None}, "svg": {"Date": None}}
+"""Dates and tool versions left out of the files, so the same data gives the same bytes."""
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def available() -> bool:
+    """Whether matplotlib can be imported (the report then says in one line why it has no plots)."""
     try:
-        return ImageFont.load_default(size=size * S)
-    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
-        return ImageFont.load_default()
+        return importlib.util.find_spec("matplotlib") is not None
+    except ValueError:  # a module object without a spec, e.g. a placeholder in sys.modules
+        return False
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About ``count`` round tick values covering [low, high]."""
-    if high <= low:
-        high = low + 1.0
-    raw = (high - low) / count
-    step = 10 ** math.floor(math.log10(raw))
-    for factor in (1, 2, 2.5, 5, 10):
-        if raw <= factor * step:
-            step *= factor
-            break
-    first = math.floor(low / step) * step
-    return [first + i * step for i in range(int(math.ceil((high - first) / step)) + 1)]
+def _styled() -> AbstractContextManager[Any]:
+    """The house style, for building and for saving (the font types apply when the file is written)."""
+    from matplotlib import rc_context
+
+    return rc_context(STYLE)
 
 
-class _Frame:
-    """Plot area, value → pixel mapping, axes, grid and legend."""
+def _figure(title: str) -> tuple[Figure, Axes]:
+    from matplotlib.figure import Figure
 
-    def __init__(self, title: str, x_range: tuple[float, float], y_range: tuple[float, float], x_label: str,
-                 y_label: str) -> None:
-        self.image = Image.new("RGB", (WIDTH * S, HEIGHT * S), "white")
-        self.draw = ImageDraw.Draw(self.image)
-        self.left, self.top = MARGIN["left"] * S, MARGIN["top"] * S
-        self.right, self.bottom = (WIDTH - MARGIN["right"]) * S, (HEIGHT - MARGIN["bottom"]) * S
-        self.x_range, self.y_range = x_range, y_range
-        self.draw.text(((WIDTH - MARGIN["right"]) // 2 * S, 18 * S), title, fill=TEXT, font=_font(18), anchor="mm")
-        self.draw.text(((self.left + self.right) // 2, (HEIGHT - 18) * S), x_label, fill=TEXT, font=_font(14),
-                       anchor="mm")
-        self.draw.text((14 * S, self.top - 28 * S), y_label, fill=TEXT, font=_font(14))
+    figure = Figure(figsize=SIZE_INCHES, dpi=DPI, layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_title(title)
+    return figure, axes
 
-    def x(self, value: float) -> float:
-        low, high = self.x_range
-        return self.left + (value - low) / ((high - low) or 1.0) * (self.right - self.left)
 
-    def y(self, value: float) -> float:
-        low, high = self.y_range
-        return self.bottom - (value - low) / ((high - low) or 1.0) * (self.bottom - self.top)
+def _save(figure: Figure, path: Path) -> Path:
+    """Write ``path`` (a .png) and its PDF and SVG siblings; returns the PNG's path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in FORMATS:
+        figure.savefig(path.with_suffix(f".{suffix}"), metadata=METADATA[suffix])
+    return path
 
-    def axes(self, y_ticks: Sequence[float], x_ticks: Sequence[tuple[float, str]]) -> None:
-        font = _font(12)
-        for value in y_ticks:
-            if self.y_range[0] - 1e-9 <= value <= self.y_range[1] + 1e-9:
-                py = self.y(value)
-                self.draw.line([(self.left, py), (self.right, py)], fill=GRID)
-                self.draw.text((self.left - 8 * S, py), f"{value:g}", fill=TEXT, font=font, anchor="rm")
-        for value, label in x_ticks:
-            px = self.x(value)
-            self.draw.line([(px, self.bottom), (px, self.bottom + 5 * S)], fill=AXIS, width=S)
-            for i, part in enumerate(label.split("\n")):
-                self.draw.text((px, self.bottom + (16 + 14 * i) * S), part, fill=TEXT, font=font, anchor="mm")
-        self.draw.line([(self.left, self.top), (self.left, self.bottom), (self.right, self.bottom)], fill=AXIS,
-                       width=2 * S)
 
-    def legend(self, names: Sequence[str]) -> None:
-        font = _font(12)
-        for i, name in enumerate(names):
-            py = self.top + (10 + 20 * i) * S
-            colour = COLOURS[i % len(COLOURS)]
-            self.draw.rectangle([self.right + 20 * S, py - 5 * S, self.right + 34 * S, py + 5 * S], fill=colour)
-            self.draw.text((self.right + 42 * S, py), name, fill=TEXT, font=font, anchor="lm")
-
-    def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.image.resize((WIDTH, HEIGHT), Image.Resampling.LANCZOS).save(path)
-        return path
+def _legend(figure: Figure, axes: Axes) -> None:
+    if axes.get_legend_handles_labels()[0]:
+        figure.legend(loc="outside right upper", fontsize="small", frameon=False)
 
 
 def line_chart(
     path: Path, title: str, series: dict[str, list[tuple[float, float]]], *, x_label: str, y_label: str,
     x_ticks: Sequence[tuple[float, str]] | None = None, y_range: tuple[float, float] | None = None,
-    markers: bool = True,
+    markers: bool = True, x_log: bool = False, y_log: bool = False,
 ) -> Path:
-    """One polyline per series, with a marker at each point unless ``markers`` is off (dense curves)."""
-    points = [p for values in series.values() for p in values]
-    xs = [p[0] for p in points] or [0.0, 1.0]
-    ys = [p[1] for p in points] or [0.0, 1.0]
-    x_low, x_high = min(xs), max(xs)
-    pad = 0.05 * ((x_high - x_low) or 1.0)
-    y_range = y_range or (0.0, max(ys) * 1.1 if max(ys) > 0 else 1.0)
-    frame = _Frame(title, (x_low - pad, x_high + pad), y_range, x_label, y_label)
-    ticks = x_ticks if x_ticks is not None else [(v, f"{v:g}") for v in nice_ticks(x_low, x_high)
-                                                  if x_low - pad <= v <= x_high + pad]
-    frame.axes(nice_ticks(*y_range), ticks)
-    for i, values in enumerate(series.values()):
-        colour = COLOURS[i % len(COLOURS)]
-        pixels = [(frame.x(x), frame.y(y)) for x, y in sorted(values)]
-        if len(pixels) > 1:
-            frame.draw.line(pixels, fill=colour, width=3 * S, joint="curve")
-        for px, py in pixels if markers else ():
-            frame.draw.ellipse([px - 4 * S, py - 4 * S, px + 4 * S, py + 4 * S], fill=colour)
-    frame.legend(list(series))
-    return frame.save(path)
+    """One line per series (points sorted by x), markers unless ``markers`` is off (dense curves); log axes on
+    request (σ grids are geometric; seconds of engine and baseline differ by orders of magnitude)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
+
+    with _styled():
+        figure, axes = _figure(title)
+        for name, points in series.items():
+            xs, ys = zip(*sorted(points), strict=True) if points else ((), ())
+            axes.plot(xs, ys, marker="o" if markers else None, markersize=4, linewidth=1.8, label=name)
+        if x_log:
+            axes.set_xscale("log", base=2)
+        if y_log:
+            axes.set_yscale("log")
+            axes.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1, 2, 5, 10, 20, ...
+            axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        if all(float(x).is_integer() for points in series.values() for x, _ in points):
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # image indices: no tick at 2.5
+        if x_ticks is not None:
+            axes.set_xticks([value for value, _ in x_ticks], [label for _, label in x_ticks], multialignment="center")
+            axes.minorticks_off()
+        if y_range is not None:
+            axes.set_ylim(*y_range)
+        axes.set_xlabel(x_label)
+        axes.set_ylabel(y_label)
+        _legend(figure, axes)
+        return _save(figure, path)
 
 
-def stacked_bars(
-    path: Path, title: str, bars: list[tuple[str, dict[str, float]]], *, y_label: str
-) -> Path:
+def stacked_bars(path: Path, title: str, bars: list[tuple[str, dict[str, float]]], *, y_label: str) -> Path:
     """One bar per label, stacked by component (the same components, in order, for every bar)."""
     components = list(dict.fromkeys(c for _, parts in bars for c in parts))
-    top = max((sum(parts.values()) for _, parts in bars), default=1.0) * 1.1 or 1.0
-    frame = _Frame(title, (-0.5, len(bars) - 0.5), (0.0, top), "", y_label)
-    frame.axes(nice_ticks(0.0, top), [(i, label) for i, (label, _) in enumerate(bars)])
-    half = 0.35
-    for i, (_, parts) in enumerate(bars):
-        base = 0.0
-        for j, component in enumerate(components):
-            value = parts.get(component, 0.0)
-            if value > 0:
-                frame.draw.rectangle([frame.x(i - half), frame.y(base + value), frame.x(i + half), frame.y(base)],
-                                     fill=COLOURS[j % len(COLOURS)])
-            base += value
-    frame.legend(components)
-    return frame.save(path)
+    with _styled():
+        figure, axes = _figure(title)
+        positions = range(len(bars))
+        base = [0.0] * len(bars)
+        for component in components:
+            values = [parts.get(component, 0.0) for _, parts in bars]
+            axes.bar(positions, values, bottom=base, width=0.7, label=component)
+            base = [b + v for b, v in zip(base, values, strict=True)]
+        axes.set_xticks(list(positions), [label for label, _ in bars], fontsize="small",
+                        rotation=0 if len(bars) <= 6 else 45, ha="center" if len(bars) <= 6 else "right",
+                        multialignment="center")
+        axes.grid(axis="x", visible=False)
+        axes.set_ylabel(y_label)
+        _legend(figure, axes)
+        return _save(figure, path)

@@ -1,13 +1,19 @@
-"""``--report``: ``report.md`` (the paper's tables, throughput, engine vs baseline) and PNG plots, from entries only."""
+"""``--report``: ``report.md`` (the paper's tables, throughput, engine vs baseline) and its figures, from entries only.
+
+Figures need matplotlib (the ``bench`` extra); without it the report is written all the same and says so in one
+line where the figures would be.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from certseg.bench import plots
 from certseg.bench.plots import line_chart, stacked_bars
 from certseg.bench.tables import (
     RadiusCurve,
@@ -29,13 +35,22 @@ SHORT = {"segcertify": "SegCertify", "denoisecertify": "DenoiseCertify"}
 ABBREVIATION = {"segcertify": "SC", "denoisecertify": "DC"}
 
 
+SIGMA_AXIS = "noise σ (certified radius R = σ·Φ⁻¹(τ))"
+
+
 def _series_name(row: Row) -> str:
     return f"{SHORT.get(row.method, row.method)} scale {row.scale:g}"
 
 
 def _sigma_ticks(rows: list[Row]) -> list[tuple[float, str]]:
     radii = {r.sigma: r.radius for r in rows}
-    return [(sigma, f"sigma={sigma:g}\nR={radii[sigma]:.2f}") for sigma in sorted(radii)]
+    return [(sigma, f"σ = {sigma:g}\nR = {radii[sigma]:.2f}") for sigma in sorted(radii)]
+
+
+def _spans_decades(values: list[float]) -> bool:
+    """Whether positive values differ by more than 10× (then a log axis shows them all)."""
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) > 1 and max(positive) > 10 * min(positive)
 
 
 def plot(rows: list[Row], folder: Path) -> list[Path]:
@@ -47,23 +62,24 @@ def plot(rows: list[Row], folder: Path) -> list[Path]:
     for row in engine:
         by_series[_series_name(row)].append(row)
     ticks = _sigma_ticks(engine)
+
+    def against_sigma(name: str, title: str, value: Callable[[Row], float], y_label: str, top: float) -> Path:
+        """σ on a log axis: σ grids double (0.25, 0.5, 1.0)."""
+        series = {k: [(r.sigma, value(r)) for r in v] for k, v in by_series.items()}
+        return line_chart(folder / f"{name}.png", title, series, x_label=SIGMA_AXIS, y_label=y_label, x_ticks=ticks,
+                          y_range=(0.0, top), x_log=True)
+
     paths = [
-        line_chart(folder / "accuracy.png", "Certified accuracy",
-                   {k: [(r.sigma, r.accuracy) for r in v] for k, v in by_series.items()},
-                   x_label="noise sigma (certified radius R)", y_label="accuracy", x_ticks=ticks, y_range=(0.0, 1.0)),
-        line_chart(folder / "miou.png", "Certified mIoU",
-                   {k: [(r.sigma, r.mean_iou) for r in v] for k, v in by_series.items()},
-                   x_label="noise sigma (certified radius R)", y_label="mIoU", x_ticks=ticks, y_range=(0.0, 1.0)),
-        line_chart(folder / "abstain.png", "Abstained pixels",
-                   {k: [(r.sigma, r.abstain_percent) for r in v] for k, v in by_series.items()},
-                   x_label="noise sigma (certified radius R)", y_label="abstain %", x_ticks=ticks,
-                   y_range=(0.0, 100.0)),
+        against_sigma("accuracy", "Certified accuracy", lambda r: r.accuracy, "certified accuracy", 1.0),
+        against_sigma("miou", "Certified mIoU", lambda r: r.mean_iou, "mIoU", 1.0),
+        against_sigma("abstain", "Abstained pixels", lambda r: r.abstain_percent, "abstain %", 100.0),
     ]
-    times = {f"{ABBREVIATION.get(r.method, r.method)} x{r.scale:g} s{r.sigma:g} {r.variant}":
+    times = {f"{ABBREVIATION.get(r.method, r.method)} ×{r.scale:g} σ={r.sigma:g} {r.variant}":
              list(enumerate(r.per_image_seconds)) for r in rows}
+    seconds = [s for r in rows for s in r.per_image_seconds]
     paths.append(line_chart(folder / "time_per_image.png", "Seconds per image", times, x_label="image",
-                            y_label="seconds"))
-    bars = [(f"{ABBREVIATION.get(r.method, r.method)} s{r.sigma:g}\nx{r.scale:g} {r.variant[:4]}", r.stages)
+                            y_label="seconds", y_log=_spans_decades(seconds)))
+    bars = [(f"{ABBREVIATION.get(r.method, r.method)} σ={r.sigma:g}\n×{r.scale:g} {r.variant}", r.stages)
             for r in rows if r.stages]
     if bars:
         paths.append(stacked_bars(folder / "stages.png", "Time per image by stage", bars, y_label="seconds"))
@@ -74,7 +90,8 @@ def plot_radius_curves(curves: list[RadiusCurve], folder: Path, points: int = 12
     """Cohen et al.'s figure: certified accuracy against radius, one line per method, scale and σ."""
     top = max((float(c.radii.max()) for c in curves if c.radii.size), default=1.0)
     levels = np.linspace(0.0, top * 1.02, points)
-    series = {f"{SHORT.get(c.method, c.method)} x{c.scale:g} sigma={c.sigma:g}":
+    several_scales = len({c.scale for c in curves}) > 1
+    series = {f"{SHORT.get(c.method, c.method)}{f' ×{c.scale:g}' if several_scales else ''}, σ = {c.sigma:g}":
               list(zip(levels.tolist(), c.accuracy_at(levels).tolist(), strict=True)) for c in curves}
     return line_chart(folder / "accuracy_vs_radius.png", "Certified accuracy vs radius (per-pixel radius maps)",
                       series, x_label="L2 radius R", y_label="certified accuracy", y_range=(0.0, 1.0), markers=False)
@@ -126,11 +143,13 @@ def write_report(folder: Path, header: dict[str, Any] | None, entries: list[dict
                   "Each pixel's own radius R_i = σ·Φ⁻¹(p̲_i), p̲_i its Clopper–Pearson lower bound at 1 − α/N (valid for "
                   "all pixels at once with probability ≥ 1 − α); accuracy = correct pixels with R_i ≥ R over all "
                   "non-ignored pixels.", "", markdown(*radius_table(curves, ACCURACY_RADII))]
-    plots = plot(rows, folder)
-    if curves:
-        plots.append(plot_radius_curves(curves, folder))
-    if plots:
-        parts += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    if not plots.available():
+        parts += ["## Plots", "", plots.MISSING, ""]
+    else:
+        figures = plot(rows, folder) + ([plot_radius_curves(curves, folder)] if curves else [])
+        if figures:
+            parts += ["## Plots", "", "Each figure is also beside its PNG as PDF and SVG (vector, text kept as text).",
+                      ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
     path = folder / "report.md"
     path.write_text("\n".join(parts))
     return path

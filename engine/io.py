@@ -55,7 +55,7 @@ _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     8: lambda a: np.rot90(a, 1),  # rotated 90° counter-clockwise to be upright
 }
 """EXIF orientation -> the (H, W, ...) array operation that ``ImageOps.exif_transpose`` performs (tested equal),
-for the 16-bit PNGs that certseg decodes itself."""
+for 16-bit PNGs: OpenCV decodes them without turning them (``certseg.engine.png16``)."""
 
 
 @contextmanager

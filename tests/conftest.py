@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -12,6 +13,11 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+needs_cityscapesscripts = pytest.mark.skipif(
+    importlib.util.find_spec("cityscapesscripts") is None,
+    reason="real Cityscapes needs cityscapesscripts' label table (pip install 'certseg[bench]')",
+)
 
 
 def reference_dir() -> Path:

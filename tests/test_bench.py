@@ -18,7 +18,7 @@ from PIL import Image
 from test_io import png_header_only
 from typer.testing import CliRunner
 
-from certseg.bench import cli
+from certseg.bench import cli, plots
 from certseg.bench.baseline import authors_certify
 from certseg.bench.config import BenchConfig, Setting, image_seed
 from certseg.bench.datasets import procedural
@@ -36,7 +36,7 @@ from certseg.engine.models.registry import default_model, save_model
 from certseg.engine.radius_outputs import read_radius_npz
 from certseg.engine.session import Session
 
-from conftest import REPO_ROOT, interrupt_when
+from conftest import REPO_ROOT, interrupt_when, needs_cityscapesscripts
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -270,15 +270,36 @@ def test_results_file_drops_a_partial_last_line(tmp_path: Path) -> None:
 
 
 def test_report_writes_tables_and_plots(uninterrupted: Path) -> None:
+    pytest.importorskip("matplotlib", reason="figures need certseg[bench]")
     header, entries = load_entries(uninterrupted / "results.jsonl")
     report = write_report(uninterrupted, header, entries).read_text()
     assert "| scale | method | σ | R | t* | acc | mIoU | abstain % | images |" in report
     assert "| 1.00 | segcertify | 0.25 | 0.17 |" in report and "Time split per stage" in report
     for name in ("accuracy", "miou", "abstain", "time_per_image", "stages"):
+        assert f"![{name}]({name}.png)" in report
         with Image.open(uninterrupted / f"{name}.png") as image:
             assert image.size == (900, 520)
+        assert (uninterrupted / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+        svg = (uninterrupted / f"{name}.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert "σ = 0.25" in (uninterrupted / "accuracy.svg").read_text()  # Greek letters kept as text
+    figures = {p.name: p.read_bytes() for p in uninterrupted.glob("*.*") if p.suffix in (".png", ".pdf", ".svg")}
     result = bench(["--report-only", "--out", str(uninterrupted)])
     assert "report.md" in result.output
+    assert {p.name: p.read_bytes() for p in uninterrupted.glob("*.*") if p.name in figures} == figures  # no dates
+
+
+def test_report_without_matplotlib_says_so_in_one_line(
+    uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "results.jsonl").write_bytes((uninterrupted / "results.jsonl").read_bytes())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails, as when not installed
+    result = bench(["--report-only", "--out", str(tmp_path)])
+    notes = [line for line in result.output.splitlines() if "certseg[bench]" in line]
+    assert notes == ["certseg-bench: plots skipped: they need matplotlib (pip install 'certseg[bench]')"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| 1.00 | segcertify | 0.25 | 0.17 |" in report and "plots skipped" in report and ".png)" not in report
+    assert not list(tmp_path.glob("*.png"))
 
 
 # ----------------------------------------------------------------------------------------------- baseline
@@ -324,6 +345,7 @@ def test_onnx_runtime_entries_match_certseg_certify_on_onnx(
 # ------------------------------------------------------------------------------------------------- errors
 
 
+@needs_cityscapesscripts
 def test_clear_errors_for_missing_data_and_mismatched_classes(models: SimpleNamespace, tmp_path: Path) -> None:
     result = runner.invoke(cli.app, ["--dataset", "cityscapes", "--root", str(tmp_path / "nowhere"), "--quiet"])
     assert result.exit_code == 2 and "leftImg8bit/val/<city>" in result.output
@@ -342,6 +364,7 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+@needs_cityscapesscripts
 def test_images_over_the_pixel_limit_are_refused_from_their_header(models: SimpleNamespace, tmp_path: Path) -> None:
     """--max-pixels applies to the bench's reads too: a label map whose header claims 14000x14000 is refused
     before decoding (Pillow's own check would have raised), and so is a procedural --scene-size."""
@@ -400,4 +423,5 @@ def test_radius_map_curves_equal_the_certify_radius_maps_of_the_same_images(mode
     assert hits[0] > 0 and hits[-1] < hits[0]  # a curve that falls: the check compares something
     np.testing.assert_allclose(radius_curves(entries)[0].accuracy_at(levels), hits / valid)
     report = (out / "report.md").read_text()
-    assert "## Certified accuracy vs radius" in report and (out / "accuracy_vs_radius.png").is_file()
+    assert "## Certified accuracy vs radius" in report
+    assert (out / "accuracy_vs_radius.png").is_file() == (out / "accuracy_vs_radius.pdf").is_file() == plots.available()

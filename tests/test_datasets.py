@@ -15,6 +15,8 @@ from certseg.bench.datasets.pascal_context import context_labels, open_pascal_co
 from certseg.bench.datasets.procedural_set import open_procedural
 from certseg.engine.io import read_image
 
+from conftest import needs_cityscapesscripts
+
 
 def _touch(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +34,7 @@ def fake_cityscapes_val(root: Path, selected: list[str]) -> None:
             _touch(root / "gtFine" / "val" / image.parent.name / f"{name}_gtFine_labelTrainIds.png")
 
 
+@needs_cityscapesscripts
 def test_cityscapes_selection_reproduces_the_reference_list(tmp_path: Path, reference: Path) -> None:
     selected = (reference / "cityscapes-val-100.txt").read_text().split()
     fake_cityscapes_val(tmp_path, selected)
@@ -59,6 +62,7 @@ def _tiny_cityscapes(root: Path, label_kind: str) -> np.ndarray:
     return ids
 
 
+@needs_cityscapesscripts
 def test_cityscapes_raw_label_ids_become_train_ids(tmp_path: Path) -> None:
     ids = _tiny_cityscapes(tmp_path, "labelIds")
     image, labels = open_cityscapes(tmp_path).items[0].load()
@@ -72,6 +76,7 @@ def test_cityscapes_raw_label_ids_become_train_ids(tmp_path: Path) -> None:
     assert (open_cityscapes(tmp_path).items[0].load()[1] == 3).all()
 
 
+@needs_cityscapesscripts
 def test_cityscapes_errors_name_the_expected_layout(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist.*leftImg8bit/val/<city>"):
         open_cityscapes(tmp_path / "nowhere")
@@ -133,6 +138,7 @@ def test_procedural_scenes_are_held_out_and_match_their_png(tmp_path: Path) -> N
     np.testing.assert_array_equal(written.items[0].load()[1], labels)
 
 
+@needs_cityscapesscripts
 def test_open_dataset_defaults_detection_and_errors(tmp_path: Path) -> None:
     assert open_dataset(None, None, images=3, scene_size=(8, 16)).name == "procedural"
     _tiny_cityscapes(tmp_path / "cs", "labelIds")

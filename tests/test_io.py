@@ -43,6 +43,17 @@ def test_16bit_gray_png_keeps_precision(tmp_path: Path) -> None:
     np.testing.assert_allclose(image[0], gray / 65535.0, atol=1e-7)
 
 
+@pytest.mark.parametrize("colour, channels", [(0, 1), (4, 1), (2, 3), (6, 3)])
+def test_16bit_png_samples_reach_the_image_exactly(tmp_path: Path, colour: int, channels: int) -> None:
+    """Every 16-bit colour type (written by the test's own encoder): gray (+ alpha) stays one channel, RGB keeps its
+    order, alpha is dropped, and each value is its stored sample / 65535 in float32."""
+    samples = RNG.integers(0, 65536, size=(5, 7, {0: 1, 4: 2, 2: 3, 6: 4}[colour]), dtype=np.uint16)
+    (tmp_path / "deep.png").write_bytes(encode_png(samples, colour))
+    image = read_image(tmp_path / "deep.png")
+    expected = samples[:, :, :channels].astype(np.float32) / np.float32(65535.0)
+    np.testing.assert_array_equal(image, expected.transpose(2, 0, 1))
+
+
 def test_jpeg_and_palette_images(tmp_path: Path) -> None:
     Image.fromarray(RGB8).save(tmp_path / "im.jpg", quality=95)
     assert read_image(tmp_path / "im.jpg").shape == (3, 5, 7)
@@ -104,7 +115,8 @@ def png_header_only(path: Path, width: int, height: int, depth: int = 8, colour:
 @pytest.mark.parametrize("depth, colour", [(8, 0), (8, 2), (16, 2)])
 @pytest.mark.parametrize("reader", [read_image, read_labels])
 def test_huge_header_is_refused_before_decoding_in_one_line(tmp_path: Path, reader, depth: int, colour: int) -> None:
-    """14000x14000 (over twice Pillow's own limit, which raised DecompressionBombError) and the 16-bit decoder."""
+    """14000x14000 (over twice Pillow's own limit, which raised DecompressionBombError), 8-bit (Pillow) and 16-bit
+    (OpenCV): the data is never reached (it holds 64 bytes; decoding it would fail with another message)."""
     path = png_header_only(tmp_path / "bomb.png", 14000, 14000, depth, colour)
     with pytest.raises(InputError) as error:
         reader(path)
@@ -156,7 +168,7 @@ def test_jpeg_exif_orientation_is_applied_to_images_and_labels(tmp_path: Path) -
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_16bit_png_orientation_matches_pillows_exif_transpose(tmp_path: Path, orientation: int) -> None:
-    """certseg decodes 16-bit PNGs itself; its turn must equal what Pillow does for an 8-bit copy of the file."""
+    """OpenCV decodes 16-bit PNGs unturned; certseg's turn must equal what Pillow does for an 8-bit copy."""
     samples = (np.arange(3 * 4 * 3, dtype=np.uint16).reshape(3, 4, 3) * 1000).astype(np.uint16)
     data = encode_png(samples, 2)
     exif = exif_with(orientation).tobytes()
@@ -174,7 +186,7 @@ def _with_exif(image: Image.Image, exif: bytes) -> Image.Image:
 
 
 def test_16bit_png_orientation_is_read_without_a_second_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """certseg decodes 16-bit PNGs itself; Pillow only reads their header chunks (for an eXIf chunk)."""
+    """OpenCV decodes 16-bit PNGs; Pillow only reads their header chunks (for an eXIf chunk)."""
     from PIL import PngImagePlugin
 
     samples = np.arange(4 * 5 * 3, dtype=np.uint16).reshape(4, 5, 3)

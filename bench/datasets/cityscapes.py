@@ -12,13 +12,17 @@ beside them) are read the same way, with the procedural classes that file names.
 Selection: all val images sorted by their path relative to ROOT, then indices 0, 5, …, 495: the 100 images of
 ``cityscapes-val-100.txt``. Images are read with ``certseg.engine.io.read_image``, the reader ``certseg certify``
 uses, so a bench entry and ``certseg certify`` on the same file see the same pixels.
+
+Class names and the id → trainId map come from the dataset's own label table (``cityscapesscripts``, in the
+``bench`` extra), not a copy of it; only real Cityscapes needs it, not the procedural scenes written in its layout.
 """
 
 from __future__ import annotations
 
 import json
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,36 +30,44 @@ from certseg.bench.datasets.common import BenchDataset, DatasetError, DatasetIte
 from certseg.engine.io import open_checked, read_image
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 
-CLASSES: tuple[str, ...] = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)
 IGNORE_INDEX = 255
 STEP = 5
 IMAGE_SUFFIX = "_leftImg8bit.png"
 TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
 LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
 
-# The official cityscapesScripts labels table, id -> trainId; every other id (void classes, license plate) -> 255.
-ID_TO_TRAIN_ID: dict[int, int] = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
-    28: 15, 31: 16, 32: 17, 33: 18,
-}
+
+def label_table() -> list[Any]:
+    """cityscapesscripts' ``labels``: name, id, trainId, ignoreInEval, colour of every Cityscapes label."""
+    try:
+        from cityscapesscripts.helpers.labels import labels
+    except ImportError:
+        raise DatasetError(
+            "Cityscapes: the label table comes from cityscapesscripts: pip install 'certseg[bench]'"
+        ) from None
+    return list(labels)
 
 
-def _id_lut() -> np.ndarray:
+@cache
+def train_classes() -> tuple[str, ...]:
+    """The evaluated classes in trainId order (19: road … bicycle)."""
+    evaluated = {label.trainId: label.name for label in reversed(label_table()) if not label.ignoreInEval}
+    return tuple(evaluated[train_id] for train_id in sorted(evaluated))
+
+
+@cache
+def id_lut() -> np.ndarray:
+    """256 entries: raw label id → trainId; void classes, ids outside the table and license plate (-1) → 255."""
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for label_id, train_id in ID_TO_TRAIN_ID.items():
-        lut[label_id] = train_id
+    for label in label_table():
+        if 0 <= label.id < 256 and not label.ignoreInEval:
+            lut[label.id] = label.trainId
     return lut
-
-
-ID_LUT = _id_lut()
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
     """Raw ``*_labelIds.png`` values (0..33) → the 19 train ids, everything else → 255."""
-    return ID_LUT[np.asarray(label_ids).astype(np.uint8)]
+    return id_lut()[np.asarray(label_ids).astype(np.uint8)]
 
 
 def layout_help(root: Path, split: str = "val") -> str:
@@ -142,15 +154,16 @@ def open_cityscapes(
         "selection": f"sorted {split} images, every {STEP}th (indices 0, {STEP}, ...)",
         "resize": resize,
     }
-    name, classes = "cityscapes", CLASSES
     manifest = root / "procedural.json"
     if manifest.is_file():  # procedural scenes written in this layout: their own classes
         name, classes = "cityscapes-layout-procedural", tuple(json.loads(manifest.read_text())["classes"])
         description["classes_from"] = str(manifest)
-    elif split == "val" and len(images) != 500:
-        description["warning"] = (
-            f"Cityscapes val has 500 images; found {len(images)}, so the selection differs from the peers'"
-        )
+    else:
+        name, classes = "cityscapes", train_classes()
+        if split == "val" and len(images) != 500:
+            description["warning"] = (
+                f"Cityscapes val has 500 images; found {len(images)}, so the selection differs from the peers'"
+            )
     return BenchDataset(name, classes, IGNORE_INDEX, tuple(items), description)
 
 
