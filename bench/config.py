@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from certseg.engine.choices import Method
 from certseg.engine.errors import InputError
-from certseg.engine.label_pipeline import METHODS
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.session import Settings
 
@@ -85,8 +85,8 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for method in self.methods:
-            if method not in METHODS:
-                raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+            if method not in list(Method):
+                raise InputError(f"unknown method {method!r}; choose from {', '.join(Method)}")
         for name, values in (("--method", self.methods), ("--sigma", self.sigmas), ("--scale", self.scales)):
             if not values:
                 raise InputError(f"{name} needs at least one value")

@@ -35,11 +35,12 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from certseg.engine.choices import Exporter, choice
 from certseg.engine.errors import CertsegError, InputError
 from certseg.engine.stages import normalize_imagenet, scaled_size
 
@@ -48,9 +49,7 @@ if TYPE_CHECKING:
 
     from certseg.engine.models.registry import LoadedModel
 
-Exporter = Literal["legacy", "dynamo"]
 Log = Callable[[str], None]
-EXPORTERS: tuple[str, ...] = ("legacy", "dynamo")
 DEFAULT_OPSET = 18
 """Opset 17 exports a Split that ORT refuses; 18-21 load (PLATFORM-FACTS)."""
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
@@ -367,12 +366,11 @@ def _trace(
     output_names: Sequence[str],
     dynamic_axes: Mapping[str, Mapping[int, str]],
     opset: int,
-    exporter: Exporter,
+    exporter: Exporter | str,
 ) -> None:
     """Run one exporter into ``file`` (weights may land beside it); a failure becomes one ``CertsegError`` line
     (the original exception stays attached as ``__cause__`` for debugging)."""
-    if exporter not in EXPORTERS:
-        raise InputError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    exporter = choice(Exporter, exporter, "exporter", InputError)
     try:
         _run_exporter(module, args, file, input_names=input_names, output_names=output_names,
                       dynamic_axes=dynamic_axes, opset=opset, exporter=exporter)
@@ -396,7 +394,7 @@ def _run_exporter(
     exporter: Exporter,
 ) -> None:
     with _quiet(), torch.no_grad():
-        if exporter == "legacy":
+        if exporter == Exporter.legacy:
             torch.onnx.export(
                 module, args, str(file), dynamo=False, opset_version=opset, input_names=list(input_names),
                 output_names=list(output_names), dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
@@ -424,7 +422,7 @@ def export_graph(
     output_names: Sequence[str],
     dynamic_axes: Mapping[str, Mapping[int, str]],
     opset: int = DEFAULT_OPSET,
-    exporter: Exporter = "legacy",
+    exporter: Exporter | str = Exporter.legacy,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     output_shapes: Mapping[str, Sequence[int | str]] | None = None,
     metadata: Mapping[str, str] | None = None,
@@ -587,7 +585,7 @@ def export_denoiser(
     image_size: int | Sequence[int],
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
-    exporter: Exporter = "legacy",
+    exporter: Exporter | str = Exporter.legacy,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     parity_batches: Sequence[int] = PARITY_BATCHES,
     threads: int | None = None,
@@ -666,7 +664,7 @@ def export_segmenter(
     example_size: int | Sequence[int],
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
-    exporter: Exporter = "legacy",
+    exporter: Exporter | str = Exporter.legacy,
     dynamic_size: bool | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     parity_batches: Sequence[int] = PARITY_BATCHES,
@@ -712,7 +710,7 @@ def export_segmenter(
 
 
 def _export_segmenter_graph(
-    module: nn.Module, path: Path, size: tuple[int, int], dynamic: bool, opset: int, exporter: Exporter,
+    module: nn.Module, path: Path, size: tuple[int, int], dynamic: bool, opset: int, exporter: Exporter | str,
     threshold: int, metadata: Mapping[str, str] | None = None,
 ) -> bool:
     spatial_in = {2: "height", 3: "width"} if dynamic else {}
@@ -885,7 +883,7 @@ def export_models(
     tensorrt: bool | None = None,
     scale: float = 1.0,
     opset: int = DEFAULT_OPSET,
-    exporter: Exporter = "legacy",
+    exporter: Exporter | str = Exporter.legacy,
     parity_batches: Sequence[int] = PARITY_BATCHES,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     threads: int | None = None,
