@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from certseg.bench.timing import StageTimer
+from certseg.engine.choices import Fwer, NoiseBackend, choice
 from certseg.engine.errors import InputError
 from certseg.engine.label_pipeline import LabelPipeline
 from certseg.engine.labels import label_numpy_dtype
@@ -70,14 +71,15 @@ def authors_certify(
     tau: float,
     alpha: float,
     seed: int,
-    fwer: str = "holm",
-    noise_backend: str = "numpy-philox",
+    fwer: Fwer | str = Fwer.holm,
+    noise_backend: NoiseBackend | str = NoiseBackend.numpy_philox,
     device: torch.device | str = "cpu",
     timer: StageTimer | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> BaselineResult:
     """Algorithm 1 the slow way: batch 1, fp32 eager, count maps, per-pixel p-values, statsmodels FWER."""
     multipletests = _multipletests()
+    fwer = choice(Fwer, fwer, "fwer")  # statsmodels names the two procedures as certseg does
     timer = timer or StageTimer(device)
     image = validate_image(image)
     pipeline = pipeline.to(device).eval()
@@ -113,8 +115,7 @@ def authors_certify(
     timings["estimation"] = time.perf_counter() - started
     started = time.perf_counter()
     pvalues = per_pixel_pvalues(agree, n, tau)
-    method = "holm" if fwer == "holm" else "bonferroni"
-    certified = multipletests(pvalues.ravel(), alpha=alpha, method=method)[0].reshape(guess.shape)
+    certified = multipletests(pvalues.ravel(), alpha=alpha, method=fwer.value)[0].reshape(guess.shape)
     timings["certify"] = time.perf_counter() - started
     timer.add("certify", timings["certify"])
     labels = guess.astype(label_numpy_dtype(num_classes))

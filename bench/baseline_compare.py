@@ -25,10 +25,12 @@ from certseg.bench.report import write_report
 from certseg.bench.run import execute, prepare
 from certseg.bench.tables import compare, comparison_table
 from certseg.bench.train import SMALL_ADM, SMALL_HRNET
+from certseg.engine.choices import Method, Precision
 from certseg.engine.errors import CheckpointError
 from certseg.engine.models.adm import build_adm
 from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.models.registry import default_model, save_model
+from certseg.engine.settings import Settings
 
 
 def _models(folder: Path) -> tuple[dict[str, str | None], str]:
@@ -60,20 +62,19 @@ def main(
     n: int = 100,
     alpha: float = 0.001,
     sigma: Annotated[float, typer.Option(help="noise level σ")] = 0.25,
-    method: Annotated[list[str] | None, typer.Option(help="methods [segcertify denoisecertify]")] = None,
+    method: Annotated[list[Method] | None, typer.Option(help="methods [segcertify denoisecertify]")] = None,
     batch: int = 16,
-    precision: Annotated[str, typer.Option(help="engine precision: fp32 (identical certificates), bf16, fp16")]
-    = "fp32",
+    precision: Annotated[Precision, typer.Option(help="engine precision: fp32 (identical certificates), bf16, fp16")]
+    = Precision.fp32,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("bench-compare"),
 ) -> None:
     """Engine vs authors-style baseline on the procedural scenes: samples/s side by side."""
     models, provenance = _models(out / "models")
-    config = BenchConfig(
-        images=images, methods=tuple(method or ("segcertify", "denoisecertify")), sigmas=(sigma,), n0=n0, n=n,
-        alpha=alpha, batch=batch, precision=precision, threads=threads, device=device, out=out, baseline=True, **models,
-    )
+    engine = Settings(n0=n0, n=n, alpha=alpha, batch=batch, precision=precision, device=device, **models)
+    config = BenchConfig(engine=engine, images=images, methods=tuple(method or Method), sigmas=(sigma,),
+                         threads=threads, out=out, baseline=True)
     run = prepare(config)
     entries = execute(run)
     comparisons = compare(entries)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -21,9 +20,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from certseg.engine.cli_common import fail, interruptible
+from certseg.bench.config import GRID_AXES, BenchConfig
+from certseg.engine.choices import Dataset, Method
+from certseg.engine.cli_common import MaxPixelsOption, fail, interruptible, settings_options
 from certseg.engine.errors import CertsegError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
+from certseg.engine.settings import Settings
 
 MULTI_VALUE_OPTIONS: tuple[str, ...] = ("--method", "--sigma", "--scale")
 
@@ -53,18 +55,6 @@ def expand_multi_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
-class DatasetChoice(StrEnum):
-    procedural = "procedural"
-    cityscapes = "cityscapes"
-    pascal_context = "pascal-context"
-
-
-class RuntimeChoice(StrEnum):
-    torch = "torch"
-    onnx = "onnx"
-    triton = "triton"
-
-
 def _size(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -90,32 +80,21 @@ def _print_table(console: Console, title: str, header: list[str], body: list[lis
 
 @app.command()
 @interruptible("certseg-bench: interrupted (finished entries are kept; rerun to resume)")
+@settings_options(skip=GRID_AXES)
 def bench(
+    *,
     images: Annotated[int, typer.Option(help="number of protocol images (the paper: 100)")] = 100,
-    dataset: Annotated[DatasetChoice | None, typer.Option(help="default: procedural, or detected from --root")] = None,
+    dataset: Annotated[Dataset | None, typer.Option(help="default: procedural, or detected from --root")] = None,
     root: Annotated[Path | None, typer.Option(help="folder holding Cityscapes or Pascal-Context")] = None,
     data_seed: Annotated[int, typer.Option(help="procedural: first held-out scene index")] = 0,
     scene_size: Annotated[str | None, typer.Option(help="procedural: HEIGHTxWIDTH (default 128x256)")] = None,
     write_data: Annotated[Path | None, typer.Option(help="procedural: also write the scenes here (Cityscapes layout)")]
     = None,
     resize: Annotated[int | None, typer.Option(help="squash images to N×N (the peers' Pascal-Context: 480)")] = None,
-    method: Annotated[list[str] | None, typer.Option(help="one or more of segcertify, denoisecertify [both]")]
-    = None,
+    method: Annotated[list[Method] | None, typer.Option(help="one or more methods [both]")] = None,
     sigma: Annotated[list[float] | None, typer.Option(help="one or more noise levels σ [0.25 0.5 1.0]")] = None,
     scale: Annotated[list[float] | None, typer.Option(help="one or more segmenter input scales [1.0]")] = None,
-    n0: Annotated[int, typer.Option(help="selection samples")] = 10,
-    n: Annotated[int, typer.Option(help="estimation samples")] = 100,
-    alpha: Annotated[float, typer.Option(help="family-wise error level")] = 0.001,
-    tau: Annotated[float, typer.Option(help="agreement threshold τ")] = 0.75,
-    fwer: Annotated[str, typer.Option(help="holm or bonferroni")] = "holm",
-    segmenter: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path")] = None,
-    denoiser: Annotated[str | None, typer.Option(help="shipped model name or checkpoint path")] = None,
-    runtime: Annotated[RuntimeChoice, typer.Option(help="engine runtime")] = RuntimeChoice.torch,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
-    precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16")] = "fp32",
-    batch: Annotated[int, typer.Option(help="samples per forward pass")] = 16,
-    t_rule: Annotated[str, typer.Option("--t-rule", help="principled, authors or dds")] = "principled",
-    antialias: Annotated[bool, typer.Option(help="antialiased resizes")] = False,
+    settings: Settings,
     seed: Annotated[int, typer.Option(help="root seed; each image's seed derives from it and its index")] = 0,
     out: Annotated[Path, typer.Option(help="output folder (results.jsonl, report.md, plots)")] = Path("bench-out"),
     baseline: Annotated[bool, typer.Option(help="also run the authors-style baseline (speed comparison)")] = False,
@@ -128,8 +107,7 @@ def bench(
     stage_timing: Annotated[bool, typer.Option(help="split time into stages")] = True,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
-    max_pixels: Annotated[int, typer.Option(
-        help="refuse images and label maps with more pixels, from their header, before decoding")] = DEFAULT_MAX_PIXELS,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Run every (image × method × σ × scale), print the paper's tables, write DIR/results.jsonl (resumable).
 
@@ -137,7 +115,6 @@ def bench(
     (--sigma 0.25 --sigma 0.5). Rerunning into the same --out skips finished entries.
     """
     from certseg.bench import plots
-    from certseg.bench.config import BenchConfig
     from certseg.bench.report import write_report
     from certseg.bench.results import load_entries
     from certseg.bench.run import execute, prepare
@@ -160,14 +137,13 @@ def bench(
             if not entries:
                 _fail(f"no entries in {out / 'results.jsonl'}")
         else:
+            grid = {name: tuple(values) for name, values in (("methods", method), ("sigmas", sigma),
+                                                                  ("scales", scale)) if values}
             config = BenchConfig(
-                images=images, dataset=None if dataset is None else dataset.value, root=root, data_seed=data_seed,
-                scene_size=_size(scene_size), write_data=write_data, resize=resize,
-                methods=tuple(method or ("segcertify", "denoisecertify")), sigmas=tuple(sigma or (0.25, 0.5, 1.0)),
-                scales=tuple(scale or (1.0,)), n0=n0, n=n, alpha=alpha, tau=tau, fwer=fwer, segmenter=segmenter,
-                denoiser=denoiser, runtime=runtime.value, device=device, precision=precision, batch=batch,
-                t_rule=t_rule, antialias=antialias, seed=seed, out=out, baseline=baseline, save_labels=save_labels,
-                stage_timing=stage_timing, threads=threads, max_pixels=max_pixels, radius_map=radius_map,
+                engine=settings, **grid, images=images, dataset=dataset, root=root, data_seed=data_seed,
+                scene_size=_size(scene_size), write_data=write_data, resize=resize, seed=seed, out=out,
+                baseline=baseline, save_labels=save_labels, stage_timing=stage_timing, threads=threads,
+                max_pixels=max_pixels, radius_map=radius_map,
             )
             run = prepare(config)
             entries = execute(run, show_progress=not quiet)

@@ -11,19 +11,21 @@ reproduces an entry exactly.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from certseg.engine.choices import Dataset, Method, choice
 from certseg.engine.errors import InputError
-from certseg.engine.label_pipeline import METHODS
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
-from certseg.engine.session import Settings
+from certseg.engine.settings import Settings
 
 VARIANTS: tuple[str, ...] = ("engine", "baseline")
 RESULTS_FILE = "results.jsonl"
+COMPAT = {"compat": True}
+"""Metadata of the ``BenchConfig`` fields besides the engine settings that change an entry's numbers."""
 
 
 def image_seed(root_seed: int, index: int) -> int:
@@ -35,7 +37,7 @@ def image_seed(root_seed: int, index: int) -> int:
 
 @dataclass(frozen=True, order=True)
 class Setting:
-    """One column group of the paper's tables: a method at one scale and one σ."""
+    """One column group of the paper's tables: a method at one scale and one σ (the grid's axes)."""
 
     method: str
     scale: float
@@ -45,37 +47,31 @@ class Setting:
         return f"{self.method} σ={self.sigma:g} scale={self.scale:g}"
 
 
+GRID_AXES: tuple[str, ...] = tuple(f.name for f in fields(Setting))
+"""The ``Settings`` fields a bench run spans (several values each); every other field is one value per run."""
+
+
 @dataclass(frozen=True)
 class BenchConfig:
+    """A bench run: the grid of (method, σ, scale), the ``engine`` settings every cell shares, the dataset."""
+
+    engine: Settings = field(default_factory=Settings)
+    """Every engine setting; a grid cell replaces its method, σ and scale (``session_settings``)."""
+    methods: tuple[Method, ...] = (Method.segcertify, Method.denoisecertify)
+    sigmas: tuple[float, ...] = (0.25, 0.5, 1.0)
+    scales: tuple[float, ...] = (1.0,)
     images: int = 100
-    dataset: str | None = None
+    dataset: Dataset | None = None
     root: Path | None = None
     data_seed: int = 0
     scene_size: tuple[int, int] | None = None
     write_data: Path | None = None
     resize: int | None = None
-    methods: tuple[str, ...] = ("segcertify", "denoisecertify")
-    sigmas: tuple[float, ...] = (0.25, 0.5, 1.0)
-    scales: tuple[float, ...] = (1.0,)
-    n0: int = 10
-    n: int = 100
-    alpha: float = 0.001
-    tau: float = 0.75
-    fwer: str = "holm"
-    segmenter: str | None = None
-    denoiser: str | None = None
-    runtime: str = "torch"
-    device: str | None = None
-    precision: str = "fp32"
-    batch: int = 16
-    t_rule: str = "principled"
-    antialias: bool = False
-    noise_backend: str = "numpy-philox"
-    seed: int = 0
+    seed: int = field(default=0, metadata=COMPAT)
     out: Path = Path("bench-out")
     baseline: bool = False
     save_labels: bool = False
-    radius_map: bool = False
+    radius_map: bool = field(default=False, metadata=COMPAT)
     """Also record each entry's per-pixel radii (as counts per agreement level) for accuracy-vs-radius curves."""
     stage_timing: bool = True
     threads: int | None = None
@@ -84,9 +80,11 @@ class BenchConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for method in self.methods:
-            if method not in METHODS:
-                raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        """Choices as their enums, the runtime decided (as ``Session.open`` would), and the grid checked."""
+        object.__setattr__(self, "engine", self.engine.resolved())
+        object.__setattr__(self, "methods", tuple(choice(Method, m, "--method", InputError) for m in self.methods))
+        if self.dataset is not None:
+            object.__setattr__(self, "dataset", choice(Dataset, self.dataset, "--dataset", InputError))
         for name, values in (("--method", self.methods), ("--sigma", self.sigmas), ("--scale", self.scales)):
             if not values:
                 raise InputError(f"{name} needs at least one value")
@@ -106,26 +104,36 @@ class BenchConfig:
     def grid(self) -> list[Setting]:
         """Every (method, scale, σ) combination, in the paper's row order (scale, then method, then σ)."""
         unique = dict.fromkeys(
-            Setting(m, float(sc), float(sg)) for sc, m, sg in itertools.product(self.scales, self.methods, self.sigmas)
+            Setting(m.value, float(sc), float(sg))
+            for sc, m, sg in itertools.product(self.scales, self.methods, self.sigmas)
         )
         return list(unique)
 
     def session_settings(self, setting: Setting) -> Settings:
         """The engine settings of one grid cell: exactly what ``certseg certify`` would build from the same flags."""
-        return Settings(
-            method=setting.method, sigma=setting.sigma, n0=self.n0, n=self.n, alpha=self.alpha, tau=self.tau,
-            fwer=self.fwer, scale=setting.scale, t_rule=self.t_rule, antialias=self.antialias,
-            segmenter=self.segmenter, denoiser=self.denoiser, runtime=self.runtime, device=self.device,
-            precision=self.precision, batch=self.batch, noise_backend=self.noise_backend,
-        )
+        return replace(self.engine, **{axis: getattr(setting, axis) for axis in GRID_AXES})
+
+    def record(self) -> dict[str, Any]:
+        """The results file's ``session`` line: the run's own fields beside the shared engine settings, flat (the
+        keys it had when they were all fields of this class)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "engine"}
+        return {**own, **shared_settings(self.engine)}
 
     def compat(self, dataset: dict[str, Any], device: str) -> dict[str, Any]:
         """Everything that changes an entry's numbers: a run may only resume a results file that agrees on it.
 
-        The selection lists (images, methods, σ, scales, baseline) are not here: they only add or skip entries.
+        Every engine setting but the grid's axes (the selection lists: images, methods, σ, scales and baseline
+        only add or skip entries), the ``COMPAT`` fields, the device as resolved, and the dataset's pixels.
         """
-        keep = ("seed", "n0", "n", "alpha", "tau", "fwer", "segmenter", "denoiser", "runtime", "precision", "batch",
-                "t_rule", "antialias", "noise_backend", "radius_map")
-        own = {k: v for k, v in asdict(self).items() if k in keep}
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("compat")}
         same_pixels = {k: dataset.get(k) for k in ("name", "root", "generator_version", "scene_size", "resize")}
-        return {**own, "device": device, "dataset": same_pixels}
+        return {**shared_settings(self.engine), **own, "device": device, "dataset": same_pixels}
+
+
+def shared_settings(settings: Settings) -> dict[str, Any]:
+    """The engine settings every cell of a run shares (all but the grid's axes), JSON-ready.
+
+    A results header written before a setting existed lacks its key; resuming compares it with
+    ``shared_settings(Settings())``'s value, the default, which is what runs before the setting used.
+    """
+    return {k: v for k, v in settings.record().items() if k not in GRID_AXES}

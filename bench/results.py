@@ -97,13 +97,17 @@ class ResultsFile:
         self.header: dict[str, Any] | None = None
         self.entries: dict[Key, dict[str, Any]] = {}
 
-    def open(self, header: dict[str, Any]) -> None:
-        """Check (or write) the header and load the finished entries; refuses a file made with other settings."""
+    def open(self, header: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+        """Check (or write) the header and load the finished entries; refuses a file made with other settings.
+
+        ``defaults``: the value of each compat key that a header written before the key existed stands for.
+        """
         records = read_lines(self.path, repair=True)
         runs = [r for r in records if r.get("kind") == "run"]
         if runs:
             self.header = runs[0]
-            problems = _differences(jsonable(runs[0]["compat"]), jsonable(header["compat"]))
+            written = {**(defaults or {}), **runs[0]["compat"]}
+            problems = _differences(jsonable(written), jsonable(header["compat"]))
             if problems:
                 raise ResumeError(
                     f"{self.path} was written with other settings, so it cannot be resumed ({'; '.join(problems)}); "

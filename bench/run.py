@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from certseg.bench.baseline import authors_certify
-from certseg.bench.config import BenchConfig, Setting, image_seed
+from certseg.bench.config import BenchConfig, Setting, image_seed, shared_settings
 from certseg.bench.datasets import BenchDataset, DatasetItem, open_dataset
 from certseg.bench.results import Key, ResultsFile, ResumeError, labels_digest
 from certseg.bench.timing import StageTimer, gpu_peak_mib, peak_rss_mib, reset_gpu_peak, timed_torch_runtime_factory
 from certseg.engine.certify import radius
+from certseg.engine.choices import RuntimeName
 from certseg.engine.errors import InputError
 from certseg.engine.io import default_palette, write_label_png
 from certseg.engine.label_pipeline import LabelPipeline
@@ -36,8 +37,9 @@ from certseg.engine.pipeline import CertifiedSegmentation
 from certseg.engine.radius import radius_table
 from certseg.engine.runtimes.torch_runtime import resolve_device
 from certseg.engine.session import Session
+from certseg.engine.settings import Settings
 
-SUPPORTED_RUNTIMES: tuple[str, ...] = ("torch", "onnx")
+SUPPORTED_RUNTIMES: tuple[RuntimeName, ...] = (RuntimeName.torch, RuntimeName.onnx)
 """Runtimes a local Session builds (onnx: graphs exported once from the same weights and cached); triton needs
 servers, which the bench does not start or take yet."""
 
@@ -68,9 +70,9 @@ def _now() -> str:
 
 def prepare(config: BenchConfig) -> BenchRun:
     """Open the dataset and the results file (checking it may be resumed), before any model is loaded."""
-    if config.runtime not in SUPPORTED_RUNTIMES:
+    if config.engine.runtime not in SUPPORTED_RUNTIMES:
         raise InputError(
-            f"--runtime {config.runtime}: the engine's Session does not build this runtime yet "
+            f"--runtime {config.engine.runtime}: the engine's Session does not build this runtime yet "
             f"(available: {', '.join(SUPPORTED_RUNTIMES)})"
         )
     if config.threads:
@@ -81,7 +83,7 @@ def prepare(config: BenchConfig) -> BenchRun:
         max_pixels=config.max_pixels,
     )
     items = dataset.take(config.images)
-    device = resolve_device(config.device)
+    device = resolve_device(config.engine.device)
     results = ResultsFile(config.results_path)
     header = {
         "kind": "run",
@@ -91,9 +93,9 @@ def prepare(config: BenchConfig) -> BenchRun:
                     **dataset.description},
         "seed_rule": "entry seed = SeedSequence([seed, image index]).generate_state(1, uint64)[0] >> 1",
     }
-    results.open(header)
+    results.open(header, defaults=shared_settings(Settings()))
     run_id = uuid.uuid4().hex
-    results.append({"kind": "session", "run_id": run_id, "started": _now(), "config": asdict(config)})
+    results.append({"kind": "session", "run_id": run_id, "started": _now(), "config": config.record()})
     return BenchRun(config, dataset, items, results, device, run_id)
 
 
@@ -111,10 +113,11 @@ class _Sessions:
             return self.open[setting]
         config = self.run.config
         session = Session.open(config.session_settings(setting))
-        if self.timer is not None and config.runtime == "torch":  # other runtimes: Session's own, untimed stages
+        s = session.settings
+        if self.timer is not None and s.runtime == RuntimeName.torch:  # other runtimes: Session's own stages
             session.runtime_factory = timed_torch_runtime_factory(
-                self.timer, device=session.device, precision=config.precision, batch_size=config.batch,
-                noise_backend=config.noise_backend,
+                self.timer, device=torch.device(session.device), precision=s.precision, batch_size=s.batch,
+                noise_backend=s.noise_backend,
             )
         if session.num_classes != self.run.dataset.num_classes:
             raise InputError(
@@ -157,11 +160,11 @@ def _entry(
     run: BenchRun, item: DatasetItem, setting: Setting, variant: str, seed: int, labels: np.ndarray,
     target: np.ndarray, num_classes: int, timings: dict[str, float], session: Session, extra: dict[str, Any],
 ) -> dict[str, Any]:
-    config = run.config
+    engine = run.config.engine
     metrics = CertifiedMetrics(num_classes, ignore_index=run.dataset.ignore_index)
     metrics.update(labels, target)
     sampling = timings["selection"] + timings["estimation"]
-    samples = config.n0 + config.n
+    samples = engine.n0 + engine.n
     return {
         "kind": "entry",
         "run_id": run.run_id,
@@ -175,11 +178,11 @@ def _entry(
         "scale": setting.scale,
         "variant": variant,
         "seed": seed,
-        "n0": config.n0,
-        "n": config.n,
-        "alpha": config.alpha,
-        "tau": config.tau,
-        "fwer": config.fwer,
+        "n0": engine.n0,
+        "n": engine.n,
+        "alpha": engine.alpha,
+        "tau": engine.tau,
+        "fwer": engine.fwer.value,
         "num_classes": num_classes,
         "confusion": metrics.confusion,
         "abstain_fraction": metrics.abstain_fractions[0],
@@ -193,8 +196,8 @@ def _entry(
         "peak_rss_mib": peak_rss_mib(),
         "gpu_peak_mib": gpu_peak_mib(run.device),
         "device": str(run.device),
-        "batch": 1 if variant == "baseline" else config.batch,
-        "precision": "fp32" if variant == "baseline" else config.precision,
+        "batch": 1 if variant == "baseline" else engine.batch,
+        "precision": "fp32" if variant == "baseline" else engine.precision.value,
         "models": _model_records(session),
         **extra,
     }
@@ -206,7 +209,7 @@ def _certify_engine(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """One engine entry: exactly the ``Session.certify`` call ``certseg certify`` makes."""
     session = sessions.get(setting)
-    timer = timer if run.config.runtime == "torch" else None  # only the torch runtime is instrumented
+    timer = timer if session.settings.runtime == RuntimeName.torch else None  # only torch is instrumented
     if timer is not None:
         timer.reset()
     reset_gpu_peak(run.device)
@@ -220,7 +223,7 @@ def _certify_engine(
         "non_finite": record["non_finite"],
     }
     if run.config.radius_map:
-        extra["radius_map"] = radius_record(result, target, run.config.alpha, run.dataset.ignore_index)
+        extra["radius_map"] = radius_record(result, target, run.config.engine.alpha, run.dataset.ignore_index)
     if timer is not None:
         timer.add("certify", timings["certify"])
         timings["stages"] = timer.snapshot()
@@ -249,7 +252,7 @@ def _certify_baseline(
     image: np.ndarray, target: np.ndarray, seed: int, progress: Callable[[int], None],
 ) -> tuple[dict[str, Any], np.ndarray]:
     """One baseline entry: the authors-style certifier on the same pipeline, image and seed."""
-    config = run.config
+    engine = run.config.engine
     session = sessions.get(setting)
     pipeline = sessions.pipeline(setting, tuple(image.shape[1:]))
     timer_used = timer or StageTimer(run.device)
@@ -257,14 +260,14 @@ def _certify_baseline(
     reset_gpu_peak(run.device)
     started = time.perf_counter()
     result = authors_certify(
-        pipeline, image, num_classes=session.num_classes, sigma=setting.sigma, n0=config.n0, n=config.n,
-        tau=config.tau, alpha=config.alpha, seed=seed, fwer=config.fwer, noise_backend=config.noise_backend,
+        pipeline, image, num_classes=session.num_classes, sigma=setting.sigma, n0=engine.n0, n=engine.n,
+        tau=engine.tau, alpha=engine.alpha, seed=seed, fwer=engine.fwer, noise_backend=engine.noise_backend,
         device=run.device, timer=timer_used, progress=progress,
     )
     timings = {**result.timings, "total": time.perf_counter() - started}
     spec = pipeline.spec
     extra: dict[str, Any] = {
-        "radius": radius(setting.sigma, config.tau),
+        "radius": radius(setting.sigma, engine.tau),
         "timestep": None if spec.timestep is None else spec.timestep.t,
         "pipeline": spec.record(),
     }
@@ -306,7 +309,7 @@ def execute(run: BenchRun, *, console: Console | None = None, show_progress: boo
     by_item: dict[str, list[Key]] = {}
     for key in pending:
         by_item.setdefault(key[0], []).append(key)
-    samples = config.n0 + config.n
+    samples = config.engine.n0 + config.engine.n
     if run.dataset.description.get("warning"):
         console.print(f"[yellow]warning:[/] {run.dataset.description['warning']}")
     bar = _progress(console) if show_progress else None

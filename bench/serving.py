@@ -24,6 +24,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from certseg.engine.choices import Method
 from certseg.engine.errors import CertsegError, CheckpointError
 from certseg.engine.io import read_image
 from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec, make_spec
@@ -45,17 +46,18 @@ SEED = 20250101
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
 
-def default_models(method: str) -> tuple[LoadedModel, LoadedModel | None, bool]:
+def default_models(method: Method) -> tuple[LoadedModel, LoadedModel | None, bool]:
     """The shipped defaults, or (False) the same architectures with random weights when none are shipped."""
     try:
         segmenter = load_model(default_model("segmenter", method), "segmenter")
-        denoiser = load_model(default_model("denoiser", method), "denoiser") if method == "denoisecertify" else None
+        denoising = method == Method.denoisecertify
+        denoiser = load_model(default_model("denoiser", method), "denoiser") if denoising else None
         return segmenter, denoiser, True
     except CheckpointError:
         return *_random_models(method), False
 
 
-def _random_models(method: str) -> tuple[LoadedModel, LoadedModel | None]:
+def _random_models(method: Method) -> tuple[LoadedModel, LoadedModel | None]:
     from certseg.bench.datasets import procedural
     from certseg.bench.train import SMALL_ADM, SMALL_HRNET
     from certseg.engine.models.adm import build_adm
@@ -68,7 +70,7 @@ def _random_models(method: str) -> tuple[LoadedModel, LoadedModel | None]:
         source="random weights", sha256="",
     )
     denoiser = None
-    if method == "denoisecertify":
+    if method == Method.denoisecertify:
         denoiser = LoadedModel(
             module=build_adm(SMALL_ADM).eval(), name="random-small-adm", family="adm", role="denoiser",
             config={"create_model_kwargs": SMALL_ADM}, source="random weights", sha256="",
@@ -142,7 +144,7 @@ def main(
     warmup: Annotated[int, typer.Option(help="untimed samples first (loads, first-call costs)")] = 32,
     batch: Annotated[int, typer.Option(help="samples per forward pass / request")] = 16,
     in_flight: Annotated[int, typer.Option(help="requests in flight (Triton rows)")] = 2,
-    method: Annotated[str, typer.Option(help="denoisecertify or segcertify")] = "denoisecertify",
+    method: Annotated[Method, typer.Option(help="denoise first, or not")] = Method.denoisecertify,
     sigma: Annotated[float, typer.Option(help="noise level")] = 0.25,
     image_path: Annotated[Path, typer.Option("--image", help="image to sample around")] = SAMPLE,
     instances: Annotated[int, typer.Option(help="Triton instances of the denoise and segment steps")] = 1,
@@ -157,7 +159,7 @@ def main(
     image = read_image(image_path)
     size = (int(image.shape[1]), int(image.shape[2]))
     segmenter, denoiser, shipped = default_models(method)
-    spec = make_spec(method, sigma, size, denoiser_size=None if denoiser is None else denoiser.input_size)  # type: ignore[arg-type]
+    spec = make_spec(method, sigma, size, denoiser_size=None if denoiser is None else denoiser.input_size)
     rows: list[tuple[str, float]] = []
     stages: dict[str, Any] = {}
 
@@ -210,7 +212,7 @@ def main(
                                         "in_flight": in_flight, "shipped_weights": shipped}, indent=2) + "\n")
 
 
-def _table(rows: list[tuple[str, float]], method: str, segmenter: LoadedModel, denoiser: LoadedModel | None,
+def _table(rows: list[tuple[str, float]], method: Method, segmenter: LoadedModel, denoiser: LoadedModel | None,
            shipped: bool, size: tuple[int, int], batch: int, in_flight: int, samples: int) -> Table:
     import os
 

@@ -16,8 +16,11 @@ import numpy as np
 
 from certseg.bench.config import VARIANTS
 from certseg.bench.timing import STAGES
-from certseg.engine.label_pipeline import METHODS
+from certseg.engine.choices import Method
 from certseg.engine.metrics import CertifiedMetrics
+
+METHOD_ORDER: tuple[str, ...] = tuple(Method)
+"""Rows of each method in this order."""
 
 
 @dataclass
@@ -94,7 +97,7 @@ def aggregate(entries: Iterable[dict[str, Any]]) -> list[Row]:
     groups: dict[tuple[str, str, float, float], list[dict[str, Any]]] = defaultdict(list)
     for entry in entries:
         groups[(entry["variant"], entry["method"], float(entry["scale"]), float(entry["sigma"]))].append(entry)
-    order = sorted(groups, key=lambda g: (_rank(VARIANTS, g[0]), g[2], _rank(METHODS, g[1]), g[1], g[3]))
+    order = sorted(groups, key=lambda g: (_rank(VARIANTS, g[0]), g[2], _rank(METHOD_ORDER, g[1]), g[1], g[3]))
     return [_row(group, groups[group]) for group in order]
 
 
@@ -146,7 +149,7 @@ def compare(entries: Iterable[dict[str, Any]]) -> list[Comparison]:
         if "engine" in pair and "baseline" in pair:
             groups[(method, scale, sigma)].append((pair["engine"], pair["baseline"]))
     out = []
-    for (method, scale, sigma), pairs in sorted(groups.items(), key=lambda kv: (kv[0][1], _rank(METHODS, kv[0][0]),
+    for (method, scale, sigma), pairs in sorted(groups.items(), key=lambda kv: (kv[0][1], _rank(METHOD_ORDER, kv[0][0]),
                                                                                 kv[0][0], kv[0][2])):
         out.append(Comparison(
             method=method, scale=scale, sigma=sigma, images=len(pairs),
@@ -244,7 +247,7 @@ def radius_curves(entries: Iterable[dict[str, Any]]) -> list[RadiusCurve]:
         if entry["variant"] == "engine" and entry.get("radius_map"):
             groups[(entry["method"], float(entry["scale"]), float(entry["sigma"]))].append(entry)
     curves = []
-    for method, scale, sigma in sorted(groups, key=lambda g: (g[1], _rank(METHODS, g[0]), g[0], g[2])):
+    for method, scale, sigma in sorted(groups, key=lambda g: (g[1], _rank(METHOD_ORDER, g[0]), g[0], g[2])):
         members = groups[(method, scale, sigma)]
         radii, counts = [], []
         for entry in members:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from certseg.engine.choices import NoiseBackend, Precision
 from certseg.engine.label_pipeline import LabelPipeline
 from certseg.engine.runtimes.torch_runtime import torch_runtime
 from certseg.engine.sampling import LabelFn, LocalRuntime, Runtime
@@ -154,13 +155,13 @@ class TimedRuntime:
 
 
 def timed_torch_runtime_factory(
-    timer: StageTimer, *, device: torch.device, precision: str, batch_size: int, noise_backend: str
+    timer: StageTimer, *, device: torch.device, precision: Precision, batch_size: int, noise_backend: NoiseBackend
 ) -> Callable[[LabelPipeline], Runtime]:
     """A ``Session.runtime_factory`` building exactly Session's default torch runtime, with timing around it."""
 
     def factory(pipeline: LabelPipeline) -> Runtime:
         timer.instrument(pipeline)
-        inner = torch_runtime(pipeline, device=device, precision=precision,  # type: ignore[arg-type]
+        inner = torch_runtime(pipeline, device=device, precision=precision,
                               batch_size=batch_size, noise_backend=noise_backend)
         inner.label_fn = timer.wrap_label_fn(inner.label_fn)
         return TimedRuntime(inner, timer)

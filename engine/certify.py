@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from scipy.stats import binom, norm
 
+from certseg.engine.choices import Fwer, choice
 from certseg.engine.errors import CertificationError
 from certseg.engine.labels import label_numpy_dtype
-
-Fwer = Literal["holm", "bonferroni"]
-FWER_METHODS: tuple[str, ...] = ("holm", "bonferroni")
 
 
 def validate_tau_alpha(tau: float, alpha: float) -> None:
@@ -43,7 +40,7 @@ def best_case_pvalue(n: int, tau: float) -> float:
     return float(binom.sf(n - 1, n, tau))
 
 
-def min_samples_to_certify(tau: float, alpha: float, num_pixels: int, fwer: Fwer = "holm") -> int:
+def min_samples_to_certify(tau: float, alpha: float, num_pixels: int, fwer: Fwer | str = Fwer.holm) -> int:
     """Smallest n for which a pixel with k = n agreements can be certified among ``num_pixels`` tests.
 
     Holm's first step and Bonferroni share the threshold alpha / N, and if every pixel has k = n all N
@@ -59,21 +56,21 @@ def min_samples_to_certify(tau: float, alpha: float, num_pixels: int, fwer: Fwer
 
 
 def validate_parameters(
-    *, n0: int, n: int, tau: float, alpha: float, num_pixels: int, fwer: Fwer = "holm", sigma: float | None = None
+    *, n0: int, n: int, tau: float, alpha: float, num_pixels: int, fwer: Fwer | str = Fwer.holm,
+    sigma: float | None = None,
 ) -> None:
     """Reject settings that are invalid or can never certify a pixel, before any sample is drawn."""
     if sigma is not None:
         validate_sigma(sigma)
     validate_tau_alpha(tau, alpha)
-    _check_fwer(fwer)
+    fwer = _check_fwer(fwer)
     if not isinstance(n0, (int, np.integer)) or n0 < 1:
         raise CertificationError(f"n0 must be an integer >= 1, got {n0!r}")
     _check_n_can_certify(n, tau, alpha, num_pixels, fwer)
 
 
-def _check_fwer(fwer: str) -> None:
-    if fwer not in FWER_METHODS:
-        raise CertificationError(f"fwer must be one of {', '.join(FWER_METHODS)}, got {fwer!r}")
+def _check_fwer(fwer: Fwer | str) -> Fwer:
+    return choice(Fwer, fwer, "fwer", CertificationError)
 
 
 def _check_n_can_certify(n: int, tau: float, alpha: float, num_pixels: int, fwer: Fwer) -> None:
@@ -112,7 +109,7 @@ def min_agreements(agree_histogram: np.ndarray, table: np.ndarray, alpha: float,
     ranks pass (thresholds grow with i), so the walk goes block by block over distinct p-values.
     """
     num_pixels = int(agree_histogram.sum())
-    if fwer == "bonferroni":
+    if fwer == Fwer.bonferroni:
         passing = np.nonzero(table <= alpha / float(num_pixels))[0]
         return int(passing[0]) if passing.size else None
     rank = 0
@@ -149,7 +146,7 @@ class Certificate:
     n: int
     tau: float
     alpha: float
-    fwer: str
+    fwer: Fwer
     min_agreements: int | None
 
     @property
@@ -168,7 +165,7 @@ class Certificate:
 
 
 def certify(
-    guess: np.ndarray, agree: np.ndarray, n: int, *, tau: float, alpha: float, fwer: Fwer = "holm"
+    guess: np.ndarray, agree: np.ndarray, n: int, *, tau: float, alpha: float, fwer: Fwer | str = Fwer.holm
 ) -> Certificate:
     """Certify every pixel of a label map (Algorithm 1's test step), FWER-controlled over all its pixels.
 
@@ -183,7 +180,7 @@ def certify(
         if not np.issubdtype(arr.dtype, np.integer):
             raise CertificationError(f"{name} must be an integer array, got dtype {arr.dtype}")
     validate_tau_alpha(tau, alpha)
-    _check_fwer(fwer)
+    fwer = _check_fwer(fwer)
     _check_n_can_certify(n, tau, alpha, agree.size, fwer)
     n = int(n)
     if agree.size and (int(agree.min()) < 0 or int(agree.max()) > n):

@@ -8,13 +8,14 @@ classes, and whether the run fits in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from certseg.engine.choices import SharedMemory
 from certseg.engine.errors import InputError
 from certseg.engine.io import default_palette, read_image, read_labels, write_rgb_png
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
@@ -30,34 +31,19 @@ from certseg.engine.outputs import (
 )
 from certseg.engine.radius import ACCURACY_RADII, RadiusMap, certified_accuracy_at, radius_map
 from certseg.engine.radius_outputs import radius_picture, write_radius_npz
-from certseg.engine.session import Session, Settings, default_runtime
+from certseg.engine.session import Session
+from certseg.engine.settings import Settings
 
 
 @dataclass(frozen=True)
 class CertifyRequest:
+    """One ``certseg certify`` run: the image, the engine ``settings``, and what to read and write around them."""
+
     image: Path
-    sigma: float = 0.25
-    n0: int = 10
-    n: int = 100
-    alpha: float = 0.001
-    tau: float = 0.75
-    fwer: str = "holm"
-    method: str = "denoisecertify"
-    segmenter: str | None = None
-    denoiser: str | None = None
-    scale: float = 1.0
+    settings: Settings = field(default_factory=Settings)
     seed: int | None = None
-    batch: int = 16
     out: Path = Path("certseg-out")
     labels: Path | None = None
-    runtime: str | None = None
-    """None: ONNX Runtime when a model is an .onnx file, else torch."""
-    device: str | None = None
-    precision: str = "fp32"
-    t_rule: str = "principled"
-    antialias: bool = False
-    noise_backend: str = "numpy-philox"
-    non_finite: str = "abstain"
     radius_map: bool = False
     """Also write the per-pixel radius map (``<stem>.radius.png`` / ``.radius.npz``, ``radius_map`` in the JSON)."""
     ignore_index: int = 255
@@ -65,25 +51,10 @@ class CertifyRequest:
     servers: tuple[str, ...] = ()
     """Triton gRPC endpoints (HOST:PORT): when given, they run the label pipeline instead of this process."""
     in_flight: int = 2
-    shared_memory: str = "auto"
+    shared_memory: SharedMemory = SharedMemory.auto
     retries: int = 3
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images and label maps with more pixels are refused from their header, before decoding."""
-    seg_mean: tuple[float, float, float] | None = None
-    seg_std: tuple[float, float, float] | None = None
-    seg_input_size: tuple[int, int] | None = None
-    classes: str | None = None
-
-    def settings(self) -> Settings:
-        return Settings(
-            method=self.method, sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, tau=self.tau,
-            fwer=self.fwer, scale=self.scale, t_rule=self.t_rule, antialias=self.antialias,
-            segmenter=self.segmenter, denoiser=self.denoiser,
-            runtime=self.runtime or default_runtime(self.segmenter, self.denoiser), device=self.device,
-            precision=self.precision, batch=self.batch, noise_backend=self.noise_backend,
-            non_finite=self.non_finite, seg_mean=self.seg_mean, seg_std=self.seg_std,
-            seg_input_size=self.seg_input_size, classes=self.classes,
-        )
 
 
 def _progress_bar() -> Progress:
@@ -96,7 +67,7 @@ def _progress_bar() -> Progress:
 def run_certify(request: CertifyRequest) -> str:
     """Certify one image; returns a one-line summary. Outputs are written only after success."""
     image = read_image(request.image, max_pixels=request.max_pixels)
-    settings = request.settings()
+    settings = request.settings
     settings.validate(image.shape[1] * image.shape[2])
     target = read_labels(request.labels, max_pixels=request.max_pixels) if request.labels is not None else None
     if target is not None and target.shape != image.shape[1:]:
@@ -104,7 +75,7 @@ def run_certify(request: CertifyRequest) -> str:
     check_output_folder(request.out)
     if request.servers:
         session = Session.connect(settings, request.servers, in_flight=request.in_flight,
-                                  shared_memory=request.shared_memory, retries=request.retries)  # type: ignore[arg-type]
+                                  shared_memory=request.shared_memory, retries=request.retries)
     else:
         session = Session.open(settings)
     try:
@@ -122,7 +93,7 @@ def run_certify(request: CertifyRequest) -> str:
     report = {
         "image": str(request.image),
         "image_size": list(image.shape[1:]),
-        "method": settings.method,
+        "method": settings.method.value,
         **certificate_summary(result),
         "timestep": record["pipeline"]["timestep"],
         "classes": names,

@@ -8,55 +8,19 @@ from __future__ import annotations
 
 import sys
 import time
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 
-from certseg.engine.cli_common import (
-    ClassesOption,
-    FwerChoice,
-    MethodChoice,
-    PrecisionChoice,
-    ProfileChoice,
-    RuleChoice,
-    SegInputSizeOption,
-    SegMeanOption,
-    SegStdOption,
-    interruptible,
-)
+from certseg.engine.choices import Profile, SharedMemory
+from certseg.engine.cli_common import MaxPixelsOption, interruptible, settings_options
 from certseg.engine.cli_common import fail as fail_with
 from certseg.engine.errors import CertsegError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
+from certseg.engine.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-
-
-
-
-class RuntimeChoice(StrEnum):
-    torch = "torch"
-    onnx = "onnx"
-
-
-
-
-class NoiseBackendChoice(StrEnum):
-    numpy_philox = "numpy-philox"
-    torch = "torch"
-
-
-class NonFiniteChoice(StrEnum):
-    abstain = "abstain"
-    fail = "fail"
-
-
-class SharedMemoryChoice(StrEnum):
-    auto = "auto"
-    on = "on"
-    off = "off"
-
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -71,37 +35,13 @@ def main_callback() -> None:
 
 @app.command()
 @interruptible("certseg: interrupted")
+@settings_options()
 def certify(
     image: Annotated[Path, typer.Argument(help="image to certify (PNG 8/16-bit, JPEG; RGB, RGBA or gray)")],
-    sigma: Annotated[float, typer.Option(help="noise level σ in [0,1] pixel space")] = 0.25,
-    n0: Annotated[int, typer.Option(help="selection samples (mode per pixel)")] = 10,
-    n: Annotated[int, typer.Option(help="estimation samples (binomial test)")] = 100,
-    alpha: Annotated[float, typer.Option(help="family-wise error level over all pixels")] = 0.001,
-    tau: Annotated[float, typer.Option(help="agreement threshold τ; radius R = σ·Φ⁻¹(τ)")] = 0.75,
-    fwer: Annotated[FwerChoice, typer.Option(help="FWER control")] = FwerChoice.holm,
-    method: Annotated[MethodChoice, typer.Option(help="denoise first, or not")] = MethodChoice.denoisecertify,
-    segmenter: Annotated[str | None, typer.Option(
-        help="shipped model name, checkpoint path, or your own .onnx file (README: bring your own ONNX models)")
-    ] = None,
-    denoiser: Annotated[str | None, typer.Option(
-        help="shipped model name, checkpoint path, or your own ε-prediction .onnx UNet")] = None,
-    scale: Annotated[float, typer.Option(help="segmenter input size as a fraction of the image size")] = 1.0,
+    settings: Settings,
     seed: Annotated[int | None, typer.Option(help="root seed (drawn and recorded when omitted)")] = None,
-    batch: Annotated[int, typer.Option(help="samples per forward pass")] = 16,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("certseg-out"),
     labels: Annotated[Path | None, typer.Option(help="ground-truth label PNG: adds accuracy and mIoU")] = None,
-    runtime: Annotated[RuntimeChoice | None, typer.Option(
-        help="in-process runtime (default: onnx when a model is an .onnx file, else torch)")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
-    precision: Annotated[PrecisionChoice, typer.Option(help="model precision (autocast)")] = PrecisionChoice.fp32,
-    t_rule: Annotated[RuleChoice, typer.Option("--t-rule", help="how t* is matched to σ")] = RuleChoice.principled,
-    antialias: Annotated[bool, typer.Option(help="antialiased resizes (the authors used none)")] = False,
-    noise_backend: Annotated[
-        NoiseBackendChoice, typer.Option(help="numpy-philox: identical on every runtime; torch: drawn on the device")
-    ] = NoiseBackendChoice.numpy_philox,
-    non_finite: Annotated[NonFiniteChoice, typer.Option(
-        help="NaN/Inf model outputs: their pixels count as disagreements (abstain) or the run stops (fail)")
-    ] = NonFiniteChoice.abstain,
     radius_map: Annotated[bool, typer.Option(
         "--radius-map", help="also write each pixel's own certified radius (<stem>.radius.png / .radius.npz)")
     ] = False,
@@ -111,30 +51,18 @@ def certify(
         "--server", help="Triton gRPC endpoint HOST:PORT running the pipeline (repeat to split the samples "
         "between servers); --segmenter/--denoiser/--runtime/--device/--precision then come from the server")] = None,
     in_flight: Annotated[int, typer.Option(help="requests in flight per --server")] = 2,
-    shared_memory: Annotated[SharedMemoryChoice, typer.Option(
-        help="system shared memory with --servers on this machine")] = SharedMemoryChoice.auto,
+    shared_memory: Annotated[SharedMemory, typer.Option(
+        help="system shared memory with --servers on this machine")] = SharedMemory.auto,
     retries: Annotated[int, typer.Option(help="retries of a failed --server batch before the run stops")] = 3,
-    max_pixels: Annotated[int, typer.Option(
-        help="refuse images and label maps with more pixels, from their header, before decoding (the default "
-        "fits the default --batch in 24 GB)")] = DEFAULT_MAX_PIXELS,
-    seg_mean: SegMeanOption = None,
-    seg_std: SegStdOption = None,
-    seg_input_size: SegInputSizeOption = None,
-    classes: ClassesOption = None,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Certify every pixel of IMAGE: a class that provably holds within L2 radius R, or abstain."""
     from certseg.engine.certify_command import CertifyRequest, run_certify
 
     request = CertifyRequest(
-        image=image, sigma=sigma, n0=n0, n=n, alpha=alpha, tau=tau, fwer=fwer.value, method=method.value,
-        segmenter=segmenter, denoiser=denoiser, scale=scale, seed=seed, batch=batch, out=out, labels=labels,
-        runtime=None if runtime is None else runtime.value, device=device, precision=precision.value,
-        t_rule=t_rule.value, antialias=antialias, noise_backend=noise_backend.value, non_finite=non_finite.value,
-        radius_map=radius_map,
-        ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()),
-        in_flight=in_flight, shared_memory=shared_memory.value, retries=retries,
-        max_pixels=max_pixels, seg_mean=seg_mean, seg_std=seg_std, seg_input_size=seg_input_size,
-        classes=None if classes is None else str(classes),
+        image=image, settings=settings, seed=seed, out=out, labels=labels, radius_map=radius_map,
+        ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()), in_flight=in_flight,
+        shared_memory=shared_memory, retries=retries, max_pixels=max_pixels,
     )
     started = time.perf_counter()
     try:
@@ -144,11 +72,13 @@ def certify(
     except (ValueError, OSError) as error:
         fail(f"{error.__class__.__name__}: {error}")
     except MemoryError:
-        fail(f"out of memory while certifying {image}: lower --batch (now {batch}) or --max-pixels; nothing written")
+        fail(f"out of memory while certifying {image}: lower --batch (now {settings.batch}) or --max-pixels; "
+             "nothing written")
     except RuntimeError as error:
         if "out of memory" not in str(error).lower():
             raise
-        fail(f"{_first_line(error)}: lower --batch (now {batch}) or certify a smaller image; nothing written")
+        fail(f"{_first_line(error)}: lower --batch (now {settings.batch}) or certify a smaller image; "
+             "nothing written")
     typer.echo(summary + f" ({time.perf_counter() - started:.1f} s)")
 
 
@@ -161,9 +91,9 @@ def _first_line(error: BaseException) -> str:
 def serve(
     repository: Annotated[Path | None, typer.Option(
         help="model repository (certseg-export); default: built from the shipped models and cached")] = None,
-    profile: Annotated[ProfileChoice, typer.Option(
+    profile: Annotated[Profile, typer.Option(
         help="cpu: the bundled tritonserver; gpu: a tritonserver on PATH (NVIDIA's Triton container)",
-    )] = ProfileChoice.cpu,
+    )] = Profile.cpu,
     host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 opens it to the network)")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="HTTP port (0: a free one)")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port, the one `certseg certify --server` uses (0: free)")] = 8001,
@@ -186,8 +116,8 @@ def serve(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        binary = find_tritonserver(tritonserver, prefer_path=profile == ProfileChoice.gpu)
-        if profile == ProfileChoice.gpu and binary.bundled:
+        binary = find_tritonserver(tritonserver, prefer_path=profile == Profile.gpu)
+        if profile == Profile.gpu and binary.bundled:
             raise CertsegError("the gpu profile needs NVIDIA's Triton container (onnxruntime/tensorrt backends); "
                                "the bundled tritonserver runs the cpu profile only")
         if max_request_bytes is not None and (repository is not None or max_request_bytes < 1):
@@ -195,7 +125,7 @@ def serve(
                                "--max-request-bytes sets the default repository's limit; a --repository keeps the "
                                "one it was exported with (certseg-export --max-request-bytes N)")
         if repository is None:
-            if profile == ProfileChoice.gpu:
+            if profile == Profile.gpu:
                 raise CertsegError("the gpu profile needs --repository (certseg-export --profile gpu)")
             typer.echo("certseg: preparing the default CPU repository from the shipped models …", err=True)
             repository = default_repository(max_request_bytes=max_request_bytes)

@@ -1,44 +1,20 @@
-"""What the three command-line programs share: option choices and the one-line failure."""
+"""What the three command-line programs share: the engine options (one per ``Settings`` field), the one-line
+failure, Ctrl-C handling."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from enum import StrEnum
-from pathlib import Path
-from typing import Annotated, NoReturn, ParamSpec, TypeVar
+import inspect
+from collections.abc import Callable, Collection
+from dataclasses import fields
+from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
+from certseg.engine.settings import Settings, setting_types
+
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-class MethodChoice(StrEnum):
-    denoisecertify = "denoisecertify"
-    segcertify = "segcertify"
-
-
-class FwerChoice(StrEnum):
-    holm = "holm"
-    bonferroni = "bonferroni"
-
-
-class RuleChoice(StrEnum):
-    principled = "principled"
-    authors = "authors"
-    dds = "dds"
-
-
-class PrecisionChoice(StrEnum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class ProfileChoice(StrEnum):
-    cpu = "cpu"
-    gpu = "gpu"
 
 
 def fail(program: str, message: str, code: int = 2) -> NoReturn:
@@ -69,12 +45,52 @@ def interruptible(message: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return decorate
 
 
-# The options that describe a bring-your-own ONNX segmenter, shared by `certseg certify` and `certseg-export`.
-SegMeanOption = Annotated[tuple[float, float, float] | None, typer.Option(
-    help="segmenter input mean R G B, in its input range's units (default: what the model states)")]
-SegStdOption = Annotated[tuple[float, float, float] | None, typer.Option(
-    help="segmenter input std R G B, in its input range's units (default: what the model states)")]
-SegInputSizeOption = Annotated[tuple[int, int] | None, typer.Option(
-    help="feed the segmenter H W whatever the image size (default: what the model states, else --scale)")]
-ClassesOption = Annotated[Path | None, typer.Option(
-    help="JSON class names (a list, or {\"classes\": [...], \"palette\": [[r, g, b], ...]})")]
+def setting_option(name: str) -> Any:
+    """The Typer option of ``Settings`` field ``name``: its type and the help the field carries."""
+    help_text = next(f.metadata["help"] for f in fields(Settings) if f.name == name)
+    return Annotated[setting_types()[name], typer.Option(help=help_text)]
+
+
+def settings_options(*, skip: Collection[str] = ()) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Give a Typer command one option per ``Settings`` field (but ``skip``), in place of its ``settings``
+    parameter, and call it with the ``Settings`` they make.
+
+    So ``certseg certify`` and ``certseg-bench`` take the same engine options with the same defaults, by
+    construction: a field added to ``Settings`` is an option of both.
+    """
+    names = [f.name for f in fields(Settings) if f.name not in skip]
+    options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(DEFAULTS, name),
+                                 annotation=setting_option(name)) for name in names]
+
+    def decorate(command: Callable[..., R]) -> Callable[..., R]:
+        signature = inspect.signature(command, eval_str=True)
+        parameters = []
+        for parameter in signature.parameters.values():
+            if parameter.name == "settings":
+                parameters += options
+            else:
+                parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> R:
+            values = {name: kwargs.pop(name) for name in names}
+            return command(**kwargs, settings=Settings(**values))
+
+        run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        return run
+
+    return decorate
+
+
+DEFAULTS = Settings()
+
+# Options certseg-export shares with `certseg certify`: the description of a bring-your-own ONNX segmenter.
+SegMeanOption = setting_option("seg_mean")
+SegStdOption = setting_option("seg_std")
+SegInputSizeOption = setting_option("seg_input_size")
+ClassesOption = setting_option("classes")
+
+MaxPixelsOption = Annotated[int, typer.Option(
+    help="refuse images and label maps with more pixels, from their header, before decoding (the default fits the "
+    "default --batch in 24 GB)")]

@@ -22,11 +22,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from certseg.engine.choices import TimestepRule, choice
 from certseg.engine.stages import as_pair, finite_samples, resize
 
 NUM_TIMESTEPS = 1000
-TimestepRule = Literal["principled", "authors", "dds"]
-TIMESTEP_RULES: tuple[str, ...] = ("principled", "authors", "dds")
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 VarianceMode = Literal["learned_range", "fixed_small"]
 NoiseFn = Callable[[int, torch.Size], torch.Tensor]
@@ -167,7 +166,7 @@ class TimestepChoice:
     """The t* a rule picked, and the noise levels behind it (record it with every result)."""
 
     t: int
-    rule: str
+    rule: TimestepRule
     effective_sigma_model_space: float
     """Std of the noise that reaches the denoiser, in [-1, 1] model space: 2σ · resize_noise_factor."""
     alpha_bar: float
@@ -187,7 +186,7 @@ class TimestepChoice:
 
 def select_timestep(
     sigma: float,
-    rule: TimestepRule = "principled",
+    rule: TimestepRule | str = TimestepRule.principled,
     *,
     image_size: int | Sequence[int] | None = None,
     denoiser_size: int | Sequence[int] = 256,
@@ -208,15 +207,14 @@ def select_timestep(
     """
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
-    if rule not in TIMESTEP_RULES:
-        raise ValueError(f"unknown timestep rule {rule!r}; choose one of {TIMESTEP_RULES}")
+    rule = choice(TimestepRule, rule, "timestep rule")
     factor = 1.0 if image_size is None else resize_noise_factor(image_size, denoiser_size, antialias=antialias)
     effective = 2.0 * float(sigma) * factor
     alpha_bar = schedule.alpha_bar()
     stds = timestep_std(alpha_bar)
-    if rule == "authors":
+    if rule == TimestepRule.authors:
         t = int(np.argmin(np.abs(alpha_bar - 1.0 / (1.0 + float(sigma) ** 2))))
-    elif rule == "principled":
+    elif rule == TimestepRule.principled:
         t = int(np.argmin(np.abs(stds - effective)))
     else:
         reached = np.flatnonzero(stds >= effective)

@@ -9,11 +9,12 @@ models, so the torch runtime, ONNX export and the Triton step models all run the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from certseg.engine.choices import Method, TimestepRule, choice
 from certseg.engine.denoise import LINEAR, Schedule, TimestepChoice, one_step_denoise_checked, select_timestep
 from certseg.engine.stages import (
     IMAGENET,
@@ -22,10 +23,6 @@ from certseg.engine.stages import (
     scaled_size,
     segmenter_input,
 )
-
-Method = Literal["segcertify", "denoisecertify"]
-METHODS: tuple[str, ...] = ("segcertify", "denoisecertify")
-TimestepRule = Literal["principled", "authors", "dds"]
 
 
 @dataclass(frozen=True)
@@ -58,13 +55,13 @@ class PipelineSpec:
 
 
 def make_spec(
-    method: Method,
+    method: Method | str,
     sigma: float,
     image_size: tuple[int, int],
     *,
     scale: float = 1.0,
     denoiser_size: tuple[int, int] | None = None,
-    timestep_rule: TimestepRule = "principled",
+    timestep_rule: TimestepRule | str = TimestepRule.principled,
     antialias: bool = False,
     normalization: Normalization = IMAGENET,
     segmenter_input_size: tuple[int, int] | None = None,
@@ -72,10 +69,9 @@ def make_spec(
 ) -> PipelineSpec:
     """A spec with t* chosen by ``timestep_rule`` (on the denoiser's ``schedule``) for the noise that actually
     reaches the denoiser; the defaults are the shipped models' (ImageNet normalisation, linear schedule)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    method = choice(Method, method, "method")
     timestep = None
-    if method == "denoisecertify":
+    if method == Method.denoisecertify:
         if denoiser_size is None:
             raise ValueError("denoisecertify needs the denoiser's input size")
         timestep = select_timestep(
@@ -106,11 +102,11 @@ class LabelPipeline(nn.Module):
 
     def __init__(self, spec: PipelineSpec, segmenter: nn.Module, denoiser: nn.Module | None = None) -> None:
         super().__init__()
-        if spec.method == "denoisecertify" and denoiser is None:
+        if spec.method == Method.denoisecertify and denoiser is None:
             raise ValueError("denoisecertify needs a denoiser")
         self.spec = spec
         self.segmenter = segmenter
-        self.denoiser = denoiser if spec.method == "denoisecertify" else None
+        self.denoiser = denoiser if spec.method == Method.denoisecertify else None
 
     def clean_images(self, noisy: torch.Tensor) -> torch.Tensor:
         """What the segmenter sees, in [0, 1] at the segmenter's size: denoised (DenoiseCertify) or resized."""

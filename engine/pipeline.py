@@ -9,21 +9,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from certseg.engine.certify import Certificate, Fwer, certify, radius, validate_parameters
+from certseg.engine.certify import Certificate, certify, radius, validate_parameters
+from certseg.engine.choices import Fwer, NonFinitePolicy, choice
 from certseg.engine.counting import AgreementCounter, InvalidTally, ModeCounter
 from certseg.engine.errors import CertsegError, InputError
 from certseg.engine.sampling import Runtime, new_root_seed
 
 Progress = Callable[[int], None]
 """Called with the number of samples just finished (for progress bars)."""
-NonFinitePolicy = Literal["abstain", "fail"]
-NON_FINITE_POLICIES: tuple[str, ...] = ("abstain", "fail")
-"""What a non-finite model output does: "abstain" (default) counts that sample as a disagreement at the pixels
-it touched, so they can only abstain; "fail" stops the run at the first one."""
 
 
 class NonFiniteOutputError(CertsegError, RuntimeError):
@@ -92,10 +89,10 @@ def certify_image(
     n: int = 100,
     tau: float = 0.75,
     alpha: float = 0.001,
-    fwer: Fwer = "holm",
+    fwer: Fwer | str = Fwer.holm,
     seed: int | None = None,
     progress: Progress | None = None,
-    non_finite: NonFinitePolicy = "abstain",
+    non_finite: NonFinitePolicy | str = NonFinitePolicy.abstain,
 ) -> CertifiedSegmentation:
     """SegCertify's CERTIFY for one image: samples [0, n0) select, samples [n0, n0+n) estimate.
 
@@ -104,8 +101,7 @@ def certify_image(
     image = validate_image(image)
     shape = tuple(image.shape[1:])
     validate_parameters(n0=n0, n=n, tau=tau, alpha=alpha, num_pixels=int(np.prod(shape)), fwer=fwer, sigma=sigma)
-    if non_finite not in NON_FINITE_POLICIES:
-        raise InputError(f"non_finite must be one of {', '.join(NON_FINITE_POLICIES)}, got {non_finite!r}")
+    policy = choice(NonFinitePolicy, non_finite, "non_finite", InputError)
     seed = new_root_seed() if seed is None else int(seed)
     timings: dict[str, float] = {}
 
@@ -113,7 +109,7 @@ def certify_image(
     selection = ModeCounter(num_classes, shape, max_samples=n0)
     for labels in runtime.labels(image, sigma=sigma, seed=seed, start=0, count=n0):
         selection.update(labels)
-        _check_policy(non_finite, selection.invalid, selection.num_samples)
+        _check_policy(policy, selection.invalid, selection.num_samples)
         if progress:
             progress(len(labels))
     guess = selection.mode()
@@ -123,7 +119,7 @@ def certify_image(
     estimation = AgreementCounter(guess, max_samples=n, num_classes=num_classes)
     for labels in runtime.labels(image, sigma=sigma, seed=seed, start=n0, count=n):
         estimation.update(labels)
-        _check_policy(non_finite, estimation.invalid, n0 + estimation.num_samples)
+        _check_policy(policy, estimation.invalid, n0 + estimation.num_samples)
         if progress:
             progress(len(labels))
     if selection.num_samples != n0 or estimation.num_samples != n:
@@ -147,7 +143,7 @@ def certify_image(
         seed=seed,
         timings=timings,
         non_finite={
-            "policy": non_finite,
+            "policy": policy.value,
             "selection_samples": selection.invalid.samples,
             "selection_pixel_samples": selection.invalid.pixel_samples,
             "estimation_samples": estimation.invalid.samples,
@@ -157,7 +153,7 @@ def certify_image(
 
 
 def _check_policy(policy: NonFinitePolicy, tally: InvalidTally, samples_so_far: int) -> None:
-    if policy == "fail" and tally.samples:
+    if policy == NonFinitePolicy.fail and tally.samples:
         raise NonFiniteOutputError(
             f"the models produced non-finite (NaN/Inf) outputs in {tally.samples} of the first {samples_so_far} "
             f"samples ({tally.pixel_samples} pixels); stopped (--non-finite fail). Check the weights and the "

@@ -20,9 +20,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from certseg.engine.choices import NoiseBackend, choice
 from certseg.engine.stages import add_noise, to_rgb
-
-NOISE_BACKENDS: tuple[str, ...] = ("numpy-philox", "torch")
 
 LabelFn = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
 """A batched segmenter: noisy images (B, 3, H, W) float32 in [0, 1] pixel space -> labels (B, H, W) int, with
@@ -57,17 +56,17 @@ class NoiseSource:
     """
 
     root_seed: int
-    backend: str = "numpy-philox"
+    backend: NoiseBackend | str = NoiseBackend.numpy_philox
+    """A member or its string; kept as the member."""
 
     def __post_init__(self) -> None:
-        if self.backend not in NOISE_BACKENDS:
-            raise ValueError(f"unknown noise backend {self.backend!r}; choose one of {', '.join(NOISE_BACKENDS)}")
+        object.__setattr__(self, "backend", choice(NoiseBackend, self.backend, "noise backend"))
         if not isinstance(self.root_seed, (int, np.integer)) or self.root_seed < 0:
             raise ValueError(f"the root seed must be an integer >= 0, got {self.root_seed!r}")
 
     def sample(self, index: int, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """Noise of one sample, float32, on ``device``."""
-        if self.backend == "numpy-philox":
+        if self.backend == NoiseBackend.numpy_philox:
             generator = np.random.Generator(np.random.Philox(sample_seed_sequence(self.root_seed, index)))
             noise = generator.standard_normal(tuple(shape), dtype=np.float32)
             return torch.from_numpy(noise).to(device)
@@ -119,7 +118,7 @@ class LocalRuntime:
     label_fn: LabelFn
     batch_size: int = 16
     device: torch.device | str = "cpu"
-    noise_backend: str = "numpy-philox"
+    noise_backend: NoiseBackend | str = NoiseBackend.numpy_philox
 
     def labels(
         self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int

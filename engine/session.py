@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from certseg.engine.certify import validate_parameters
+from certseg.engine.choices import Method, NoiseBackend, Precision, RuntimeName, SharedMemory
 from certseg.engine.denoise import LINEAR
 from certseg.engine.errors import InputError
 from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec, make_spec
@@ -31,72 +31,26 @@ from certseg.engine.memory import (
     probe_pipeline_memory,
 )
 from certseg.engine.models import facts
-from certseg.engine.models.registry import LoadedModel, default_model, load_model, resolve
+from certseg.engine.models.registry import LoadedModel, Role, default_model, load_model, resolve
 from certseg.engine.pipeline import CertifiedSegmentation, Progress, certified_space, certify_image
 from certseg.engine.runtimes.torch_runtime import autocast_label_fn, resolve_device, torch_runtime
-from certseg.engine.sampling import LocalRuntime, Runtime
+from certseg.engine.sampling import LabelFn, LocalRuntime, Runtime
+from certseg.engine.settings import Settings
 
 if TYPE_CHECKING:
-    from certseg.engine.runtimes.triton_runtime import ServedModel, SharedMemory, TritonRuntime
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything besides the image and the seed that decides a certificate."""
-
-    method: str = "denoisecertify"
-    sigma: float = 0.25
-    n0: int = 10
-    n: int = 100
-    alpha: float = 0.001
-    tau: float = 0.75
-    fwer: str = "holm"
-    scale: float = 1.0
-    t_rule: str = "principled"
-    antialias: bool = False
-    segmenter: str | None = None
-    denoiser: str | None = None
-    runtime: str = "torch"
-    device: str | None = None
-    precision: str = "fp32"
-    batch: int = 16
-    noise_backend: str = "numpy-philox"
-    non_finite: str = "abstain"
-    """NaN/Inf model outputs: "abstain" (those pixels count as disagreements) or "fail" (stop the run)."""
-    seg_mean: tuple[float, float, float] | None = None
-    """Overrides the segmenter's stated normalisation mean (in its input range's units)."""
-    seg_std: tuple[float, float, float] | None = None
-    seg_input_size: tuple[int, int] | None = None
-    """Feed the segmenter (H, W) whatever the image (its fixed size; overrides what it states)."""
-    classes: str | None = None
-    """A JSON file of class names (and palette) replacing what the segmenter states."""
-
-    def validate(self, num_pixels: int) -> None:
-        validate_parameters(
-            n0=self.n0, n=self.n, tau=self.tau, alpha=self.alpha, num_pixels=num_pixels, fwer=self.fwer,
-            sigma=self.sigma,
-        )
-        if self.batch < 1:
-            raise InputError(f"batch must be >= 1, got {self.batch}")
-        if self.scale <= 0:
-            raise InputError(f"scale must be > 0, got {self.scale}")
+    from certseg.engine.runtimes.triton_runtime import ServedModel, TritonRuntime
 
 
 @lru_cache(maxsize=8)
-def _cached_model(ref: str, role: str, device: str, stamp: tuple[int, int] | None) -> LoadedModel:
-    return load_model(ref, role, device=device)  # type: ignore[arg-type]
+def _cached_model(ref: str, role: Role, device: str, stamp: tuple[int, int] | None) -> LoadedModel:
+    return load_model(ref, role, device=device)
 
 
-def _open_model(ref: str, role: str, device: str) -> LoadedModel:
+def _open_model(ref: str, role: Role, device: str) -> LoadedModel:
     """A model loaded once per process, and again when its file changed (re-exported to the same path)."""
     path, _ = resolve(ref)
     stat = path.stat() if path.is_file() else None
     return _cached_model(ref, role, device, None if stat is None else (stat.st_mtime_ns, stat.st_size))
-
-
-def default_runtime(*refs: str | None) -> str:
-    """The in-process runtime when none is named: ONNX Runtime if a model is an ``.onnx`` file, else torch."""
-    return "onnx" if any(ref is not None and str(ref).lower().endswith(".onnx") for ref in refs) else "torch"
 
 
 def _check_onnx_models(settings: Settings, models: list[LoadedModel]) -> None:
@@ -104,10 +58,10 @@ def _check_onnx_models(settings: Settings, models: list[LoadedModel]) -> None:
     onnx = next((m for m in models if m.family == "onnx"), None)
     if onnx is None:
         return
-    if settings.runtime != "onnx":
+    if settings.runtime != RuntimeName.onnx:
         raise InputError(f"{onnx.name} is an ONNX graph, which --runtime {settings.runtime} cannot run: use "
                          "--runtime onnx (the default when a model is an .onnx file)")
-    if settings.precision != "fp32":
+    if settings.precision != Precision.fp32:
         raise InputError(f"{onnx.name} is an ONNX graph and runs as given (fp32): drop --precision "
                          f"{settings.precision}")
 
@@ -131,11 +85,15 @@ class Session:
 
     @classmethod
     def open(cls, settings: Settings) -> Session:
+        """Load the models (once per process) for in-process runs; the runtime is decided here when none is named."""
+        settings = settings.resolved()
+        if settings.runtime == RuntimeName.triton:
+            raise InputError("--runtime triton: Triton servers run the pipeline; name them with --server HOST:PORT")
         device = resolve_device(settings.device)
         segmenter_ref = settings.segmenter or default_model("segmenter", settings.method)
         segmenter = _open_model(segmenter_ref, "segmenter", str(device))
         denoiser = None
-        if settings.method == "denoisecertify":
+        if settings.method == Method.denoisecertify:
             denoiser_ref = settings.denoiser or default_model("denoiser", settings.method)
             denoiser = _open_model(denoiser_ref, "denoiser", str(device))
         if segmenter.num_classes is None:
@@ -158,7 +116,7 @@ class Session:
         servers: tuple[str, ...],
         *,
         in_flight: int = 2,
-        shared_memory: SharedMemory = "auto",
+        shared_memory: SharedMemory = SharedMemory.auto,
         retries: int = 3,
     ) -> Session:
         """A session whose samples come from Triton ``servers`` (gRPC HOST:PORT) serving the certseg ensembles.
@@ -179,12 +137,13 @@ class Session:
             shared_memory=shared_memory, retries=retries,
         )
         served = remote.pipeline.metadata  # the server decides these; record what it did
-        settings = replace(settings, runtime="triton", batch=remote.batch,
+        settings = replace(settings, runtime=RuntimeName.triton, batch=remote.batch,
                            noise_backend=str(served.get("noise_backend", settings.noise_backend)),
                            precision=str(served.get("precision", settings.precision)))
         segmenter = served_model(remote.pipeline, "segmenter")
-        denoiser = served_model(remote.pipeline, "denoiser") if settings.method == "denoisecertify" else None
-        if segmenter is None or (settings.method == "denoisecertify" and denoiser is None):
+        denoising = settings.method == Method.denoisecertify
+        denoiser = served_model(remote.pipeline, "denoiser") if denoising else None
+        if segmenter is None or (denoising and denoiser is None):
             remote.close()
             raise InputError(f"{remote.model} on {', '.join(remote.servers)} lacks a segmenter or denoiser step")
         return cls(settings=settings, segmenter=segmenter, denoiser=denoiser,
@@ -197,7 +156,10 @@ class Session:
 
     @property
     def num_classes(self) -> int:
-        return int(self.segmenter.num_classes)  # type: ignore[arg-type]
+        classes = self.segmenter.num_classes
+        if classes is None:
+            raise InputError(f"segmenter {self.segmenter.name} does not say how many classes it has")
+        return int(classes)
 
     def runtime_for(self, image_size: tuple[int, int]) -> tuple[PipelineSpec, Runtime]:
         if image_size not in self._runtimes:
@@ -217,7 +179,7 @@ class Session:
         return make_spec(
             s.method, s.sigma, image_size, scale=s.scale,
             denoiser_size=None if self.denoiser is None else self.denoiser.input_size,
-            timestep_rule=s.t_rule, antialias=s.antialias,  # type: ignore[arg-type]
+            timestep_rule=s.t_rule, antialias=s.antialias,
             normalization=facts.normalization(self.segmenter), segmenter_input_size=self.segmenter.input_size,
             schedule=LINEAR if self.denoiser is None else facts.schedule(self.denoiser),
         )
@@ -229,13 +191,13 @@ class Session:
                 antialias=spec.antialias,
             )
         s = self.settings
-        if s.runtime == "onnx":
+        if s.runtime == RuntimeName.onnx:
             return self._onnx_runtime(spec)
         pipeline = LabelPipeline(spec, self.segmenter.module, None if self.denoiser is None else self.denoiser.module)
         if self.runtime_factory is not None:
             return self.runtime_factory(pipeline)
         return torch_runtime(
-            pipeline, device=self.device, precision=s.precision, batch_size=s.batch,  # type: ignore[arg-type]
+            pipeline, device=torch.device(self.device), precision=s.precision, batch_size=s.batch,
             noise_backend=s.noise_backend,
         )
 
@@ -245,17 +207,21 @@ class Session:
         from certseg.engine.runtimes.onnx_runtime import OrtModule, cached_export, export_paths
 
         s = self.settings
-        if s.precision == "bf16":
+        if s.precision == Precision.bf16:
             raise InputError("the ONNX runtime runs fp32 or fp16 graphs; use --precision fp32 or fp16")
         models = {"segmenter": self.segmenter, "denoiser": self.denoiser}
         modules = {role: m.module for role, m in models.items() if m is not None and m.family == "onnx"}
-        exported = {role: m for role, m in models.items() if m is not None and role not in modules}
+        exported = {role: m for role, m in models.items() if isinstance(m, LoadedModel) and role not in modules}
         if exported:
-            folder = cached_export(exported.get("segmenter"), exported.get("denoiser"), spec.image_size,  # type: ignore[arg-type]
-                                   scale=spec.scale, fp16=s.precision == "fp16")
+            folder = cached_export(exported.get("segmenter"), exported.get("denoiser"), spec.image_size,
+                                   scale=spec.scale, fp16=s.precision == Precision.fp16)
             paths = export_paths(folder, precision=s.precision,
                                  expected_sha256={role: m.sha256 for role, m in exported.items()})
-            modules.update({role: OrtModule(paths[role]) for role in exported})  # type: ignore[arg-type]
+            for role in exported:
+                path = paths[role]
+                if path is None:
+                    raise InputError(f"{folder} has no {s.precision} {role} graph")
+                modules[role] = OrtModule(path)
         pipeline = LabelPipeline(spec, modules["segmenter"], modules.get("denoiser")).eval()
         return LocalRuntime(pipeline, batch_size=s.batch, device="cpu", noise_backend=s.noise_backend)
 
@@ -272,9 +238,9 @@ class Session:
         if self.remote is not None:
             return None
         s = self.settings
-        onnx = s.runtime == "onnx"
+        onnx = s.runtime == RuntimeName.onnx
         device = torch.device("cpu") if onnx else torch.device(self.device)
-        precision = "fp32" if onnx else s.precision
+        precision = Precision.fp32 if onnx else s.precision
         fixed = self.segmenter.input_size
         key = (self.segmenter.sha256, None if self.denoiser is None else self.denoiser.sha256, s.method, s.scale,
                s.antialias, precision, str(device), onnx, s.noise_backend, *(() if fixed is None else (fixed,)))
@@ -296,17 +262,18 @@ class Session:
         batch = min(s.batch, max(s.n0, s.n))
         return estimate_memory(_PIPELINE_MEMORY[key], image_size, batch=batch,
                                device="cpu" if device.type == "cpu" else str(device), num_classes=self.num_classes,
-                               numpy_noise=s.noise_backend == "numpy-philox", margin=ONNX_MARGIN if onnx else MARGIN)
+                               numpy_noise=s.noise_backend == NoiseBackend.numpy_philox,
+                               margin=ONNX_MARGIN if onnx else MARGIN)
 
     def _probe_run(
-        self, size: tuple[int, int], device: torch.device, precision: str, *, channels_last: bool
+        self, size: tuple[int, int], device: torch.device, precision: Precision, *, channels_last: bool
     ) -> Callable[[], object]:
         """A call that pushes ``PROBE_BATCH`` samples of a ``size`` image through this session's pipeline."""
         s = self.settings
         spec = self._spec(size)
         pipeline = LabelPipeline(spec, self.segmenter.module, None if self.denoiser is None else self.denoiser.module)
         # The torch runtime converts the models exactly so when it is built; ONNX exports them as loaded.
-        label_fn = autocast_label_fn(pipeline, device, precision) if channels_last else pipeline  # type: ignore[arg-type]
+        label_fn: LabelFn = autocast_label_fn(pipeline, device, precision) if channels_last else pipeline
         runtime = LocalRuntime(label_fn, batch_size=PROBE_BATCH, device=device, noise_backend=s.noise_backend)
         image = np.full((3, *size), 0.5, dtype=np.float32)
         return lambda: list(runtime.labels(image, sigma=s.sigma, seed=0, start=0, count=PROBE_BATCH))
@@ -330,7 +297,7 @@ class Session:
         started = time.perf_counter()
         result = certify_image(
             runtime, image, num_classes=self.num_classes, sigma=s.sigma, n0=s.n0, n=s.n, tau=s.tau, alpha=s.alpha,
-            fwer=s.fwer, seed=seed, progress=progress, non_finite=s.non_finite,  # type: ignore[arg-type]
+            fwer=s.fwer, seed=seed, progress=progress, non_finite=s.non_finite,
         )
         elapsed = time.perf_counter() - started
         timings: dict[str, Any] = dict(result.timings, total=elapsed, samples_per_second=(s.n0 + s.n) / elapsed)
@@ -339,7 +306,7 @@ class Session:
 
             timings["server_stages"] = stage_timings(statistics_delta(self.remote.statistics(), stages_before))
         record = {
-            "settings": asdict(s),
+            "settings": s.record(),
             "pipeline": spec.record(),
             "models": {
                 "segmenter": self.segmenter.record(),

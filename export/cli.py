@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -19,26 +18,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from certseg.engine.cli_common import (
-    ClassesOption,
-    MethodChoice,
-    ProfileChoice,
-    SegInputSizeOption,
-    SegMeanOption,
-    SegStdOption,
-)
+from certseg.engine.choices import Exporter, Method, Profile
+from certseg.engine.cli_common import ClassesOption, SegInputSizeOption, SegMeanOption, SegStdOption
 from certseg.engine.cli_common import fail as fail_with
 from certseg.engine.errors import CertsegError, InputError
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 console = Console(highlight=False)
-
-
-
-class ExporterChoice(StrEnum):
-    legacy = "legacy"
-    dynamo = "dynamo"
-
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -59,7 +45,7 @@ def default_image_size(segmenter_name: str, fixed: tuple[int, int] | None = None
     return int(size[0]), int(size[1])
 
 
-def _load(method: MethodChoice, segmenter: str | None, denoiser: str | None, **overrides):
+def _load(method: Method, segmenter: str | None, denoiser: str | None, **overrides):
     from certseg.engine.models.facts import with_overrides
     from certseg.engine.models.registry import default_model, load_model
 
@@ -69,7 +55,7 @@ def _load(method: MethodChoice, segmenter: str | None, denoiser: str | None, **o
     if contract is not None and overrides.get("input_size") is not None:
         contract.check_size(segmenter_model.input_size, "--seg-input-size")
     denoiser_model = None
-    if method is MethodChoice.denoisecertify:
+    if method is Method.denoisecertify:
         denoiser_model = load_model(denoiser or default_model("denoiser", method.value), "denoiser")
     return segmenter_model, denoiser_model
 
@@ -106,7 +92,7 @@ def summary(result) -> Table:
     return table
 
 
-def write_repository_hook(result, repository: Path, profile: ProfileChoice,
+def write_repository_hook(result, repository: Path, profile: Profile,
                           max_request_bytes: int | None = None) -> None:
     """Hand the export to the Triton repository writer, when ``certseg.export.repository`` provides one."""
     try:
@@ -135,8 +121,8 @@ def export(
                          ] = None,
     denoiser: Annotated[str | None, typer.Option(help="shipped model name, checkpoint path or your own .onnx file "
                                                       "(default: the shipped default)")] = None,
-    method: Annotated[MethodChoice, typer.Option(help="segcertify exports the segmenter only")] = (
-        MethodChoice.denoisecertify
+    method: Annotated[Method, typer.Option(help="segcertify exports the segmenter only")] = (
+        Method.denoisecertify
     ),
     out: Annotated[Path, typer.Option(help="output folder")] = Path("exported"),
     image_size: Annotated[tuple[int, int] | None, typer.Option(
@@ -149,11 +135,11 @@ def export(
     )] = None,
     max_batch: Annotated[int, typer.Option(help="largest batch the engines and the server take")] = 16,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 18)")] = 18,
-    exporter: Annotated[ExporterChoice, typer.Option(help="torch.onnx exporter")] = ExporterChoice.legacy,
+    exporter: Annotated[Exporter, typer.Option(help="torch.onnx exporter")] = Exporter.legacy,
     parity: Annotated[bool, typer.Option("--parity/--no-parity", help="measure ONNX Runtime vs PyTorch")] = True,
     threads: Annotated[int | None, typer.Option(help="torch and onnxruntime threads (default: all cores)")] = None,
     repository: Annotated[Path | None, typer.Option(help="also write a Triton model repository here")] = None,
-    profile: Annotated[ProfileChoice, typer.Option(help="Triton repository profile")] = ProfileChoice.cpu,
+    profile: Annotated[Profile, typer.Option(help="Triton repository profile")] = Profile.cpu,
     max_request_bytes: Annotated[int | None, typer.Option(
         help="repository: the most bytes of noisy images one request may make (COUNT x C x H x W float32; "
         "default 268435456); clients split their requests to fit")] = None,

@@ -36,11 +36,12 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from certseg.engine.choices import Exporter, choice
 from certseg.engine.digest import file_sha256
 from certseg.engine.errors import CertsegError, InputError, first_line
 from certseg.engine.stages import as_pair, normalize_imagenet, scaled_size
@@ -51,9 +52,7 @@ if TYPE_CHECKING:
 
     from certseg.engine.models.registry import LoadedModel
 
-Exporter = Literal["legacy", "dynamo"]
 Log = Callable[[str], None]
-EXPORTERS: tuple[str, ...] = ("legacy", "dynamo")
 DEFAULT_OPSET = 18
 """Opset 17 exports a Split that ORT refuses; 18-21 load (measured with torch 2.13 and onnxruntime 1.2x)."""
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
@@ -357,12 +356,11 @@ def _trace(
     output_names: Sequence[str],
     dynamic_axes: Mapping[str, Mapping[int, str]],
     opset: int,
-    exporter: Exporter,
+    exporter: Exporter | str,
 ) -> None:
     """Run one exporter into ``file`` (weights may land beside it); a failure becomes one ``CertsegError`` line
     (the original exception stays attached as ``__cause__`` for debugging)."""
-    if exporter not in EXPORTERS:
-        raise InputError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    exporter = choice(Exporter, exporter, "exporter", InputError)
     try:
         _run_exporter(module, args, file, input_names=input_names, output_names=output_names,
                       dynamic_axes=dynamic_axes, opset=opset, exporter=exporter)
@@ -384,7 +382,7 @@ def _run_exporter(
     exporter: Exporter,
 ) -> None:
     with _quiet(), torch.no_grad():
-        if exporter == "legacy":
+        if exporter == Exporter.legacy:
             torch.onnx.export(
                 module, args, str(file), dynamo=False, opset_version=opset, input_names=list(input_names),
                 output_names=list(output_names), dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
@@ -412,7 +410,7 @@ def export_graph(
     output_names: Sequence[str],
     dynamic_axes: Mapping[str, Mapping[int, str]],
     opset: int = DEFAULT_OPSET,
-    exporter: Exporter = "legacy",
+    exporter: Exporter | str = Exporter.legacy,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     output_shapes: Mapping[str, Sequence[int | str]] | None = None,
     metadata: Mapping[str, str] | None = None,
@@ -575,7 +573,7 @@ def export_denoiser(
     image_size: int | Sequence[int],
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
-    exporter: Exporter = "legacy",
+    exporter: Exporter | str = Exporter.legacy,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     parity_batches: Sequence[int] = PARITY_BATCHES,
     threads: int | None = None,
@@ -654,7 +652,7 @@ def export_segmenter(
     example_size: int | Sequence[int],
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
-    exporter: Exporter = "legacy",
+    exporter: Exporter | str = Exporter.legacy,
     dynamic_size: bool | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     parity_batches: Sequence[int] = PARITY_BATCHES,
@@ -700,7 +698,7 @@ def export_segmenter(
 
 
 def _export_segmenter_graph(
-    module: nn.Module, path: Path, size: tuple[int, int], dynamic: bool, opset: int, exporter: Exporter,
+    module: nn.Module, path: Path, size: tuple[int, int], dynamic: bool, opset: int, exporter: Exporter | str,
     threshold: int, metadata: Mapping[str, str] | None = None,
 ) -> bool:
     spatial_in = {2: "height", 3: "width"} if dynamic else {}
@@ -861,7 +859,7 @@ def export_models(
     tensorrt: bool | None = None,
     scale: float = 1.0,
     opset: int = DEFAULT_OPSET,
-    exporter: Exporter = "legacy",
+    exporter: Exporter | str = Exporter.legacy,
     parity_batches: Sequence[int] = PARITY_BATCHES,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     threads: int | None = None,

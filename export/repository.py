@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from certseg.engine.choices import NoiseBackend, Profile, choice
 from certseg.engine.denoise import LINEAR, Schedule
 from certseg.engine.digest import file_sha256
 from certseg.engine.errors import CertsegError
@@ -45,8 +46,6 @@ from certseg.engine.runtimes.triton_runtime import (
 from certseg.engine.stages import IMAGENET, Normalization
 from certseg.export.onnx import external_data_files
 
-Profile = Literal["cpu", "gpu"]
-PROFILES: tuple[str, ...] = ("cpu", "gpu")
 GpuEngine = Literal["onnxruntime", "tensorrt"]
 
 STEPS: dict[str, tuple[str, ...]] = {
@@ -260,14 +259,14 @@ def write_repository(
     models: ModelFiles | Mapping[str, Any] | Any,
     repository_dir: str | os.PathLike,
     *,
-    profile: Profile = "cpu",
+    profile: Profile | str = Profile.cpu,
     max_batch: int = 16,
     instances: int = 1,
     step_instances: int = 1,
     queue_delay_us: int = 0,
     gpu_engine: GpuEngine = "onnxruntime",
     fp16: bool = False,
-    noise_backend: str = "numpy-philox",
+    noise_backend: NoiseBackend | str = NoiseBackend.numpy_philox,
     threads: int = 0,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     link: bool = True,
@@ -288,8 +287,8 @@ def write_repository(
     possible (``link``). The repository is built in a temporary folder and moved into place only once every
     config parsed.
     """
-    if profile not in PROFILES:
-        raise RepositoryError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    profile = choice(Profile, profile, "profile", RepositoryError)
+    noise_backend = choice(NoiseBackend, noise_backend, "noise_backend", RepositoryError)
     if max_batch < 1 or instances < 1 or step_instances < 1 or queue_delay_us < 0 or threads < 0:
         raise RepositoryError("max_batch, instances and step_instances must be >= 1, queue_delay_us and threads >= 0")
     if max_request_bytes < 1:
@@ -301,8 +300,8 @@ def write_repository(
     settings = {
         "max_batch": max_batch, "instances": instances, "step_instances": step_instances,
         "queue_delay_us": queue_delay_us, "noise_backend": noise_backend,
-        "precision": "fp16" if profile == "gpu" and fp16 else "fp32",
-        "engine": gpu_engine if profile == "gpu" else "onnxruntime in the python backend",
+        "precision": "fp16" if profile == Profile.gpu and fp16 else "fp32",
+        "engine": gpu_engine if profile == Profile.gpu else "onnxruntime in the python backend",
         "threads": threads, MAX_REQUEST_BYTES: max_request_bytes,
     }
     plans = _plans(files, profile, gpu_engine, fp16, settings)
@@ -329,11 +328,11 @@ def _serve(onnx: Path, half: Path | None, plan: Path | None, role: str, profile:
            fp16: bool) -> _Served:
     """The file a model step serves: fp32 ONNX on CPU; on the GPU the fp16 ONNX or the TensorRT plan if asked."""
     chosen = onnx
-    if profile == "gpu" and gpu_engine == "tensorrt":
+    if profile == Profile.gpu and gpu_engine == "tensorrt":
         if plan is None:
             raise RepositoryError(f"gpu_engine='tensorrt' needs a TensorRT plan of the {role} (export with tensorrt)")
         chosen = plan
-    elif profile == "gpu" and fp16:
+    elif profile == Profile.gpu and fp16:
         if half is None:
             raise RepositoryError(f"fp16=True needs the fp16 ONNX file of the {role} (export with fp16)")
         chosen = half
@@ -352,7 +351,7 @@ def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: boo
     denoise step, and the ensembles (each with its own metadata: its segmenter's record, classes, normalisation
     and input size, and the denoiser's schedule). The steps that make a segmenter's input get its
     normalisation (certseg_prepare: the SegCertify segmenter's; certseg_resize: the DenoiseCertify one's)."""
-    gpu = profile == "gpu"
+    gpu = profile == Profile.gpu
     records = {role: files.metadata.get(role) if isinstance(files.metadata.get(role), Mapping) else None
                for role in ("segmenter", "segcertify_segmenter", "denoiser")}
     io = segmenter_io(files.segmenter, records["segmenter"])
@@ -394,11 +393,11 @@ def _plans(files: ModelFiles, profile: Profile, gpu_engine: GpuEngine, fp16: boo
     segments = {"certseg_segment": ("segmenter", serve(files.segmenter, files.segmenter_fp16, files.segmenter_plan,
                                                         "segmenter"))}
     segcertify_segment = "certseg_segment"
-    if "segcertify_segmenter" in ios:
+    second = files.segcertify_segmenter
+    if second is not None and "segcertify_segmenter" in ios:
         segcertify_segment = "certseg_segment_segcertify"
         segments[segcertify_segment] = ("segcertify_segmenter", serve(
-            files.segcertify_segmenter, files.segcertify_segmenter_fp16, files.segcertify_segmenter_plan,  # type: ignore[arg-type]
-            "SegCertify segmenter"))
+            second, files.segcertify_segmenter_fp16, files.segcertify_segmenter_plan, "SegCertify segmenter"))
     plans = []
     for name, (role, served) in segments.items():
         dims = ios[role]

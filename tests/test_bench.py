@@ -34,7 +34,7 @@ from certseg.engine.models.adm import build_adm
 from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.models.registry import default_model, save_model
 from certseg.engine.radius_outputs import read_radius_npz
-from certseg.engine.session import Session
+from certseg.engine.session import Session, Settings
 
 from conftest import REPO_ROOT, interrupt_when, needs_cityscapesscripts
 
@@ -307,8 +307,8 @@ def test_report_without_matplotlib_says_so_in_one_line(
 
 @pytest.mark.parametrize("method", ["segcertify", "denoisecertify"])
 def test_authors_style_baseline_certifies_exactly_like_the_engine(models: SimpleNamespace, method: str) -> None:
-    config = BenchConfig(segmenter=str(models.segmenter), denoiser=str(models.denoiser), n0=3, n=38, alpha=0.1,
-                         device="cpu", batch=8)
+    config = BenchConfig(engine=Settings(segmenter=str(models.segmenter), denoiser=str(models.denoiser), n0=3, n=38,
+                                         alpha=0.1, device="cpu", batch=8))
     session = Session.open(config.session_settings(Setting(method, 1.0, 0.5)))
     image = procedural.generate_scene(procedural.held_out_seed(0), 32, 64).image
     engine, _ = session.certify(image, seed=11)

@@ -100,7 +100,7 @@ def test_timestep_choice_is_frozen_and_validated() -> None:
         with pytest.raises(ValueError):
             dn.select_timestep(bad)
     with pytest.raises(ValueError, match="rule"):
-        dn.select_timestep(0.5, "nearest")  # type: ignore[arg-type]
+        dn.select_timestep(0.5, "nearest")
     with pytest.raises(ValueError):
         dn.select_timestep(1000.0, "dds")
 

@@ -98,7 +98,8 @@ def test_an_image_that_cannot_fit_is_refused_before_sampling_naming_a_batch_that
     available = (estimate.needs(batch=3)["host"] + estimate.needs(batch=4)["host"]) // 2  # 3 fits, 4 does not
     fake_available(monkeypatch, available)
     no_sampling(monkeypatch)
-    request = CertifyRequest(image=EXAMPLE, method="segcertify", out=tmp_path / "out", progress=False)
+    request = CertifyRequest(image=EXAMPLE, settings=Settings(method="segcertify"), out=tmp_path / "out",
+                             progress=False)
     with pytest.raises(InputError) as error:
         run_certify(request)
     message = str(error.value)

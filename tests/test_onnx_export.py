@@ -358,8 +358,8 @@ def test_a_killed_exports_staging_folder_is_removed_at_the_next_export(
         (Path(out_dir) / "export.json").write_text("{}")
 
     monkeypatch.setattr(onnx_export, "export_models", fake_export)
-    model = SimpleNamespace(sha256="0" * 64, name="m", extra={}, config={}, input_size=None)
-    folder = ort_runtime.cached_export(model, None, (32, 64), scale=1.0, fp16=False)  # type: ignore[arg-type]
+    model: Any = SimpleNamespace(sha256="0" * 64, name="m", extra={}, config={}, input_size=None)
+    folder = ort_runtime.cached_export(model, None, (32, 64), scale=1.0, fp16=False)
     assert (folder / "export.json").is_file()
     assert not stale.exists() and running.is_dir()
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted([folder.name, running.name])

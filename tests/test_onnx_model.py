@@ -112,11 +112,11 @@ def test_a_fixed_size_segmenter_is_fed_its_size_and_flags_override_what_a_file_s
                                  *in_unit_range[0], "--seg-std", *in_unit_range[1], "--classes", str(names),
                                  "--out", str(tmp_path / "out"))
     assert report["pipeline"]["segmenter_size"] == [48, 80] and report["classes"] == ["a", "b", "c", "d"]
-    mean, std = (tuple(float(v) for v in values) for values in in_unit_range)
+    (r, g, b), (sr, sg, sb) = ((float(v) for v in values) for values in in_unit_range)
     from certseg.engine.stages import Normalization
 
     label_fn = reference_label_fn(ExactSegmenter().eval(), input_size=(48, 80),
-                                  normalization=Normalization(mean, std))  # type: ignore[arg-type]
+                                  normalization=Normalization((r, g, b), (sr, sg, sb)))
     reference = certify_image(LocalRuntime(label_fn, batch_size=16), image, num_classes=4, sigma=SIGMA, n0=8,
                               n=64, seed=7)
     np.testing.assert_array_equal(labels, reference.labels)

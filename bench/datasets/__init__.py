@@ -1,7 +1,7 @@
 """Datasets for certseg.bench: the procedural street scenes (the default) and local Cityscapes / Pascal-Context."""
 
 from certseg.bench.datasets.common import BenchDataset, DatasetError, DatasetItem
-from certseg.bench.datasets.loader import DATASETS, open_dataset
+from certseg.bench.datasets.loader import open_dataset
 from certseg.bench.datasets.procedural import (
     CLASSES,
     GENERATOR_VERSION,
@@ -22,7 +22,6 @@ from certseg.bench.datasets.procedural import (
 
 __all__ = [
     "CLASSES",
-    "DATASETS",
     "GENERATOR_VERSION",
     "HELD_OUT_SEED_OFFSET",
     "IGNORE_INDEX",

@@ -5,20 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from certseg.bench.datasets.common import BenchDataset, DatasetError
+from certseg.engine.choices import Dataset, choice
 from certseg.engine.limits import DEFAULT_MAX_PIXELS, check_pixel_limit
 
-DATASETS: tuple[str, ...] = ("procedural", "cityscapes", "pascal-context")
 
-
-def detect(root: Path) -> str:
+def detect(root: Path) -> Dataset:
     """Which real dataset a ``--root`` folder holds, from its layout."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"--root {root} does not exist")
     if (root / "leftImg8bit").is_dir() or root.name in ("leftImg8bit", "gtFine"):
-        return "cityscapes"
+        return Dataset.cityscapes
     if any((root / sub / "JPEGImages").is_dir() for sub in (".", "VOCdevkit/VOC2010", "VOC2010")):
-        return "pascal-context"
+        return Dataset.pascal_context
     raise DatasetError(
         f"cannot tell which dataset {root} holds: expected Cityscapes (ROOT/leftImg8bit/val, ROOT/gtFine/val) or "
         "Pascal-Context (ROOT/JPEGImages, ROOT/SegmentationClassContext); name it with --dataset"
@@ -26,7 +25,7 @@ def detect(root: Path) -> str:
 
 
 def open_dataset(
-    name: str | None,
+    name: Dataset | str | None,
     root: Path | None,
     *,
     images: int,
@@ -42,12 +41,11 @@ def open_dataset(
     scenes: from ``scene_size``) before they are decoded or rendered.
     """
     if name is None:
-        name = "procedural" if root is None else detect(root)
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if name != "procedural" and (write_data is not None or scene_size is not None):
+        name = Dataset.procedural if root is None else detect(root)
+    name = choice(Dataset, name, "dataset", DatasetError)
+    if name != Dataset.procedural and (write_data is not None or scene_size is not None):
         raise DatasetError("--write-data and --scene-size apply to the procedural dataset only")
-    if name == "procedural":
+    if name == Dataset.procedural:
         from certseg.bench.datasets.procedural_set import SCENE_SIZE, open_procedural
 
         if root is not None:
@@ -62,7 +60,7 @@ def open_dataset(
         return open_procedural(images, data_seed=data_seed, size=size, write_to=write_data)
     if root is None:
         raise DatasetError(f"--dataset {name} needs --root (the folder holding the dataset)")
-    if name == "cityscapes":
+    if name == Dataset.cityscapes:
         from certseg.bench.datasets.cityscapes import open_cityscapes
 
         return open_cityscapes(root, resize=resize, max_pixels=max_pixels)

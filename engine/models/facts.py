@@ -79,11 +79,23 @@ def normalization_of(
     """``base`` with the given parts replaced; a contradiction (mean outside the range, std <= 0) is one line."""
     try:
         return Normalization(
-            tuple(base.mean if mean is None else mean), tuple(base.std if std is None else std),  # type: ignore[arg-type]
-            tuple(base.input_range if input_range is None else input_range),  # type: ignore[arg-type]
+            base.mean if mean is None else _rgb(mean), base.std if std is None else _rgb(std),
+            base.input_range if input_range is None else _low_high(input_range),
         )
     except ValueError as error:
         raise InputError(f"{where}: {error}") from None
+
+
+def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
+    if len(values) != 3:
+        raise ValueError(f"mean and std need 3 values (R, G, B), got {len(values)}")
+    return float(values[0]), float(values[1]), float(values[2])
+
+
+def _low_high(values: Sequence[float]) -> tuple[float, float]:
+    if len(values) != 2:
+        raise ValueError(f"the input range needs 2 values (low, high), got {len(values)}")
+    return float(values[0]), float(values[1])
 
 
 def check_classes(classes: Any, palette: Any, num_classes: int, where: str) -> tuple[list[str] | None, Any]:

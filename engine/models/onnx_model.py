@@ -19,11 +19,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from certseg.engine.errors import InputError
 from certseg.engine.models import facts
 from certseg.engine.stages import Normalization
+
+if TYPE_CHECKING:
+    from certseg.engine.models.registry import Role
 
 Dim = int | str
 """A declared dim: a fixed size, or the name of a dynamic one ("?" when unnamed)."""
@@ -209,7 +212,7 @@ def contract(path: str | os.PathLike, role: str) -> Contract:
     return segmenter_contract(path) if role == "segmenter" else denoiser_contract(path)
 
 
-def load_onnx_model(path: Path, name: str, role: str) -> Any:
+def load_onnx_model(path: Path, name: str, role: Role) -> Any:
     """A ``LoadedModel`` (family "onnx") running ``path`` as given in ONNX Runtime, after its contract holds.
 
     Its identity is the file's sha256; ``config`` holds K and the input size, ``extra`` the facts it states
@@ -234,5 +237,5 @@ def load_onnx_model(path: Path, name: str, role: str) -> Any:
             extra["schedule"] = stated["schedule"].record()
     module = OrtModule(path, input_order=[p.name for p in checked.inputs])
     module.contract = checked
-    return LoadedModel(module=module.eval(), name=stated.get("name") or name, family="onnx", role=role,  # type: ignore[arg-type]
+    return LoadedModel(module=module.eval(), name=stated.get("name") or name, family="onnx", role=role,
                        config=config, source=str(path), sha256=file_sha256(path), extra=extra)

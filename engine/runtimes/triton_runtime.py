@@ -25,10 +25,11 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from certseg.engine.choices import SharedMemory, choice
 from certseg.engine.errors import ServerError, first_line
 from certseg.engine.sampling import batch_ranges
 
@@ -38,9 +39,6 @@ VERSION_PARAMETER = "certseg_repository_version"
 ENSEMBLES: dict[str, str] = {"denoisecertify": "certseg_denoisecertify", "segcertify": "certseg_segcertify"}
 """The ensemble serving each certification method."""
 LABELS = "LABELS"
-SharedMemory = Literal["auto", "on", "off"]
-
-
 @dataclass(frozen=True)
 class RequestInput:
     """One input of a certseg request: its name, numpy dtype and per-request dims (-1: any)."""
@@ -362,7 +360,7 @@ class TritonRuntime:
         antialias: bool = False,
         batch: int = 16,
         in_flight: int = 2,
-        shared_memory: SharedMemory = "auto",
+        shared_memory: SharedMemory | str = SharedMemory.auto,
         retries: int = 3,
         retry_delay_s: float = 0.2,
         timeout_s: float = 600.0,
@@ -372,8 +370,7 @@ class TritonRuntime:
             raise ServerError("no Triton server given")
         if batch < 1 or in_flight < 1 or retries < 0:
             raise ValueError(f"batch and in_flight must be >= 1 and retries >= 0, got {batch}, {in_flight}, {retries}")
-        if shared_memory not in ("auto", "on", "off"):
-            raise ValueError(f"shared_memory must be 'auto', 'on' or 'off', got {shared_memory!r}")
+        shared_memory = choice(SharedMemory, shared_memory, "shared_memory")
         grpcclient = _grpc()
         self.model = model
         self.timestep = timestep
@@ -556,7 +553,7 @@ class TritonRuntime:
         sized for this image: the image's bytes, and ``batch`` label maps of its size."""
         lane = _Lane(endpoint, deque(range(self.in_flight)))
         lane.image_input = _grpc().InferInput("IMAGE", list(image.shape), REQUEST_INPUTS[0].triton_type)
-        use_shm = self.shared_memory != "off" and is_local(endpoint.address)
+        use_shm = self.shared_memory != SharedMemory.off and is_local(endpoint.address)
         if use_shm:
             lane.regions = _SharedRegions(endpoint.client, endpoint.address)
             stack.callback(lane.regions.release, self.drain_s)
@@ -568,7 +565,7 @@ class TritonRuntime:
                 for slot in range(self.in_flight):
                     lane.output_regions[slot] = (*lane.regions.add(f"labels{slot}", label_bytes), label_bytes)
             except ServerError:
-                if self.shared_memory == "on":
+                if self.shared_memory == SharedMemory.on:
                     raise
                 use_shm = False
                 lane.output_regions = {}

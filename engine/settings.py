@@ -1,0 +1,117 @@
+"""The one description of how certificates are made: ``Settings``, shared by the library, ``certseg certify`` and
+``certseg-bench``.
+
+Each field carries its command-line help, and both commands build their engine options from these fields
+(``certseg.engine.cli_common.settings_options``), so a field added here is an option of both, with one default.
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from certseg.engine.choices import Fwer, Method, NoiseBackend, NonFinitePolicy, Precision, RuntimeName, TimestepRule
+from certseg.engine.choices import choice as as_choice
+from certseg.engine.errors import InputError
+
+
+def _option(default: Any, help: str) -> Any:
+    """A settings field with the help its command-line option shows."""
+    return field(default=default, metadata={"help": help})
+
+
+def default_runtime(*refs: str | None) -> RuntimeName:
+    """The in-process runtime when none is named: ONNX Runtime if a model is an ``.onnx`` file, else torch."""
+    onnx = any(ref is not None and str(ref).lower().endswith(".onnx") for ref in refs)
+    return RuntimeName.onnx if onnx else RuntimeName.torch
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the image and the seed that decides a certificate.
+
+    Named choices are the enums of ``certseg.engine.choices``; their plain strings are accepted and converted.
+    """
+
+    method: Method = _option(Method.denoisecertify, "denoise first, or not")
+    sigma: float = _option(0.25, "noise level σ in [0,1] pixel space")
+    n0: int = _option(10, "selection samples (mode per pixel)")
+    n: int = _option(100, "estimation samples (binomial test)")
+    alpha: float = _option(0.001, "family-wise error level over all pixels")
+    tau: float = _option(0.75, "agreement threshold τ; radius R = σ·Φ⁻¹(τ)")
+    fwer: Fwer = _option(Fwer.holm, "FWER control")
+    scale: float = _option(1.0, "segmenter input size as a fraction of the image size")
+    t_rule: TimestepRule = _option(TimestepRule.principled, "how t* is matched to σ")
+    antialias: bool = _option(False, "antialiased resizes (the authors used none)")
+    segmenter: str | None = _option(
+        None, "shipped model name, checkpoint path, or your own .onnx file (README: bring your own ONNX models)")
+    denoiser: str | None = _option(None, "shipped model name, checkpoint path, or your own ε-prediction .onnx UNet")
+    runtime: RuntimeName | None = _option(
+        None, "in-process runtime (default: onnx when a model is an .onnx file, else torch)")
+    """None until ``resolved``: ONNX Runtime when a model is an .onnx file, else torch."""
+    device: str | None = _option(None, "cpu, cuda, cuda:1 (default: cuda if available)")
+    precision: Precision = _option(Precision.fp32, "model precision (autocast)")
+    batch: int = _option(16, "samples per forward pass")
+    noise_backend: NoiseBackend = _option(
+        NoiseBackend.numpy_philox, "numpy-philox: identical on every runtime; torch: drawn on the device")
+    non_finite: NonFinitePolicy = _option(
+        NonFinitePolicy.abstain,
+        "NaN/Inf model outputs: their pixels count as disagreements (abstain) or the run stops (fail)")
+    seg_mean: tuple[float, float, float] | None = _option(
+        None, "segmenter input mean R G B, in its input range's units (default: what the model states)")
+    seg_std: tuple[float, float, float] | None = _option(
+        None, "segmenter input std R G B, in its input range's units (default: what the model states)")
+    seg_input_size: tuple[int, int] | None = _option(
+        None, "feed the segmenter H W whatever the image size (default: what the model states, else --scale)")
+    classes: str | None = _option(
+        None, "JSON class names (a list, or {\"classes\": [...], \"palette\": [[r, g, b], ...]}) replacing what the "
+        "segmenter states")
+
+    def __post_init__(self) -> None:
+        """Plain strings become their enum members (an unknown one is refused here, in one line)."""
+        for name, kind in _choice_fields().items():
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, as_choice(kind, value, name, InputError))
+
+    def resolved(self) -> Settings:
+        """These settings with the runtime decided (``default_runtime`` of the models when none is named)."""
+        if self.runtime is not None:
+            return self
+        return replace(self, runtime=default_runtime(self.segmenter, self.denoiser))
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready: every field by name, choices as their plain strings."""
+        return {k: v.value if isinstance(v, StrEnum) else v for k, v in asdict(self).items()}
+
+    def validate(self, num_pixels: int) -> None:
+        from certseg.engine.certify import validate_parameters
+
+        validate_parameters(
+            n0=self.n0, n=self.n, tau=self.tau, alpha=self.alpha, num_pixels=num_pixels, fwer=self.fwer,
+            sigma=self.sigma,
+        )
+        if self.batch < 1:
+            raise InputError(f"batch must be >= 1, got {self.batch}")
+        if self.scale <= 0:
+            raise InputError(f"scale must be > 0, got {self.scale}")
+
+
+@functools.cache
+def setting_types() -> dict[str, Any]:
+    """Each field's type, resolved (``Settings`` is annotated with strings)."""
+    return typing.get_type_hints(Settings)
+
+
+@functools.cache
+def _choice_fields() -> dict[str, type[StrEnum]]:
+    """The fields whose values are named choices, and their enum."""
+    out = {}
+    for name, hint in setting_types().items():
+        kinds = [t for t in typing.get_args(hint) or (hint,) if isinstance(t, type) and issubclass(t, StrEnum)]
+        if kinds:
+            out[name] = kinds[0]
+    return out
