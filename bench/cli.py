@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,7 +22,7 @@ from rich.table import Table
 
 from certseg.bench.config import GRID_AXES, BenchConfig
 from certseg.engine.choices import Dataset, Method
-from certseg.engine.cli_common import MaxPixelsOption, fail, interruptible, settings_options
+from certseg.engine.cli_common import MaxPixelsOption, one_line_errors, run_cli, settings_options
 from certseg.engine.errors import CertsegError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.settings import Settings
@@ -65,10 +65,6 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return height, width
 
 
-def _fail(message: str) -> NoReturn:
-    fail("certseg-bench", message)
-
-
 def _print_table(console: Console, title: str, header: list[str], body: list[list[str]]) -> None:
     table = Table(title=title, title_justify="left")
     for column in header:
@@ -79,7 +75,7 @@ def _print_table(console: Console, title: str, header: list[str], body: list[lis
 
 
 @app.command()
-@interruptible("certseg-bench: interrupted (finished entries are kept; rerun to resume)")
+@one_line_errors("certseg-bench", interrupted="interrupted (finished entries are kept; rerun to resume)")
 @settings_options(skip=GRID_AXES)
 def bench(
     *,
@@ -131,27 +127,22 @@ def bench(
     from certseg.engine.radius import ACCURACY_RADII
 
     console = Console(width=None if sys.stdout.isatty() else 180)
-    try:
-        if report_only:
-            header, entries = load_entries(out / "results.jsonl")
-            if not entries:
-                _fail(f"no entries in {out / 'results.jsonl'}")
-        else:
-            grid = {name: tuple(values) for name, values in (("methods", method), ("sigmas", sigma),
-                                                                  ("scales", scale)) if values}
-            config = BenchConfig(
-                engine=settings, **grid, images=images, dataset=dataset, root=root, data_seed=data_seed,
-                scene_size=_size(scene_size), write_data=write_data, resize=resize, seed=seed, out=out,
-                baseline=baseline, save_labels=save_labels, stage_timing=stage_timing, threads=threads,
-                max_pixels=max_pixels, radius_map=radius_map,
-            )
-            run = prepare(config)
-            entries = execute(run, show_progress=not quiet)
-            header = run.results.header
-    except CertsegError as error:
-        _fail(str(error))
-    except (ValueError, OSError) as error:
-        _fail(f"{error.__class__.__name__}: {error}")
+    if report_only:
+        header, entries = load_entries(out / "results.jsonl")
+        if not entries:
+            raise CertsegError(f"no entries in {out / 'results.jsonl'}")
+    else:
+        grid = {name: tuple(values) for name, values in (("methods", method), ("sigmas", sigma),
+                                                              ("scales", scale)) if values}
+        config = BenchConfig(
+            engine=settings, **grid, images=images, dataset=dataset, root=root, data_seed=data_seed,
+            scene_size=_size(scene_size), write_data=write_data, resize=resize, seed=seed, out=out,
+            baseline=baseline, save_labels=save_labels, stage_timing=stage_timing, threads=threads,
+            max_pixels=max_pixels, radius_map=radius_map,
+        )
+        run = prepare(config)
+        entries = execute(run, show_progress=not quiet)
+        header = run.results.header
     rows = aggregate(entries)
     _print_table(console, "Certified segmentation", *accuracy_table(rows))
     _print_table(console, "Throughput", *throughput_table(rows))
@@ -172,12 +163,7 @@ def bench(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = expand_multi_values(sys.argv[1:] if argv is None else argv)
-    try:
-        app(args=args, prog_name="certseg-bench")
-    except KeyboardInterrupt:
-        typer.echo("certseg-bench: interrupted (finished entries are kept; rerun to resume)", err=True)
-        sys.exit(130)
+    run_cli(app, "certseg-bench", expand_multi_values(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

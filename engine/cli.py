@@ -6,26 +6,19 @@ line on stderr and a non-zero exit code, never a traceback.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
 from certseg.engine.choices import Profile, SharedMemory
-from certseg.engine.cli_common import MaxPixelsOption, interruptible, settings_options
-from certseg.engine.cli_common import fail as fail_with
+from certseg.engine.cli_common import MaxPixelsOption, one_line_errors, run_cli, settings_options
 from certseg.engine.errors import CertsegError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """One line on stderr, then exit (details of multi-line errors are left out)."""
-    fail_with("certseg", message, code)
 
 
 @app.callback()
@@ -34,7 +27,7 @@ def main_callback() -> None:
 
 
 @app.command()
-@interruptible("certseg: interrupted")
+@one_line_errors("certseg")
 @settings_options()
 def certify(
     image: Annotated[Path, typer.Argument(help="image to certify (PNG 8/16-bit, JPEG; RGB, RGBA or gray)")],
@@ -65,29 +58,12 @@ def certify(
         shared_memory=shared_memory, retries=retries, max_pixels=max_pixels,
     )
     started = time.perf_counter()
-    try:
-        summary = run_certify(request)
-    except CertsegError as error:
-        fail(str(error))
-    except (ValueError, OSError) as error:
-        fail(f"{error.__class__.__name__}: {error}")
-    except MemoryError:
-        fail(f"out of memory while certifying {image}: lower --batch (now {settings.batch}) or --max-pixels; "
-             "nothing written")
-    except RuntimeError as error:
-        if "out of memory" not in str(error).lower():
-            raise
-        fail(f"{_first_line(error)}: lower --batch (now {settings.batch}) or certify a smaller image; "
-             "nothing written")
+    summary = run_certify(request)
     typer.echo(summary + f" ({time.perf_counter() - started:.1f} s)")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{error.__class__.__name__}: {text.splitlines()[0] if text else ''}"
-
-
 @app.command()
+@one_line_errors("certseg")
 def serve(
     repository: Annotated[Path | None, typer.Option(
         help="model repository (certseg-export); default: built from the shipped models and cached")] = None,
@@ -144,18 +120,12 @@ def serve(
                 time.sleep(0.5)
             code = None if server.process is None else server.process.returncode
             raise CertsegError(f"tritonserver stopped by itself (exit code {code}): {server.log_summary()}")
-    except CertsegError as error:
-        fail(str(error))
     except KeyboardInterrupt:
         typer.echo("certseg: stopped the server", err=True)
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        typer.echo("certseg: interrupted", err=True)
-        sys.exit(130)
+    run_cli(app, "certseg")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
+from certseg.engine.errors import CertsegError, first_line
 from certseg.engine.settings import Settings, setting_types
 
 P = ParamSpec("P")
@@ -24,11 +25,13 @@ def fail(program: str, message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def interruptible(message: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Ctrl-C anywhere in the decorated command: ``message`` on stderr and exit code 130.
+def one_line_errors(program: str, interrupted: str = "interrupted") -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """What every certseg command does with a failure a user can cause: one line on stderr, a non-zero exit.
 
-    Caught inside the command because Typer turns a KeyboardInterrupt that reaches it into a silent exit 130, so
-    a handler around ``app()`` never runs.
+    ``CertsegError``: its first line; ``ValueError``/``OSError``: the class and first line; running out of memory
+    (``MemoryError``, a CUDA or allocator "out of memory"): a line naming --batch; Ctrl-C: ``program: interrupted``
+    and exit code 130. Caught inside the command because Typer turns a KeyboardInterrupt that reaches it into a
+    silent exit 130, so a handler around ``app()`` never runs. Anything else is a bug and keeps its traceback.
     """
 
     def decorate(command: Callable[P, R]) -> Callable[P, R]:
@@ -37,8 +40,19 @@ def interruptible(message: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return command(*args, **kwargs)
             except KeyboardInterrupt:
-                typer.echo(message, err=True)
+                typer.echo(f"{program}: {interrupted}", err=True)
                 raise typer.Exit(130) from None
+            except CertsegError as error:
+                fail(program, str(error))
+            except (ValueError, OSError) as error:
+                fail(program, first_line(error, with_type=True))
+            except MemoryError:
+                fail(program, "out of memory: lower --batch or --max-pixels; nothing was written")
+            except RuntimeError as error:
+                if "out of memory" not in str(error).lower():
+                    raise
+                fail(program, f"{first_line(error, with_type=True)}: lower --batch or certify a smaller image; "
+                     "nothing was written")
 
         return run
 
@@ -94,3 +108,22 @@ ClassesOption = setting_option("classes")
 MaxPixelsOption = Annotated[int, typer.Option(
     help="refuse images and label maps with more pixels, from their header, before decoding (the default fits the "
     "default --batch in 24 GB)")]
+
+
+def run_cli(app: typer.Typer, program: str, args: list[str] | None = None) -> NoReturn:
+    """A console entry point: run ``app`` and make a usage error (an unknown flag, a value of the wrong type) one
+    line too, as every other failure is, instead of Typer's boxed usage block. No arguments still shows the help."""
+    try:
+        code = app(args=args, prog_name=program, standalone_mode=False)
+    except typer.TyperException as error:  # parsing errors: the public base of Typer's usage errors
+        if type(error).__name__ == "NoArgsIsHelpError":
+            typer.echo(error.format_message() if hasattr(error, "format_message") else str(error), err=True)
+            raise SystemExit(2) from None
+        message = error.format_message() if hasattr(error, "format_message") else str(error)
+        fail_line = " ".join(message.split())
+        typer.echo(f"{program}: error: {fail_line} (see {program} --help)", err=True)
+        raise SystemExit(2) from None
+    except typer.Abort:
+        typer.echo(f"{program}: interrupted", err=True)
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

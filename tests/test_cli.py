@@ -224,4 +224,15 @@ def test_running_out_of_memory_mid_run_is_one_line(tmp_path: Path, monkeypatch: 
     result = CliRunner().invoke(app, ["certify", str(EXAMPLE), "--out", str(tmp_path / "o"), "--batch", "8"])
     lines = result.output.strip().splitlines()
     assert result.exit_code != 0 and len(lines) == 1, result.output
-    assert "out of memory" in lines[0] and "--batch (now 8)" in lines[0]
+    assert "out of memory" in lines[0] and "lower --batch" in lines[0]
+
+
+@pytest.mark.parametrize("program, args, expected", [
+    ("certseg.engine.cli", ["certify", "x.png", "--sigma", "abc"], "certseg: error: Invalid value for '--sigma'"),
+    ("certseg.engine.cli", ["certify", "x.png", "--no-such-flag"], "certseg: error: No such option: --no-such-flag"),
+    ("certseg.bench.cli", ["--sigma", "abc"], "certseg-bench: error: Invalid value for '--sigma'"),
+])
+def test_usage_errors_are_one_line_too(program: str, args: list[str], expected: str) -> None:
+    result = subprocess.run([sys.executable, "-m", program, *args], capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), result.stderr
