@@ -79,11 +79,15 @@ def settings_options(*, skip: Collection[str] = ()) -> Callable[[Callable[..., R
     def decorate(command: Callable[..., R]) -> Callable[..., R]:
         signature = inspect.signature(command, eval_str=True)
         parameters = []
+        seen_settings = False
         for parameter in signature.parameters.values():
             if parameter.name == "settings":
                 parameters += options
-            else:
+                seen_settings = True
+            elif seen_settings or parameter.kind == inspect.Parameter.KEYWORD_ONLY:
                 parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+            else:  # a positional argument before the options (certify's IMAGE) stays one
+                parameters.append(parameter)
 
         @functools.wraps(command)
         def run(**kwargs: Any) -> R:
