@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from certseg.engine.runtimes.triton_runtime import (
     statistics_delta,
 )
 from certseg.engine.sampling import Runtime, batch_ranges
+
+if TYPE_CHECKING:
+    from certseg.export.model_files import ModelFiles
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "street.png"
 SEED = 20250101
@@ -131,11 +134,12 @@ class HttpRuntime:
 
 
 def export_onnx(segmenter: LoadedModel, denoiser: LoadedModel | None, folder: Path, image_size: tuple[int, int],
-                batch: int):
-    from certseg.export.onnx import export_models
+                batch: int) -> ModelFiles:
+    """The fp32 graphs every ONNX Runtime row serves, in-process and on Triton."""
+    from certseg.export.models import export_models
 
     return export_models(segmenter, denoiser, folder, image_size=image_size, max_batch=batch, fp16=False,
-                         tensorrt=False)
+                         tensorrt=False).model_files()
 
 
 @app.command()

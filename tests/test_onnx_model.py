@@ -129,8 +129,9 @@ def test_an_onnx_segmenter_with_the_shipped_denoiser(files, image, tmp_path: Pat
     its cached export beside the file as given; equal to the torch segmenter behind that same exported graph."""
     from certseg.engine.label_pipeline import LabelPipeline
     from certseg.engine.models.registry import load_model
-    from certseg.engine.runtimes.onnx_runtime import OrtModule, cached_export, export_paths
+    from certseg.engine.runtimes.onnx_runtime import OrtModule, export_paths
     from certseg.engine.session import Session, Settings
+    from certseg.export.cache import cached_export
 
     monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "cache"))
     settings = Settings(segmenter=str(files["segmenter"]), runtime="onnx", n0=4, n=50, alpha=0.1, batch=8)
