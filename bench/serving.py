@@ -61,15 +61,15 @@ def default_models(method: Method) -> tuple[LoadedModel, LoadedModel | None, boo
 
 
 def _random_models(method: Method) -> tuple[LoadedModel, LoadedModel | None]:
-    from certseg.bench.datasets import procedural
-    from certseg.bench.train import SMALL_ADM, SMALL_HRNET
     from certseg.engine.models.adm import build_adm
     from certseg.engine.models.hrnet import build_hrnet
+    from certseg.training import scenes
+    from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
 
     torch.manual_seed(0)
     segmenter = LoadedModel(
-        module=build_hrnet(SMALL_HRNET, procedural.NUM_CLASSES).eval(), name="random-small-hrnet", family="hrnet",
-        role="segmenter", config={"model_cfg": SMALL_HRNET, "num_classes": procedural.NUM_CLASSES},
+        module=build_hrnet(SMALL_HRNET, scenes.NUM_CLASSES).eval(), name="random-small-hrnet", family="hrnet",
+        role="segmenter", config={"model_cfg": SMALL_HRNET, "num_classes": scenes.NUM_CLASSES},
         source="random weights", sha256="",
     )
     denoiser = None

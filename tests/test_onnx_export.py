@@ -17,7 +17,6 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from certseg.bench.train import SMALL_HRNET  # noqa: E402
 from certseg.engine.digest import file_sha256  # noqa: E402
 from certseg.engine.errors import InputError  # noqa: E402
 from certseg.engine.label_pipeline import LabelPipeline, make_spec  # noqa: E402
@@ -31,6 +30,7 @@ from certseg.export.denoiser import export_denoiser  # noqa: E402
 from certseg.export.exported_graph import ExportedGraph  # noqa: E402
 from certseg.export.parity import check_parity, denoiser_parity_inputs, segmenter_parity_inputs  # noqa: E402
 from certseg.export.segmenter import export_segmenter  # noqa: E402
+from certseg.training.architectures import SMALL_HRNET  # noqa: E402
 
 FP32_TOL = 1e-4
 FP16_TOL = 2e-2

@@ -275,12 +275,12 @@ def test_local_model_options_are_refused_with_servers_and_a_missing_file_is_one_
 def test_certseg_export_writes_the_contract_into_its_own_graphs(tmp_path: Path) -> None:
     """An exported shipped-style segmenter and denoiser state their normalisation, classes and schedule, so the
     exported files themselves are bring-your-own models: certifying through them equals the checkpoints."""
-    from certseg.bench.train import SMALL_ADM, SMALL_HRNET
     from certseg.engine.models.adm import build_adm
     from certseg.engine.models.hrnet import build_hrnet
     from certseg.engine.models.registry import save_model
     from certseg.engine.session import Session, Settings
     from certseg.export import cli as export_cli
+    from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
 
     torch.manual_seed(0)
     adm = SMALL_ADM | {"image_size": 16, "attention_resolutions": "4"}

@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from certseg.bench.train import SMALL_HRNET
 from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.models.registry import LoadedModel, save_model
 from certseg.export.graph_surgery import derived_only_from
 from certseg.export.tensorrt import TENSORRT_MISSING, TensorRTUnavailable, build_engine, tensorrt_available
+from certseg.training.architectures import SMALL_HRNET
 
 needs_no_tensorrt = pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from certseg.bench.datasets import procedural as P
+from certseg.training import scenes as P
 
 # sha256 of generate_scene(7, 48, 96) (image bytes then label bytes), per generator version. If this test
 # fails you changed the output: bump GENERATOR_VERSION (shipped models record it) and add its hash here.
@@ -167,3 +167,13 @@ def test_cityscapes_layout_round_trips(tmp_path: Path):
 def test_to_uint8_rounds():
     img = np.array([0.0, 0.5 / 255, 0.51 / 255, 1.0], np.float32).reshape(1, 1, 4).repeat(3, 0)
     assert P.to_uint8(img)[0, :, 0].tolist() == [0, 0, 1, 255]
+
+
+def test_the_shipped_sample_is_held_out_scene_9992_pixel_for_pixel(tmp_path: Path):
+    """``python -m certseg.bench.examples`` rewrites ``examples/`` from the generator: the same pixels and labels."""
+    from certseg.bench.examples import write_example
+
+    repo = Path(__file__).resolve().parents[1]
+    shipped = (repo / "examples" / "street.png", repo / "examples" / "street_labels.png")
+    for written, original in zip(write_example(tmp_path), shipped, strict=True):
+        assert np.array_equal(np.asarray(Image.open(written)), np.asarray(Image.open(original))), original.name
