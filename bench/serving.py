@@ -15,6 +15,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -44,7 +45,8 @@ from certseg.engine.sampling import Runtime, batch_ranges
 if TYPE_CHECKING:
     from certseg.export.model_files import ModelFiles
 
-SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "street.png"
+SAMPLE = Path(str(resources.files("certseg.examples") / "street.png"))
+"""The shipped sample scene, package data: found in any installation, not only in a source checkout."""
 SEED = 20250101
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
