@@ -20,17 +20,17 @@ import typer
 from rich.console import Console
 
 from certseg.bench.config import BenchConfig
-from certseg.bench.datasets import procedural
 from certseg.bench.report import write_report
 from certseg.bench.run import execute, prepare
 from certseg.bench.tables import compare, comparison_table
-from certseg.bench.train import SMALL_ADM, SMALL_HRNET
 from certseg.engine.choices import Method, Precision
 from certseg.engine.errors import CheckpointError
 from certseg.engine.models.adm import build_adm
 from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.models.registry import default_model, save_model
 from certseg.engine.settings import Settings
+from certseg.training import scenes
+from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
 
 
 def _models(folder: Path) -> tuple[dict[str, str | None], str]:
@@ -45,10 +45,10 @@ def _models(folder: Path) -> tuple[dict[str, str | None], str]:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     segmenter, denoiser = folder / "small-hrnet-random.safetensors", folder / "small-adm-random.safetensors"
-    save_model(segmenter, build_hrnet(SMALL_HRNET, procedural.NUM_CLASSES),
+    save_model(segmenter, build_hrnet(SMALL_HRNET, scenes.NUM_CLASSES),
                {"name": "small-hrnet-random", "role": "segmenter", "family": "hrnet",
-                "classes": list(procedural.CLASSES),
-                "config": {"model_cfg": SMALL_HRNET, "num_classes": procedural.NUM_CLASSES}})
+                "classes": list(scenes.CLASSES),
+                "config": {"model_cfg": SMALL_HRNET, "num_classes": scenes.NUM_CLASSES}})
     save_model(denoiser, build_adm(SMALL_ADM),
                {"name": "small-adm-random", "role": "denoiser", "family": "adm",
                 "config": {"create_model_kwargs": SMALL_ADM}})

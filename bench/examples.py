@@ -12,17 +12,17 @@ import numpy as np
 import typer
 from PIL import Image
 
-from certseg.bench.datasets import procedural
-from certseg.bench.train import SCENE_SIZE
+from certseg.training import scenes
+from certseg.training.architectures import SCENE_SIZE
 
 EXAMPLE_HELD_OUT_INDEX = 9992
 
 
 def write_example(out: Path = Path("examples")) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    scene = procedural.generate_scene(procedural.held_out_seed(EXAMPLE_HELD_OUT_INDEX), *SCENE_SIZE)
+    scene = scenes.generate_scene(scenes.held_out_seed(EXAMPLE_HELD_OUT_INDEX), *SCENE_SIZE)
     image_path, labels_path = out / "street.png", out / "street_labels.png"
-    Image.fromarray(procedural.to_uint8(scene.image)).save(image_path)
+    Image.fromarray(scenes.to_uint8(scene.image)).save(image_path)
     Image.fromarray(scene.labels.astype(np.uint8), mode="L").save(labels_path)
     return image_path, labels_path
 

@@ -15,8 +15,9 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
@@ -41,7 +42,11 @@ from certseg.engine.runtimes.triton_runtime import (
 )
 from certseg.engine.sampling import Runtime, batch_ranges
 
-SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "street.png"
+if TYPE_CHECKING:
+    from certseg.export.model_files import ModelFiles
+
+SAMPLE = Path(str(resources.files("certseg.examples") / "street.png"))
+"""The shipped sample scene, package data: found in any installation, not only in a source checkout."""
 SEED = 20250101
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
@@ -58,15 +63,15 @@ def default_models(method: Method) -> tuple[LoadedModel, LoadedModel | None, boo
 
 
 def _random_models(method: Method) -> tuple[LoadedModel, LoadedModel | None]:
-    from certseg.bench.datasets import procedural
-    from certseg.bench.train import SMALL_ADM, SMALL_HRNET
     from certseg.engine.models.adm import build_adm
     from certseg.engine.models.hrnet import build_hrnet
+    from certseg.training import scenes
+    from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
 
     torch.manual_seed(0)
     segmenter = LoadedModel(
-        module=build_hrnet(SMALL_HRNET, procedural.NUM_CLASSES).eval(), name="random-small-hrnet", family="hrnet",
-        role="segmenter", config={"model_cfg": SMALL_HRNET, "num_classes": procedural.NUM_CLASSES},
+        module=build_hrnet(SMALL_HRNET, scenes.NUM_CLASSES).eval(), name="random-small-hrnet", family="hrnet",
+        role="segmenter", config={"model_cfg": SMALL_HRNET, "num_classes": scenes.NUM_CLASSES},
         source="random weights", sha256="",
     )
     denoiser = None
@@ -131,11 +136,12 @@ class HttpRuntime:
 
 
 def export_onnx(segmenter: LoadedModel, denoiser: LoadedModel | None, folder: Path, image_size: tuple[int, int],
-                batch: int):
-    from certseg.export.onnx import export_models
+                batch: int) -> ModelFiles:
+    """The fp32 graphs every ONNX Runtime row serves, in-process and on Triton."""
+    from certseg.export.models import export_models
 
     return export_models(segmenter, denoiser, folder, image_size=image_size, max_batch=batch, fp16=False,
-                         tensorrt=False)
+                         tensorrt=False).model_files()
 
 
 @app.command()

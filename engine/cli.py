@@ -83,7 +83,8 @@ def serve(
     """Serve the certseg pipeline with Triton until Ctrl-C: health, metrics and gRPC/HTTP inference endpoints."""
     import signal
 
-    from certseg.engine.serve import TritonServer, default_repository, find_tritonserver
+    from certseg.engine.serve import TritonServer, find_tritonserver
+    from certseg.export.default_repository import default_repository
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt

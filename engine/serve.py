@@ -28,8 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from certseg.engine.cache import cache_dir, cached_folder
-from certseg.engine.digest import file_sha256, tree_sha256
+from certseg.engine.cache import cache_dir
 from certseg.engine.errors import ServerError
 
 LOCALHOST = "127.0.0.1"
@@ -356,51 +355,3 @@ class TritonServer:
         if self._owns_log and exc[0] is None:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
-
-
-def default_repository(*, max_batch: int = 16, max_request_bytes: int | None = None, refresh: bool = False) -> Path:
-    """A CPU repository of the shipped default models, exported once and cached under ``cache_dir()``.
-
-    Keyed by everything that decides its content: the model files' sha256s, the repository and export format
-    versions, a hash of the templates folder (a changed template never serves from a stale cache) and the
-    rendering parameters (``max_batch``, ``max_request_bytes``, default: ``DEFAULT_MAX_REQUEST_BYTES``). Serves
-    DenoiseCertify (default segmenter + denoiser) and SegCertify (its own default segmenter when one is shipped,
-    else the same segmenter).
-    """
-
-    from certseg.engine.errors import CheckpointError
-    from certseg.engine.models.registry import default_model, load_model, resolve
-    from certseg.engine.runtimes.triton_runtime import DEFAULT_MAX_REQUEST_BYTES, REPOSITORY_VERSION
-    from certseg.export.cli import default_image_size
-    from certseg.export.onnx import EXPORT_FORMAT_VERSION, export_models
-    from certseg.export.repository import METADATA_FILE, ModelFiles, templates_dir, write_repository
-
-    names = {"segmenter": default_model("segmenter", "denoisecertify"),
-             "denoiser": default_model("denoiser", "denoisecertify")}
-    try:
-        names["segcertify_segmenter"] = default_model("segmenter", "segcertify")
-    except CheckpointError:
-        names["segcertify_segmenter"] = names["segmenter"]
-    digests = {role: file_sha256(resolve(name)[0]) for role, name in names.items()}
-    rendering = {"max_batch": max_batch, "max_request_bytes": max_request_bytes or DEFAULT_MAX_REQUEST_BYTES}
-    parts = [REPOSITORY_VERSION, EXPORT_FORMAT_VERSION, tree_sha256(templates_dir()), rendering, digests]
-
-    def build(root: Path) -> None:
-        image_size = default_image_size(names["segmenter"])
-        main = export_models(load_model(names["segmenter"], "segmenter"), load_model(names["denoiser"], "denoiser"),
-                             root / "onnx", image_size=image_size, max_batch=max_batch, fp16=False, tensorrt=False)
-        metadata = dict(main.metadata)
-        segcertify = None
-        if names["segcertify_segmenter"] != names["segmenter"]:
-            result = export_models(load_model(names["segcertify_segmenter"], "segmenter"), None,
-                                   root / "onnx-segcertify", image_size=image_size, max_batch=max_batch, fp16=False,
-                                   tensorrt=False)
-            segcertify = result.segmenter
-            metadata["segcertify_segmenter"] = result.metadata["segmenter"]
-        files = ModelFiles(segmenter=main.segmenter, denoiser=main.denoiser, segcertify_segmenter=segcertify,
-                           metadata=metadata)
-        write_repository(files, root / "cpu", profile="cpu", **rendering)
-
-    return cached_folder("repositories", parts, build, complete=f"cpu/{METADATA_FILE}", refresh=refresh) / "cpu"
-
-

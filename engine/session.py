@@ -204,7 +204,8 @@ class Session:
     def _onnx_runtime(self, spec: PipelineSpec) -> Runtime:
         """ONNX Runtime: an ONNX model file as given, other models on graphs exported from exactly their weights
         (exported once, then cached)."""
-        from certseg.engine.runtimes.onnx_runtime import OrtModule, cached_export, export_paths
+        from certseg.engine.runtimes.onnx_runtime import OrtModule, export_paths
+        from certseg.export.cache import cached_export  # the one seam into certseg.export: torch weights -> graphs
 
         s = self.settings
         if s.precision == Precision.bf16:

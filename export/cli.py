@@ -3,16 +3,14 @@
 A model given as an ``.onnx`` file (bring your own) is copied unchanged and served as given; ``--seg-mean``,
 ``--seg-std``, ``--seg-input-size`` and ``--classes`` override what the segmenter states, as in ``certseg certify``.
 
-Thin by design: resolve the models, call ``certseg.export.onnx.export_models``, print progress and a summary.
+Thin by design: resolve the models, call ``certseg.export.models.export_models``, print progress and a summary.
 Every failure a user can cause ends in one line on stderr and a non-zero exit code, never a traceback.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -23,6 +21,9 @@ from certseg.engine.cli_common import ClassesOption, SegInputSizeOption, SegMean
 from certseg.engine.cli_common import fail as fail_with
 from certseg.engine.errors import CertsegError, InputError
 
+if TYPE_CHECKING:
+    from certseg.export.result import ExportResult
+
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 console = Console(highlight=False)
 
@@ -30,19 +31,6 @@ console = Console(highlight=False)
 def fail(message: str, code: int = 2) -> NoReturn:
     """One line on stderr, then exit."""
     fail_with("certseg-export", message, code)
-
-
-def default_image_size(segmenter_name: str, fixed: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The scene size a shipped segmenter was trained at, or the ``fixed`` input size a segmenter states; other
-    models need ``--image-size``."""
-    from certseg.engine.models.registry import shipped_models
-
-    if fixed is not None:
-        return fixed
-    size = shipped_models().get(segmenter_name, {}).get("training", {}).get("scene_size")
-    if not size:
-        raise InputError(f"pass --image-size H W: the image size that {segmenter_name} will serve is not known")
-    return int(size[0]), int(size[1])
 
 
 def _load(method: Method, segmenter: str | None, denoiser: str | None, **overrides):
@@ -76,7 +64,7 @@ def _worst(parity: list[dict[str, float]], key: str, pick=max) -> str:
     return f"{value:.2e}" if key == "max_abs" else f"{value:.6f}"
 
 
-def summary(result) -> Table:
+def summary(result: ExportResult) -> Table:
     """Files, sizes and worst-case parity per graph."""
     table = Table(title=f"exported to {result.out_dir}")
     table.add_column("graph")
@@ -92,25 +80,13 @@ def summary(result) -> Table:
     return table
 
 
-def write_repository_hook(result, repository: Path, profile: Profile,
+def serve_export_from(result: ExportResult, repository: Path, profile: Profile,
                           max_request_bytes: int | None = None) -> None:
-    """Hand the export to the Triton repository writer, when ``certseg.export.repository`` provides one."""
-    try:
-        module = importlib.import_module("certseg.export.repository")
-    except ModuleNotFoundError as error:
-        if error.name != "certseg.export.repository":
-            raise
-        fail(f"cannot write {repository}: the Triton repository writer (certseg.export.repository) is not "
-             f"installed; the ONNX files are in {result.out_dir}", code=1)
-    writer = getattr(module, "write_repository", None)
-    if writer is None:
-        fail("certseg.export.repository has no write_repository(export_result, repository_dir, profile=...)", 1)
-    options = {"profile": profile.value}
-    if "max_batch" in inspect.signature(writer).parameters:  # the engines' profiles end at this batch
-        options["max_batch"] = result.max_batch
-    if max_request_bytes is not None:
-        options["max_request_bytes"] = max_request_bytes
-    writer(result, repository, **options)
+    """Render a Triton repository serving this export (its TensorRT profiles end at its max batch)."""
+    from certseg.export.repository import write_repository
+
+    options = {} if max_request_bytes is None else {"max_request_bytes": max_request_bytes}
+    write_repository(result.model_files(), repository, profile=profile, max_batch=result.max_batch, **options)
     console.print(f"wrote the Triton model repository {repository} ({profile.value} profile)")
 
 
@@ -151,7 +127,8 @@ def export(
     """Export the models of a certseg deployment: ONNX graphs, FP16 variants, TensorRT plans, export.json."""
     import torch
 
-    from certseg.export.onnx import PARITY_BATCHES, export_models
+    from certseg.export.models import default_image_size, export_models
+    from certseg.export.parity import PARITY_BATCHES
 
     if threads is not None:
         torch.set_num_threads(max(1, threads))
@@ -175,7 +152,7 @@ def export(
         console.print(summary(result))
         console.print(f"wrote {result.manifest}")
         if repository is not None:
-            write_repository_hook(result, repository, profile, max_request_bytes)
+            serve_export_from(result, repository, profile, max_request_bytes)
     except CertsegError as error:
         fail(str(error))
     except (ValueError, OSError) as error:

@@ -23,8 +23,7 @@ import shutil
 import string
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +31,6 @@ from typing import Any, Literal
 from certseg.engine.choices import NoiseBackend, Profile, choice
 from certseg.engine.denoise import LINEAR, Schedule
 from certseg.engine.digest import file_sha256
-from certseg.engine.errors import CertsegError
 from certseg.engine.labels import label_numpy_dtype
 from certseg.engine.models import facts
 from certseg.engine.models.onnx_model import denoiser_contract, segmenter_contract
@@ -44,7 +42,8 @@ from certseg.engine.runtimes.triton_runtime import (
     VERSION_PARAMETER,
 )
 from certseg.engine.stages import IMAGENET, Normalization
-from certseg.export.onnx import external_data_files
+from certseg.export.model_files import ModelFiles, ProvidesModelFiles, RepositoryError, model_files
+from certseg.export.onnx_files import external_data_files
 
 GpuEngine = Literal["onnxruntime", "tensorrt"]
 
@@ -60,10 +59,6 @@ STEP_HELPER = "certseg_step.py"
 METADATA_FILE = "certseg-repository.json"
 
 
-class RepositoryError(CertsegError, ValueError):
-    """A template, model file or rendered config that cannot make a valid repository."""
-
-
 def templates_dir(version: str = REPOSITORY_VERSION) -> Path:
     """The templates of ``version``: package data of an installed certseg (``certseg.model_repository``), else
     the ``model_repository/`` folder of a source checkout."""
@@ -75,43 +70,6 @@ def templates_dir(version: str = REPOSITORY_VERSION) -> Path:
     if not folder.is_dir():
         raise RepositoryError(f"model-repository templates v{version} not found at {folder}")
     return folder
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """The exported models a repository serves, and what the client must learn about them."""
-
-    segmenter: Path
-    """Segmenter ONNX: images float32 [B,3,h,w] (normalised as it states) -> class scores float32 [B,K,h',w']."""
-    denoiser: Path | None = None
-    """Denoiser ONNX: x_t float32 [B,3,S,S], timesteps int64 [B] -> eps float32 [B,C,S,S] (any names)."""
-    segcertify_segmenter: Path | None = None
-    """A second segmenter for the SegCertify ensemble (typically noise-trained); default: ``segmenter``."""
-    segmenter_fp16: Path | None = None
-    denoiser_fp16: Path | None = None
-    segcertify_segmenter_fp16: Path | None = None
-    segmenter_plan: Path | None = None
-    denoiser_plan: Path | None = None
-    segcertify_segmenter_plan: Path | None = None
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    """JSON-ready facts for clients: ``classes``, ``palette``, and the ``segmenter``, ``denoiser`` and
-    ``segcertify_segmenter`` records (name, family, source, sha256 of the checkpoint) that results store. A
-    record's ``normalization`` / ``input_size`` (segmenters) and ``schedule`` (denoiser) take precedence over
-    what the file's metadata props state (``certseg-export`` puts command-line overrides there)."""
-
-
-_PATH_FIELDS = tuple(f for f in ModelFiles.__dataclass_fields__ if f != "metadata")
-
-
-def model_files(source: ModelFiles | Mapping[str, Any] | Any) -> ModelFiles:
-    """``ModelFiles`` from itself, a mapping, or an export result with attributes of the same names."""
-    if isinstance(source, ModelFiles):
-        return source
-    get = source.get if isinstance(source, Mapping) else partial(getattr, source)
-    paths = {name: None if get(name, None) is None else Path(get(name, None)) for name in _PATH_FIELDS}
-    if paths["segmenter"] is None:
-        raise RepositoryError("a repository needs at least the segmenter's ONNX file")
-    return ModelFiles(**paths, metadata=dict(get("metadata", None) or {}))
 
 
 def _per_sample(dims: tuple[int | str, ...]) -> tuple[int, ...]:
@@ -256,7 +214,7 @@ class _Plan:
 
 
 def write_repository(
-    models: ModelFiles | Mapping[str, Any] | Any,
+    models: ModelFiles | ProvidesModelFiles | Mapping[str, Any],
     repository_dir: str | os.PathLike,
     *,
     profile: Profile | str = Profile.cpu,

@@ -16,18 +16,19 @@ Plans are GPU- and TensorRT-version-specific: build them on the serving machine.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from certseg.engine.errors import CertsegError
+from certseg.export.graph_surgery import derived_only_from
+from certseg.export.progress import Log
 
 TENSORRT_MISSING = "TensorRT is not installed: skipping engine build; ONNX files are ready for onnxruntime-gpu"
 FP32_LAYER_TYPES: tuple[str, ...] = ("NORMALIZATION", "SOFTMAX")
 """``trt.LayerType`` names always kept in float32 (GroupNorm as InstanceNormalization, LayerNorm, attention)."""
 
-Log = Callable[[str], None]
 
 
 class TensorRTUnavailable(CertsegError):
@@ -104,8 +105,6 @@ def _layer_edges(network: Any) -> list[tuple[list[str], list[str]]]:
 def pin_fp32_layers(trt: Any, network: Any, fp32_sources: Sequence[str] = ()) -> int:
     """Set float32 precision and output types on normalisation/softmax layers and on every layer computed
     only from the ``fp32_sources`` inputs; returns how many layers were pinned (needs OBEY_PRECISION_CONSTRAINTS)."""
-    from certseg.export.onnx import derived_only_from
-
     inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     derived, _ = derived_only_from(_layer_edges(network), inputs.intersection(fp32_sources), set())
     kinds = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES if hasattr(trt.LayerType, name)}

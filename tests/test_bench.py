@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 from certseg.bench import cli, plots
 from certseg.bench.baseline import authors_certify
 from certseg.bench.config import BenchConfig, Setting, image_seed
-from certseg.bench.datasets import procedural
 from certseg.bench.report import write_report
 from certseg.bench.results import ResultsFile, ResumeError, entry_key, labels_digest, load_entries, read_lines
 from certseg.bench.tables import aggregate, radius_curves
@@ -35,6 +34,7 @@ from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.models.registry import default_model, save_model
 from certseg.engine.radius_outputs import read_radius_npz
 from certseg.engine.session import Session, Settings
+from certseg.training import scenes
 
 from conftest import REPO_ROOT, interrupt_when, needs_cityscapesscripts
 
@@ -64,9 +64,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     torch.manual_seed(0)
     config = tiny_hrnet_config()
     segmenter, denoiser = folder / "tiny-seg.safetensors", folder / "tiny-adm.safetensors"
-    save_model(segmenter, build_hrnet(config, procedural.NUM_CLASSES).eval(),
-               {"name": "tiny-seg", "role": "segmenter", "family": "hrnet", "classes": list(procedural.CLASSES),
-                "config": {"model_cfg": config, "num_classes": procedural.NUM_CLASSES}})
+    save_model(segmenter, build_hrnet(config, scenes.NUM_CLASSES).eval(),
+               {"name": "tiny-seg", "role": "segmenter", "family": "hrnet", "classes": list(scenes.CLASSES),
+                "config": {"model_cfg": config, "num_classes": scenes.NUM_CLASSES}})
     save_model(denoiser, build_adm(TINY_ADM).eval(),
                {"name": "tiny-adm", "role": "denoiser", "family": "adm", "config": {"create_model_kwargs": TINY_ADM}})
     return SimpleNamespace(segmenter=segmenter, denoiser=denoiser,
@@ -146,7 +146,7 @@ def test_bench_20_images_match_certseg_certify(models: SimpleNamespace, tmp_path
     assert [e["seed"] for e in entries] == [image_seed(7, i) for i in range(20)]
     for entry in (entries[0], entries[13]):
         image = Path(entry["image_path"])
-        labels = data / "gtFine" / "val" / procedural.CITY / f"{entry['image']}_gtFine_labelTrainIds.png"
+        labels = data / "gtFine" / "val" / scenes.CITY / f"{entry['image']}_gtFine_labelTrainIds.png"
         invoke(certseg_cli.app, [
             "certify", str(image), "--method", "segcertify", "--sigma", "0.25", "--n0", "2", "--n", str(n),
             "--alpha", str(alpha), "--seed", str(entry["seed"]), "--out", str(tmp_path / "certify"),
@@ -234,7 +234,7 @@ def test_denoisecertify_entries_match_certseg_certify(
 ) -> None:
     _, entries = load_entries(uninterrupted / "results.jsonl")
     entry = next(e for e in entries if e["method"] == "denoisecertify" and e["sigma"] == 0.5 and e["image_index"] == 1)
-    [image] = procedural.write_cityscapes_layout(tmp_path, num_images=1, height=32, width=64, first_held_out=1)
+    [image] = scenes.write_cityscapes_layout(tmp_path, num_images=1, height=32, width=64, first_held_out=1)
     invoke(certseg_cli.app, [
         "certify", str(image), "--method", "denoisecertify", "--sigma", "0.5", "--n0", "2", "--n", "38",
         "--alpha", "0.1", "--seed", str(entry["seed"]), "--out", str(tmp_path / "out"), "--quiet", *models.args,
@@ -310,7 +310,7 @@ def test_authors_style_baseline_certifies_exactly_like_the_engine(models: Simple
     config = BenchConfig(engine=Settings(segmenter=str(models.segmenter), denoiser=str(models.denoiser), n0=3, n=38,
                                          alpha=0.1, device="cpu", batch=8))
     session = Session.open(config.session_settings(Setting(method, 1.0, 0.5)))
-    image = procedural.generate_scene(procedural.held_out_seed(0), 32, 64).image
+    image = scenes.generate_scene(scenes.held_out_seed(0), 32, 64).image
     engine, _ = session.certify(image, seed=11)
     spec, _ = session.runtime_for((32, 64))
     denoiser = None if session.denoiser is None else session.denoiser.module
@@ -409,7 +409,7 @@ def test_radius_map_curves_equal_the_certify_radius_maps_of_the_same_images(mode
     hits, valid = np.zeros(len(levels)), 0
     for entry in entries:
         image = Path(entry["image_path"])
-        labels = data / "gtFine" / "val" / procedural.CITY / f"{entry['image']}_gtFine_labelTrainIds.png"
+        labels = data / "gtFine" / "val" / scenes.CITY / f"{entry['image']}_gtFine_labelTrainIds.png"
         invoke(certseg_cli.app, ["certify", str(image), *common, "--seed", str(entry["seed"]), "--radius-map",
                                  "--out", str(tmp_path / "certify"), "--quiet", *model_args])
         radius, guess = read_radius_npz(tmp_path / "certify" / f"{image.stem}.radius.npz")

@@ -13,13 +13,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from certseg.bench import cli
-from certseg.bench.datasets import DatasetError, procedural
+from certseg.bench.datasets import DatasetError
 from certseg.bench.datasets import cityscapes as reader
 from certseg.bench.results import load_entries
 from certseg.bench.tables import aggregate
 from certseg.engine.io import default_palette
 from certseg.engine.metrics import CertifiedMetrics
 from certseg.engine.outputs import CITYSCAPES_CLASSES
+from certseg.training import scenes
 
 from conftest import needs_cityscapesscripts
 
@@ -52,7 +53,7 @@ def test_without_cityscapesscripts_real_cityscapes_is_refused_in_one_line(
         reader.open_cityscapes(tmp_path)
     assert "\n" not in str(error.value) and "pip install 'certseg[bench]'" in str(error.value)
     written = reader.open_cityscapes(_procedural_layout(tmp_path / "procedural", 1, (8, 16)))  # needs no table
-    assert written.classes == procedural.CLASSES
+    assert written.classes == scenes.CLASSES
 
 
 @needs_cityscapesscripts
@@ -69,7 +70,7 @@ def test_the_engine_copies_match_the_official_table(fresh_table: None) -> None:
 
 
 def _procedural_layout(root: Path, count: int, size: tuple[int, int]) -> Path:
-    procedural.write_cityscapes_layout(root, num_images=count, height=size[0], width=size[1])
+    scenes.write_cityscapes_layout(root, num_images=count, height=size[0], width=size[1])
     return root
 
 
@@ -91,16 +92,16 @@ def test_bench_metrics_equal_the_official_pixel_level_evaluator(
         "--out", str(out), "--quiet"]))
     assert result.exit_code == 0, result.output
     _, entries = load_entries(out / "results.jsonl")
-    num_classes = len(procedural.CLASSES)
+    num_classes = len(scenes.CLASSES)
     to_id = np.full(256, 0, dtype=np.uint8)  # ignore (255) and abstain (K) -> unlabeled
-    for train_id, name in enumerate(procedural.CLASSES):
+    for train_id, name in enumerate(scenes.CLASSES):
         to_id[train_id] = name2label[PROCEDURAL_AS_CITYSCAPES.get(name, name)].id
 
     predictions, truths = [], []
     for entry in entries:
         stem = entry["image"]
         certified = np.asarray(Image.open(out / "labels" / f"{stem}__segcertify_sigma0.25_scale1_engine.png"))
-        target = np.asarray(Image.open(data / "gtFine/val" / procedural.CITY / f"{stem}_gtFine_labelTrainIds.png"))
+        target = np.asarray(Image.open(data / "gtFine/val" / scenes.CITY / f"{stem}_gtFine_labelTrainIds.png"))
         predictions.append(tmp_path / "official" / f"{stem}_pred.png")
         truths.append(tmp_path / "official" / f"{stem}_gtFine_labelIds.png")
         _write_png(predictions[-1], to_id[certified])
@@ -114,7 +115,7 @@ def test_bench_metrics_equal_the_official_pixel_level_evaluator(
     bench.confusion = np.sum([np.asarray(e["confusion"]) for e in entries], axis=0)
     assert bench.confusion[:, num_classes].sum() > 0 and row.accuracy < 1  # abstentions and errors: a real check
     assert len(bench.present_classes) == num_classes  # so the official mean (over scored classes) is over all K
-    for train_id, name in enumerate(procedural.CLASSES):
+    for train_id, name in enumerate(scenes.CLASSES):
         official_iou = scores["classScores"][PROCEDURAL_AS_CITYSCAPES.get(name, name)]
         assert official_iou == pytest.approx(bench.per_class_iou[train_id], abs=1e-12), name
     assert scores["averageScoreClasses"] == pytest.approx(row.mean_iou, abs=1e-12)
@@ -124,4 +125,4 @@ def test_bench_metrics_equal_the_official_pixel_level_evaluator(
     assert correct / total == pytest.approx(row.accuracy, abs=1e-12)
     print(f"official vs bench: mIoU {scores['averageScoreClasses']:.6f} / {row.mean_iou:.6f}, accuracy "
           f"{correct / total:.6f} / {row.accuracy:.6f}, per class "
-          + ", ".join(f"{n} {bench.per_class_iou[i]:.4f}" for i, n in enumerate(procedural.CLASSES)))
+          + ", ".join(f"{n} {bench.per_class_iou[i]:.4f}" for i, n in enumerate(scenes.CLASSES)))

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from certseg.bench.datasets import DatasetError, open_dataset, procedural
+from certseg.bench.datasets import DatasetError, open_dataset
 from certseg.bench.datasets.cityscapes import label_ids_to_train_ids, open_cityscapes, selected_relative_paths
 from certseg.bench.datasets.pascal_context import CLASSES as CONTEXT_CLASSES
 from certseg.bench.datasets.pascal_context import context_labels, open_pascal_context
 from certseg.bench.datasets.procedural_set import open_procedural
 from certseg.engine.io import read_image
+from certseg.training import scenes
 
 from conftest import needs_cityscapesscripts
 
@@ -129,12 +130,12 @@ def test_pascal_context_errors(tmp_path: Path) -> None:
 def test_procedural_scenes_are_held_out_and_match_their_png(tmp_path: Path) -> None:
     dataset = open_procedural(2, data_seed=5, size=(24, 48), write_to=tmp_path)
     assert [item.index for item in dataset.items] == [5, 6]
-    assert not any(procedural.is_train_seed(procedural.held_out_seed(item.index)) for item in dataset.items)
+    assert not any(scenes.is_train_seed(scenes.held_out_seed(item.index)) for item in dataset.items)
     image, labels = dataset.items[0].load()
     assert image.shape == (3, 24, 48) and labels.shape == (24, 48)
     np.testing.assert_array_equal(image, read_image(dataset.items[0].path))  # bit-identical to certify's input
     written = open_dataset("cityscapes", tmp_path, images=1)  # the written folder reads back, procedural classes
-    assert written.classes == procedural.CLASSES
+    assert written.classes == scenes.CLASSES
     np.testing.assert_array_equal(written.items[0].load()[1], labels)
 
 

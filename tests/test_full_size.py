@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from certseg.export.onnx import export_denoiser, export_segmenter
+from certseg.export.denoiser import export_denoiser
+from certseg.export.segmenter import export_segmenter
 
 pytestmark = pytest.mark.full
 

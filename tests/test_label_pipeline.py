@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from certseg.bench.train import SMALL_ADM, SMALL_HRNET
 from certseg.engine.denoise import one_step_denoise, select_timestep
 from certseg.engine.label_pipeline import LabelPipeline, make_spec
 from certseg.engine.models.adm import build_adm
@@ -17,6 +16,7 @@ from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.pipeline import certify_image
 from certseg.engine.runtimes.torch_runtime import torch_runtime
 from certseg.engine.stages import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalization
+from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
 
 SIZE = (32, 64)
 

@@ -17,7 +17,6 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from certseg.bench.train import SMALL_HRNET  # noqa: E402
 from certseg.engine.digest import file_sha256  # noqa: E402
 from certseg.engine.errors import InputError  # noqa: E402
 from certseg.engine.label_pipeline import LabelPipeline, make_spec  # noqa: E402
@@ -27,14 +26,11 @@ from certseg.engine.models.registry import save_model  # noqa: E402
 from certseg.engine.runtimes.onnx_runtime import OrtModule, onnx_runtime, onnx_runtime_from_export  # noqa: E402
 from certseg.engine.runtimes.torch_runtime import torch_runtime  # noqa: E402
 from certseg.export import cli  # noqa: E402
-from certseg.export.onnx import (  # noqa: E402
-    ExportedGraph,
-    check_parity,
-    denoiser_parity_inputs,
-    export_denoiser,
-    export_segmenter,
-    segmenter_parity_inputs,
-)
+from certseg.export.denoiser import export_denoiser  # noqa: E402
+from certseg.export.exported_graph import ExportedGraph  # noqa: E402
+from certseg.export.parity import check_parity, denoiser_parity_inputs, segmenter_parity_inputs  # noqa: E402
+from certseg.export.segmenter import export_segmenter  # noqa: E402
+from certseg.training.architectures import SMALL_HRNET  # noqa: E402
 
 FP32_TOL = 1e-4
 FP16_TOL = 2e-2
@@ -341,8 +337,7 @@ def test_a_killed_exports_staging_folder_is_removed_at_the_next_export(
     import sys
     from types import SimpleNamespace
 
-    from certseg.engine.runtimes import onnx_runtime as ort_runtime
-    from certseg.export import onnx as onnx_export
+    from certseg.export import cache
 
     monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -357,9 +352,9 @@ def test_a_killed_exports_staging_folder_is_removed_at_the_next_export(
         Path(out_dir).mkdir(parents=True)
         (Path(out_dir) / "export.json").write_text("{}")
 
-    monkeypatch.setattr(onnx_export, "export_models", fake_export)
+    monkeypatch.setattr(cache, "export_models", fake_export)
     model: Any = SimpleNamespace(sha256="0" * 64, name="m", extra={}, config={}, input_size=None)
-    folder = ort_runtime.cached_export(model, None, (32, 64), scale=1.0, fp16=False)
+    folder = cache.cached_export(model, None, (32, 64), scale=1.0, fp16=False)
     assert (folder / "export.json").is_file()
     assert not stale.exists() and running.is_dir()
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted([folder.name, running.name])

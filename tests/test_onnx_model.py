@@ -129,8 +129,9 @@ def test_an_onnx_segmenter_with_the_shipped_denoiser(files, image, tmp_path: Pat
     its cached export beside the file as given; equal to the torch segmenter behind that same exported graph."""
     from certseg.engine.label_pipeline import LabelPipeline
     from certseg.engine.models.registry import load_model
-    from certseg.engine.runtimes.onnx_runtime import OrtModule, cached_export, export_paths
+    from certseg.engine.runtimes.onnx_runtime import OrtModule, export_paths
     from certseg.engine.session import Session, Settings
+    from certseg.export.cache import cached_export
 
     monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "cache"))
     settings = Settings(segmenter=str(files["segmenter"]), runtime="onnx", n0=4, n=50, alpha=0.1, batch=8)
@@ -274,12 +275,12 @@ def test_local_model_options_are_refused_with_servers_and_a_missing_file_is_one_
 def test_certseg_export_writes_the_contract_into_its_own_graphs(tmp_path: Path) -> None:
     """An exported shipped-style segmenter and denoiser state their normalisation, classes and schedule, so the
     exported files themselves are bring-your-own models: certifying through them equals the checkpoints."""
-    from certseg.bench.train import SMALL_ADM, SMALL_HRNET
     from certseg.engine.models.adm import build_adm
     from certseg.engine.models.hrnet import build_hrnet
     from certseg.engine.models.registry import save_model
     from certseg.engine.session import Session, Settings
     from certseg.export import cli as export_cli
+    from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
 
     torch.manual_seed(0)
     adm = SMALL_ADM | {"image_size": 16, "attention_resolutions": "4"}

@@ -36,3 +36,37 @@ def test_every_python_package_folder_is_declared() -> None:
             relative = init.parent.relative_to(REPO / folder)
             name = ".".join([package, *relative.parts])
             assert name in declared, f"{name} ({init.parent}) is missing from pyproject's packages"
+
+
+def test_a_wheel_carries_every_package_and_the_data_an_installed_certseg_reads(tmp_path: Path) -> None:
+    """Outside a source checkout certseg finds its files as package data: the shipped weights and their manifest,
+    the Triton templates, and the sample scene the serving benchmark samples around."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "__pycache__", "build",
+                                                                 "dist", ".pytest_cache", ".ruff_cache"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    [wheel] = (tmp_path / "dist").glob("certseg-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package in config["packages"]:
+        assert f"{package.replace('.', '/')}/__init__.py" in names, package
+    weights = {f"certseg/engine/weights/{p.name}" for p in (REPO / "engine" / "weights").iterdir()}
+    assert weights <= names
+    assert {"certseg/examples/street.png", "certseg/examples/street_labels.png",
+            "certseg/model_repository/templates/v2/python/certseg_step.py"} <= names
+    assert not any(name.startswith("certseg/examples/figures") for name in names)  # README figures stay out
+
+
+def test_the_serving_benchmark_reads_the_sample_as_package_data() -> None:
+    from importlib import resources
+
+    from certseg.bench.serving import SAMPLE
+
+    assert SAMPLE == Path(str(resources.files("certseg.examples") / "street.png")) and SAMPLE.is_file()

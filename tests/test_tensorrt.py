@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from certseg.bench.train import SMALL_HRNET
 from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.models.registry import LoadedModel, save_model
-from certseg.export.onnx import derived_only_from
+from certseg.export.graph_surgery import derived_only_from
 from certseg.export.tensorrt import TENSORRT_MISSING, TensorRTUnavailable, build_engine, tensorrt_available
+from certseg.training.architectures import SMALL_HRNET
 
 needs_no_tensorrt = pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
 
@@ -40,13 +40,13 @@ def test_build_engine_skips_with_one_clear_message(tmp_path: Path) -> None:
 @needs_no_tensorrt
 def test_export_skips_tensorrt_by_default_and_fails_when_required(tmp_path: Path, segmenter) -> None:
     pytest.importorskip("onnxruntime")
-    from certseg.export.onnx import export_models
+    from certseg.export.models import export_models
 
     torch.set_num_threads(1)
     messages: list[str] = []
     result = export_models(segmenter, None, tmp_path, image_size=(32, 64), max_batch=2, fp16=False,
                            parity_batches=(), log=messages.append)
-    assert result.engines["segmenter"].status == "skipped" and result.segmenter_plan is None
+    assert result.engines["segmenter"].status == "skipped" and result.plan("segmenter") is None
     assert TENSORRT_MISSING in messages and (tmp_path / "segmenter.onnx").is_file()
     assert json.loads(result.manifest.read_text())["tensorrt"]["segmenter"]["message"] == TENSORRT_MISSING
     with pytest.raises(TensorRTUnavailable, match="^TensorRT is not installed"):
@@ -90,8 +90,9 @@ def test_build_engine_with_tensorrt(tmp_path: Path, segmenter) -> None:
     pytest.importorskip("tensorrt")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from certseg.export.onnx import export_models
+    from certseg.export.models import export_models
 
     result = export_models(segmenter, None, tmp_path, image_size=(32, 64), max_batch=4, tensorrt=True)
     assert result.engines["segmenter"].status == "built"
-    assert result.segmenter_plan is not None and result.segmenter_plan.stat().st_size > 0
+    plan = result.plan("segmenter")
+    assert plan is not None and plan.stat().st_size > 0

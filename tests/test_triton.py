@@ -413,8 +413,8 @@ def test_default_repository_serves_the_shipped_models_like_in_process_onnx(
 ) -> None:
     """`certseg serve`'s default repository (shipped models, exported) certifies the shipped sample exactly as
     `certseg certify --runtime onnx` does for the same seed: identical label maps, counts and guesses."""
-    from certseg.engine.serve import default_repository
     from certseg.engine.session import Session, Settings
+    from certseg.export.default_repository import default_repository
 
     monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "cache"))
     settings = Settings(method="denoisecertify", n0=10, n=100, batch=16, runtime="onnx", device="cpu")
@@ -620,27 +620,26 @@ def test_the_default_repository_is_rebuilt_when_a_template_or_a_rendering_parame
     builds a new one, never serves the stale one. Export and rendering are stubbed; the key is real."""
     from types import SimpleNamespace
 
-    import certseg.engine.models.registry as registry
-    import certseg.export.onnx as onnx_export
-    import certseg.export.repository as repository_module
-    from certseg.engine.serve import default_repository
+    import certseg.export.default_repository as default_module
+    from certseg.export.default_repository import default_repository
 
     monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "cache"))
     templates = tmp_path / "templates"
-    shutil.copytree(repository_module.templates_dir(), templates)
-    monkeypatch.setattr(repository_module, "templates_dir", lambda version=REPOSITORY_VERSION: templates)
-    monkeypatch.setattr(registry, "load_model", lambda name, role, **options: name)
-    monkeypatch.setattr(onnx_export, "export_models", lambda *args, **options: SimpleNamespace(
-        segmenter=tmp_path / "segmenter.onnx", denoiser=None, metadata={"segmenter": {}}))
+    shutil.copytree(default_module.templates_dir(), templates)
+    monkeypatch.setattr(default_module, "templates_dir", lambda version=REPOSITORY_VERSION: templates)
+    monkeypatch.setattr(default_module, "load_model", lambda name, role, **options: name)
+    exported = ModelFiles(segmenter=tmp_path / "segmenter.onnx", metadata={"segmenter": {}})
+    monkeypatch.setattr(default_module, "export_models", lambda *args, **options: SimpleNamespace(
+        model_files=lambda: exported))
     built: list[dict] = []
 
     def write(files, target, **options):
         built.append(options)
         Path(target).mkdir(parents=True)
-        (Path(target) / repository_module.METADATA_FILE).write_text("{}")
+        (Path(target) / default_module.METADATA_FILE).write_text("{}")
         return Path(target)
 
-    monkeypatch.setattr(repository_module, "write_repository", write)
+    monkeypatch.setattr(default_module, "write_repository", write)
     first = default_repository()
     assert default_repository() == first and len(built) == 1
     noise_config = templates / "common" / "certseg_noise" / "config.pbtxt.in"

@@ -46,7 +46,8 @@ def open_dataset(
     if name != Dataset.procedural and (write_data is not None or scene_size is not None):
         raise DatasetError("--write-data and --scene-size apply to the procedural dataset only")
     if name == Dataset.procedural:
-        from certseg.bench.datasets.procedural_set import SCENE_SIZE, open_procedural
+        from certseg.bench.datasets.procedural_set import open_procedural
+        from certseg.training.architectures import SCENE_SIZE
 
         if root is not None:
             raise DatasetError(

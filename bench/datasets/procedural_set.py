@@ -16,25 +16,25 @@ from pathlib import Path
 
 import numpy as np
 
-from certseg.bench.datasets import procedural
 from certseg.bench.datasets.common import BenchDataset, DatasetError, DatasetItem
-from certseg.bench.train import SCENE_SIZE
+from certseg.training import scenes
+from certseg.training.architectures import SCENE_SIZE
 
 
 def quantised(image: np.ndarray) -> np.ndarray:
     """What reading the scene's 8-bit PNG back gives: round to 8 bits, then float32 / 255 as ``read_image``."""
-    return np.ascontiguousarray((procedural.to_uint8(image).astype(np.float32) / np.float32(255.0)).transpose(2, 0, 1))
+    return np.ascontiguousarray((scenes.to_uint8(image).astype(np.float32) / np.float32(255.0)).transpose(2, 0, 1))
 
 
 def _render(j: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    scene = procedural.generate_scene(procedural.held_out_seed(j), *size)
+    scene = scenes.generate_scene(scenes.held_out_seed(j), *size)
     return quantised(scene.image), scene.labels
 
 
 def image_path(root: Path, j: int, split: str = "val") -> Path:
     """Where ``write_cityscapes_layout`` puts held-out scene ``j``."""
-    name = procedural.scene_name(j)
-    return Path(root) / "leftImg8bit" / split / procedural.CITY / f"{name}_leftImg8bit.png"
+    name = scenes.scene_name(j)
+    return Path(root) / "leftImg8bit" / split / scenes.CITY / f"{name}_leftImg8bit.png"
 
 
 def open_procedural(
@@ -47,24 +47,24 @@ def open_procedural(
         raise DatasetError(f"--images must be >= 1, got {count}")
     height, width = size
     if write_to is not None:
-        procedural.write_cityscapes_layout(
+        scenes.write_cityscapes_layout(
             Path(write_to), num_images=count, height=height, width=width, first_held_out=data_seed
         )
     items = tuple(
         DatasetItem(
             index=j,
-            id=procedural.scene_name(j),
+            id=scenes.scene_name(j),
             load=partial(_render, j, (height, width)),
             path=None if write_to is None else image_path(write_to, j),
         )
         for j in range(data_seed, data_seed + count)
     )
     description = {
-        "generator_version": procedural.GENERATOR_VERSION,
+        "generator_version": scenes.GENERATOR_VERSION,
         "scene_size": [height, width],
         "data_seed": data_seed,
         "selection": f"held-out scenes {data_seed}..{data_seed + count - 1} (seeds "
-                     f"{procedural.held_out_seed(data_seed)}..; never used in training)",
+                     f"{scenes.held_out_seed(data_seed)}..; never used in training)",
         "written_to": None if write_to is None else str(Path(write_to).resolve()),
     }
-    return BenchDataset("procedural", procedural.CLASSES, procedural.IGNORE_INDEX, items, description)
+    return BenchDataset("procedural", scenes.CLASSES, scenes.IGNORE_INDEX, items, description)

@@ -15,11 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from certseg.engine.cache import cached_folder
 from certseg.engine.errors import InputError, ModelError, first_line
 from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec
-from certseg.engine.models import facts
-from certseg.engine.models.registry import LoadedModel
 from certseg.engine.sampling import LocalRuntime
 
 _NUMPY_TYPES: dict[str, type[np.generic]] = {
@@ -211,27 +208,3 @@ def export_paths(
             raise InputError(f"{manifest} has no {precision} {role} graph (export without --no-fp16)")
         paths[role] = None if name is None else folder / name
     return paths
-
-
-def cached_export(
-    segmenter: LoadedModel | None, denoiser: LoadedModel | None, image_size: tuple[int, int], *, scale: float,
-    fp16: bool,
-) -> Path:
-    """An ONNX export of these exact weights for this deployment size, made once and kept in the cache
-    (``segmenter`` None: the denoiser alone, beside a segmenter that is an ONNX file already).
-
-    Keyed by the checkpoints' sha256s, the sizes, what the graphs state (``facts``) and the export code's
-    version, so different weights never share graphs (``onnx_runtime_from_export`` checks the hashes again
-    when it loads them). Staging folders left by killed exports are removed before a new export starts.
-    """
-    from certseg.export.onnx import EXPORT_FORMAT_VERSION, export_models
-
-    parts = [EXPORT_FORMAT_VERSION, None if segmenter is None else segmenter.sha256,
-             None if denoiser is None else denoiser.sha256, list(image_size), scale, fp16,
-             None if segmenter is None else facts.segmenter_props(segmenter),  # input size, what the graph states
-             None if denoiser is None else facts.denoiser_props(denoiser)]
-
-    def build(staging: Path) -> None:
-        export_models(segmenter, denoiser, staging, image_size=image_size, scale=scale, fp16=fp16, tensorrt=False)
-
-    return cached_folder("onnx", parts, build, complete="export.json")
