@@ -26,7 +26,7 @@ from certseg.bench.baseline import authors_certify
 from certseg.bench.config import BenchConfig, Setting, image_seed, shared_settings
 from certseg.bench.datasets import BenchDataset, DatasetItem, open_dataset
 from certseg.bench.results import Key, ResultsFile, ResumeError, labels_digest
-from certseg.bench.timing import StageTimer, gpu_peak_mib, peak_rss_mib, reset_gpu_peak, timed_torch_runtime_factory
+from certseg.bench.timing import StageTimer, gpu_peak_mib, peak_rss_mib, reset_gpu_peak
 from certseg.engine.certify import radius
 from certseg.engine.choices import RuntimeName
 from certseg.engine.errors import InputError
@@ -35,6 +35,7 @@ from certseg.engine.label_pipeline import LabelPipeline
 from certseg.engine.metrics import CertifiedMetrics
 from certseg.engine.pipeline import CertifiedSegmentation
 from certseg.engine.radius import radius_table
+from certseg.engine.runtimes.backends import LocalBackend
 from certseg.engine.runtimes.torch_runtime import resolve_device
 from certseg.engine.session import Session
 from certseg.engine.settings import Settings
@@ -113,12 +114,8 @@ class _Sessions:
             return self.open[setting]
         config = self.run.config
         session = Session.open(config.session_settings(setting))
-        s = session.settings
-        if self.timer is not None and s.runtime == RuntimeName.torch:  # other runtimes: Session's own stages
-            session.runtime_factory = timed_torch_runtime_factory(
-                self.timer, device=torch.device(session.device), precision=s.precision, batch_size=s.batch,
-                noise_backend=s.noise_backend,
-            )
+        if self.timer is not None and session.settings.runtime == RuntimeName.torch:  # only torch entries split
+            session.wrap_runtime = self.timer.wrap
         if session.num_classes != self.run.dataset.num_classes:
             raise InputError(
                 f"the segmenter {session.segmenter.name} predicts {session.num_classes} classes, but "
@@ -135,12 +132,13 @@ class _Sessions:
         return session
 
     def pipeline(self, setting: Setting, size: tuple[int, int]) -> LabelPipeline:
-        """The same label pipeline the session's runtime runs (for the baseline)."""
+        """The session's models with the stage maths of its spec around them (for the baseline)."""
         if (setting, size) not in self.pipelines:
             session = self.get(setting)
             spec, _ = session.runtime_for(size)
-            denoiser = None if session.denoiser is None else session.denoiser.module
-            pipeline = LabelPipeline(spec, session.segmenter.module, denoiser)
+            if not isinstance(session.backend, LocalBackend):
+                raise InputError("--baseline runs the models in this process")
+            pipeline = session.backend.label_pipeline(spec)
             if self.timer is not None:
                 self.timer.instrument(pipeline)
             self.pipelines[(setting, size)] = pipeline
@@ -214,13 +212,16 @@ def _certify_engine(
         timer.reset()
     reset_gpu_peak(run.device)
     result, record = session.certify(image, seed=seed, progress=progress)
-    timings = {k: float(record["timings"][k]) for k in ("selection", "estimation", "certify", "total")}
+    took = record.timings
+    timings = {"selection": took.selection, "estimation": took.estimation, "certify": took.certify,
+               "total": took.total}
+    timestep = record.pipeline.timestep
     extra: dict[str, Any] = {
         "radius": result.radius,
-        "timestep": (record["pipeline"].get("timestep") or {}).get("t"),
-        "pipeline": record["pipeline"],
+        "timestep": None if timestep is None else timestep.t,
+        "pipeline": record.pipeline.record(),
         "min_agreements": result.certificate.min_agreements,
-        "non_finite": record["non_finite"],
+        "non_finite": dict(record.non_finite),
     }
     if run.config.radius_map:
         extra["radius_map"] = radius_record(result, target, run.config.engine.alpha, run.dataset.ignore_index)
@@ -285,7 +286,7 @@ def _save_labels(run: BenchRun, session: Session, entry: dict[str, Any], labels:
     folder = Path(run.config.out) / "labels"
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{entry['image']}__{entry['method']}_sigma{entry['sigma']:g}_scale{entry['scale']:g}_{entry['variant']}.png"
-    palette = session.segmenter.extra.get("palette")
+    palette = session.segmenter.palette
     colours = (np.asarray(palette, dtype=np.uint8) if palette and len(palette) == entry["num_classes"]
                else default_palette(entry["num_classes"]))
     write_label_png(folder / name, labels, colours)

@@ -1,17 +1,18 @@
 """Where the time of a certification goes: noise, preprocess, denoise, segment, argmax, transfer, count, certify.
 
-Why it needs no engine change: ``Session`` builds its runtime through ``runtime_factory`` when one is set, so the
-bench builds the very runtime Session would (``torch_runtime`` with the same settings), wraps its label function
-and its sample generator, and puts forward hooks on the denoiser and segmenter modules. The maths and the noise
-are untouched, so timed and untimed runs give identical certificates.
+Nothing is rebuilt for it: ``Session.wrap_runtime`` hands the bench each runtime the session built, and
+``StageTimer.wrap`` times its batches and puts forward hooks on the label pipeline it runs (the runtime's
+``pipeline``) and on that pipeline's denoiser and segmenter. The maths and the noise are untouched, so timed and
+untimed runs give identical certificates.
 
 One batch of ``LocalRuntime.labels`` then splits as:
-- noise: from asking for the batch to entering the label function (per-sample noise draws, x + σ·ε, copies);
-- preprocess: label function time not spent in the models or after the segmenter (resizes, 2x−1, x0 formula,
+- noise: from asking for the batch to entering the label pipeline (per-sample noise draws, x + σ·ε, copies, the
+  layout and autocast around the pipeline);
+- preprocess: pipeline time not spent in the models or after the segmenter (resizes, 2x−1, x0 formula,
   ImageNet normalisation);
 - denoise / segment: inside the denoiser / segmenter forward;
-- argmax: from the segmenter's output to leaving the label function (upsampling logits, argmax);
-- transfer: from leaving the label function to the batch arriving as numpy (device → host);
+- argmax: from the segmenter's output to leaving the pipeline (upsampling logits, argmax);
+- transfer: from leaving the pipeline to the batch arriving as numpy (device → host);
 - count: what the consumer (mode / agreement counting) does before asking for the next batch;
 - certify: p-values and Holm (from the engine's own ``certify`` timing).
 On CUDA every boundary synchronises, so each stage owns its kernels (a small cost, paid by every variant alike).
@@ -30,9 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from certseg.engine.choices import NoiseBackend, Precision
 from certseg.engine.label_pipeline import LabelPipeline
-from certseg.engine.runtimes.torch_runtime import torch_runtime
 from certseg.engine.sampling import LabelFn, LocalRuntime, Runtime
 
 STAGES: tuple[str, ...] = ("noise", "preprocess", "denoise", "segment", "argmax", "transfer", "count", "certify")
@@ -67,9 +66,21 @@ class StageTimer:
     def snapshot(self) -> dict[str, float]:
         return dict(self.totals)
 
-    # ---------------------------------------------------------------- models
+    # ---------------------------------------------------------------- hooks
+    def wrap(self, runtime: Runtime) -> Runtime:
+        """``runtime`` with its batches timed and the label pipeline it runs hooked; a runtime that runs none in
+        this process (servers: they report their own stages) is returned as it is."""
+        if not isinstance(runtime, LocalRuntime) or runtime.pipeline is None:
+            return runtime
+        self.instrument(runtime.pipeline)
+        return TimedRuntime(runtime, self)
+
     def instrument(self, pipeline: LabelPipeline) -> None:
-        """Hook the pipeline's models (once per module: sessions share cached models)."""
+        """Hook the pipeline's calls and its models (each module once: sessions share cached models)."""
+        if id(pipeline) not in self._hooked:
+            self._hooked.add(id(pipeline))
+            self._handles.append(pipeline.register_forward_pre_hook(lambda module, args: self._enter()))
+            self._handles.append(pipeline.register_forward_hook(lambda module, args, output: self._leave()))
         for stage, module in (("denoise", pipeline.denoiser), ("segment", pipeline.segmenter)):
             if module is None or id(module) in self._hooked:
                 continue
@@ -94,26 +105,36 @@ class StageTimer:
 
         return hook
 
-    def timed_call(self, fn: LabelFn, noisy: torch.Tensor) -> torch.Tensor:
-        """Run one label-function call, splitting its time into preprocess / denoise / segment / argmax."""
-        enter = self.now()
+    def _enter(self) -> None:
+        """A label call starts: the models' hooks count from here."""
+        self._started.clear()
         self._call = {"denoise": 0.0, "segment": 0.0, "segment_end": 0.0}
-        try:
-            labels = fn(noisy)
-            leave = self.now()
-        finally:
-            call, self._call = self._call, None
-            self._started.clear()
+        self.last_enter = self.now()
+
+    def _leave(self) -> None:
+        """A label call ends: split its time into preprocess / denoise / segment / argmax."""
+        if self._call is None:
+            return
+        leave = self.now()
+        call, self._call = self._call, None
+        self._started.clear()
         argmax = leave - call["segment_end"] if call["segment_end"] else 0.0
         self.add("denoise", call["denoise"])
         self.add("segment", call["segment"])
         self.add("argmax", argmax)
-        self.add("preprocess", (leave - enter) - call["denoise"] - call["segment"] - argmax)
-        self.last_enter, self.last_exit = enter, leave
-        return labels
+        self.add("preprocess", (leave - self.last_enter) - call["denoise"] - call["segment"] - argmax)
+        self.last_exit = leave
 
-    def wrap_label_fn(self, fn: LabelFn) -> LabelFn:
-        return lambda noisy: self.timed_call(fn, noisy)
+    def timed_call(self, fn: LabelFn, noisy: torch.Tensor) -> torch.Tensor:
+        """Run one label call, timed: an instrumented pipeline times itself through its hooks, anything else is
+        timed here as one call."""
+        if id(fn) in self._hooked:
+            return fn(noisy)
+        self._enter()
+        try:
+            return fn(noisy)
+        finally:
+            self._leave()
 
     def sample_gpu_utilization(self) -> None:
         if not self.cuda:
@@ -132,9 +153,9 @@ class StageTimer:
 
 @dataclass
 class TimedRuntime:
-    """A ``LocalRuntime`` whose batches are timed: noise before the label function, transfer after, count between."""
+    """A runtime whose batches are timed: noise before its label pipeline, transfer after, count between."""
 
-    inner: LocalRuntime
+    inner: Runtime
     timer: StageTimer
 
     def labels(self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int) -> Iterator[np.ndarray]:
@@ -152,21 +173,6 @@ class TimedRuntime:
             timer.sample_gpu_utilization()
             yield batch
             timer.add("count", timer.now() - arrived)
-
-
-def timed_torch_runtime_factory(
-    timer: StageTimer, *, device: torch.device, precision: Precision, batch_size: int, noise_backend: NoiseBackend
-) -> Callable[[LabelPipeline], Runtime]:
-    """A ``Session.runtime_factory`` building exactly Session's default torch runtime, with timing around it."""
-
-    def factory(pipeline: LabelPipeline) -> Runtime:
-        timer.instrument(pipeline)
-        inner = torch_runtime(pipeline, device=device, precision=precision,
-                              batch_size=batch_size, noise_backend=noise_backend)
-        inner.label_fn = timer.wrap_label_fn(inner.label_fn)
-        return TimedRuntime(inner, timer)
-
-    return factory
 
 
 def peak_rss_mib() -> float:

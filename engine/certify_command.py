@@ -8,6 +8,7 @@ classes, and whether the run fits in memory.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,16 +90,18 @@ def run_certify(request: CertifyRequest) -> str:
             result, record = session.certify(image, seed=request.seed)
     finally:
         session.close()
-    names = class_names(result.num_classes, session.segmenter.extra.get("classes"))
+    segmenter = record.segmenter
+    names = class_names(result.num_classes, None if segmenter.classes is None else list(segmenter.classes))
+    made = record.to_json()
     report = {
         "image": str(request.image),
         "image_size": list(image.shape[1:]),
         "method": settings.method.value,
         **certificate_summary(result),
-        "timestep": record["pipeline"]["timestep"],
+        "timestep": made["pipeline"]["timestep"],
         "classes": names,
         "per_class_certified_pixels": per_class_counts(result, names),
-        **record,
+        **made,
         "versions": versions(),
     }
     if target is not None:
@@ -113,7 +116,7 @@ def run_certify(request: CertifyRequest) -> str:
         top = radii.top
         extras = {"radius_png": lambda p: write_rgb_png(p, radius_picture(image, radii.radius, top)),
                   "radius_npz": lambda p: write_radius_npz(p, radii.radius, result.guess)}
-    palette = session.segmenter.extra.get("palette")
+    palette = segmenter.palette
     stem = request.image.stem
     paths = write_outputs(
         request.out, stem, image, result, report, None if palette is None else _palette(palette, result.num_classes),
@@ -161,7 +164,7 @@ def image_metrics(labels: np.ndarray, target: np.ndarray, num_classes: int, igno
     }
 
 
-def _palette(colours: list[list[int]], num_classes: int) -> np.ndarray:
+def _palette(colours: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
     array = np.asarray(colours, dtype=np.uint8)
     return array if len(array) == num_classes else default_palette(num_classes)
 

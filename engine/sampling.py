@@ -15,13 +15,16 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from certseg.engine.choices import NoiseBackend, choice
 from certseg.engine.stages import add_noise, to_rgb
+
+if TYPE_CHECKING:
+    from certseg.engine.label_pipeline import LabelPipeline
 
 LabelFn = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
 """A batched segmenter: noisy images (B, 3, H, W) float32 in [0, 1] pixel space -> labels (B, H, W) int, with
@@ -119,6 +122,8 @@ class LocalRuntime:
     batch_size: int = 16
     device: torch.device | str = "cpu"
     noise_backend: NoiseBackend | str = NoiseBackend.numpy_philox
+    pipeline: LabelPipeline | None = None
+    """The label pipeline ``label_fn`` runs, where it runs one: observers hook it (the bench's stage timer)."""
 
     def labels(
         self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int

@@ -4,8 +4,8 @@ A segmenter's input normalisation and size, its class names and palette, a denoi
 shipped and official models have fixed answers (ImageNet statistics on [0, 1] pixels, the linear schedule), a
 bring-your-own ONNX file states them in its metadata props (the keys below, a documented contract that
 ``certseg-export`` also writes into the graphs it makes), and the command line can override them
-(``--seg-mean``, ``--seg-std``, ``--seg-input-size``, ``--classes``). They live in ``LoadedModel.extra`` /
-``config``, so records, exports and Triton repositories carry them the same way.
+(``--seg-mean``, ``--seg-std``, ``--seg-input-size``, ``--classes``). They live in the model's ``ModelInfo``
+(``certseg.engine.models.info``), so records, exports and Triton repositories carry them the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 from certseg.engine.denoise import LINEAR, NUM_TIMESTEPS, Schedule
 from certseg.engine.errors import InputError
+from certseg.engine.models.info import ModelInfo
 from certseg.engine.stages import IMAGENET, Normalization
 
 PREFIX = "certseg."
@@ -165,8 +166,9 @@ def props_facts(props: Mapping[str, str], role: str, where: str) -> dict[str, An
 
 
 def normalization(model: Any) -> Normalization:
-    """A segmenter's input normalisation (ImageNet on [0, 1] pixels unless it states another)."""
-    value = model.extra.get("normalization")
+    """A segmenter's input normalisation (ImageNet on [0, 1] pixels unless it states another), from its
+    ``ModelInfo`` or from a record's ``extra`` (``{"normalization": {...}}``)."""
+    value = model.normalization if isinstance(model, ModelInfo) else model.extra.get("normalization")
     if value is None:
         return IMAGENET
     return value if isinstance(value, Normalization) else Normalization(
@@ -174,8 +176,9 @@ def normalization(model: Any) -> Normalization:
 
 
 def schedule(model: Any) -> Schedule:
-    """A denoiser's noise schedule (guided-diffusion's linear one over 1000 steps unless it states another)."""
-    value = model.extra.get("schedule")
+    """A denoiser's noise schedule (guided-diffusion's linear one over 1000 steps unless it states another),
+    from its ``ModelInfo`` or from a record's ``extra`` (``{"schedule": {...}}``)."""
+    value = model.schedule if isinstance(model, ModelInfo) else model.extra.get("schedule")
     if value is None:
         return LINEAR
     return value if isinstance(value, Schedule) else Schedule(str(value["name"]), int(value["num_timesteps"]))
@@ -186,7 +189,7 @@ def normalization_record(value: Normalization) -> dict[str, list[float]]:
 
 
 def with_overrides(
-    model: Any,
+    model: ModelInfo,
     *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -194,24 +197,22 @@ def with_overrides(
     classes_file: str | Path | None = None,
 ) -> Any:
     """The segmenter with the command line's ``--seg-mean``/``--seg-std`` (in its input range's units),
-    ``--seg-input-size`` and ``--classes`` replacing what it states; the model itself is shared, not copied."""
-    if mean is None and std is None and input_size is None and classes_file is None:
-        return model
-    extra, config = dict(model.extra), dict(model.config)
+    ``--seg-input-size`` and ``--classes`` replacing what it states; the module (if loaded) is shared, not
+    copied."""
+    changes: dict[str, Any] = {}
     if mean is not None or std is not None:
-        extra["normalization"] = normalization_record(
-            normalization_of(mean, std, None, normalization(model), "--seg-mean/--seg-std"))
+        changes["normalization"] = normalization_of(mean, std, None, normalization(model), "--seg-mean/--seg-std")
     if input_size is not None:
-        config["input_size"] = list(_size(list(input_size), "--seg-input-size", "--seg-input-size"))
+        changes["input_size"] = _size(list(input_size), "--seg-input-size", "--seg-input-size")
     if classes_file is not None:
         names, palette = read_classes_file(classes_file)
-        check_classes(names, palette, int(model.num_classes), f"--classes {classes_file}")
-        extra["classes"] = names
+        check_classes(names, palette, int(model.num_classes or 0), f"--classes {classes_file}")
+        changes["classes"] = names
         if palette is not None:
-            extra["palette"] = palette
-        elif len(extra.get("palette") or []) != len(names):
-            extra.pop("palette", None)
-    return replace(model, extra=extra, config=config)
+            changes["palette"] = palette
+        elif len(model.palette or ()) != len(names):
+            changes["palette"] = None
+    return replace(model, **changes) if changes else model
 
 
 def segmenter_props(model: Any) -> dict[str, str]:
@@ -223,8 +224,8 @@ def segmenter_props(model: Any) -> dict[str, str]:
     for key, name in ((CLASSES, "classes"), (PALETTE, "palette")):
         if model.extra.get(name) is not None:
             props[key] = json.dumps(model.extra[name])
-    if model.config.get("input_size") is not None:
-        props[INPUT_SIZE] = json.dumps(list(model.config["input_size"]))
+    if model.input_size is not None:
+        props[INPUT_SIZE] = json.dumps(list(model.input_size))
     return props
 
 

@@ -19,14 +19,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from certseg.engine.errors import InputError
 from certseg.engine.models import facts
-from certseg.engine.stages import Normalization
-
-if TYPE_CHECKING:
-    from certseg.engine.models.registry import Role
+from certseg.engine.models.info import ONNX_FAMILY, LoadedModel, Role
 
 Dim = int | str
 """A declared dim: a fixed size, or the name of a dynamic one ("?" when unnamed)."""
@@ -212,30 +209,24 @@ def contract(path: str | os.PathLike, role: str) -> Contract:
     return segmenter_contract(path) if role == "segmenter" else denoiser_contract(path)
 
 
-def load_onnx_model(path: Path, name: str, role: Role) -> Any:
+def load_onnx_model(path: Path, name: str, role: Role) -> LoadedModel:
     """A ``LoadedModel`` (family "onnx") running ``path`` as given in ONNX Runtime, after its contract holds.
 
-    Its identity is the file's sha256; ``config`` holds K and the input size, ``extra`` the facts it states
-    (classes, palette, normalisation, schedule). The contract travels as ``module.contract``.
+    Its identity is the file's sha256; K, the input size and what it states (classes, palette, normalisation,
+    schedule) come from the graph and its metadata props. The contract travels as ``module.contract``.
     """
     from certseg.engine.digest import file_sha256
-    from certseg.engine.models.registry import LoadedModel
     from certseg.engine.runtimes.onnx_runtime import OrtModule
 
     checked = contract(path, role)
-    stated = dict(checked.facts)
-    extra: dict[str, Any] = {key: stated[key] for key in ("classes", "palette") if stated.get(key) is not None}
-    config: dict[str, Any] = {"input_size": None if checked.input_size is None else list(checked.input_size)}
-    if role == "segmenter":
-        config["num_classes"] = checked.num_classes
-        norm: Normalization | None = stated.get("normalization")
-        if norm is not None:
-            extra["normalization"] = facts.normalization_record(norm)
-    else:
-        config["eps_channels"] = checked.channels
-        if stated.get("schedule") is not None:
-            extra["schedule"] = stated["schedule"].record()
+    stated = checked.facts
     module = OrtModule(path, input_order=[p.name for p in checked.inputs])
     module.contract = checked
-    return LoadedModel(module=module.eval(), name=stated.get("name") or name, family="onnx", role=role,
-                       config=config, source=str(path), sha256=file_sha256(path), extra=extra)
+    segmenter = role == "segmenter"
+    return LoadedModel(
+        module=module.eval(), name=stated.get("name") or name, family=ONNX_FAMILY, role=role, source=str(path),
+        sha256=file_sha256(path), num_classes=checked.num_classes if segmenter else None,
+        input_size=checked.input_size, classes=stated.get("classes"), palette=stated.get("palette"),
+        normalization=stated.get("normalization") if segmenter else None,
+        schedule=None if segmenter else stated.get("schedule"),
+    )

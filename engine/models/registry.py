@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +34,8 @@ from certseg.engine.models.checkpoints import (
     read_checkpoint,
     strip_prefixes,
 )
+from certseg.engine.models.info import DESCRIBED, LoadedModel, Role
 
-Role = Literal["segmenter", "denoiser"]
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 MANIFEST = WEIGHTS_DIR / "manifest.json"
 METADATA_KEY = "certseg"
@@ -108,46 +108,6 @@ FAMILIES: dict[str, Family] = {
         presets={name: {"create_model_kwargs": kwargs} for name, kwargs in adm.PRESETS.items()},
     ),
 }
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for inference plus what results must record about it."""
-
-    module: nn.Module
-    name: str
-    family: str
-    role: Role
-    config: dict[str, Any]
-    source: str
-    sha256: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int | None:
-        value = self.config.get("num_classes")
-        return None if value is None else int(value)
-
-    @property
-    def input_size(self) -> tuple[int, int] | None:
-        """The denoiser's native square input size (ADM ``image_size``), or the fixed (H, W) a model must be fed
-        (an ONNX graph's fixed dims, ``--seg-input-size``); None for a segmenter that takes any size."""
-        kwargs = self.config.get("create_model_kwargs")
-        if kwargs:
-            size = int(kwargs["image_size"])
-            return size, size
-        fixed = self.config.get("input_size")
-        return None if fixed is None else (int(fixed[0]), int(fixed[1]))
-
-    def record(self) -> dict[str, Any]:
-        """Name, family, source and sha256; an ONNX file also records what it is beyond its bytes (role, K,
-        input size, the classes, normalisation or schedule it states)."""
-        out = {"name": self.name, "family": self.family, "source": self.source, "sha256": self.sha256}
-        if self.family == "onnx":
-            described = {"role": self.role, "num_classes": self.num_classes, "input_size": self.input_size,
-                         **{key: self.extra.get(key) for key in ("classes", "palette", "normalization", "schedule")}}
-            out |= {key: value for key, value in described.items() if value is not None}
-        return out
 
 
 def shipped_models() -> dict[str, dict[str, Any]]:
@@ -233,7 +193,8 @@ def load_model(ref: str | os.PathLike, role: Role, device: torch.device | str = 
             family.check_state(module, state_dict, path)
         load_into(module, state_dict, model_name=description.get("name", name), source=path,
                   optional_missing=family.optional_missing)
-        extra = {k: v for k, v in description.items() if k not in ("family", "config", "role")}
+        stated = {k: v for k, v in description.items() if k in DESCRIBED}
+        details = {k: v for k, v in description.items() if k not in ("family", "config", "role", *DESCRIBED)}
     else:
         family, preset, state_dict = _match_official(state_dict, role, path)
         config = dict(family.presets[preset])
@@ -241,7 +202,7 @@ def load_model(ref: str | os.PathLike, role: Role, device: torch.device | str = 
         if family.check_state is not None:
             family.check_state(module, state_dict, path)
         load_into(module, state_dict, model_name=preset, source=path, optional_missing=family.optional_missing)
-        extra = {"preset": preset, **classes_from_meta(meta, config.get("num_classes"))}
+        stated, details = classes_from_meta(meta, config.get("num_classes")), {"preset": preset}
     if family.after_load is not None:
         family.after_load(module)
     return LoadedModel(
@@ -252,7 +213,8 @@ def load_model(ref: str | os.PathLike, role: Role, device: torch.device | str = 
         config=config,
         source=str(path),
         sha256=file_sha256(path),
-        extra=extra,
+        details=details,
+        **stated,
     )
 
 

@@ -54,5 +54,5 @@ def torch_runtime(
 ) -> LocalRuntime:
     return LocalRuntime(
         autocast_label_fn(pipeline, device, precision), batch_size=batch_size, device=device,
-        noise_backend=noise_backend,
+        noise_backend=noise_backend, pipeline=pipeline,
     )

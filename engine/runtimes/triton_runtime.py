@@ -25,13 +25,16 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from certseg.engine.choices import SharedMemory, choice
 from certseg.engine.errors import ServerError, first_line
 from certseg.engine.sampling import batch_ranges
+
+if TYPE_CHECKING:
+    from certseg.engine.models.info import ModelInfo, Role
 
 REPOSITORY_VERSION = "2"
 """Version of the model-repository layout (``model_repository/templates/v2``) this client speaks."""
@@ -232,36 +235,12 @@ def describe(client: Any, address: str, model: str, timeout_s: float = 10.0) -> 
     )
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    """A model as a Triton server describes it: the remote counterpart of a loaded model (no weights here)."""
-
-    role: str
-    name: str
-    family: str
-    source: str
-    sha256: str
-    config: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int | None:
-        value = self.config.get("num_classes")
-        return None if value is None else int(value)
-
-    @property
-    def input_size(self) -> tuple[int, int] | None:
-        size = self.config.get("input_size")
-        return None if size is None else (int(size[0]), int(size[1]))
-
-    def record(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family, "source": self.source, "sha256": self.sha256}
-
-
-def served_model(pipeline: ServedPipeline, role: str) -> ServedModel | None:
+def served_model(pipeline: ServedPipeline, role: str) -> ModelInfo | None:
     """The segmenter or denoiser a pipeline serves, from the ensemble's metadata (the export's records, the
     served file's sha256, classes and palette, the segmenter's normalisation and fixed input size, the
     denoiser's noise schedule: what the client's pipeline spec must use and record)."""
+    from certseg.engine.models.info import ModelInfo
+
     prefix = {"segmenter": "certseg_segment", "denoiser": "certseg_denoise"}[role]
     step = next((name for name in pipeline.steps if name.startswith(prefix)), None)  # e.g. *_segment_segcertify
     if step is None:
@@ -269,25 +248,20 @@ def served_model(pipeline: ServedPipeline, role: str) -> ServedModel | None:
     meta = pipeline.metadata
     served = (meta.get("served_files") or {}).get(step, {})
     record = meta.get(role) if isinstance(meta.get(role), dict) else {}
-    config: dict[str, Any] = {}
-    extra: dict[str, Any] = {"served_file": served}
     if role == "segmenter":
-        config["num_classes"] = pipeline.num_classes
-        config["input_size"] = meta.get("segmenter_input_size")
-        extra.update({k: meta[k] for k in ("classes", "palette", "normalization") if k in meta})
+        states: dict[str, Any] = {"num_classes": pipeline.num_classes, "input_size": meta.get("segmenter_input_size"),
+                                  **{k: meta[k] for k in ("classes", "palette", "normalization") if k in meta}}
     else:
-        if pipeline.denoiser_size is not None:
-            config["input_size"] = list(pipeline.denoiser_size)
-        if "schedule" in meta:
-            extra["schedule"] = meta["schedule"]
-    return ServedModel(
-        role=role,
+        states = {"input_size": pipeline.denoiser_size, "schedule": meta.get("schedule")}
+    return ModelInfo(
+        role=cast("Role", role),
         name=str(record.get("name") or served.get("file") or step),
         family=str(record.get("family") or "onnx"),
         source=f"triton://{pipeline.address}/{step}",
         sha256=str(record.get("sha256") or served.get("sha256") or ""),
-        config=config,
-        extra=extra,
+        details={"served_file": served},
+        served=True,
+        **states,
     )
 
 

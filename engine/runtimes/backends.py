@@ -1,0 +1,279 @@
+"""Where a session's label pipeline runs: one backend per runtime (PyTorch, ONNX Runtime, Triton servers).
+
+A backend holds the models (their ``ModelInfo``, and the modules where they run in this process) and the settings
+as it runs them; it builds the runtime of each ``PipelineSpec``, says how the memory estimate probes it (it does
+not for servers, which hold the memory), reports statistics where it has them, and closes. ``Session`` talks to
+this interface alone, so no part of it asks which runtime it has.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, Protocol
+
+import torch
+
+from certseg.engine.choices import Method, Precision, RuntimeName, SharedMemory
+from certseg.engine.errors import InputError
+from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec
+from certseg.engine.memory import MARGIN, ONNX_MARGIN
+from certseg.engine.models import facts
+from certseg.engine.models.info import ONNX_FAMILY, LoadedModel, ModelInfo, Role
+from certseg.engine.models.registry import default_model, load_model, resolve
+from certseg.engine.runtimes.torch_runtime import autocast_label_fn, resolve_device, torch_runtime
+from certseg.engine.runtimes.triton_runtime import ENSEMBLES, TritonRuntime, served_model
+from certseg.engine.sampling import LabelFn, LocalRuntime, Runtime
+from certseg.engine.settings import Settings
+
+
+@dataclass(frozen=True)
+class MemoryProbe:
+    """How the memory estimate runs a backend's label pipeline in this process (``certseg.engine.memory``)."""
+
+    label_fn: Callable[[PipelineSpec], LabelFn]
+    device: torch.device
+    precision: Precision
+    margin: float
+    onnx: bool
+    """Whether the estimate is for ONNX Runtime (part of the key the probe's result is cached under)."""
+    untracked: str | None = None
+    """What the probe cannot see, said in the estimate's record."""
+
+
+class Backend(Protocol):
+    """The models, and the runtime that runs them for each pipeline spec."""
+
+    settings: Settings
+    """The settings as this backend runs them (servers decide their batch, precision and noise backend)."""
+    segmenter: ModelInfo
+    denoiser: ModelInfo | None
+
+    @property
+    def device(self) -> str:
+        """Where the models run, as results record it."""
+        ...
+
+    @property
+    def memory_probe(self) -> MemoryProbe | None:
+        """None where the memory is not this process's (servers)."""
+        ...
+
+    def runtime(self, spec: PipelineSpec) -> Runtime: ...
+
+    def statistics(self) -> dict[str, Any] | None:
+        """Cumulative per-step statistics where the backend has them (Triton servers), else None."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@lru_cache(maxsize=8)
+def _cached_model(ref: str, role: Role, device: str, stamp: tuple[int, int] | None) -> LoadedModel:
+    return load_model(ref, role, device=device)
+
+
+def _open_model(ref: str, role: Role, device: str) -> LoadedModel:
+    """A model loaded once per process, and again when its file changed (re-exported to the same path)."""
+    path, _ = resolve(ref)
+    stat = path.stat() if path.is_file() else None
+    return _cached_model(ref, role, device, None if stat is None else (stat.st_mtime_ns, stat.st_size))
+
+
+def _check_onnx_models(settings: Settings, models: list[LoadedModel]) -> None:
+    """ONNX files run as given, in ONNX Runtime: refuse the settings that would need them to be something else."""
+    onnx = next((m for m in models if m.family == ONNX_FAMILY), None)
+    if onnx is None:
+        return
+    if settings.runtime != RuntimeName.onnx:
+        raise InputError(f"{onnx.name} is an ONNX graph, which --runtime {settings.runtime} cannot run: use "
+                         "--runtime onnx (the default when a model is an .onnx file)")
+    if settings.precision != Precision.fp32:
+        raise InputError(f"{onnx.name} is an ONNX graph and runs as given (fp32): drop --precision "
+                         f"{settings.precision}")
+
+
+@dataclass(frozen=True)
+class LocalBackend(ABC):
+    """Models loaded in this process (once per process), run here on ``torch_device``."""
+
+    settings: Settings
+    segmenter: LoadedModel
+    denoiser: LoadedModel | None
+    torch_device: torch.device
+
+    @staticmethod
+    def open(settings: Settings) -> LocalBackend:
+        """Load the models of ``settings`` and check them against it; the backend is that of its runtime
+        (decided here when none is named: ``Settings.resolved``)."""
+        settings = settings.resolved()
+        if settings.runtime == RuntimeName.triton:
+            raise InputError("--runtime triton: Triton servers run the pipeline; name them with --server HOST:PORT")
+        device = resolve_device(settings.device)
+        segmenter = _open_model(settings.segmenter or default_model("segmenter", settings.method), "segmenter",
+                                str(device))
+        denoiser = None
+        if settings.method == Method.denoisecertify:
+            denoiser = _open_model(settings.denoiser or default_model("denoiser", settings.method), "denoiser",
+                                   str(device))
+        if segmenter.num_classes is None:
+            raise InputError(f"segmenter {segmenter.name} does not say how many classes it has")
+        _check_onnx_models(settings, [m for m in (segmenter, denoiser) if m is not None])
+        segmenter = facts.with_overrides(segmenter, mean=settings.seg_mean, std=settings.seg_std,
+                                         input_size=settings.seg_input_size, classes_file=settings.classes)
+        if segmenter.input_size is not None and settings.scale != 1.0:
+            raise InputError(f"{segmenter.name} takes a fixed {segmenter.input_size[0]}x{segmenter.input_size[1]} "
+                             "input, so --scale does not apply: leave it out")
+        contract = getattr(segmenter.module, "contract", None)
+        if contract is not None and settings.seg_input_size is not None:
+            contract.check_size(segmenter.input_size, "--seg-input-size")
+        kind = OnnxBackend if settings.runtime == RuntimeName.onnx else TorchBackend
+        return kind(settings, segmenter, denoiser, device)
+
+    @property
+    def device(self) -> str:
+        return str(self.torch_device)
+
+    def label_pipeline(self, spec: PipelineSpec) -> LabelPipeline:
+        """The models as loaded, with the stage maths of ``spec`` around them."""
+        return LabelPipeline(spec, self.segmenter.module, None if self.denoiser is None else self.denoiser.module)
+
+    def runtime(self, spec: PipelineSpec) -> Runtime:
+        """The runtime of ``spec``, after checking that an ONNX segmenter's graph takes its input size."""
+        contract = getattr(self.segmenter.module, "contract", None)
+        if contract is not None and self.segmenter.input_size is None:
+            height, width = spec.image_size
+            contract.check_size(spec.segmenter_size, f"this {height}x{width} image at --scale {self.settings.scale}")
+        return self._runtime(spec)
+
+    @abstractmethod
+    def _runtime(self, spec: PipelineSpec) -> Runtime: ...
+
+    @property
+    @abstractmethod
+    def memory_probe(self) -> MemoryProbe: ...
+
+    def statistics(self) -> None:
+        return None
+
+    def close(self) -> None:
+        """Nothing to release: the models stay cached for the next session."""
+        return None
+
+
+@dataclass(frozen=True)
+class TorchBackend(LocalBackend):
+    """PyTorch on CPU or CUDA, fp32 or fp16/bf16 autocast (``certseg.engine.runtimes.torch_runtime``)."""
+
+    def _runtime(self, spec: PipelineSpec) -> Runtime:
+        s = self.settings
+        return torch_runtime(self.label_pipeline(spec), device=self.torch_device, precision=s.precision,
+                             batch_size=s.batch, noise_backend=s.noise_backend)
+
+    @property
+    def memory_probe(self) -> MemoryProbe:
+        """The pipeline as the runtime runs it: converted to the device, layout and precision it runs in."""
+        precision = self.settings.precision
+        return MemoryProbe(lambda spec: autocast_label_fn(self.label_pipeline(spec), self.torch_device, precision),
+                           self.torch_device, precision, MARGIN, onnx=False)
+
+
+@dataclass(frozen=True)
+class OnnxBackend(LocalBackend):
+    """ONNX Runtime: an ONNX model file as given, other models on graphs exported from exactly their weights
+    (exported once, then cached)."""
+
+    def _runtime(self, spec: PipelineSpec) -> Runtime:
+        from certseg.engine.runtimes.onnx_runtime import OrtModule, export_paths
+        from certseg.export.cache import cached_export  # the one seam into certseg.export: torch weights -> graphs
+
+        s = self.settings
+        if s.precision == Precision.bf16:
+            raise InputError("the ONNX runtime runs fp32 or fp16 graphs; use --precision fp32 or fp16")
+        models = {"segmenter": self.segmenter, "denoiser": self.denoiser}
+        modules = {role: m.module for role, m in models.items() if m is not None and m.family == ONNX_FAMILY}
+        exported = {role: m for role, m in models.items() if m is not None and role not in modules}
+        if exported:
+            folder = cached_export(exported.get("segmenter"), exported.get("denoiser"), spec.image_size,
+                                   scale=spec.scale, fp16=s.precision == Precision.fp16)
+            paths = export_paths(folder, precision=s.precision,
+                                 expected_sha256={role: m.sha256 for role, m in exported.items()})
+            for role in exported:
+                path = paths[role]
+                if path is None:
+                    raise InputError(f"{folder} has no {s.precision} {role} graph")
+                modules[role] = OrtModule(path)
+        pipeline = LabelPipeline(spec, modules["segmenter"], modules.get("denoiser")).eval()
+        return LocalRuntime(pipeline, batch_size=s.batch, device="cpu", noise_backend=s.noise_backend,
+                            pipeline=pipeline)
+
+    @property
+    def memory_probe(self) -> MemoryProbe:
+        """The torch models in fp32 on the CPU stand in for the graphs exported from them (with a larger margin);
+        an ONNX file runs in ONNX Runtime, whose activations the probe cannot see."""
+        files = [m.name for m in (self.segmenter, self.denoiser) if m is not None and m.family == ONNX_FAMILY]
+        untracked = f"activations inside onnxruntime of {', '.join(files)}" if files else None
+        return MemoryProbe(self.label_pipeline, torch.device("cpu"), Precision.fp32, ONNX_MARGIN, onnx=True,
+                           untracked=untracked)
+
+
+@dataclass(frozen=True)
+class TritonBackend:
+    """Triton servers serving the certseg ensembles run the whole label pipeline; they also say what their models
+    are (classes, denoiser size, hashes), so results record them as they record local ones."""
+
+    settings: Settings
+    segmenter: ModelInfo
+    denoiser: ModelInfo | None
+    remote: TritonRuntime
+    device: str
+    """``triton:`` and the servers' addresses."""
+
+    @classmethod
+    def connect(
+        cls, settings: Settings, servers: tuple[str, ...], *, in_flight: int = 2,
+        shared_memory: SharedMemory = SharedMemory.auto, retries: int = 3,
+    ) -> TritonBackend:
+        """Connect to ``servers`` (gRPC HOST:PORT); unreachable servers, a missing ensemble or another repository
+        version raise ``ServerError`` here, before any work starts."""
+        local = [flag for flag, value in (("--seg-mean", settings.seg_mean), ("--seg-std", settings.seg_std),
+                                          ("--seg-input-size", settings.seg_input_size),
+                                          ("--classes", settings.classes)) if value is not None]
+        if local:
+            raise InputError(f"{local[0]} describes a local model; with --server the repository's models come with "
+                             "their own (certseg-export takes the same options)")
+        remote = TritonRuntime(
+            servers, ENSEMBLES[settings.method], batch=settings.batch, in_flight=in_flight,
+            shared_memory=shared_memory, retries=retries,
+        )
+        served = remote.pipeline.metadata  # the server decides these; record what it did
+        settings = replace(settings, runtime=RuntimeName.triton, batch=remote.batch,
+                           noise_backend=str(served.get("noise_backend", settings.noise_backend)),
+                           precision=str(served.get("precision", settings.precision)))
+        segmenter = served_model(remote.pipeline, "segmenter")
+        denoising = settings.method == Method.denoisecertify
+        denoiser = served_model(remote.pipeline, "denoiser") if denoising else None
+        if segmenter is None or (denoising and denoiser is None):
+            remote.close()
+            raise InputError(f"{remote.model} on {', '.join(remote.servers)} lacks a segmenter or denoiser step")
+        return cls(settings, segmenter, denoiser, remote, device="triton:" + ",".join(remote.servers))
+
+    @property
+    def memory_probe(self) -> None:
+        return None
+
+    def runtime(self, spec: PipelineSpec) -> Runtime:
+        """The same connections, with this spec's t*, segmenter size and resize mode in every request."""
+        return self.remote.with_pipeline(
+            timestep=None if spec.timestep is None else spec.timestep.t, seg_size=spec.segmenter_size,
+            antialias=spec.antialias,
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        return self.remote.statistics()
+
+    def close(self) -> None:
+        """Release the servers' connections."""
+        self.remote.close()
