@@ -72,7 +72,8 @@ def test_in_process_certificates_keep_their_pinned_bytes(image: np.ndarray, meth
 def test_served_certificates_keep_their_pinned_bytes(image: np.ndarray) -> None:
     """The bundled tritonserver on the default repository (the shipped models, exported)."""
     pytest.importorskip("tritonclient.grpc")
-    from certseg.engine.serve import TritonServer, default_repository
+    from certseg.engine.serve import TritonServer
+    from certseg.export.default_repository import default_repository
 
     try:
         server = TritonServer(default_repository(max_batch=16), exit_timeout_s=0).start()
