@@ -18,12 +18,12 @@ import torch
 
 from certseg.bench.timing import StageTimer
 from certseg.engine.choices import Fwer, NoiseBackend, choice
+from certseg.engine.core.pipeline import validate_image
+from certseg.engine.core.sampling import NoiseSource
 from certseg.engine.errors import InputError
-from certseg.engine.label_pipeline import LabelPipeline
 from certseg.engine.labels import label_numpy_dtype
-from certseg.engine.pipeline import validate_image
-from certseg.engine.sampling import NoiseSource
-from certseg.engine.stages import add_noise, to_rgb
+from certseg.engine.maths.label_pipeline import LabelPipeline
+from certseg.engine.maths.stages import add_noise, to_rgb
 
 
 @dataclass(frozen=True)

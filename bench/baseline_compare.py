@@ -28,7 +28,7 @@ from certseg.engine.errors import CheckpointError
 from certseg.engine.models.adm import build_adm
 from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.models.registry import default_model, save_model
-from certseg.engine.settings import Settings
+from certseg.engine.runtimes.settings import Settings
 from certseg.training import scenes
 from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
 

@@ -2,11 +2,11 @@
 
 Run: ``python -m certseg.bench.certify_step [--height 1024 --width 2048 --classes 19 --n 100 --repeats 5]``.
 Everything is measured in one run on the same arrays, so the ratios are comparable:
-- certseg: ``certseg.engine.certify.certify`` (p-value table + Holm threshold from the histogram of k);
+- certseg: ``certseg.engine.core.certify.certify`` (p-value table + Holm threshold from the histogram of k);
 - scipy + statsmodels, vectorised: ``binom.sf`` on every pixel + ``multipletests(method="holm")``;
 - the published per-pixel loop (one exact test per pixel), timed on a subsample and extrapolated.
 The decisions of the first two are checked to be identical. The per-pixel radius map
-(``certseg.engine.radius.radius_map``, a Clopper–Pearson table over k) is timed on the same counts, against
+(``certseg.engine.core.radius.radius_map``, a Clopper–Pearson table over k) is timed on the same counts, against
 scipy's exact interval pixel by pixel (on a subsample, extrapolated, values checked equal).
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 import typer
 from scipy.stats import binom, binomtest, norm
 
-from certseg.engine.certify import certify
-from certseg.engine.radius import radius_map
+from certseg.engine.core.certify import certify
+from certseg.engine.core.radius import radius_map
 
 
 def synthetic_counts(height: int, width: int, num_classes: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,10 +22,10 @@ from rich.table import Table
 
 from certseg.bench.config import GRID_AXES, BenchConfig
 from certseg.engine.choices import Dataset, Method
-from certseg.engine.cli_common import MaxPixelsOption, one_line_errors, run_cli, settings_options
+from certseg.engine.commands.cli_common import MaxPixelsOption, one_line_errors, run_cli, settings_options
 from certseg.engine.errors import CertsegError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
-from certseg.engine.settings import Settings
+from certseg.engine.runtimes.settings import Settings
 
 MULTI_VALUE_OPTIONS: tuple[str, ...] = ("--method", "--sigma", "--scale")
 
@@ -124,7 +124,7 @@ def bench(
         stage_table,
         throughput_table,
     )
-    from certseg.engine.radius import ACCURACY_RADII
+    from certseg.engine.core.radius import ACCURACY_RADII
 
     console = Console(width=None if sys.stdout.isatty() else 180)
     if report_only:

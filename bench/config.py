@@ -20,7 +20,7 @@ import numpy as np
 from certseg.engine.choices import Dataset, Method, choice
 from certseg.engine.errors import InputError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
-from certseg.engine.settings import Settings
+from certseg.engine.runtimes.settings import Settings
 
 VARIANTS: tuple[str, ...] = ("engine", "baseline")
 RESULTS_FILE = "results.jsonl"

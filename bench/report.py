@@ -29,7 +29,7 @@ from certseg.bench.tables import (
     throughput_table,
 )
 from certseg.bench.timing import STAGES
-from certseg.engine.radius import ACCURACY_RADII
+from certseg.engine.core.radius import ACCURACY_RADII
 
 SHORT = {"segcertify": "SegCertify", "denoisecertify": "DenoiseCertify"}
 ABBREVIATION = {"segcertify": "SC", "denoisecertify": "DC"}

@@ -2,7 +2,7 @@
 
 Images are the outer loop (each is read once, then certified under every setting), sessions are opened lazily
 per setting (models are cached by the engine, so each loads once), and an entry already in ``results.jsonl`` is
-never recomputed. The engine entry goes through ``certseg.engine.session.Session.certify``, the call
+never recomputed. The engine entry goes through ``certseg.engine.runtimes.session.Session.certify``, the call
 ``certseg certify`` makes, so its certificate equals ``certseg certify --seed <entry seed>`` on the same image.
 """
 
@@ -27,18 +27,18 @@ from certseg.bench.config import BenchConfig, Setting, image_seed, shared_settin
 from certseg.bench.datasets import BenchDataset, DatasetItem, open_dataset
 from certseg.bench.results import Key, ResultsFile, ResumeError, labels_digest
 from certseg.bench.timing import StageTimer, gpu_peak_mib, peak_rss_mib, reset_gpu_peak
-from certseg.engine.certify import radius
 from certseg.engine.choices import RuntimeName
+from certseg.engine.core.certify import radius
+from certseg.engine.core.metrics import CertifiedMetrics
+from certseg.engine.core.pipeline import CertifiedSegmentation
+from certseg.engine.core.radius import radius_table
 from certseg.engine.errors import InputError
-from certseg.engine.io import default_palette, write_label_png
-from certseg.engine.label_pipeline import LabelPipeline
-from certseg.engine.metrics import CertifiedMetrics
-from certseg.engine.pipeline import CertifiedSegmentation
-from certseg.engine.radius import radius_table
+from certseg.engine.files.images import default_palette, write_label_png
+from certseg.engine.maths.label_pipeline import LabelPipeline
 from certseg.engine.runtimes.backends import LocalBackend
+from certseg.engine.runtimes.session import Session
+from certseg.engine.runtimes.settings import Settings
 from certseg.engine.runtimes.torch_runtime import resolve_device
-from certseg.engine.session import Session
-from certseg.engine.settings import Settings
 
 SUPPORTED_RUNTIMES: tuple[RuntimeName, ...] = (RuntimeName.torch, RuntimeName.onnx)
 """Runtimes a local Session builds (onnx: graphs exported once from the same weights and cached); triton needs

@@ -26,9 +26,10 @@ from rich.console import Console
 from rich.table import Table
 
 from certseg.engine.choices import Method
+from certseg.engine.core.sampling import Runtime, batch_ranges
 from certseg.engine.errors import CertsegError, CheckpointError
-from certseg.engine.io import read_image
-from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec, make_spec
+from certseg.engine.files.images import read_image
+from certseg.engine.maths.label_pipeline import LabelPipeline, PipelineSpec, make_spec
 from certseg.engine.models.registry import LoadedModel, default_model, load_model
 from certseg.engine.runtimes.onnx_runtime import onnx_runtime
 from certseg.engine.runtimes.torch_runtime import torch_runtime
@@ -40,7 +41,6 @@ from certseg.engine.runtimes.triton_runtime import (
     stage_timings,
     statistics_delta,
 )
-from certseg.engine.sampling import Runtime, batch_ranges
 
 if TYPE_CHECKING:
     from certseg.export.model_files import ModelFiles
@@ -158,7 +158,7 @@ def main(
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the numbers here")] = None,
 ) -> None:
     """Measure samples/s: in-process PyTorch and ORT, Triton over HTTP, gRPC and gRPC + shared memory."""
-    from certseg.engine.serve import TritonServer
+    from certseg.engine.runtimes.serve import TritonServer
     from certseg.export.repository import write_repository
 
     console = Console(highlight=False, width=max(Console().width, 110))

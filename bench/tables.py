@@ -2,7 +2,7 @@
 
 Rows follow the paper (Table 2 order: scale, method, σ, with R = σ·Φ⁻¹(τ)); accuracy and mIoU over the K real
 classes come from the summed confusion matrices, abstain % is the mean per-image abstain fraction (void pixels
-included), exactly as ``certseg.engine.metrics.CertifiedMetrics`` computes them for one run.
+included), exactly as ``certseg.engine.core.metrics.CertifiedMetrics`` computes them for one run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from certseg.bench.config import VARIANTS
 from certseg.bench.timing import STAGES
 from certseg.engine.choices import Method
-from certseg.engine.metrics import CertifiedMetrics
+from certseg.engine.core.metrics import CertifiedMetrics
 
 METHOD_ORDER: tuple[str, ...] = tuple(Method)
 """Rows of each method in this order."""

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from certseg.engine.label_pipeline import LabelPipeline
-from certseg.engine.sampling import LabelFn, LocalRuntime, Runtime
+from certseg.engine.core.sampling import LabelFn, LocalRuntime, Runtime
+from certseg.engine.maths.label_pipeline import LabelPipeline
 
 STAGES: tuple[str, ...] = ("noise", "preprocess", "denoise", "segment", "argmax", "transfer", "count", "certify")
 

@@ -28,7 +28,7 @@ class Fwer(StrEnum):
 
 
 class TimestepRule(StrEnum):
-    """How DenoiseCertify's t* is matched to the noise that reaches the denoiser (``certseg.engine.denoise``)."""
+    """How DenoiseCertify's t* is matched to the noise that reaches the denoiser (``certseg.engine.maths.denoise``)."""
 
     principled = "principled"
     authors = "authors"

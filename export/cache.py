@@ -1,8 +1,9 @@
 """Exports of exact weights for the in-process ONNX runtime, made once and kept in certseg's cache.
 
 ``certseg certify --runtime onnx`` with a torch checkpoint runs graphs exported from exactly its weights;
-``certseg.engine.session`` asks for them here (the one place the engine reaches into ``certseg.export``, lazily,
-only on that path) and reads them with ``certseg.engine.runtimes.onnx_runtime.export_paths``.
+the ONNX backend (``certseg.engine.runtimes.backends``) asks for them here (the one place the engine reaches into
+``certseg.export``, lazily, only on that path)
+and reads them with ``certseg.engine.runtimes.onnx_runtime.export_paths``.
 """
 
 from __future__ import annotations

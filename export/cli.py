@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from certseg.engine.choices import Exporter, Method, Profile
-from certseg.engine.cli_common import ClassesOption, SegInputSizeOption, SegMeanOption, SegStdOption
-from certseg.engine.cli_common import fail as fail_with
+from certseg.engine.commands.cli_common import ClassesOption, SegInputSizeOption, SegMeanOption, SegStdOption
+from certseg.engine.commands.cli_common import fail as fail_with
 from certseg.engine.errors import CertsegError, InputError
 
 if TYPE_CHECKING:

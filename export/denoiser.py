@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from certseg.engine.choices import Exporter
-from certseg.engine.stages import as_pair
+from certseg.engine.maths.stages import as_pair
 from certseg.export.exported_graph import ExportedGraph
 from certseg.export.fp16 import DENOISER_FP32_SOURCES, add_fp16_variant
 from certseg.export.onnx_files import EXTERNAL_DATA_THRESHOLD, graph_io

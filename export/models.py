@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from certseg.engine.choices import Exporter
 from certseg.engine.errors import InputError
+from certseg.engine.maths.stages import as_pair, scaled_size
 from certseg.engine.models import facts
-from certseg.engine.stages import as_pair, scaled_size
 from certseg.export.denoiser import export_denoiser
 from certseg.export.fp16 import DENOISER_FP32_SOURCES
 from certseg.export.manifest import write_manifest

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from certseg.engine.errors import CertsegError, first_line
-from certseg.engine.runtimes.onnx_runtime import OrtModule
-from certseg.engine.stages import normalize_imagenet
+from certseg.engine.maths.stages import normalize_imagenet
+from certseg.engine.models.ort_module import OrtModule
 from certseg.export.exported_graph import ExportedGraph
 from certseg.export.progress import Log, note
 

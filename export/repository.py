@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from certseg.engine.choices import NoiseBackend, Profile, choice
-from certseg.engine.denoise import LINEAR, Schedule
 from certseg.engine.digest import file_sha256
 from certseg.engine.labels import label_numpy_dtype
+from certseg.engine.maths.denoise import LINEAR, Schedule
+from certseg.engine.maths.stages import IMAGENET, Normalization
 from certseg.engine.models import facts
 from certseg.engine.models.onnx_model import denoiser_contract, segmenter_contract
 from certseg.engine.runtimes.triton_runtime import (
@@ -41,7 +42,6 @@ from certseg.engine.runtimes.triton_runtime import (
     REQUEST_INPUTS,
     VERSION_PARAMETER,
 )
-from certseg.engine.stages import IMAGENET, Normalization
 from certseg.export.model_files import ModelFiles, ProvidesModelFiles, RepositoryError, model_files
 from certseg.export.onnx_files import external_data_files
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from certseg.engine.choices import Exporter
-from certseg.engine.stages import as_pair
+from certseg.engine.maths.stages import as_pair
 from certseg.export.exported_graph import ExportedGraph
 from certseg.export.fp16 import SEGMENTER_FP32_OPS, add_fp16_variant
 from certseg.export.onnx_files import EXTERNAL_DATA_THRESHOLD, graph_io

@@ -15,8 +15,8 @@ import onnx
 import torch
 from torch import nn
 
-from certseg.engine.denoise import Schedule, denoiser_input, denoiser_output
-from certseg.engine.stages import Normalization, finite_samples, labels_from_logits, segmenter_input
+from certseg.engine.maths.denoise import Schedule, denoiser_input, denoiser_output
+from certseg.engine.maths.stages import Normalization, finite_samples, labels_from_logits, segmenter_input
 
 CLASSES = ["road", "grass", "sky", "shade"]
 PALETTE = [[128, 64, 128], [0, 200, 0], [70, 130, 180], [40, 40, 40]]

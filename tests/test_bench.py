@@ -25,15 +25,15 @@ from certseg.bench.report import write_report
 from certseg.bench.results import ResultsFile, ResumeError, entry_key, labels_digest, load_entries, read_lines
 from certseg.bench.tables import aggregate, radius_curves
 from certseg.bench.timing import STAGES
-from certseg.engine import cli as certseg_cli
-from certseg.engine.certify import min_samples_to_certify
+from certseg.engine.commands import cli as certseg_cli
+from certseg.engine.core.certify import min_samples_to_certify
 from certseg.engine.errors import CheckpointError, InputError
-from certseg.engine.label_pipeline import LabelPipeline
+from certseg.engine.files.radius_outputs import read_radius_npz
+from certseg.engine.maths.label_pipeline import LabelPipeline
 from certseg.engine.models.adm import build_adm
 from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.models.registry import default_model, save_model
-from certseg.engine.radius_outputs import read_radius_npz
-from certseg.engine.session import Session, Settings
+from certseg.engine.runtimes.session import Session, Settings
 from certseg.training import scenes
 
 from conftest import REPO_ROOT, interrupt_when, needs_cityscapesscripts

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import binom, binomtest, norm
 from statsmodels.stats.multitest import multipletests
 
-from certseg.engine.certify import (
+from certseg.engine.core.certify import (
     CertificationError,
     certify,
     min_samples_to_certify,

@@ -17,9 +17,9 @@ from certseg.bench.datasets import DatasetError
 from certseg.bench.datasets import cityscapes as reader
 from certseg.bench.results import load_entries
 from certseg.bench.tables import aggregate
-from certseg.engine.io import default_palette
-from certseg.engine.metrics import CertifiedMetrics
-from certseg.engine.outputs import CITYSCAPES_CLASSES
+from certseg.engine.core.metrics import CertifiedMetrics
+from certseg.engine.files.images import default_palette
+from certseg.engine.files.outputs import CITYSCAPES_CLASSES
 from certseg.training import scenes
 
 from conftest import needs_cityscapesscripts
@@ -81,7 +81,7 @@ def test_bench_metrics_equal_the_official_pixel_level_evaluator(
     """Certified maps of scenes written by --write-data, scored by certseg-bench and by cityscapesscripts'
     evalPixelLevelSemanticLabeling. For the official tool, classes become Cityscapes label ids, ignore becomes
     ``unlabeled`` (id 0) in the ground truth, and an abstention becomes ``unlabeled`` in the prediction: a miss for
-    the true class and a hit for none, the convention of ``certseg.engine.metrics``."""
+    the true class and a hit for none, the convention of ``certseg.engine.core.metrics``."""
     from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
     from cityscapesscripts.helpers.labels import name2label
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from test_io import png_header_only
 
-from certseg.engine.io import read_labels
+from certseg.engine.files.images import read_labels
 from certseg.engine.models.registry import shipped_models
 
 from conftest import interrupt_when
@@ -32,7 +32,7 @@ needs_shipped = pytest.mark.skipif(
 def certseg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     return subprocess.run(
-        [sys.executable, "-m", "certseg.engine.cli", *args], capture_output=True, text=True, cwd=cwd, env=env,
+        [sys.executable, "-m", "certseg.engine.commands.cli", *args], capture_output=True, text=True, cwd=cwd, env=env,
         timeout=900,
     )
 
@@ -183,8 +183,8 @@ def test_ctrl_c_mid_run_prints_one_line_and_exits_130(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     env = dict(os.environ, OMP_NUM_THREADS="2", CERTSEG_CACHE_DIR=str(cache))
     process = subprocess.Popen(
-        [sys.executable, "-m", "certseg.engine.cli", "certify", str(EXAMPLE), "--method", "segcertify", "--n", "20000",
-         "--out", str(tmp_path / "out")],
+        [sys.executable, "-m", "certseg.engine.commands.cli", "certify", str(EXAMPLE), "--method", "segcertify",
+         "--n", "20000", "--out", str(tmp_path / "out")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     stderr = interrupt_when(process, lambda: bool(list(cache.glob("memory/*.json"))), wait_s=300)
@@ -214,8 +214,8 @@ def test_running_out_of_memory_mid_run_is_one_line(tmp_path: Path, monkeypatch: 
     """If the memory estimate is ever wrong, the run still ends in one line, not a traceback."""
     from typer.testing import CliRunner
 
-    import certseg.engine.certify_command as command
-    from certseg.engine.cli import app
+    import certseg.engine.commands.certify_command as command
+    from certseg.engine.commands.cli import app
 
     def run_out(request):
         raise error
@@ -228,8 +228,10 @@ def test_running_out_of_memory_mid_run_is_one_line(tmp_path: Path, monkeypatch: 
 
 
 @pytest.mark.parametrize("program, args, expected", [
-    ("certseg.engine.cli", ["certify", "x.png", "--sigma", "abc"], "certseg: error: Invalid value for '--sigma'"),
-    ("certseg.engine.cli", ["certify", "x.png", "--no-such-flag"], "certseg: error: No such option: --no-such-flag"),
+    ("certseg.engine.commands.cli", ["certify", "x.png", "--sigma", "abc"],
+     "certseg: error: Invalid value for '--sigma'"),
+    ("certseg.engine.cli", ["certify", "x.png", "--no-such-flag"],  # its name before the engine's split
+     "certseg: error: No such option: --no-such-flag"),
     ("certseg.bench.cli", ["--sigma", "abc"], "certseg-bench: error: Invalid value for '--sigma'"),
 ])
 def test_usage_errors_are_one_line_too(program: str, args: list[str], expected: str) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from certseg.engine.counting import AgreementCounter, ModeCounter
+from certseg.engine.core.counting import AgreementCounter, ModeCounter
 
 
 @pytest.mark.parametrize("num_classes, n0", [(3, 10), (19, 10), (256, 7), (4, 300)])

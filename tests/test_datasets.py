@@ -13,7 +13,7 @@ from certseg.bench.datasets.cityscapes import label_ids_to_train_ids, open_citys
 from certseg.bench.datasets.pascal_context import CLASSES as CONTEXT_CLASSES
 from certseg.bench.datasets.pascal_context import context_labels, open_pascal_context
 from certseg.bench.datasets.procedural_set import open_procedural
-from certseg.engine.io import read_image
+from certseg.engine.files.images import read_image
 from certseg.training import scenes
 
 from conftest import needs_cityscapesscripts

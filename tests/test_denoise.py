@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from certseg.engine import denoise as dn
+from certseg.engine.maths import denoise as dn
+from certseg.engine.maths.stages import resize
 from certseg.engine.models.adm import build_adm
-from certseg.engine.stages import resize
 
 SIGMAS = (0.25, 0.5, 1.0)
 

@@ -1,8 +1,9 @@
 """Which part of certseg may import which, checked on every module's imports (AST: function-level and
 TYPE_CHECKING imports included), so the layering cannot regress:
 
-    certseg.engine            nothing of certseg outside itself, but for one seam: certseg.engine.session ->
-                              certseg.export.cache (``--runtime onnx`` runs graphs exported from torch weights)
+    certseg.engine            nothing of certseg outside itself, but for one seam: certseg.engine.runtimes.backends
+                              -> certseg.export.cache (``--runtime onnx`` runs graphs exported from torch weights);
+                              inside, its layers (``ENGINE_LAYERS``) import only downwards
     certseg.training          certseg.engine (what makes the shipped weights)
     certseg.export            certseg.engine (exporting, repositories: the deploy layer)
     certseg.model_repository  certseg.engine (the Triton step models)
@@ -32,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 """The other packages each package may import (itself always)."""
 ENTRY_POINT_EXTRA = {"certseg.export"}
-SEAMS = {("certseg.engine.session", "certseg.export.cache")}
+SEAMS = {("certseg.engine.runtimes.backends", "certseg.export.cache")}
 """Imports against the package order, each with its reason in this module's docstring."""
 
 Graph = Mapping[str, set[str]]
@@ -165,8 +166,55 @@ def test_the_engine_reaches_into_export_only_through_its_seam_and_its_entry_poin
     graph = import_graph(modules)
     reaching = {(m, t) for m, targets in graph.items() for t in targets
                 if package_of(m) == "certseg.engine" and package_of(t) == "certseg.export"}
-    assert reaching == SEAMS | {("certseg.engine.cli", "certseg.export.default_repository")}
-    assert "certseg.engine.cli" in entry_points(modules)
+    assert reaching == SEAMS | {("certseg.engine.commands.cli", "certseg.export.default_repository")}
+    assert "certseg.engine.commands.cli" in entry_points(modules)
+
+
+ENGINE_LAYERS = ("", "maths", "core", "models", "runtimes", "files", "commands")
+"""certseg.engine's sub-packages, lowest first ("": its top-level modules: errors, enums, limits, hashes, caches);
+a module imports its own layer and those below it only."""
+
+
+def engine_layer(module: str) -> int:
+    parts = module.split(".")
+    sub = parts[2] if len(parts) > 3 else ""
+    return ENGINE_LAYERS.index(sub) if sub in ENGINE_LAYERS else 0
+
+
+def layer_violations(graph: Graph) -> list[str]:
+    return [f"{module} imports {target}, a layer above it" for module, targets in graph.items()
+            if package_of(module) == "certseg.engine" for target in sorted(targets)
+            if package_of(target) == "certseg.engine" and engine_layer(target) > engine_layer(module)]
+
+
+def test_engine_layers_import_only_downwards() -> None:
+    assert layer_violations(import_graph(source_modules())) == []
+
+
+def test_the_code_uses_the_engine_modules_new_names() -> None:
+    """The old top-level names (``certseg.engine.moved``) are for callers outside; the code itself uses the new."""
+    from certseg.engine.moved import MOVED
+
+    old = {f"certseg.engine.{name}" for name in MOVED}
+    users = {}
+    for module, path in source_modules().items():
+        tree = ast.parse(path.read_text())
+        names = {name for node in ast.walk(tree) for name in _imported(node, module, path.name == "__init__.py")}
+        if names & old:
+            users[module] = sorted(names & old)
+    assert users == {}
+
+
+def test_old_engine_module_names_are_the_moved_modules() -> None:
+    import importlib
+
+    from certseg.engine.moved import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(f"certseg.engine.{old}") is importlib.import_module(f"certseg.engine.{new}")
+    from certseg.engine import certify, stages  # the README's and earlier Triton repositories' spellings
+
+    assert certify.certify.__module__ == "certseg.engine.core.certify" and stages.__name__.endswith("maths.stages")
 
 
 def test_the_checks_catch_what_they_guard_against() -> None:
@@ -183,6 +231,11 @@ def test_the_checks_catch_what_they_guard_against() -> None:
         "certseg.engine.runtimes.c imports certseg.export.b"]
     assert cli_violations(graph, {"certseg.bench.tool"}) == [
         "certseg.export.b imports the command line certseg.bench.cli"]
+    layered = {"certseg.engine.core.certify": {"certseg.engine.runtimes.session", "certseg.engine.errors"},
+               "certseg.engine.errors": {"certseg.engine.maths.stages"}}
+    assert layer_violations(layered) == [
+        "certseg.engine.core.certify imports certseg.engine.runtimes.session, a layer above it",
+        "certseg.engine.errors imports certseg.engine.maths.stages, a layer above it"]
     looped = {"certseg.engine.x": {"certseg.export.y"}, "certseg.export.y": {"certseg.engine.x"},
               "certseg.engine.p": {"certseg.engine.q"}, "certseg.engine.q": {"certseg.engine.p", "certseg.engine.x"}}
     assert sorted(map(sorted, cycles(looped))) == [["certseg.engine.p", "certseg.engine.q"],

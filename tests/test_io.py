@@ -12,10 +12,10 @@ import pytest
 from PIL import Image, ImageOps
 from test_png16 import chunk, encode_png
 
-from certseg.engine import io
 from certseg.engine.errors import InputError
-from certseg.engine.io import default_palette, overlay, read_image, read_labels, write_json, write_label_png
-from certseg.engine.png16 import PNG_SIGNATURE
+from certseg.engine.files import images as io
+from certseg.engine.files.images import default_palette, overlay, read_image, read_labels, write_json, write_label_png
+from certseg.engine.files.png16 import PNG_SIGNATURE
 
 RNG = np.random.default_rng(0)
 RGB8 = RNG.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)

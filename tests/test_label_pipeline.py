@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from certseg.engine.denoise import one_step_denoise, select_timestep
-from certseg.engine.label_pipeline import LabelPipeline, make_spec
+from certseg.engine.core.pipeline import certify_image
+from certseg.engine.maths.denoise import one_step_denoise, select_timestep
+from certseg.engine.maths.label_pipeline import LabelPipeline, make_spec
+from certseg.engine.maths.stages import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalization
 from certseg.engine.models.adm import build_adm
 from certseg.engine.models.hrnet import build_hrnet
-from certseg.engine.pipeline import certify_image
 from certseg.engine.runtimes.torch_runtime import torch_runtime
-from certseg.engine.stages import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalization
 from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
 
 SIZE = (32, 64)
@@ -109,7 +109,7 @@ def test_torch_runtime_certifies_with_autocast(models, precision: str) -> None:
 def test_bf16_sample_maps_agree_with_fp32_on_the_shipped_models() -> None:
     """bf16 autocast changes a few boundary pixels of each noisy sample's map, not the map: measured on the
     shipped DenoiseCertify models and the sample scene, where the maps hold several classes."""
-    from certseg.engine.io import read_image
+    from certseg.engine.files.images import read_image
     from certseg.engine.models.registry import load_model
 
     segmenter, denoiser = load_model("procedural-hrnet-clean", "segmenter"), load_model("procedural-adm", "denoiser")

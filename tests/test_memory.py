@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from certseg.engine import memory
-from certseg.engine import session as session_module
-from certseg.engine.certify_command import CertifyRequest, run_certify
+from certseg.engine.commands.certify_command import CertifyRequest, run_certify
 from certseg.engine.errors import InputError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.models.registry import shipped_models
-from certseg.engine.session import Session, Settings
+from certseg.engine.runtimes import memory
+from certseg.engine.runtimes import session as session_module
+from certseg.engine.runtimes.session import Session, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "street.png"
@@ -133,8 +133,8 @@ def test_the_default_pixel_limit_fits_the_default_batch_in_24_gb(method: str) ->
 MEASURE = """
 import json, sys, numpy as np, torch
 from pathlib import Path
-from certseg.engine.outputs import write_outputs
-from certseg.engine.session import Session, Settings
+from certseg.engine.files.outputs import write_outputs
+from certseg.engine.runtimes.session import Session, Settings
 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))

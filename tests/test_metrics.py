@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from certseg.engine.core.metrics import CertifiedMetrics
 from certseg.engine.errors import InputError
-from certseg.engine.metrics import CertifiedMetrics
 
 
 def test_closed_form_case() -> None:
@@ -91,7 +91,7 @@ def test_one_image_miou_averages_the_classes_present_in_labels_or_prediction() -
 
 
 def test_certify_reports_the_per_image_convention_and_keeps_the_dataset_one() -> None:
-    from certseg.engine.certify_command import image_metrics
+    from certseg.engine.commands.certify_command import image_metrics
 
     target = np.array([[0, 0], [1, 1]])
     report = image_metrics(target.astype(np.uint8), target, num_classes=8, ignore_index=255)

@@ -20,17 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
-from certseg.engine.certify import min_samples_to_certify
-from certseg.engine.cli import app
+from certseg.engine.commands.cli import app
+from certseg.engine.core.certify import min_samples_to_certify
+from certseg.engine.core.pipeline import NonFiniteOutputError, certify_image
+from certseg.engine.core.sampling import NoiseSource
 from certseg.engine.errors import CheckpointError
-from certseg.engine.io import read_image
-from certseg.engine.label_pipeline import LabelPipeline, make_spec
+from certseg.engine.files.images import read_image
+from certseg.engine.maths.label_pipeline import LabelPipeline, make_spec
+from certseg.engine.maths.stages import add_noise, finite_samples, label_dtype, labels_from_logits, normalize_imagenet
 from certseg.engine.models.registry import load_model, save_model
-from certseg.engine.pipeline import NonFiniteOutputError, certify_image
+from certseg.engine.runtimes.session import Session, Settings
 from certseg.engine.runtimes.torch_runtime import torch_runtime
-from certseg.engine.sampling import NoiseSource
-from certseg.engine.session import Session, Settings
-from certseg.engine.stages import add_noise, finite_samples, label_dtype, labels_from_logits, normalize_imagenet
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "street.png"
@@ -288,8 +288,8 @@ def test_the_bundled_triton_server_fails_closed_too(onnx_files: dict[str, Path],
     pytest.importorskip("tritonclient.grpc")
     from certseg.engine.errors import ServerError
     from certseg.engine.runtimes.onnx_runtime import onnx_runtime
+    from certseg.engine.runtimes.serve import TritonServer
     from certseg.engine.runtimes.triton_runtime import TritonRuntime
-    from certseg.engine.serve import TritonServer
     from certseg.export.repository import ModelFiles, write_repository
 
     files = ModelFiles(segmenter=onnx_files["perfect"], denoiser=onnx_files["denoiser"],

@@ -19,11 +19,12 @@ from typer.testing import CliRunner  # noqa: E402
 
 from certseg.engine.digest import file_sha256  # noqa: E402
 from certseg.engine.errors import InputError  # noqa: E402
-from certseg.engine.label_pipeline import LabelPipeline, make_spec  # noqa: E402
+from certseg.engine.maths.label_pipeline import LabelPipeline, make_spec  # noqa: E402
 from certseg.engine.models.adm import build_adm  # noqa: E402
 from certseg.engine.models.hrnet import build_hrnet  # noqa: E402
+from certseg.engine.models.ort_module import OrtModule  # noqa: E402
 from certseg.engine.models.registry import save_model  # noqa: E402
-from certseg.engine.runtimes.onnx_runtime import OrtModule, onnx_runtime, onnx_runtime_from_export  # noqa: E402
+from certseg.engine.runtimes.onnx_runtime import onnx_runtime, onnx_runtime_from_export  # noqa: E402
 from certseg.engine.runtimes.torch_runtime import torch_runtime  # noqa: E402
 from certseg.export import cli  # noqa: E402
 from certseg.export.denoiser import export_denoiser  # noqa: E402

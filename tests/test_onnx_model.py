@@ -31,12 +31,12 @@ from byo_models import (  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from certseg.engine.cli import app  # noqa: E402
-from certseg.engine.denoise import select_timestep  # noqa: E402
-from certseg.engine.io import read_image, read_labels  # noqa: E402
+from certseg.engine.commands.cli import app  # noqa: E402
+from certseg.engine.core.pipeline import certify_image  # noqa: E402
+from certseg.engine.core.sampling import LocalRuntime  # noqa: E402
+from certseg.engine.files.images import read_image, read_labels  # noqa: E402
+from certseg.engine.maths.denoise import select_timestep  # noqa: E402
 from certseg.engine.models.registry import shipped_models  # noqa: E402
-from certseg.engine.pipeline import certify_image  # noqa: E402
-from certseg.engine.sampling import LocalRuntime  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "street.png"
@@ -113,7 +113,7 @@ def test_a_fixed_size_segmenter_is_fed_its_size_and_flags_override_what_a_file_s
                                  "--out", str(tmp_path / "out"))
     assert report["pipeline"]["segmenter_size"] == [48, 80] and report["classes"] == ["a", "b", "c", "d"]
     (r, g, b), (sr, sg, sb) = ((float(v) for v in values) for values in in_unit_range)
-    from certseg.engine.stages import Normalization
+    from certseg.engine.maths.stages import Normalization
 
     label_fn = reference_label_fn(ExactSegmenter().eval(), input_size=(48, 80),
                                   normalization=Normalization((r, g, b), (sr, sg, sb)))
@@ -127,10 +127,11 @@ def test_an_onnx_segmenter_with_the_shipped_denoiser(files, image, tmp_path: Pat
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's first BYO command: DenoiseCertify with the shipped denoiser, which ONNX Runtime runs from
     its cached export beside the file as given; equal to the torch segmenter behind that same exported graph."""
-    from certseg.engine.label_pipeline import LabelPipeline
+    from certseg.engine.maths.label_pipeline import LabelPipeline
+    from certseg.engine.models.ort_module import OrtModule
     from certseg.engine.models.registry import load_model
-    from certseg.engine.runtimes.onnx_runtime import OrtModule, export_paths
-    from certseg.engine.session import Session, Settings
+    from certseg.engine.runtimes.onnx_runtime import export_paths
+    from certseg.engine.runtimes.session import Session, Settings
     from certseg.export.cache import cached_export
 
     monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "cache"))
@@ -278,7 +279,7 @@ def test_certseg_export_writes_the_contract_into_its_own_graphs(tmp_path: Path) 
     from certseg.engine.models.adm import build_adm
     from certseg.engine.models.hrnet import build_hrnet
     from certseg.engine.models.registry import save_model
-    from certseg.engine.session import Session, Settings
+    from certseg.engine.runtimes.session import Session, Settings
     from certseg.export import cli as export_cli
     from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
 
@@ -316,7 +317,7 @@ def test_certseg_export_writes_the_contract_into_its_own_graphs(tmp_path: Path) 
 
 def test_a_file_rewritten_at_the_same_path_is_loaded_again(tmp_path: Path) -> None:
     """A session opens the file as it is now, not a model cached from an earlier export to the same path."""
-    from certseg.engine.session import Session, Settings
+    from certseg.engine.runtimes.session import Session, Settings
 
     path = export_segmenter(tmp_path / "model.onnx")
     assert Session.open(Settings(segmenter=str(path), method="segcertify", runtime="onnx")).num_classes == 4

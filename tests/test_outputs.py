@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from certseg.engine import certify_command, outputs
-from certseg.engine import session as session_module
-from certseg.engine.certify import certify, radius
-from certseg.engine.certify_command import CertifyRequest, run_certify
+from certseg.engine.commands import certify_command
+from certseg.engine.commands.certify_command import CertifyRequest, run_certify
+from certseg.engine.core.certify import certify, radius
+from certseg.engine.core.pipeline import CertifiedSegmentation
 from certseg.engine.errors import InputError
-from certseg.engine.io import read_labels
+from certseg.engine.files import outputs
+from certseg.engine.files.images import read_labels
 from certseg.engine.models.registry import shipped_models
-from certseg.engine.pipeline import CertifiedSegmentation
+from certseg.engine.runtimes import session as session_module
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "street.png"

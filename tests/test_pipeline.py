@@ -7,10 +7,10 @@ import pytest
 import torch
 from scipy.stats import binom, norm
 
-from certseg.engine.certify import CertificationError, certify, radius
+from certseg.engine.core.certify import CertificationError, certify, radius
+from certseg.engine.core.pipeline import certify_image
+from certseg.engine.core.sampling import LocalRuntime
 from certseg.engine.errors import InputError
-from certseg.engine.pipeline import certify_image
-from certseg.engine.sampling import LocalRuntime
 
 from segmenters import ThresholdSegmenter, constant_image, stripes_segmenter
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from certseg.engine.errors import InputError
-from certseg.engine.png16 import PNG_SIGNATURE, read_png16
+from certseg.engine.files.png16 import PNG_SIGNATURE, read_png16
 
 CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
 ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))

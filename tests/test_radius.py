@@ -12,14 +12,14 @@ from scipy.stats import binom, binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 from typer.testing import CliRunner
 
-from certseg.engine.certify import certify
-from certseg.engine.cli import app
-from certseg.engine.io import abstain_look, read_image, read_labels
-from certseg.engine.pipeline import certify_image
-from certseg.engine.radius import certified_accuracy_at, lower_bound_table, radius_map, radius_table
-from certseg.engine.radius_outputs import colour_ramp, read_radius_npz
-from certseg.engine.sampling import LocalRuntime
-from certseg.engine.session import Session, Settings
+from certseg.engine.commands.cli import app
+from certseg.engine.core.certify import certify
+from certseg.engine.core.pipeline import certify_image
+from certseg.engine.core.radius import certified_accuracy_at, lower_bound_table, radius_map, radius_table
+from certseg.engine.core.sampling import LocalRuntime
+from certseg.engine.files.images import abstain_look, read_image, read_labels
+from certseg.engine.files.radius_outputs import colour_ramp, read_radius_npz
+from certseg.engine.runtimes.session import Session, Settings
 
 from segmenters import ThresholdSegmenter
 

@@ -136,8 +136,8 @@ def test_an_mmseg_checkpoints_classes_and_palette_reach_the_json_and_the_overlay
     """mmcv's meta (CLASSES, PALETTE) travels with an official checkpoint into certify's record and pictures."""
     from typer.testing import CliRunner
 
-    from certseg.engine.cli import app
-    from certseg.engine.io import overlay, read_image, read_labels
+    from certseg.engine.commands.cli import app
+    from certseg.engine.files.images import overlay, read_image, read_labels
 
     config, state = golden_state(golden, "vit_adapter_small")
     cfg = config["mmseg_model_cfg"]

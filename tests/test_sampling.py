@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from certseg.engine.sampling import LocalRuntime, NoiseSource, batch_ranges, sample_seed_sequence
+from certseg.engine.core.sampling import LocalRuntime, NoiseSource, batch_ranges, sample_seed_sequence
 
 from segmenters import stripes_segmenter
 

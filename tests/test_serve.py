@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from certseg.engine.serve import TritonBinary, TritonServer, error_message
+from certseg.engine.runtimes.serve import TritonBinary, TritonServer, error_message
 
 STARTUP = [
     'I1129 21:00:00.000100 4242 pinned_memory_manager.cc:277] "Pinned memory pool is created at \'0x7f\' with '

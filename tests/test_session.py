@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 from certseg.bench.timing import STAGES, StageTimer, TimedRuntime
-from certseg.engine.certify_record import KEYS, CertifyRecord
+from certseg.engine.core.pipeline import CertifiedSegmentation
+from certseg.engine.core.sampling import LocalRuntime
 from certseg.engine.errors import ServerError
-from certseg.engine.io import read_image
+from certseg.engine.files.images import read_image
 from certseg.engine.models.info import LoadedModel, ModelInfo
 from certseg.engine.models.registry import shipped_models
-from certseg.engine.pipeline import CertifiedSegmentation
 from certseg.engine.runtimes.backends import OnnxBackend, TorchBackend
-from certseg.engine.sampling import LocalRuntime
-from certseg.engine.session import Session
-from certseg.engine.settings import Settings
+from certseg.engine.runtimes.certify_record import KEYS, CertifyRecord
+from certseg.engine.runtimes.session import Session
+from certseg.engine.runtimes.settings import Settings
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "street.png"
 SEED = 21
@@ -72,7 +72,7 @@ def test_in_process_certificates_keep_their_pinned_bytes(image: np.ndarray, meth
 def test_served_certificates_keep_their_pinned_bytes(image: np.ndarray) -> None:
     """The bundled tritonserver on the default repository (the shipped models, exported)."""
     pytest.importorskip("tritonclient.grpc")
-    from certseg.engine.serve import TritonServer
+    from certseg.engine.runtimes.serve import TritonServer
     from certseg.export.default_repository import default_repository
 
     try:

@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 from certseg.bench import cli as bench_cli
 from certseg.bench.config import GRID_AXES, BenchConfig, shared_settings
 from certseg.bench.results import ResultsFile, ResumeError
-from certseg.engine import cli as certseg_cli
-from certseg.engine.certify_command import CertifyRequest
 from certseg.engine.choices import Fwer, Method, NoiseBackend, RuntimeName, TimestepRule, choice
+from certseg.engine.commands import cli as certseg_cli
+from certseg.engine.commands.certify_command import CertifyRequest
 from certseg.engine.errors import InputError
-from certseg.engine.settings import Settings, setting_types
+from certseg.engine.runtimes.settings import Settings, setting_types
 
 from conftest import REPO_ROOT
 
@@ -106,7 +106,7 @@ def test_the_same_flags_make_the_same_settings_in_certify_and_bench(monkeypatch:
         configs.append(config)
         raise InputError("stop here")
 
-    monkeypatch.setattr("certseg.engine.certify_command.run_certify", fake_certify)
+    monkeypatch.setattr("certseg.engine.commands.certify_command.run_certify", fake_certify)
     monkeypatch.setattr("certseg.bench.run.prepare", fake_prepare)
     result = runner.invoke(certseg_cli.app, ["certify", str(tmp_path / "image.png"), *args])
     assert result.exit_code == 0, result.output

@@ -27,22 +27,22 @@ pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc.model_config_pb2 import DataType  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from certseg.engine.cli import app  # noqa: E402
+from certseg.engine.commands.cli import app  # noqa: E402
+from certseg.engine.core.pipeline import certify_image  # noqa: E402
+from certseg.engine.core.radius import radius_map  # noqa: E402
 from certseg.engine.errors import ServerError  # noqa: E402
-from certseg.engine.io import read_image, read_labels  # noqa: E402
-from certseg.engine.label_pipeline import make_spec  # noqa: E402
+from certseg.engine.files.images import read_image, read_labels  # noqa: E402
+from certseg.engine.files.radius_outputs import read_radius_npz  # noqa: E402
+from certseg.engine.maths.label_pipeline import make_spec  # noqa: E402
 from certseg.engine.models.registry import shipped_models  # noqa: E402
-from certseg.engine.pipeline import certify_image  # noqa: E402
-from certseg.engine.radius import radius_map  # noqa: E402
-from certseg.engine.radius_outputs import read_radius_npz  # noqa: E402
 from certseg.engine.runtimes.onnx_runtime import onnx_runtime  # noqa: E402
+from certseg.engine.runtimes.serve import TritonServer, find_tritonserver, free_port  # noqa: E402
 from certseg.engine.runtimes.triton_runtime import (  # noqa: E402
     REPOSITORY_VERSION,
     TritonRuntime,
     served_model,
     server_statistics,
 )
-from certseg.engine.serve import TritonServer, find_tritonserver, free_port  # noqa: E402
 from certseg.export.repository import (  # noqa: E402
     STEPS,
     ModelFiles,
@@ -413,7 +413,7 @@ def test_default_repository_serves_the_shipped_models_like_in_process_onnx(
 ) -> None:
     """`certseg serve`'s default repository (shipped models, exported) certifies the shipped sample exactly as
     `certseg certify --runtime onnx` does for the same seed: identical label maps, counts and guesses."""
-    from certseg.engine.session import Session, Settings
+    from certseg.engine.runtimes.session import Session, Settings
     from certseg.export.default_repository import default_repository
 
     monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "cache"))

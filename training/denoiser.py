@@ -13,10 +13,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from certseg.engine.denoise import denoiser_input, linear_alpha_bar, predict_x0, select_timestep
+from certseg.engine.maths.denoise import denoiser_input, linear_alpha_bar, predict_x0, select_timestep
+from certseg.engine.maths.stages import resize
 from certseg.engine.models.adm import build_adm
 from certseg.engine.models.registry import WEIGHTS_DIR
-from certseg.engine.stages import resize
 from certseg.training import scenes
 from certseg.training.architectures import SCENE_SIZE, SMALL_ADM
 from certseg.training.learning_rate import cosine_learning_rate

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from certseg.engine.maths.stages import normalize_imagenet
 from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.models.registry import WEIGHTS_DIR
-from certseg.engine.stages import normalize_imagenet
 from certseg.training import scenes
 from certseg.training.architectures import SCENE_SIZE, SMALL_HRNET
 from certseg.training.learning_rate import cosine_learning_rate

@@ -10,8 +10,8 @@ Folders written by ``certseg-bench --write-data`` (procedural scenes in this lay
 beside them) are read the same way, with the procedural classes that file names.
 
 Selection: all val images sorted by their path relative to ROOT, then indices 0, 5, …, 495: the 100 images of
-``cityscapes-val-100.txt``. Images are read with ``certseg.engine.io.read_image``, the reader ``certseg certify``
-uses, so a bench entry and ``certseg certify`` on the same file see the same pixels.
+``cityscapes-val-100.txt``. Images are read with ``certseg.engine.files.images.read_image``, the reader
+``certseg certify`` uses, so a bench entry and ``certseg certify`` on the same file see the same pixels.
 
 Class names and the id → trainId map come from the dataset's own label table (``cityscapesscripts``, in the
 ``bench`` extra), not a copy of it; only real Cityscapes needs it, not the procedural scenes written in its layout.
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from certseg.bench.datasets.common import BenchDataset, DatasetError, DatasetItem, every_kth, square_resize
-from certseg.engine.io import open_checked, read_image
+from certseg.engine.files.images import open_checked, read_image
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 
 IGNORE_INDEX = 255

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from certseg.bench.datasets.common import BenchDataset, DatasetError, DatasetItem, every_kth, square_resize
-from certseg.engine.io import open_checked, read_image
+from certseg.engine.files.images import open_checked, read_image
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 
 CLASSES: tuple[str, ...] = (

@@ -1,7 +1,7 @@
 """The procedural street scenes as a bench dataset: held-out scenes only, rendered in memory.
 
 Why quantised: a scene is stored (``--write-data``) as an 8-bit PNG, and ``certseg certify`` reads that PNG. The
-in-memory image is rounded to 8 bits and divided by 255 exactly as ``certseg.engine.io.read_image`` does, so a
+in-memory image is rounded to 8 bits and divided by 255 exactly as ``certseg.engine.files.images.read_image`` does, so a
 bench entry and ``certseg certify`` on the written file certify bit-identical pixels.
 
 ``data_seed`` is the first held-out index: item ``j`` is scene ``held_out_seed(data_seed + j)``, a seed range

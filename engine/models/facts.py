@@ -17,10 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from certseg.engine.denoise import LINEAR, NUM_TIMESTEPS, Schedule
 from certseg.engine.errors import InputError
+from certseg.engine.maths.denoise import LINEAR, NUM_TIMESTEPS, Schedule
+from certseg.engine.maths.stages import IMAGENET, Normalization
 from certseg.engine.models.info import ModelInfo
-from certseg.engine.stages import IMAGENET, Normalization
 
 PREFIX = "certseg."
 ROLE = PREFIX + "role"

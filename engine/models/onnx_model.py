@@ -216,7 +216,7 @@ def load_onnx_model(path: Path, name: str, role: Role) -> LoadedModel:
     schedule) come from the graph and its metadata props. The contract travels as ``module.contract``.
     """
     from certseg.engine.digest import file_sha256
-    from certseg.engine.runtimes.onnx_runtime import OrtModule
+    from certseg.engine.models.ort_module import OrtModule
 
     checked = contract(path, role)
     stated = checked.facts

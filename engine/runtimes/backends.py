@@ -17,21 +17,21 @@ from typing import Any, Protocol
 import torch
 
 from certseg.engine.choices import Method, Precision, RuntimeName, SharedMemory
+from certseg.engine.core.sampling import LabelFn, LocalRuntime, Runtime
 from certseg.engine.errors import InputError
-from certseg.engine.label_pipeline import LabelPipeline, PipelineSpec
-from certseg.engine.memory import MARGIN, ONNX_MARGIN
+from certseg.engine.maths.label_pipeline import LabelPipeline, PipelineSpec
 from certseg.engine.models import facts
 from certseg.engine.models.info import ONNX_FAMILY, LoadedModel, ModelInfo, Role
 from certseg.engine.models.registry import default_model, load_model, resolve
+from certseg.engine.runtimes.memory import MARGIN, ONNX_MARGIN
+from certseg.engine.runtimes.settings import Settings
 from certseg.engine.runtimes.torch_runtime import autocast_label_fn, resolve_device, torch_runtime
 from certseg.engine.runtimes.triton_runtime import ENSEMBLES, TritonRuntime, served_model
-from certseg.engine.sampling import LabelFn, LocalRuntime, Runtime
-from certseg.engine.settings import Settings
 
 
 @dataclass(frozen=True)
 class MemoryProbe:
-    """How the memory estimate runs a backend's label pipeline in this process (``certseg.engine.memory``)."""
+    """How the memory estimate runs a backend's label pipeline in this process (``certseg.engine.runtimes.memory``)."""
 
     label_fn: Callable[[PipelineSpec], LabelFn]
     device: torch.device
@@ -186,7 +186,8 @@ class OnnxBackend(LocalBackend):
     (exported once, then cached)."""
 
     def _runtime(self, spec: PipelineSpec) -> Runtime:
-        from certseg.engine.runtimes.onnx_runtime import OrtModule, export_paths
+        from certseg.engine.models.ort_module import OrtModule
+        from certseg.engine.runtimes.onnx_runtime import export_paths
         from certseg.export.cache import cached_export  # the one seam into certseg.export: torch weights -> graphs
 
         s = self.settings

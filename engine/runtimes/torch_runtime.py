@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from certseg.engine.choices import NoiseBackend, Precision, choice
-from certseg.engine.label_pipeline import LabelPipeline
-from certseg.engine.sampling import LabelFn, LocalRuntime
+from certseg.engine.core.sampling import LabelFn, LocalRuntime
+from certseg.engine.maths.label_pipeline import LabelPipeline
 
 AUTOCAST: dict[Precision, torch.dtype | None] = {
     Precision.fp32: None, Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from certseg.engine.choices import SharedMemory, choice
+from certseg.engine.core.sampling import batch_ranges
 from certseg.engine.errors import ServerError, first_line
-from certseg.engine.sampling import batch_ranges
 
 if TYPE_CHECKING:
     from certseg.engine.models.info import ModelInfo, Role

@@ -137,7 +137,7 @@ def ort_model(step: Step, input_order: tuple[str, ...] | None = None) -> Callabl
     """The ONNX file named by the ``onnx_file`` parameter in certseg's ORT module: the one the in-process ORT
     runtime uses, so served and in-process label maps agree bit for bit. ``ort_threads`` caps its threads;
     ``input_order`` names the graph's inputs in the order the step passes them."""
-    from certseg.engine.runtimes.onnx_runtime import OrtModule
+    from certseg.engine.models.ort_module import OrtModule
 
     threads = int(step.parameter("ort_threads", "0"))
     return OrtModule(f"{step.model_dir}/{step.parameter('onnx_file')}", threads=threads or None,
@@ -146,7 +146,7 @@ def ort_model(step: Step, input_order: tuple[str, ...] | None = None) -> Callabl
 
 def schedule(step: Step):
     """The denoiser's noise schedule from the ``schedule`` parameter (guided-diffusion's linear one if absent)."""
-    from certseg.engine.denoise import LINEAR, Schedule
+    from certseg.engine.maths.denoise import LINEAR, Schedule
 
     text = step.parameter("schedule", "")
     if not text:

@@ -1,6 +1,6 @@
 """argmax: logits at any resolution → label maps at the image's size, uint8 (uint16 when K > 255).
 
-Fails closed (``certseg.engine.stages.labels_from_logits``): non-finite scores, and samples whose upstream
+Fails closed (``certseg.engine.maths.stages.labels_from_logits``): non-finite scores, and samples whose upstream
 output was non-finite (SAMPLE_VALID false), give the label K, which never counts as an agreement. Samples are
 upsampled one at a time (K x H x W float32 each, checked against the request limit), so a request's memory does
 not grow with K x COUNT.
@@ -9,7 +9,7 @@ not grow with K x COUNT.
 import torch
 from certseg_step import Step
 
-from certseg.engine.stages import label_dtype, labels_from_logits
+from certseg.engine.maths.stages import label_dtype, labels_from_logits
 
 
 class TritonPythonModel:

@@ -1,6 +1,6 @@
 """noise: one image + (seed, start, count, σ) → ``count`` noisy copies, sample i with its own seeded noise.
 
-Noise is a function of (root seed, sample index) only (``certseg.engine.sampling.NoiseSource``), so a retried
+Noise is a function of (root seed, sample index) only (``certseg.engine.core.sampling.NoiseSource``), so a retried
 or re-split request regenerates exactly the same samples. A grayscale IMAGE (1, H, W) gets its noise in its own
 channel, replicated to RGB after, so its certificate holds in its own pixel space.
 
@@ -16,8 +16,8 @@ import math
 import torch
 from certseg_step import Step
 
-from certseg.engine.sampling import NoiseSource
-from certseg.engine.stages import add_noise, to_rgb
+from certseg.engine.core.sampling import NoiseSource
+from certseg.engine.maths.stages import add_noise, to_rgb
 
 
 class TritonPythonModel:

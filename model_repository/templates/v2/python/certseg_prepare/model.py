@@ -6,7 +6,7 @@ SAMPLE_VALID (whether each noisy input is finite) feeds argmax the same per-samp
 
 from certseg_step import Step
 
-from certseg.engine.stages import IMAGENET, Normalization, finite_samples, segmenter_input
+from certseg.engine.maths.stages import IMAGENET, Normalization, finite_samples, segmenter_input
 
 
 class TritonPythonModel:

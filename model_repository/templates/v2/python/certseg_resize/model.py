@@ -7,8 +7,8 @@ x̂0's clamp could hide it.
 
 from certseg_step import Step, schedule
 
-from certseg.engine.denoise import denoiser_output
-from certseg.engine.stages import IMAGENET, Normalization, finite_samples, segmenter_input
+from certseg.engine.maths.denoise import denoiser_output
+from certseg.engine.maths.stages import IMAGENET, Normalization, finite_samples, segmenter_input
 
 
 class TritonPythonModel:

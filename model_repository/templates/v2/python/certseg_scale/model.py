@@ -6,7 +6,7 @@
 import torch
 from certseg_step import Step, schedule
 
-from certseg.engine.denoise import denoiser_input
+from certseg.engine.maths.denoise import denoiser_input
 
 
 class TritonPythonModel:

@@ -2,7 +2,7 @@
 ``certseg-bench``.
 
 Each field carries its command-line help, and both commands build their engine options from these fields
-(``certseg.engine.cli_common.settings_options``), so a field added here is an option of both, with one default.
+(``certseg.engine.commands.cli_common.settings_options``), so a field added here is an option of both, with one default.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Settings:
         return {k: v.value if isinstance(v, StrEnum) else v for k, v in asdict(self).items()}
 
     def validate(self, num_pixels: int) -> None:
-        from certseg.engine.certify import validate_parameters
+        from certseg.engine.core.certify import validate_parameters
 
         validate_parameters(
             n0=self.n0, n=self.n, tau=self.tau, alpha=self.alpha, num_pixels=num_pixels, fwer=self.fwer,

@@ -12,7 +12,7 @@ from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 import typer
 
 from certseg.engine.errors import CertsegError, first_line
-from certseg.engine.settings import Settings, setting_types
+from certseg.engine.runtimes.settings import Settings, setting_types
 
 P = ParamSpec("P")
 R = TypeVar("R")

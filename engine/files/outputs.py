@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from certseg.engine.core.pipeline import CertifiedSegmentation
 from certseg.engine.digest import file_sha256
 from certseg.engine.errors import InputError
-from certseg.engine.io import default_palette, json_text, overlay, write_label_png, write_rgb_png
-from certseg.engine.pipeline import CertifiedSegmentation
+from certseg.engine.files.images import default_palette, json_text, overlay, write_label_png, write_rgb_png
 from certseg.engine.versions import package_versions
 
 CITYSCAPES_CLASSES = (

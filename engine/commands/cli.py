@@ -13,10 +13,10 @@ from typing import Annotated
 import typer
 
 from certseg.engine.choices import Profile, SharedMemory
-from certseg.engine.cli_common import MaxPixelsOption, one_line_errors, run_cli, settings_options
+from certseg.engine.commands.cli_common import MaxPixelsOption, one_line_errors, run_cli, settings_options
 from certseg.engine.errors import CertsegError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
-from certseg.engine.settings import Settings
+from certseg.engine.runtimes.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
@@ -50,7 +50,7 @@ def certify(
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Certify every pixel of IMAGE: a class that provably holds within L2 radius R, or abstain."""
-    from certseg.engine.certify_command import CertifyRequest, run_certify
+    from certseg.engine.commands.certify_command import CertifyRequest, run_certify
 
     request = CertifyRequest(
         image=image, settings=settings, seed=seed, out=out, labels=labels, radius_map=radius_map,
@@ -83,7 +83,7 @@ def serve(
     """Serve the certseg pipeline with Triton until Ctrl-C: health, metrics and gRPC/HTTP inference endpoints."""
     import signal
 
-    from certseg.engine.serve import TritonServer, find_tritonserver
+    from certseg.engine.runtimes.serve import TritonServer, find_tritonserver
     from certseg.export.default_repository import default_repository
 
     def interrupt(*_: object) -> None:

@@ -17,11 +17,11 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from certseg.engine.choices import SharedMemory
+from certseg.engine.core.metrics import DATASET_MIOU, PER_IMAGE_MIOU, CertifiedMetrics, check_target
+from certseg.engine.core.radius import ACCURACY_RADII, RadiusMap, certified_accuracy_at, radius_map
 from certseg.engine.errors import InputError
-from certseg.engine.io import default_palette, read_image, read_labels, write_rgb_png
-from certseg.engine.limits import DEFAULT_MAX_PIXELS
-from certseg.engine.metrics import DATASET_MIOU, PER_IMAGE_MIOU, CertifiedMetrics, check_target
-from certseg.engine.outputs import (
+from certseg.engine.files.images import default_palette, read_image, read_labels, write_rgb_png
+from certseg.engine.files.outputs import (
     certificate_summary,
     check_output_folder,
     class_names,
@@ -30,10 +30,10 @@ from certseg.engine.outputs import (
     versions,
     write_outputs,
 )
-from certseg.engine.radius import ACCURACY_RADII, RadiusMap, certified_accuracy_at, radius_map
-from certseg.engine.radius_outputs import radius_picture, write_radius_npz
-from certseg.engine.session import Session
-from certseg.engine.settings import Settings
+from certseg.engine.files.radius_outputs import radius_picture, write_radius_npz
+from certseg.engine.limits import DEFAULT_MAX_PIXELS
+from certseg.engine.runtimes.session import Session
+from certseg.engine.runtimes.settings import Settings
 
 
 @dataclass(frozen=True)

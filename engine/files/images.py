@@ -23,8 +23,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from certseg.engine.errors import InputError
+from certseg.engine.files.png16 import read_png16
 from certseg.engine.limits import DEFAULT_MAX_PIXELS, check_pixel_limit
-from certseg.engine.png16 import read_png16
 
 ABSTAIN_COLOUR = (255, 255, 255)
 
@@ -55,7 +55,7 @@ _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     8: lambda a: np.rot90(a, 1),  # rotated 90° counter-clockwise to be upright
 }
 """EXIF orientation -> the (H, W, ...) array operation that ``ImageOps.exif_transpose`` performs (tested equal),
-for 16-bit PNGs: OpenCV decodes them without turning them (``certseg.engine.png16``)."""
+for 16-bit PNGs: OpenCV decodes them without turning them (``certseg.engine.files.png16``)."""
 
 
 @contextmanager

@@ -15,12 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from certseg.engine.certify_record import CertifyRecord, Timings
 from certseg.engine.choices import NoiseBackend, SharedMemory
-from certseg.engine.denoise import LINEAR
+from certseg.engine.core.pipeline import CertifiedSegmentation, Progress, certified_space, certify_image
+from certseg.engine.core.sampling import LocalRuntime, Runtime
 from certseg.engine.errors import InputError
-from certseg.engine.label_pipeline import PipelineSpec, make_spec
-from certseg.engine.memory import (
+from certseg.engine.maths.denoise import LINEAR
+from certseg.engine.maths.label_pipeline import PipelineSpec, make_spec
+from certseg.engine.models import facts
+from certseg.engine.models.info import ModelInfo
+from certseg.engine.runtimes.backends import Backend, LocalBackend, MemoryProbe, TritonBackend
+from certseg.engine.runtimes.certify_record import CertifyRecord, Timings
+from certseg.engine.runtimes.memory import (
     PROBE_BATCH,
     MemoryEstimate,
     PipelineMemory,
@@ -28,13 +33,8 @@ from certseg.engine.memory import (
     estimate_memory,
     probe_pipeline_memory,
 )
-from certseg.engine.models import facts
-from certseg.engine.models.info import ModelInfo
-from certseg.engine.pipeline import CertifiedSegmentation, Progress, certified_space, certify_image
-from certseg.engine.runtimes.backends import Backend, LocalBackend, MemoryProbe, TritonBackend
+from certseg.engine.runtimes.settings import Settings
 from certseg.engine.runtimes.triton_runtime import stage_timings, statistics_delta
-from certseg.engine.sampling import LocalRuntime, Runtime
-from certseg.engine.settings import Settings
 
 _PIPELINE_MEMORY: dict[tuple[Any, ...], PipelineMemory] = {}
 """Probe results per (models, settings that change activations): each is measured once per process."""
@@ -135,7 +135,7 @@ class Session:
     def memory_estimate(self, image_size: tuple[int, int]) -> MemoryEstimate | None:
         """What certifying an image of ``image_size`` will need (None for Triton servers: they hold the memory).
 
-        The label pipeline is probed once (``certseg.engine.memory``; cached per models and settings) as the
+        The label pipeline is probed once (``certseg.engine.runtimes.memory``; cached per models and settings) as the
         backend says (``MemoryProbe``): the torch runtime's pipeline as it runs; for ONNX Runtime, the torch models
         in fp32 stand in for the graphs exported from them, with a larger margin, and an ONNX model file runs in
         ONNX Runtime, whose activations the probe does not see (the record says so). A model that cannot run at

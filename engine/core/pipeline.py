@@ -1,6 +1,6 @@
 """Algorithm 1 end to end for one image: selection samples → guess, estimation samples → agreements → certificate.
 
-The runtime is anything that answers the sampling contract (``certseg.engine.sampling.Runtime``), so the
+The runtime is anything that answers the sampling contract (``certseg.engine.core.sampling.Runtime``), so the
 same orchestration serves in-process torch, ONNX Runtime and Triton servers.
 """
 
@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from certseg.engine.certify import Certificate, certify, radius, validate_parameters
 from certseg.engine.choices import Fwer, NonFinitePolicy, choice
-from certseg.engine.counting import AgreementCounter, InvalidTally, ModeCounter
+from certseg.engine.core.certify import Certificate, certify, radius, validate_parameters
+from certseg.engine.core.counting import AgreementCounter, InvalidTally, ModeCounter
+from certseg.engine.core.sampling import Runtime, new_root_seed
 from certseg.engine.errors import CertsegError, InputError
-from certseg.engine.sampling import Runtime, new_root_seed
 
 Progress = Callable[[int], None]
 """Called with the number of samples just finished (for progress bars)."""

@@ -2,7 +2,7 @@
 
 ``PipelineSpec`` is the complete, recordable description of that path (method, σ, t* with its rule and the
 denoiser's noise schedule, sizes, resize mode, the segmenter's input normalisation); ``LabelPipeline``
-composes the stage functions of ``certseg.engine.stages`` and ``certseg.engine.denoise`` around the two
+composes the stage functions of ``certseg.engine.maths.stages`` and ``certseg.engine.maths.denoise`` around the two
 models, so the torch runtime, ONNX export and the Triton step models all run the same maths.
 """
 
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from certseg.engine.choices import Method, TimestepRule, choice
-from certseg.engine.denoise import LINEAR, Schedule, TimestepChoice, one_step_denoise_checked, select_timestep
-from certseg.engine.stages import (
+from certseg.engine.maths.denoise import LINEAR, Schedule, TimestepChoice, one_step_denoise_checked, select_timestep
+from certseg.engine.maths.stages import (
     IMAGENET,
     Normalization,
     labels_from_logits,

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from certseg.engine.choices import NoiseBackend, choice
-from certseg.engine.stages import add_noise, to_rgb
+from certseg.engine.maths.stages import add_noise, to_rgb
 
 if TYPE_CHECKING:
-    from certseg.engine.label_pipeline import LabelPipeline
+    from certseg.engine.maths.label_pipeline import LabelPipeline
 
 LabelFn = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
 """A batched segmenter: noisy images (B, 3, H, W) float32 in [0, 1] pixel space -> labels (B, H, W) int, with
-the value K (= number of classes) where a sample's output was non-finite (see ``certseg.engine.stages``)."""
+the value K (= number of classes) where a sample's output was non-finite (see ``certseg.engine.maths.stages``)."""
 
 
 def new_root_seed() -> int:

@@ -11,10 +11,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from certseg.engine.label_pipeline import PipelineSpec
-from certseg.engine.memory import MemoryEstimate
+from certseg.engine.maths.label_pipeline import PipelineSpec
 from certseg.engine.models.info import ModelInfo
-from certseg.engine.settings import Settings
+from certseg.engine.runtimes.memory import MemoryEstimate
+from certseg.engine.runtimes.settings import Settings
 
 KEYS = ("settings", "pipeline", "models", "device", "timings", "non_finite", "certified_space", "memory")
 """The keys of ``CertifyRecord.to_json()``, in order."""

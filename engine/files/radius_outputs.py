@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from certseg.engine.io import abstain_look
+from certseg.engine.files.images import abstain_look
 
 VIRIDIS_ANCHORS = np.array(
     [[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142], [31, 158, 137], [53, 183, 121],

@@ -14,7 +14,7 @@ above σ·Φ⁻¹(p_i)) happens only if p̲_i > p_i, which has probability ≤ �
 Each pixel's claims are nested (certified at R_i means certified at every smaller radius), so the continuum of
 radii costs nothing extra.
 
-Relation to the fixed-τ certificate of ``certseg.engine.certify`` (same samples): by the duality of the exact test
+Relation to the fixed-τ certificate of ``certseg.engine.core.certify`` (same samples): by the duality of the exact test
 and the Clopper–Pearson bound, P(Bin(n, τ) ≥ k) ≤ α/N exactly when p̲ ≥ τ, so the radius map is Bonferroni's test
 at every τ at once — a pixel Bonferroni certifies at τ has R_i ≥ σ·Φ⁻¹(τ). Holm rejects at least as much, so it
 may certify a pixel at σ·Φ⁻¹(τ) whose R_i is smaller. Each of the two holds at level α on its own; both hold
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import beta, norm
 
-from certseg.engine.certify import validate_sigma, validate_tau_alpha
+from certseg.engine.core.certify import validate_sigma, validate_tau_alpha
 
 QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 ACCURACY_RADII: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)

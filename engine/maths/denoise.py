@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from certseg.engine.choices import TimestepRule, choice
-from certseg.engine.stages import as_pair, finite_samples, resize
+from certseg.engine.maths.stages import as_pair, finite_samples, resize
 
 NUM_TIMESTEPS = 1000
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")

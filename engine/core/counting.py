@@ -3,7 +3,7 @@
 Selection keeps one small counter per (class, pixel): (K + 1) x H x W bytes for n0 <= 255, the extra row for
 the invalid label K. Estimation keeps only the agreements with the guess: one counter per pixel.
 
-The invalid label K (a sample whose model output was non-finite at that pixel, see ``certseg.engine.stages``)
+The invalid label K (a sample whose model output was non-finite at that pixel, see ``certseg.engine.maths.stages``)
 fails closed: it never becomes a guess (the mode is taken over the K real classes) and never equals one, so
 it can only count as a disagreement. Both counters tally it, for the record and for ``--non-finite fail``.
 """
