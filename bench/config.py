@@ -77,7 +77,6 @@ class BenchConfig:
     threads: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images and label maps with more pixels are refused from their header, before decoding."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Choices as their enums, the runtime decided (as ``Session.open`` would), and the grid checked."""

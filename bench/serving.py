@@ -26,8 +26,9 @@ from rich.console import Console
 from rich.table import Table
 
 from certseg.engine.choices import Method
+from certseg.engine.commands.cli_common import one_line_errors, run_cli
 from certseg.engine.core.sampling import Runtime, batch_ranges
-from certseg.engine.errors import CertsegError, CheckpointError
+from certseg.engine.errors import CheckpointError
 from certseg.engine.files.images import read_image
 from certseg.engine.maths.label_pipeline import LabelPipeline, PipelineSpec, make_spec
 from certseg.engine.models.registry import LoadedModel, default_model, load_model
@@ -145,6 +146,7 @@ def export_onnx(segmenter: LoadedModel, denoiser: LoadedModel | None, folder: Pa
 
 
 @app.command()
+@one_line_errors("certseg-bench")
 def main(
     samples: Annotated[int, typer.Option(help="timed samples per runtime")] = 256,
     warmup: Annotated[int, typer.Option(help="untimed samples first (loads, first-call costs)")] = 32,
@@ -178,37 +180,33 @@ def main(
                 runtime.close()
         console.print(f"  {name}: {rows[-1][1]:.1f} samples/s")
 
-    try:
-        with tempfile.TemporaryDirectory(prefix="certseg-serving-") as tmp:
-            folder = Path(tmp)
-            console.print("exporting ONNX …")
-            exported = export_onnx(segmenter, denoiser, folder / "onnx", size, batch)
-            pipeline = LabelPipeline(spec, segmenter.module, None if denoiser is None else denoiser.module)
-            measure("in-process PyTorch", lambda: torch_runtime(pipeline, device=torch.device("cpu"),
+    with tempfile.TemporaryDirectory(prefix="certseg-serving-") as tmp:
+        folder = Path(tmp)
+        console.print("exporting ONNX …")
+        exported = export_onnx(segmenter, denoiser, folder / "onnx", size, batch)
+        pipeline = LabelPipeline(spec, segmenter.module, None if denoiser is None else denoiser.module)
+        measure("in-process PyTorch", lambda: torch_runtime(pipeline, device=torch.device("cpu"),
+                                                            batch_size=batch))
+        measure("in-process ONNX Runtime", lambda: onnx_runtime(spec, exported.segmenter, exported.denoiser,
                                                                 batch_size=batch))
-            measure("in-process ONNX Runtime", lambda: onnx_runtime(spec, exported.segmenter, exported.denoiser,
-                                                                    batch_size=batch))
-            repository = write_repository(exported, folder / "repository", max_batch=batch, instances=instances,
-                                          threads=threads)
-            console.print("starting the bundled tritonserver …")
-            with TritonServer(repository, exit_timeout_s=0) as server:
-                model = ENSEMBLES[method]
-                remote: dict[str, Any] = {"timestep": spec.timestep.t if spec.timestep else None,
-                                          "seg_size": spec.segmenter_size, "antialias": spec.antialias,
-                                          "batch": batch, "in_flight": in_flight}
-                measure("Triton HTTP", lambda: HttpRuntime(server.http_url.removeprefix("http://"), model, spec,
-                                                            batch, in_flight))
-                measure("Triton gRPC", lambda: TritonRuntime([server.grpc_address], model, shared_memory="off",
-                                                             **remote))
-                probe = TritonRuntime([server.grpc_address], model, **remote)
-                before = probe.statistics()
-                measure("Triton gRPC + shared memory", lambda: TritonRuntime([server.grpc_address], model,
-                                                                             shared_memory="on", **remote))
-                stages = stage_timings(statistics_delta(probe.statistics(), before))
-                probe.close()
-    except CertsegError as error:
-        typer.echo(f"certseg-bench: error: {str(error).splitlines()[0]}", err=True)
-        raise typer.Exit(2) from None
+        repository = write_repository(exported, folder / "repository", max_batch=batch, instances=instances,
+                                      threads=threads)
+        console.print("starting the bundled tritonserver …")
+        with TritonServer(repository, exit_timeout_s=0) as server:
+            model = ENSEMBLES[method]
+            remote: dict[str, Any] = {"timestep": spec.timestep.t if spec.timestep else None,
+                                      "seg_size": spec.segmenter_size, "antialias": spec.antialias,
+                                      "batch": batch, "in_flight": in_flight}
+            measure("Triton HTTP", lambda: HttpRuntime(server.http_url.removeprefix("http://"), model, spec,
+                                                        batch, in_flight))
+            measure("Triton gRPC", lambda: TritonRuntime([server.grpc_address], model, shared_memory="off",
+                                                         **remote))
+            probe = TritonRuntime([server.grpc_address], model, **remote)
+            before = probe.statistics()
+            measure("Triton gRPC + shared memory", lambda: TritonRuntime([server.grpc_address], model,
+                                                                         shared_memory="on", **remote))
+            stages = stage_timings(statistics_delta(probe.statistics(), before))
+            probe.close()
 
     console.print(_table(rows, method, segmenter, denoiser, shipped, size, batch, in_flight, samples))
     console.print(_stage_table(stages, samples + warmup))
@@ -254,4 +252,4 @@ _ORDER = ("certseg_noise", "certseg_scale", "certseg_denoise", "certseg_resize",
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app, "certseg-bench")

@@ -10,27 +10,28 @@ Every failure a user can cause ends in one line on stderr and a non-zero exit co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from certseg.engine.choices import Exporter, Method, Profile
-from certseg.engine.commands.cli_common import ClassesOption, SegInputSizeOption, SegMeanOption, SegStdOption
-from certseg.engine.commands.cli_common import fail as fail_with
-from certseg.engine.errors import CertsegError, InputError
+from certseg.engine.commands.cli_common import (
+    ClassesOption,
+    SegInputSizeOption,
+    SegMeanOption,
+    SegStdOption,
+    one_line_errors,
+    run_cli,
+)
+from certseg.engine.errors import InputError
 
 if TYPE_CHECKING:
     from certseg.export.result import ExportResult
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 console = Console(highlight=False)
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """One line on stderr, then exit."""
-    fail_with("certseg-export", message, code)
 
 
 def _load(method: Method, segmenter: str | None, denoiser: str | None, **overrides):
@@ -91,6 +92,7 @@ def serve_export_from(result: ExportResult, repository: Path, profile: Profile,
 
 
 @app.command()
+@one_line_errors("certseg-export")
 def export(
     segmenter: Annotated[str | None, typer.Option(help="shipped model name, checkpoint path or your own .onnx file, "
                                                        "copied unchanged (default: the shipped default for --method)")
@@ -132,35 +134,30 @@ def export(
 
     if threads is not None:
         torch.set_num_threads(max(1, threads))
-    try:
-        if max_request_bytes is not None and max_request_bytes < 1:
-            raise InputError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
-        segmenter_model, denoiser_model = _load(method, segmenter, denoiser, mean=seg_mean, std=seg_std,
-                                                input_size=seg_input_size, classes_file=classes)
-        if segmenter_model.input_size is not None and scale != 1.0:
-            raise InputError(f"{segmenter_model.name} takes a fixed {segmenter_model.input_size[0]}x"
-                             f"{segmenter_model.input_size[1]} input, so --scale does not apply: leave it out")
-        size = tuple(image_size) if image_size is not None else default_image_size(segmenter_model.name,
-                                                                                    segmenter_model.input_size)
-        with console.status("exporting"):
-            result = export_models(
-                segmenter_model, denoiser_model, out, image_size=size, max_batch=max_batch, fp16=fp16,
-                tensorrt=tensorrt, scale=scale, opset=opset, exporter=exporter.value,
-                parity_batches=PARITY_BATCHES if parity else (), threads=threads,
-                log=lambda message: console.print(f"• {message}", soft_wrap=True),
-            )
-        console.print(summary(result))
-        console.print(f"wrote {result.manifest}")
-        if repository is not None:
-            serve_export_from(result, repository, profile, max_request_bytes)
-    except CertsegError as error:
-        fail(str(error))
-    except (ValueError, OSError) as error:
-        fail(f"{error.__class__.__name__}: {error}")
+    if max_request_bytes is not None and max_request_bytes < 1:
+        raise InputError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
+    segmenter_model, denoiser_model = _load(method, segmenter, denoiser, mean=seg_mean, std=seg_std,
+                                            input_size=seg_input_size, classes_file=classes)
+    if segmenter_model.input_size is not None and scale != 1.0:
+        raise InputError(f"{segmenter_model.name} takes a fixed {segmenter_model.input_size[0]}x"
+                         f"{segmenter_model.input_size[1]} input, so --scale does not apply: leave it out")
+    size = tuple(image_size) if image_size is not None else default_image_size(segmenter_model.name,
+                                                                                segmenter_model.input_size)
+    with console.status("exporting"):
+        result = export_models(
+            segmenter_model, denoiser_model, out, image_size=size, max_batch=max_batch, fp16=fp16,
+            tensorrt=tensorrt, scale=scale, opset=opset, exporter=exporter.value,
+            parity_batches=PARITY_BATCHES if parity else (), threads=threads,
+            log=lambda message: console.print(f"• {message}", soft_wrap=True),
+        )
+    console.print(summary(result))
+    console.print(f"wrote {result.manifest}")
+    if repository is not None:
+        serve_export_from(result, repository, profile, max_request_bytes)
 
 
 def main() -> None:
-    app()
+    run_cli(app, "certseg-export")
 
 
 if __name__ == "__main__":

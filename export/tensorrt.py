@@ -30,7 +30,6 @@ FP32_LAYER_TYPES: tuple[str, ...] = ("NORMALIZATION", "SOFTMAX")
 """``trt.LayerType`` names always kept in float32 (GroupNorm as InstanceNormalization, LayerNorm, attention)."""
 
 
-
 class TensorRTUnavailable(CertsegError):
     """An engine build that was required (``--tensorrt``) but could not run or failed."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import warnings
 import zlib
@@ -72,12 +73,16 @@ def test_unreadable_and_missing_files_give_one_line(tmp_path: Path) -> None:
 
 def test_label_maps_round_trip_with_abstain_visible(tmp_path: Path) -> None:
     labels = RNG.integers(0, 20, size=(6, 9)).astype(np.uint8)  # 19 classes + abstain 19
+    labels[0, :3] = [0, 5, 19]  # two classes and abstain, whatever the random draw
     palette = default_palette(19)
     write_label_png(tmp_path / "c.png", labels, palette)
     np.testing.assert_array_equal(read_labels(tmp_path / "c.png"), labels)
     with Image.open(tmp_path / "c.png") as image:
         assert image.mode == "P"
-        assert image.convert("RGB").getpixel((0, 0)) is not None
+        drawn = np.asarray(image.convert("RGB"))
+    expected = np.concatenate([palette, np.array([io.ABSTAIN_COLOUR], dtype=np.uint8)])[labels]
+    np.testing.assert_array_equal(drawn, expected)  # every pixel its class colour, abstain white
+    assert tuple(drawn[0, 2]) == (255, 255, 255) and tuple(drawn[0, 1]) == tuple(palette[5])
     wide = RNG.integers(0, 301, size=(3, 4)).astype(np.uint16)
     write_label_png(tmp_path / "w.png", wide, default_palette(300))
     np.testing.assert_array_equal(read_labels(tmp_path / "w.png"), wide)
@@ -99,8 +104,10 @@ def test_overlay_marks_abstained_pixels() -> None:
 
 
 def test_json_is_written_atomically_and_is_valid(tmp_path: Path) -> None:
-    write_json(tmp_path / "r.json", {"a": np.float32(1.5), "b": np.arange(3), "c": float("nan")})
-    assert (tmp_path / "r.json").read_text().count("\n") > 1
+    write_json(tmp_path / "r.json", {"a": np.float32(1.5), "b": np.arange(3), "c": float("nan"),
+                                     "d": {"e": Path("x/y.png"), "f": np.bool_(True), "g": -np.inf}})
+    parsed = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert parsed == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": {"e": "x/y.png", "f": True, "g": None}}
     assert not list(tmp_path.glob("*.partial"))
 
 

@@ -25,7 +25,6 @@ from certseg.engine.files.outputs import (
     certificate_summary,
     check_output_folder,
     class_names,
-    output_paths,
     per_class_counts,
     versions,
     write_outputs,
@@ -168,5 +167,3 @@ def _palette(colours: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
     array = np.asarray(colours, dtype=np.uint8)
     return array if len(array) == num_classes else default_palette(num_classes)
 
-
-__all__ = ["CertifyRequest", "run_certify", "output_paths"]
