@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from certseg.engine.errors import InputError
+from certseg.engine.files.images import jsonable
 
 Key = tuple[str, str, float, float, str]
 """(image id, method, σ, scale, variant)."""
@@ -26,23 +26,6 @@ Key = tuple[str, str, float, float, str]
 
 class ResumeError(InputError):
     """The results file belongs to a run with other settings, or is damaged beyond its last line."""
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON types: numpy scalars and arrays, paths and tuples converted; non-finite floats → null."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return jsonable(value.item())
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def entry_key(entry: dict[str, Any]) -> Key:

@@ -105,9 +105,11 @@ def test_overlay_marks_abstained_pixels() -> None:
 
 def test_json_is_written_atomically_and_is_valid(tmp_path: Path) -> None:
     write_json(tmp_path / "r.json", {"a": np.float32(1.5), "b": np.arange(3), "c": float("nan"),
-                                     "d": {"e": Path("x/y.png"), "f": np.bool_(True), "g": -np.inf}})
+                                     "d": {"e": Path("x/y.png"), "f": np.bool_(True), "g": -np.inf},
+                                     "h": np.array([[0.5, np.nan]], dtype=np.float32)})
     parsed = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda name: pytest.fail(name))
-    assert parsed == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": {"e": "x/y.png", "f": True, "g": None}}
+    assert parsed == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": {"e": "x/y.png", "f": True, "g": None},
+                      "h": [[0.5, None]]}
     assert not list(tmp_path.glob("*.partial"))
 
 

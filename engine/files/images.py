@@ -199,15 +199,17 @@ def write_rgb_png(path: Path, rgb: np.ndarray) -> None:
     Image.fromarray(rgb, mode="RGB").save(path, format="PNG")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Plain JSON types: numpy scalars and arrays (their elements too), paths and tuples converted; non-finite floats
+    become null, so the file stays strict JSON that every reader parses."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
@@ -217,7 +219,7 @@ def _jsonable(value: Any) -> Any:
 
 def json_text(report: dict[str, Any]) -> str:
     """The report as indented JSON: numpy values as numbers, paths as strings, non-finite floats as null."""
-    return json.dumps(_jsonable(report), indent=2) + "\n"
+    return json.dumps(jsonable(report), indent=2) + "\n"
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
