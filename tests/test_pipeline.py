@@ -155,3 +155,62 @@ def test_grayscale_images_are_certified_in_their_own_pixel_space() -> None:
     margin = 4 * np.sqrt(expected * (1 - expected) / rejected.size)
     assert abs(rejected.mean() - expected) <= margin, (rejected.mean(), expected)
     assert result.certificate.certified.sum() == 0
+
+
+class TensorLabels:
+    """A runtime that yields its label batches as torch tensors (as a device runtime keeping labels there does)."""
+
+    def __init__(self, inner: LocalRuntime) -> None:
+        self.inner = inner
+        self.batches = 0
+
+    def labels(self, image, *, sigma, seed, start, count):
+        for batch in self.inner.labels(image, sigma=sigma, seed=seed, start=start, count=count):
+            self.batches += 1
+            yield torch.from_numpy(batch)
+
+
+def flaky_stripes(num_classes: int):
+    """``stripes_segmenter`` whose output is the invalid label K wherever channel 1 of the noise is extreme."""
+    stripes = stripes_segmenter(num_classes)
+
+    def segment(noisy: torch.Tensor) -> torch.Tensor:
+        labels = stripes(noisy)
+        return labels.masked_fill(noisy[:, 1] > 0.9, num_classes)
+
+    return segment
+
+
+@pytest.mark.parametrize("fwer", ["holm", "bonferroni"])
+def test_tensor_label_batches_give_the_same_certificate_as_numpy(fwer: str) -> None:
+    """Counting on the tensors' device is a different code path; the certificate bytes must not change."""
+    classes = np.random.default_rng(2).integers(0, 5, size=(20, 28))
+    level = (classes + np.where(np.arange(28) % 3 == 0, 0.02, 0.5)) / 5
+    image = np.repeat(level[None], 3, axis=0).astype(np.float32)
+
+    def run(runtime):
+        return certify_image(runtime, image, num_classes=5, sigma=0.1, n0=10, n=100, alpha=1e-2, fwer=fwer, seed=4)
+
+    host = run(LocalRuntime(flaky_stripes(5), batch_size=16))
+    wrapped = TensorLabels(LocalRuntime(flaky_stripes(5), batch_size=16))
+    recorded = RecordingRuntime(wrapped)
+    device = run(recorded)
+    assert recorded.requests == [(4, 0, 10), (4, 10, 100)]  # selection and estimation still disjoint
+    assert wrapped.batches == 1 + 7
+    np.testing.assert_array_equal(device.guess, host.guess)
+    np.testing.assert_array_equal(device.certificate.agree, host.certificate.agree)
+    np.testing.assert_array_equal(device.labels, host.labels)
+    assert device.certificate.agree.dtype == host.certificate.agree.dtype
+    assert device.non_finite == host.non_finite
+    assert host.non_finite["estimation_pixel_samples"] > 0  # the invalid label K really occurred
+    assert 0 < host.certificate.certified.mean() < 1
+
+
+def test_fail_policy_stops_on_tensor_label_batches_too() -> None:
+    from certseg.engine.core.pipeline import NonFiniteOutputError
+
+    runtime = TensorLabels(LocalRuntime(flaky_stripes(5), batch_size=4))
+    with pytest.raises(NonFiniteOutputError, match="non-finite"):
+        certify_image(runtime, constant_image(20, 20, 0.8), num_classes=5, sigma=0.1, n0=8, n=100, alpha=1e-2,
+                      seed=1, non_finite="fail")
+    assert runtime.batches == 1  # stopped at the first batch holding K

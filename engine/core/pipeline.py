@@ -96,7 +96,9 @@ def certify_image(
 ) -> CertifiedSegmentation:
     """SegCertify's CERTIFY for one image: samples [0, n0) select, samples [n0, n0+n) estimate.
 
-    Labels equal to ``num_classes`` mark non-finite model outputs; ``non_finite`` says what they do.
+    Labels equal to ``num_classes`` mark non-finite model outputs; ``non_finite`` says what they do. The runtime
+    may yield numpy arrays or torch tensors on any device: tensors are counted on their device and only the final
+    counts come back (``certseg.engine.core.counting``), with the same certificate either way.
     """
     image = validate_image(image)
     shape = tuple(image.shape[1:])
@@ -116,7 +118,7 @@ def certify_image(
     timings["selection"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    estimation = AgreementCounter(guess, max_samples=n, num_classes=num_classes)
+    estimation = AgreementCounter(guess, max_samples=n, num_classes=num_classes, device_guess=selection.guess_tensor)
     for labels in runtime.labels(image, sigma=sigma, seed=seed, start=n0, count=n):
         estimation.update(labels)
         _check_policy(policy, estimation.invalid, n0 + estimation.num_samples)
