@@ -1,0 +1,113 @@
+"""One measured configuration (method × precision × eager/compiled) through the shipped path: ``torch_runtime`` with
+noise drawn on the device, labels kept there and counted there, ``certify_image``; the stage split from the bench's
+``StageTimer`` on one more image (its synchronisation would slow the throughput images, so they run without it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from certseg.bench.gpu.models import Profile, make_pipeline
+from certseg.bench.timing import StageTimer, gpu_peak_mib, peak_rss_mib, reset_gpu_peak
+from certseg.engine.core.pipeline import CertifiedSegmentation, certify_image
+from certseg.engine.core.sampling import LocalRuntime, NoiseSource, batch_ranges
+from certseg.engine.maths.stages import add_noise, to_rgb
+from certseg.engine.runtimes.torch_runtime import torch_runtime
+
+
+def certificate_digest(result: CertifiedSegmentation) -> str:
+    """sha256 of the certified map and the agreement counts (the digest ``tests/test_session.py`` pins)."""
+    labels = np.ascontiguousarray(result.labels, dtype=np.uint16)
+    agree = np.ascontiguousarray(result.certificate.agree, dtype=np.uint16)
+    return hashlib.sha256(f"{labels.shape}".encode() + labels.tobytes() + agree.tobytes()).hexdigest()
+
+
+@dataclasses.dataclass
+class DeviceLabelsRuntime(LocalRuntime):
+    """``LocalRuntime`` that yields its label batches as tensors where they were made (counted there).
+
+    A stand-in until ``LocalRuntime(keep_labels_on_device=True)`` exists; ``device_runtime`` prefers that.
+    """
+
+    def labels(self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int) -> Iterator[torch.Tensor]:
+        clean = torch.as_tensor(np.asarray(image, dtype=np.float32), device=self.device)
+        source = NoiseSource(seed, self.noise_backend)
+        for first, size in batch_ranges(start, count, self.batch_size):
+            noise = source.batch(first, size, clean.shape, self.device)
+            with torch.inference_mode():
+                yield self.label_fn(to_rgb(add_noise(clean.unsqueeze(0), noise, sigma)))
+
+
+def device_runtime(pipeline: nn.Module, device: torch.device, precision: str, batch: int) -> LocalRuntime:
+    """The torch runtime as shipped, with noise drawn on the device and labels left there."""
+    runtime = torch_runtime(pipeline, device=device, precision=precision, batch_size=batch, noise_backend="torch")
+    names = {f.name for f in dataclasses.fields(runtime)}
+    if "keep_labels_on_device" in names:
+        return dataclasses.replace(runtime, keep_labels_on_device=True)
+    return DeviceLabelsRuntime(**{name: getattr(runtime, name) for name in names})
+
+
+def compiled(module: nn.Module, backend: str, mode: str) -> nn.Module:
+    """``torch.compile`` of one model for one batch shape (``mode`` applies to inductor only)."""
+    options: dict[str, Any] = {"mode": mode} if backend == "inductor" and mode != "default" else {}
+    return torch.compile(module, backend=backend, dynamic=False, **options)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    profile: Profile, method: str, precision: str, variant: str, models: tuple[nn.Module, nn.Module],
+    device: torch.device, image: np.ndarray,
+) -> dict[str, Any]:
+    """Warm up on one image, time ``profile.images`` images, then split one more into stages; one record."""
+    pipeline = make_pipeline(profile, method, *models)
+    runtime = device_runtime(pipeline, device, precision, profile.batch)
+
+    def certify(on: Any) -> CertifiedSegmentation:
+        result = certify_image(on, image, num_classes=profile.num_classes, sigma=profile.sigma, n0=profile.n0,
+                               n=profile.n, tau=profile.tau, alpha=profile.alpha, seed=profile.seed)
+        _sync(device)
+        return result
+
+    reset_gpu_peak(device)
+    started = time.perf_counter()
+    first = certify(runtime)
+    warm_up_s = time.perf_counter() - started
+    digests = [certificate_digest(first)]
+    seconds = []
+    for _ in range(profile.images):
+        started = time.perf_counter()
+        digests.append(certificate_digest(certify(runtime)))
+        seconds.append(time.perf_counter() - started)
+    timer = StageTimer(device)
+    try:
+        timed = certify(timer.wrap(runtime))
+        stages = {**timer.snapshot(), "certify": timed.timings["certify"]}
+    finally:
+        timer.close()
+    digests.append(certificate_digest(timed))
+    per_image = float(np.mean(seconds))
+    samples = profile.n0 + profile.n
+    return {
+        "method": method, "precision": precision, "variant": variant, "images": len(seconds),
+        "seconds_per_image": per_image, "seconds_per_image_min": float(np.min(seconds)),
+        "samples_per_s": samples / per_image, "warm_up_s": warm_up_s,
+        "stages": stages, "stage_split_total_s": float(sum(stages.values())),
+        "peak_gpu_mib": gpu_peak_mib(device), "peak_rss_mib": peak_rss_mib(),
+        "certificate_sha256": digests[0], "certificates_identical": len(set(digests)) == 1,
+        "certified_fraction": float(first.certificate.certified.mean()),
+        "non_finite": first.non_finite,
+        "labels_on_device": isinstance(runtime, DeviceLabelsRuntime) or bool(getattr(runtime, "keep_labels_on_device",
+                                                                                     False)),
+        "noise_backend": str(runtime.noise_backend),
+    }
