@@ -91,6 +91,15 @@ def test_dry_run_writes_every_key_and_a_row_per_run(dry_run: tuple[dict, str, st
 def test_dry_run_certificates_equal_certify_image_run_directly(dry_run: tuple[dict, str, str]) -> None:
     """Same models, image and seed through the plain runtime (numpy labels, host counts, no timer): same bytes."""
     report, _, _ = dry_run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(report["environment"]["torch_threads"])  # CPU bf16 sums depend on the thread count
+    try:
+        _check_digests(report)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_digests(report: dict) -> None:
     denoiser, segmenter = build_models(DRY_RUN, "cpu")
     image = suite_image(DRY_RUN)
     checked = 0
@@ -135,7 +144,9 @@ def test_device_runtime_yields_the_labels_as_tensors_with_the_same_values() -> N
 
 
 def test_a_spent_budget_skips_each_configuration_with_one_line(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
     assert main(["--dry-run", "--out", str(tmp_path), "--budget-s", "0"]) == 0
+    assert torch.get_num_threads() == threads  # the dry run's one thread is not left behind
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert set(report) == REPORT_KEYS and report["runs"] == []
     budget_lines = [line for line in report["skipped"] if "s left, about" in line]

@@ -89,7 +89,7 @@ class Suite:
         env.update({"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                     "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                     "device": str(self.device), "device_name": platform.processor() or platform.machine(),
-                    "cpu_count": torch.get_num_threads(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                    "torch_threads": torch.get_num_threads(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
                     "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                     "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
                     "cupy": installed("cupy"), "triton": installed("triton")})
@@ -244,8 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda" and not args.dry_run:
         print("error: the full-size suite needs a CUDA device; on a CPU run --dry-run", file=sys.stderr)
         return 2
+    threads = torch.get_num_threads()
+    if args.dry_run and device.type == "cpu":
+        # One thread: on a loaded CPU, OpenMP's spin-waiting made the tiny models 10-20x slower. (bf16 results on
+        # the CPU depend on the thread count; the record says which.)
+        torch.set_num_threads(1)
     budget = Budget(args.budget_s if args.budget_s is not None else (50.0 if args.dry_run else 420.0))
-    report = Suite(profile, args.out, device, budget).run_all()
+    try:
+        report = Suite(profile, args.out, device, budget).run_all()
+    finally:
+        torch.set_num_threads(threads)
     print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'} ({len(report['runs'])} runs, "
           f"{len(report['skipped'])} skipped lines)", flush=True)
     return 0
