@@ -42,7 +42,8 @@ class DeviceLabelsRuntime(LocalRuntime):
         for first, size in batch_ranges(start, count, self.batch_size):
             noise = source.batch(first, size, clean.shape, self.device)
             with torch.inference_mode():
-                yield self.label_fn(to_rgb(add_noise(clean.unsqueeze(0), noise, sigma)))
+                labels = self.label_fn(to_rgb(add_noise(clean.unsqueeze(0), noise, sigma)))
+            yield labels
 
 
 def device_runtime(pipeline: nn.Module, device: torch.device, precision: str, batch: int) -> LocalRuntime:

@@ -60,6 +60,7 @@ class Suite:
         }
         self.report["target"] = self.target(None)
         self.seconds_per_image: dict[tuple[str, str], float] = {}
+        self.compile_guess_s = COMPILE_GUESS_S[profile.name]
 
     # ------------------------------------------------------------------------------------------------ helpers
     def save(self) -> None:
@@ -121,18 +122,32 @@ class Suite:
         for precision in self.profile.precisions:
             for method in self.profile.methods:
                 self.run(method, precision, "eager", self.models)
+        if self.device.type == "cuda":
+            self.cudnn_benchmark()
+
+    def cudnn_benchmark(self) -> None:
+        """The headline once more with cuDNN picking its fastest algorithms per shape (the engine leaves it off)."""
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            self.run("denoisecertify", self.profile.precisions[0], "eager-cudnn-benchmark", self.models)
+        finally:
+            torch.backends.cudnn.benchmark = before
 
     def compiled_runs(self) -> None:
-        """The lower precisions only (fp32 is not what ships fast); each new (mode, precision) compiles first."""
+        """The lower precisions only (fp32 is not what ships fast), each mode in turn: a new (mode, precision)
+        compiles on its first image, which is taken to last as long as the last compile (or a guess)."""
         backend = self.profile.compile_backend
-        for mode in self.profile.compile_modes:
-            label = f"compiled-{mode}" if backend == "inductor" else f"compiled-{backend}-backend"
-            models = tuple(compiled(module, backend, mode) for module in self.models)
-            for precision in [p for p in self.profile.precisions if p != "fp32"] or self.profile.precisions[:1]:
+        for precision in [p for p in self.profile.precisions if p != "fp32"] or self.profile.precisions[:1]:
+            for mode in self.profile.compile_modes:
+                label = f"compiled-{mode}" if backend == "inductor" else f"compiled-{backend}-backend"
+                models = tuple(compiled(module, backend, mode) for module in self.models)
                 for index, method in enumerate(self.profile.methods):
-                    compile_s = COMPILE_GUESS_S[self.profile.name] if index == 0 else 0.0
-                    self.run(method, precision, label, models, compile_s=compile_s)
-            torch._dynamo.reset()  # frees the compiled graphs of this mode before the next
+                    record = self.run(method, precision, label, models,
+                                      compile_s=self.compile_guess_s if index == 0 else 0.0)
+                    if record is not None and index == 0:
+                        self.compile_guess_s = max(record["warm_up_s"] - record["seconds_per_image"], 1.0)
+                torch._dynamo.reset()  # frees this mode's graphs before the next compile
 
     def served(self) -> None:
         """The bundled tritonserver with torch on the GPU in its python backend: only where every part is here."""
@@ -155,15 +170,18 @@ class Suite:
         known = [s for (m, _), s in self.seconds_per_image.items() if m == method]
         return (4.0 if precision == "fp32" else 1.0) * min(known) if known else 0.0
 
-    def run(self, method: str, precision: str, variant: str, models: Any, compile_s: float = 0.0) -> None:
+    def run(
+        self, method: str, precision: str, variant: str, models: Any, compile_s: float = 0.0,
+    ) -> dict[str, Any] | None:
+        """Measure one configuration if it fits in the time left; its record, or None (one skipped line)."""
         name = f"{method} {precision} {variant}"
         needed = compile_s + (self.profile.images + 2) * self.estimate(method, precision)
         if self.budget.left() < needed or self.budget.left() <= 0:
             self.skip(f"{name}: {self.budget.left():.0f} s left, about {needed:.0f} s needed")
-            return
+            return None
         if self.device.type == "cpu" and precision == "fp16":
             self.skip(f"{name}: fp16 autocast is a GPU precision (CPU runs fp32 and bf16)")
-            return
+            return None
         print(f"measuring {name} ...", flush=True)
         try:
             record = measure(self.profile, method, precision, variant, models, self.device, self.image)
@@ -171,7 +189,7 @@ class Suite:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self.skip(f"{name}: failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}")
-            return
+            return None
         flops = self.report["flops"].get(method)
         peak, rate = peak_for(self.report["peak"], precision)
         limit = flops["per_image"] / (peak * 1e12) if flops and peak else None
@@ -184,6 +202,7 @@ class Suite:
               f"certificate {record['certificate_sha256'][:12]}", flush=True)
         self.update_target()
         self.save()
+        return record
 
     def target(self, best: dict[str, Any] | None) -> dict[str, Any]:
         """Issue 12's goal and the best DenoiseCertify fp16 run so far (met: only said of the full size on a GPU
