@@ -82,7 +82,7 @@ def test_dry_run_writes_every_key_and_a_row_per_run(dry_run: tuple[dict, str, st
     assert all(r["stages"]["denoise"] > 0 for r in denoise)
     assert all(r["stages"]["denoise"] == 0 for r in report["runs"] if r["method"] == "segcertify")
     assert {name: info["status"] for name, info in report["sections"].items()} == dict.fromkeys(
-        ["environment", "models", "flops", "eager", "compiled", "served"], "done")
+        ["environment", "models", "flops", "eager", "compiled", "eager-fp32", "compiled-more", "served"], "done")
     rows = [line for line in table.splitlines() if line.startswith("| denoisecertify") or line.startswith("| segcert")]
     assert len(rows) == len(report["runs"])
     assert report["target"]["met"] is None and report["target"]["best_seconds_per_image"] is None  # no fp16 on CPU

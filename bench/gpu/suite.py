@@ -1,7 +1,7 @@
 """The suite's sections, in order of what matters most, each inside the time budget: environment, models, FLOPs,
-eager runs (DenoiseCertify fp16 first: the headline), compiled runs, the served path. A configuration that would
-not fit in the time left, or a part that is missing, is one line under ``skipped``; the files are rewritten after
-every configuration."""
+eager fp16 / bf16 (DenoiseCertify fp16 first: the headline), compiled fp16, eager fp32, compiled bf16, the served
+path. A configuration that would not fit in the time left, or a part that is missing, is one line under
+``skipped``; the files are rewritten after every configuration."""
 
 from __future__ import annotations
 
@@ -118,27 +118,37 @@ class Suite:
         for method in self.profile.methods:
             self.report["flops"][method] = count_flops(self.profile, method)
 
+    def low_precisions(self) -> list[str]:
+        return [p for p in self.profile.precisions if p != "fp32"]
+
     def eager(self) -> None:
-        for precision in self.profile.precisions:
+        """fp16 and bf16 (what ships fast), then the headline with cuDNN's autotuner (the engine leaves it off)."""
+        for precision in self.low_precisions():
             for method in self.profile.methods:
                 self.run(method, precision, "eager", self.models)
         if self.device.type == "cuda":
-            self.cudnn_benchmark()
+            before = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            try:
+                self.run("denoisecertify", self.profile.precisions[0], "eager-cudnn-benchmark", self.models)
+            finally:
+                torch.backends.cudnn.benchmark = before
 
-    def cudnn_benchmark(self) -> None:
-        """The headline once more with cuDNN picking its fastest algorithms per shape (the engine leaves it off)."""
-        before = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True
-        try:
-            self.run("denoisecertify", self.profile.precisions[0], "eager-cudnn-benchmark", self.models)
-        finally:
-            torch.backends.cudnn.benchmark = before
+    def eager_fp32(self) -> None:
+        for method in self.profile.methods:
+            self.run(method, "fp32", "eager", self.models)
 
-    def compiled_runs(self) -> None:
-        """The lower precisions only (fp32 is not what ships fast), each mode in turn: a new (mode, precision)
-        compiles on its first image, which is taken to last as long as the last compile (or a guess)."""
+    def compiled_first(self) -> None:
+        self.compiled_runs(self.low_precisions()[:1])
+
+    def compiled_rest(self) -> None:
+        self.compiled_runs(self.low_precisions()[1:])
+
+    def compiled_runs(self, precisions: list[str]) -> None:
+        """Each mode in turn: a new (mode, precision) compiles on its first image, which is taken to last as long as
+        the last compile did (or a guess)."""
         backend = self.profile.compile_backend
-        for precision in [p for p in self.profile.precisions if p != "fp32"] or self.profile.precisions[:1]:
+        for precision in precisions:
             for mode in self.profile.compile_modes:
                 label = f"compiled-{mode}" if backend == "inductor" else f"compiled-{backend}-backend"
                 models = tuple(compiled(module, backend, mode) for module in self.models)
@@ -224,8 +234,9 @@ class Suite:
     def run_all(self) -> dict[str, Any]:
         self.save()
         for name, body in (("environment", self.environment), ("models", self.build), ("flops", self.flops),
-                           ("eager", self.eager), ("compiled", self.compiled_runs), ("served", self.served)):
-            if self.models is None and name in ("eager", "compiled"):
+                           ("eager", self.eager), ("compiled", self.compiled_first), ("eager-fp32", self.eager_fp32),
+                           ("compiled-more", self.compiled_rest), ("served", self.served)):
+            if self.models is None and name.startswith(("eager", "compiled")):
                 self.skip(f"{name}: no models were built")
                 continue
             self.section(name, body)

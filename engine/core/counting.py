@@ -224,7 +224,8 @@ class ModeCounter(_DeviceBound):
         self.invalid.check()
         # torch.argmax, like numpy's, returns the first maximal index: ties go to the lowest class id.
         self.guess_tensor = self._device_counts[: self.num_classes].argmax(dim=0).reshape(self.shape)
-        return self.guess_tensor.cpu().numpy().astype(dtype)
+        narrow = torch.uint8 if dtype == np.uint8 else torch.int32  # a quarter or half of int64's bytes to move
+        return self.guess_tensor.to(narrow).cpu().numpy().astype(dtype)
 
 
 class AgreementCounter(_DeviceBound):
