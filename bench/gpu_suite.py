@@ -12,13 +12,14 @@ labels are counted there and only the final counts come back; the models run cha
 ``certseg certify --device cuda --noise-backend torch`` runs them. Each configuration is time-boxed (420 s in
 all by default); what does not fit, or is not installed, is one line under ``skipped``.
 
-On the device machine (a copy of the working tree; Python 3.12, CUDA torch; nothing is installed), from the
-repository root:
+On the device machine (a copy of the working tree, not installed; Python 3.12, a CUDA torch, no network), in the
+repository root, where the device tool starts:
 
-    cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)" && PYTHONUNBUFFERED=1 timeout 500 \\
-        python3 bench/gpu_suite.py --out "$OUT/gpu" 2>&1 | tail -n 80
+    mkdir -p "$OUT/gpu" && PYTHONUNBUFFERED=1 timeout 480 python3 bench/gpu_suite.py --out "$OUT/gpu" 2>&1 \
+        | tee "$OUT/gpu/log.txt" | tail -n 60
 
-It needs numpy, scipy and torch only (no typer, rich, safetensors, Pillow or tritonclient).
+(420 s of sections plus start-up; ``timeout`` only guards a compile that overruns, and the files written so far
+stay.) It needs numpy, scipy and torch only (no typer, rich, safetensors, Pillow or tritonclient).
 """
 
 from __future__ import annotations

@@ -173,3 +173,25 @@ def test_full_size_flops_give_the_issue_s_flop_limit() -> None:
     assert denoise["per_image"] == 110 * denoise["per_sample"]
     assert 0.95 < segment["segmenter_per_sample"] / 2 / 696.2e9 < 1.15  # HRNet paper: 696.2 GFLOPs (MACs)
     assert 0.35 < denoise["per_image"] / 989.4e12 < 0.45
+
+
+def test_gpu_only_fields_render_in_both_files(tmp_path: Path, dry_run: tuple[dict, str, str]) -> None:
+    """What only a GPU fills in (peaks, fractions, memory, the target) still writes strict JSON and a table."""
+    from certseg.bench.gpu.flops import PEAK_TFLOPS, peak_for
+    from certseg.bench.gpu.report import write
+
+    report = json.loads(json.dumps(dry_run[0]))
+    peaks = {"device": "NVIDIA H200", "tflops": PEAK_TFLOPS["H200"], "source": "NVIDIA datasheet, dense, SXM"}
+    assert peak_for(peaks, "fp16") == (989.4, "fp16")
+    assert peak_for(peaks, "fp32") == ((494.7, "tf32") if torch.backends.cudnn.allow_tf32 else (66.9, "fp32"))
+    run = {**report["runs"][0], "precision": "fp16", "variant": "compiled-reduce-overhead", "peak_gpu_mib": 20480.5,
+           "flop_limit_s": 0.415, "peak_rate": "fp16", "flop_limit_fraction": 0.25, "seconds_per_image": float("nan")}
+    report.update(peak=peaks, measured_matmul_tflops={"bf16": 790.2}, runs=[run],
+                  target={**report["target"], "best_seconds_per_image": 1.2, "best_variant": run["variant"],
+                          "met": True})
+    write(tmp_path, report)
+    written = json.loads((tmp_path / "gpu.json").read_text())
+    assert written["runs"][0]["seconds_per_image"] is None  # NaN never reaches the file
+    table = (tmp_path / "gpu.md").read_text()
+    assert "25.0 % of fp16" in table and "20480" in table and "790 TFLOP/s" in table and "met: True" in table
+    assert not list(tmp_path.glob(".*partial"))

@@ -74,8 +74,9 @@ def markdown(report: dict[str, Any]) -> str:
     for run in report.get("runs", []):
         stages = run.get("stages", {})
         fraction = run.get("flop_limit_fraction")
+        reached = "–" if fraction is None else f"{100 * fraction:.1f} % of {run['peak_rate']}"
         cells = [run["method"], run["precision"], run["variant"], _number(run["seconds_per_image"]),
-                 _number(run["samples_per_s"]), "–" if fraction is None else f"{100 * fraction:.1f} %",
+                 _number(run["samples_per_s"]), reached,
                  _number(run.get("peak_gpu_mib"), 5), *(_number(stages.get(stage)) for stage in STAGES),
                  run["certificate_sha256"][:12] + ("" if run["certificates_identical"] else " (differ!)")]
         lines.append("| " + " | ".join(cells) + " |")
