@@ -279,3 +279,29 @@ def test_serve_threads_go_into_the_default_repository_only(monkeypatch: pytest.M
     assert result.exit_code != 0 and len(lines) == 1 and "a --repository keeps the threads" in lines[0]
     result = CliRunner().invoke(app, ["serve", "--threads", "0"])
     assert result.exit_code != 0 and "--threads must be an integer >= 1" in result.output
+
+
+@needs_shipped
+def test_threads_reach_torch_and_every_onnx_runtime_session(tmp_path: Path) -> None:
+    """--threads N: torch's intra-op threads, and the intra-op threads of ONNX Runtime's sessions, both for graphs
+    exported from the shipped weights and for a bring-your-own .onnx file (whose cached module has ORT's default)."""
+    import torch
+    from byo_models import export_segmenter
+
+    from certseg.engine.runtimes.session import Session
+    from certseg.engine.runtimes.settings import Settings
+
+    def ort_threads(session: Session) -> int:
+        _, runtime = session.runtime_for((64, 128))
+        return runtime.pipeline.segmenter.session.get_session_options().intra_op_num_threads
+
+    before = torch.get_num_threads()
+    try:
+        shipped = Session.open(Settings(method="segcertify", runtime="onnx", batch=4), threads=1)
+        assert torch.get_num_threads() == 1 and ort_threads(shipped) == 1
+        own = export_segmenter(tmp_path / "own.onnx")
+        assert ort_threads(Session.open(Settings(method="segcertify", segmenter=str(own), batch=4), threads=1)) == 1
+        default = Session.open(Settings(method="segcertify", segmenter=str(own), batch=4))
+        assert ort_threads(default) == 0  # not asked for: ORT's own default
+    finally:
+        torch.set_num_threads(before)
