@@ -22,9 +22,16 @@ from rich.table import Table
 
 from certseg.bench.config import GRID_AXES, BenchConfig
 from certseg.engine.choices import Dataset, Method
-from certseg.engine.commands.cli_common import MaxPixelsOption, one_line_errors, run_cli, settings_options
+from certseg.engine.commands.cli_common import (
+    MaxPixelsOption,
+    ThreadsOption,
+    one_line_errors,
+    run_cli,
+    settings_options,
+)
 from certseg.engine.errors import CertsegError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
+from certseg.engine.runtimes.process import enable_huge_pages
 from certseg.engine.runtimes.settings import Settings
 
 MULTI_VALUE_OPTIONS: tuple[str, ...] = ("--method", "--sigma", "--scale")
@@ -101,7 +108,7 @@ def bench(
     report_only: Annotated[bool, typer.Option(help="only render the report from an existing results.jsonl")] = False,
     save_labels: Annotated[bool, typer.Option(help="write every certified label map as a PNG")] = False,
     stage_timing: Annotated[bool, typer.Option(help="split time into stages")] = True,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    threads: ThreadsOption = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
 ) -> None:
@@ -163,6 +170,7 @@ def bench(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    enable_huge_pages()  # before anything imports torch
     run_cli(app, "certseg-bench", expand_multi_values(sys.argv[1:] if argv is None else argv))
 
 

@@ -20,12 +20,16 @@ import numpy as np
 from certseg.engine.choices import Dataset, Method, choice
 from certseg.engine.errors import InputError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
+from certseg.engine.runtimes.process import huge_pages_enabled
 from certseg.engine.runtimes.settings import Settings
 
 VARIANTS: tuple[str, ...] = ("engine", "baseline")
 RESULTS_FILE = "results.jsonl"
 COMPAT = {"compat": True}
 """Metadata of the ``BenchConfig`` fields besides the engine settings that change an entry's numbers."""
+NOT_COMPAT: tuple[str, ...] = ("batch",)
+"""Engine settings that change no entry's numbers (noise is drawn per sample index, whatever the batch), so a run
+may resume a results file made with another value (or ``auto``)."""
 
 
 def image_seed(root_seed: int, index: int) -> int:
@@ -116,17 +120,19 @@ class BenchConfig:
         """The results file's ``session`` line: the run's own fields beside the shared engine settings, flat (the
         keys it had when they were all fields of this class)."""
         own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "engine"}
-        return {**own, **shared_settings(self.engine)}
+        return {**own, **shared_settings(self.engine), "thp_mem_alloc": huge_pages_enabled()}
 
     def compat(self, dataset: dict[str, Any], device: str) -> dict[str, Any]:
         """Everything that changes an entry's numbers: a run may only resume a results file that agrees on it.
 
         Every engine setting but the grid's axes (the selection lists: images, methods, σ, scales and baseline
-        only add or skip entries), the ``COMPAT`` fields, the device as resolved, and the dataset's pixels.
+        only add or skip entries) and ``NOT_COMPAT``, the ``COMPAT`` fields, the device as resolved, and the
+        dataset's pixels.
         """
         own = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("compat")}
         same_pixels = {k: dataset.get(k) for k in ("name", "root", "generator_version", "scene_size", "resize")}
-        return {**shared_settings(self.engine), **own, "device": device, "dataset": same_pixels}
+        engine = {k: v for k, v in shared_settings(self.engine).items() if k not in NOT_COMPAT}
+        return {**engine, **own, "device": device, "dataset": same_pixels}
 
 
 def shared_settings(settings: Settings) -> dict[str, Any]:

@@ -83,13 +83,14 @@ class ResultsFile:
     def open(self, header: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
         """Check (or write) the header and load the finished entries; refuses a file made with other settings.
 
-        ``defaults``: the value of each compat key that a header written before the key existed stands for.
+        ``defaults``: the value of each compat key that a header written before the key existed stands for. Keys
+        the file has and ``header`` lacks (no longer compared, such as the batch) are not compared.
         """
         records = read_lines(self.path, repair=True)
         runs = [r for r in records if r.get("kind") == "run"]
         if runs:
             self.header = runs[0]
-            written = {**(defaults or {}), **runs[0]["compat"]}
+            written = {k: v for k, v in {**(defaults or {}), **runs[0]["compat"]}.items() if k in header["compat"]}
             problems = _differences(jsonable(written), jsonable(header["compat"]))
             if problems:
                 raise ResumeError(

@@ -113,7 +113,7 @@ class _Sessions:
         if setting in self.open:
             return self.open[setting]
         config = self.run.config
-        session = Session.open(config.session_settings(setting))
+        session = Session.open(config.session_settings(setting), threads=config.threads or None)
         if self.timer is not None and session.settings.runtime == RuntimeName.torch:  # only torch entries split
             session.wrap_runtime = self.timer.wrap
         if session.num_classes != self.run.dataset.num_classes:
@@ -217,6 +217,7 @@ def _certify_engine(
                "total": took.total}
     timestep = record.pipeline.timestep
     extra: dict[str, Any] = {
+        "batch": record.settings.batch,  # an auto batch as the session resolved it
         "radius": result.radius,
         "timestep": None if timestep is None else timestep.t,
         "pipeline": record.pipeline.record(),

@@ -22,10 +22,12 @@ from certseg.engine.commands.cli_common import (
     SegInputSizeOption,
     SegMeanOption,
     SegStdOption,
+    ThreadsOption,
     one_line_errors,
     run_cli,
 )
 from certseg.engine.errors import InputError
+from certseg.engine.runtimes.process import enable_huge_pages, set_threads
 
 if TYPE_CHECKING:
     from certseg.export.result import ExportResult
@@ -115,7 +117,7 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 18)")] = 18,
     exporter: Annotated[Exporter, typer.Option(help="torch.onnx exporter")] = Exporter.legacy,
     parity: Annotated[bool, typer.Option("--parity/--no-parity", help="measure ONNX Runtime vs PyTorch")] = True,
-    threads: Annotated[int | None, typer.Option(help="torch and onnxruntime threads (default: all cores)")] = None,
+    threads: ThreadsOption = None,
     repository: Annotated[Path | None, typer.Option(help="also write a Triton model repository here")] = None,
     profile: Annotated[Profile, typer.Option(help="Triton repository profile")] = Profile.cpu,
     max_request_bytes: Annotated[int | None, typer.Option(
@@ -127,13 +129,10 @@ def export(
     classes: ClassesOption = None,
 ) -> None:
     """Export the models of a certseg deployment: ONNX graphs, FP16 variants, TensorRT plans, export.json."""
-    import torch
-
     from certseg.export.models import default_image_size, export_models
     from certseg.export.parity import PARITY_BATCHES
 
-    if threads is not None:
-        torch.set_num_threads(max(1, threads))
+    set_threads(None if threads is None else max(1, threads))  # 0 or less: 1, as it always was
     if max_request_bytes is not None and max_request_bytes < 1:
         raise InputError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
     segmenter_model, denoiser_model = _load(method, segmenter, denoiser, mean=seg_mean, std=seg_std,
@@ -157,6 +156,7 @@ def export(
 
 
 def main() -> None:
+    enable_huge_pages()  # before anything imports torch
     run_cli(app, "certseg-export")
 
 

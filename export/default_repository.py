@@ -15,12 +15,15 @@ from certseg.export.models import EXPORT_FORMAT_VERSION, default_image_size, exp
 from certseg.export.repository import METADATA_FILE, templates_dir, write_repository
 
 
-def default_repository(*, max_batch: int = 16, max_request_bytes: int | None = None, refresh: bool = False) -> Path:
+def default_repository(
+    *, max_batch: int = 16, max_request_bytes: int | None = None, threads: int = 0, refresh: bool = False
+) -> Path:
     """A CPU repository of the shipped default models, exported once and cached under ``cache_dir()``.
 
     Keyed by everything that decides its content: the model files' sha256s, the repository and export format
     versions, a hash of the templates folder (a changed template never serves from a stale cache) and the
-    rendering parameters (``max_batch``, ``max_request_bytes``, default: ``DEFAULT_MAX_REQUEST_BYTES``). Serves
+    rendering parameters (``max_batch``, ``max_request_bytes``, default: ``DEFAULT_MAX_REQUEST_BYTES``; ``threads``
+    of each python step, 0: all cores, in the key only when set, so earlier caches stay valid). Serves
     DenoiseCertify (default segmenter + denoiser) and SegCertify (its own default segmenter when one is shipped,
     else the same segmenter).
     """
@@ -31,7 +34,8 @@ def default_repository(*, max_batch: int = 16, max_request_bytes: int | None = N
     except CheckpointError:
         names["segcertify_segmenter"] = names["segmenter"]
     digests = {role: file_sha256(resolve(name)[0]) for role, name in names.items()}
-    rendering = {"max_batch": max_batch, "max_request_bytes": max_request_bytes or DEFAULT_MAX_REQUEST_BYTES}
+    rendering = {"max_batch": max_batch, "max_request_bytes": max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
+                 **({"threads": threads} if threads else {})}
     parts = [REPOSITORY_VERSION, EXPORT_FORMAT_VERSION, tree_sha256(templates_dir()), rendering, digests]
 
     def build(root: Path) -> None:

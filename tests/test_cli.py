@@ -75,18 +75,26 @@ def test_readme_first_command_certifies_the_shipped_sample(tmp_path: Path) -> No
     for name in ("certified", "overlay"):  # the JSON vouches for exactly these maps
         entry = report["outputs"][name]
         assert hashlib.sha256((tmp_path / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
-    assert report["memory"]["needs_bytes"]["host"] > 0 and report["memory"]["batch"] == 16
+    assert report["memory"]["needs_bytes"]["host"] > 0
+    # --batch auto: the batch the session picked (at most 16 on CPU) is the one recorded, in the settings as before
+    assert 1 <= report["settings"]["batch"] <= 16 and report["memory"]["batch"] == report["settings"]["batch"]
+    assert report["settings"]["noise_backend"] == "numpy-philox"  # --noise-backend auto on CPU
+    assert report["threads"]["requested"] is None and report["threads"]["torch"] >= 1
+    assert report["thp_mem_alloc"] is (os.environ.get("THP_MEM_ALLOC_ENABLE", "1") == "1")
 
 
 @needs_shipped
 def test_same_seed_same_certificate_and_segcertify_runs(tmp_path: Path) -> None:
     common = ["certify", str(EXAMPLE), "--n0", "4", "--n", "50", "--alpha", "0.1", "--seed", "5", "--quiet"]
-    first = certseg(*common, "--out", str(tmp_path / "a"))
-    second = certseg(*common, "--out", str(tmp_path / "b"), "--batch", "7")
+    first = certseg(*common, "--out", str(tmp_path / "a"))  # --batch auto
+    second = certseg(*common, "--out", str(tmp_path / "b"), "--batch", "7", "--threads", "1")
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     np.testing.assert_array_equal(
         read_labels(tmp_path / "a" / "street.certified.png"), read_labels(tmp_path / "b" / "street.certified.png")
     )
+    auto, seven = (json.loads((tmp_path / folder / "street.json").read_text()) for folder in ("a", "b"))
+    assert auto["settings"]["batch"] != 7 and seven["settings"]["batch"] == 7
+    assert seven["threads"] == {"requested": 1, "torch": 1}
     seg = certseg(*common, "--method", "segcertify", "--out", str(tmp_path / "c"))
     assert seg.returncode == 0, seg.stderr
     report = json.loads((tmp_path / "c" / "street.json").read_text())
@@ -112,6 +120,8 @@ def test_same_seed_same_certificate_and_segcertify_runs(tmp_path: Path) -> None:
         (["certify", "{example}", "--max-pixels", "32767"], "256x128 = 32,768 pixels exceeds the limit of 32,767"),
         (["certify", "{example}", "--labels", "{bomb}", "--max-pixels", "100000000"], "bomb.png: 14000x14000"),
         (["certify", "{example}", "--max-pixels", "0"], "--max-pixels must be >= 1"),
+        (["certify", "{example}", "--threads", "0"], "--threads must be an integer >= 1, got 0"),
+        (["certify", "{example}", "--batch", "0"], "batch must be auto or an integer >= 1, got 0"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero_exit(tmp_path: Path, args: list[str], message: str) -> None:
@@ -233,8 +243,65 @@ def test_running_out_of_memory_mid_run_is_one_line(tmp_path: Path, monkeypatch: 
     ("certseg.engine.cli", ["certify", "x.png", "--no-such-flag"],  # its name before the engine's split
      "certseg: error: No such option: --no-such-flag"),
     ("certseg.bench.cli", ["--sigma", "abc"], "certseg-bench: error: Invalid value for '--sigma'"),
+    ("certseg.engine.commands.cli", ["certify", "x.png", "--batch", "many"],
+     "certseg: error: Invalid value for '--batch': expected auto or an integer, got 'many'"),
+    ("certseg.bench.cli", ["--noise-backend", "philox"],
+     "certseg-bench: error: Invalid value for '--noise-backend': expected one of auto, numpy-philox, torch"),
 ])
 def test_usage_errors_are_one_line_too(program: str, args: list[str], expected: str) -> None:
     result = subprocess.run([sys.executable, "-m", program, *args], capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), result.stderr
+
+
+def test_serve_threads_go_into_the_default_repository_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``certseg serve --threads N`` renders the default repository with N threads per step instance; a
+    --repository keeps its own, so it is refused there in one line, as --max-request-bytes is."""
+    from typer.testing import CliRunner
+
+    import certseg.engine.runtimes.serve as serve
+    import certseg.export.default_repository as default
+    from certseg.engine.commands.cli import app
+
+    asked: list[dict] = []
+
+    def fake_repository(**options):
+        asked.append(options)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(default, "default_repository", fake_repository)
+    monkeypatch.setattr(serve, "find_tritonserver", lambda *a, **k: type("B", (), {"bundled": True})())
+    result = CliRunner().invoke(app, ["serve", "--threads", "2"])
+    assert result.exit_code != 0 and "stop here" in result.output and asked == [
+        {"max_request_bytes": None, "threads": 2}]
+    result = CliRunner().invoke(app, ["serve", "--repository", "somewhere", "--threads", "2"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1 and "a --repository keeps the threads" in lines[0]
+    result = CliRunner().invoke(app, ["serve", "--threads", "0"])
+    assert result.exit_code != 0 and "--threads must be an integer >= 1" in result.output
+
+
+@needs_shipped
+def test_threads_reach_torch_and_every_onnx_runtime_session(tmp_path: Path) -> None:
+    """--threads N: torch's intra-op threads, and the intra-op threads of ONNX Runtime's sessions, both for graphs
+    exported from the shipped weights and for a bring-your-own .onnx file (whose cached module has ORT's default)."""
+    import torch
+    from byo_models import export_segmenter
+
+    from certseg.engine.runtimes.session import Session
+    from certseg.engine.runtimes.settings import Settings
+
+    def ort_threads(session: Session) -> int:
+        _, runtime = session.runtime_for((64, 128))
+        return runtime.pipeline.segmenter.session.get_session_options().intra_op_num_threads
+
+    before = torch.get_num_threads()
+    try:
+        shipped = Session.open(Settings(method="segcertify", runtime="onnx", batch=4), threads=1)
+        assert torch.get_num_threads() == 1 and ort_threads(shipped) == 1
+        own = export_segmenter(tmp_path / "own.onnx")
+        assert ort_threads(Session.open(Settings(method="segcertify", segmenter=str(own), batch=4), threads=1)) == 1
+        default = Session.open(Settings(method="segcertify", segmenter=str(own), batch=4))
+        assert ort_threads(default) == 0  # not asked for: ORT's own default
+    finally:
+        torch.set_num_threads(before)

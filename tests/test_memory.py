@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from certseg.engine.commands.certify_command import CertifyRequest, run_certify
 from certseg.engine.errors import InputError
@@ -98,7 +99,7 @@ def test_an_image_that_cannot_fit_is_refused_before_sampling_naming_a_batch_that
     available = (estimate.needs(batch=3)["host"] + estimate.needs(batch=4)["host"]) // 2  # 3 fits, 4 does not
     fake_available(monkeypatch, available)
     no_sampling(monkeypatch)
-    request = CertifyRequest(image=EXAMPLE, settings=Settings(method="segcertify"), out=tmp_path / "out",
+    request = CertifyRequest(image=EXAMPLE, settings=Settings(method="segcertify", batch=16), out=tmp_path / "out",
                              progress=False)
     with pytest.raises(InputError) as error:
         run_certify(request)
@@ -124,10 +125,91 @@ def test_a_12000_pixel_side_is_refused_in_seconds_with_one_line(method: str, mon
 
 @needs_shipped
 @pytest.mark.parametrize("method", ["segcertify", "denoisecertify"])
-def test_the_default_pixel_limit_fits_the_default_batch_in_24_gb(method: str) -> None:
-    estimate = Session.open(Settings(method=method)).memory_estimate((2048, 2048))
+def test_the_default_pixel_limit_fits_batch_16_in_24_gb(method: str) -> None:
+    estimate = Session.open(Settings(method=method, batch=16)).memory_estimate((2048, 2048))
     assert estimate is not None and estimate.num_pixels == DEFAULT_MAX_PIXELS and estimate.batch == 16
     assert 12 * 10**9 < estimate.needs()["host"] <= 24 * 10**9
+
+
+def auto_budget(estimate: memory.MemoryEstimate, batch: int) -> int:
+    """Host memory available with which an auto batch is ``batch``: its estimate fits the auto fraction of it, the
+    next batch's does not."""
+    fits, next_one = (estimate.needs(batch=b)["host"] / memory.AUTO_MEMORY_FRACTION for b in (batch, batch + 1))
+    return int((fits + next_one) / 2)
+
+
+@needs_shipped
+def test_an_auto_batch_shrinks_with_the_memory_and_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With memory for 2 samples in the auto fraction, ``certseg certify`` with --batch auto certifies at batch 2 and
+    records it (JSON ``settings.batch`` and ``memory.batch``)."""
+    estimate = Session.open(Settings(method="segcertify", batch=16)).memory_estimate((128, 256))
+    assert estimate is not None
+    fake_available(monkeypatch, auto_budget(estimate, 2))
+    summary = run_certify(CertifyRequest(image=EXAMPLE, settings=Settings(method="segcertify", n0=4, n=70),
+                                         out=tmp_path / "out", seed=3, progress=False))
+    report = json.loads((tmp_path / "out" / "street.json").read_text())
+    assert "certified" in summary and report["settings"]["batch"] == 2 and report["memory"]["batch"] == 2
+
+
+@needs_shipped
+def test_a_huge_image_gets_a_batch_that_fits_instead_of_a_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3000x3000 image with memory for about two samples: auto picks 2 and passes the check (sampling is where
+    this test stops it); at the memory where not even 1 fits in full, the refusal names the size that fits."""
+    size = (3000, 3000)
+    image = np.broadcast_to(np.float32(0.5), (3, *size))  # a view: no memory here
+    estimate = Session.open(Settings(method="segcertify", batch=16)).memory_estimate(size)
+    assert estimate is not None
+    fake_available(monkeypatch, auto_budget(estimate, 2))
+    no_sampling(monkeypatch)
+    session = Session.open(Settings(method="segcertify"))
+    assert session.batch_for(size) == 2
+    with pytest.raises(AssertionError, match="sampling started"):
+        session.certify(image, seed=0)
+    fake_available(monkeypatch, estimate.needs(batch=1)["host"] - 1)
+    with pytest.raises(InputError, match="even --batch 1 needs"):
+        Session.open(Settings(method="segcertify")).certify(image, seed=0)
+
+
+@needs_shipped
+def test_an_auto_batch_is_capped_per_device_and_by_the_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_available(monkeypatch, 1 << 50)
+    assert Session.open(Settings(method="segcertify")).batch_for((64, 128)) == memory.AUTO_BATCH_LIMITS["cpu"] == 16
+    assert Session.open(Settings(method="segcertify", n0=3, n=5)).batch_for((64, 128)) == 5
+    assert Session.open(Settings(method="segcertify", batch=40)).batch_for((64, 128)) == 40  # as asked
+    assert [memory.auto_batch_limit(d) for d in ("cpu", "cuda", "cuda:1", "mps")] == [16, 64, 64, 16]
+
+
+def test_auto_batch_is_the_largest_that_fits_the_fraction() -> None:
+    """Bisection against a plain scan over every batch, at several budgets, host and device both counted."""
+    pipeline = memory.PipelineMemory(((1e6, 300.0),), {})
+    for device in ("cpu", "cuda:0"):
+        for available in (10**8, 5 * 10**8, 2 * 10**9, 10**10, 10**12):
+            estimate = memory.MemoryEstimate((512, 1024), 16, device, 19, pipeline, True,
+                                             {"host": available, device: available} if device != "cpu"
+                                             else {"host": available})
+            scan = [b for b in range(1, 65) if all(need <= 0.75 * available
+                                                   for need in estimate.needs(batch=b).values())]
+            assert estimate.auto_batch(64) == (scan[-1] if scan else 1), (device, available)
+
+
+@needs_shipped
+def test_auto_and_explicit_batches_give_identical_certificates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noise is drawn per sample index: whatever batch auto picks (here 3, from the memory), the certificate is
+    that of any explicit batch, bit for bit."""
+    image = np.asarray(Image.open(EXAMPLE).convert("RGB"), dtype=np.float32).transpose(2, 0, 1)[:, :64, :128] / 255
+    estimate = Session.open(Settings(method="segcertify", batch=16)).memory_estimate((64, 128))
+    assert estimate is not None
+    fake_available(monkeypatch, auto_budget(estimate, 3))
+    results = {}
+    for batch in (None, 1, 7, 16):
+        session = Session.open(Settings(method="segcertify", n0=5, n=40, alpha=0.1, batch=batch))
+        result, record = session.certify(image, seed=11)
+        results[batch] = result
+        assert record.settings.batch == (3 if batch is None else batch)
+    for batch in (1, 7, 16):
+        np.testing.assert_array_equal(results[batch].labels, results[None].labels)
+        np.testing.assert_array_equal(results[batch].certificate.agree, results[None].certificate.agree)
+        np.testing.assert_array_equal(results[batch].guess, results[None].guess)
 
 
 MEASURE = """
@@ -155,9 +237,11 @@ print(json.dumps({"growth": status("VmHWM:") - before, "estimate": record["memor
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
 @pytest.mark.parametrize("method", ["segcertify", "denoisecertify"])
 def test_estimate_covers_the_measured_peak_of_a_real_run_within_a_sane_factor(method: str, tmp_path: Path) -> None:
-    """A fresh process (probe included, as on a first run) certifies a 384x768 image at batch 4 and writes the
-    outputs: its peak resident memory growth stays under the estimate, and the estimate under 2.5× the growth."""
-    env = dict(os.environ, CERTSEG_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    """A fresh process (probe included, as on a first run; torch's huge-page allocator on, as the commands run
+    it) certifies a 384x768 image at batch 4 and writes the outputs: its peak resident memory growth stays under
+    the estimate, and the estimate under 2.5× the growth."""
+    env = dict(os.environ, CERTSEG_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="2",
+               THP_MEM_ALLOC_ENABLE="1")  # huge pages, as the console entry points set them
     done = subprocess.run([sys.executable, "-c", MEASURE, method, "384", "768", "4", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr

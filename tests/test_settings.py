@@ -16,7 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from certseg.bench import cli as bench_cli
-from certseg.bench.config import GRID_AXES, BenchConfig, shared_settings
+from certseg.bench.config import GRID_AXES, NOT_COMPAT, BenchConfig, shared_settings
 from certseg.bench.results import ResultsFile, ResumeError
 from certseg.engine.choices import Fwer, Method, NoiseBackend, RuntimeName, TimestepRule, choice
 from certseg.engine.commands import cli as certseg_cli
@@ -77,6 +77,8 @@ def _non_default(name: str, default: Any) -> tuple[list[str], Any]:
         return [flag, repr(default * 2)], default * 2
     if kind is int:
         return [flag, str(default + 1)], default + 1
+    if kind == int | None:  # auto by default
+        return [flag, "7"], 7
     if kind == str | None:
         return [flag, f"my-{name}"], f"my-{name}"
     if kind == tuple[float, float, float] | None:
@@ -125,14 +127,50 @@ def test_choices_take_plain_strings_and_record_them_unchanged() -> None:
     assert settings == Settings(method=Method.segcertify, fwer=Fwer.bonferroni, t_rule=TimestepRule.dds,
                                 noise_backend=NoiseBackend.torch, runtime=RuntimeName.onnx)
     assert settings.fwer == "bonferroni" and {"bonferroni": 1}[settings.fwer] == 1
-    record = Settings().resolved().record()
-    assert record == OLD_SETTINGS_RECORD and list(record) == list(OLD_SETTINGS_RECORD)
+    record = Settings(device="cpu", batch=16).resolved().record()  # a default CPU run, its batch resolved to 16
+    expected = {**OLD_SETTINGS_RECORD, "device": "cpu"}
+    assert record == expected and list(record) == list(OLD_SETTINGS_RECORD)
     assert all(type(v) is str for v in record.values() if isinstance(v, str))
-    assert json.dumps(Settings().resolved().record()) == json.dumps(OLD_SETTINGS_RECORD)
+    assert json.dumps(record) == json.dumps(expected)
     with pytest.raises(InputError, match="^fwer must be one of holm, bonferroni, got 'holms'$"):
         Settings(fwer="holms")
     with pytest.raises(ValueError, match="noise backend must be one of numpy-philox, torch"):
         choice(NoiseBackend, "philox", "noise backend")
+
+
+def test_auto_batch_and_noise_backend_take_auto_and_record_it_as_null_until_resolved() -> None:
+    assert Settings().batch is None and Settings(batch="auto") == Settings() and Settings(batch=3).batch == 3
+    assert Settings().noise_backend is None and Settings(noise_backend="auto") == Settings()
+    assert Settings().record()["batch"] is None and Settings().record()["noise_backend"] is None
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(InputError, match="^batch must be auto or an integer >= 1"):
+            Settings(batch=bad).validate(64)
+    with pytest.raises(InputError, match="^noise_backend must be one of numpy-philox, torch, got 'philox'$"):
+        Settings(noise_backend="philox")
+
+
+def test_auto_noise_backend_is_torch_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU and for ONNX Runtime numpy-philox (every pinned certificate unchanged), torch generators on the device
+    where torch runs on CUDA; an explicit choice stays; no device named asks torch whether it sees CUDA."""
+    import torch
+
+    for cuda, device, runtime, expected in [
+        (False, None, None, NoiseBackend.numpy_philox), (False, "cpu", "torch", NoiseBackend.numpy_philox),
+        (True, None, None, NoiseBackend.torch), (True, "auto", "torch", NoiseBackend.torch),
+        (True, "cpu", None, NoiseBackend.numpy_philox), (True, "cuda:1", None, NoiseBackend.torch),
+        (False, "cuda", None, NoiseBackend.torch), (True, None, "onnx", NoiseBackend.numpy_philox),
+        (True, "cuda", "onnx", NoiseBackend.numpy_philox),
+    ]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        resolved = Settings(device=device, runtime=runtime).resolved()
+        assert resolved.noise_backend is expected, (cuda, device, runtime)
+        assert resolved.record()["noise_backend"] == expected.value
+        assert Settings(device=device, runtime=runtime, noise_backend="numpy-philox").resolved().noise_backend \
+            is NoiseBackend.numpy_philox
+        assert Settings(device=device, runtime=runtime, noise_backend="torch").resolved().noise_backend \
+            is NoiseBackend.torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert BenchConfig(engine=Settings()).engine.noise_backend is NoiseBackend.torch
 
 
 def test_runtime_is_decided_from_the_models_when_not_named() -> None:
@@ -146,16 +184,18 @@ def test_compat_holds_every_shared_setting() -> None:
     """compat is derived from the fields: a new ``Settings`` field is compared on resume without being listed."""
     config = BenchConfig(engine=Settings(device="cpu"))
     compat = config.compat(DATASET, "cpu")
-    assert set(compat) == ({f.name for f in fields(Settings)} - set(GRID_AXES)) | {"seed", "radius_map", "device",
-                                                                                    "dataset"}
-    assert {k: compat[k] for k in OLD_COMPAT if k != "dataset"} == {k: v for k, v in OLD_COMPAT.items()
-                                                                     if k != "dataset"}
-    assert set(OLD_COMPAT) <= set(compat)
+    assert set(NOT_COMPAT) == {"batch"}  # it changes no numbers: noise is drawn per sample index
+    assert set(compat) == ({f.name for f in fields(Settings)} - set(GRID_AXES) - set(NOT_COMPAT)) | {
+        "seed", "radius_map", "device", "dataset"}
+    kept = [k for k in OLD_COMPAT if k not in ("dataset", *NOT_COMPAT)]
+    assert {k: compat[k] for k in kept} == {k: OLD_COMPAT[k] for k in kept}
+    assert set(OLD_COMPAT) - set(NOT_COMPAT) <= set(compat)
     old_config_keys = {"images", "dataset", "root", "data_seed", "scene_size", "write_data", "resize", "methods",
                        "sigmas", "scales", "n0", "n", "alpha", "tau", "fwer", "segmenter", "denoiser", "runtime",
                        "device", "precision", "batch", "t_rule", "antialias", "noise_backend", "seed", "out",
-                       "baseline", "save_labels", "radius_map", "stage_timing", "threads", "max_pixels", "extra"}
+                       "baseline", "save_labels", "radius_map", "stage_timing", "threads", "max_pixels"}
     assert old_config_keys <= set(config.record())  # the results file's `session` line keeps its keys
+    assert config.record()["thp_mem_alloc"] == (os.environ.get("THP_MEM_ALLOC_ENABLE") == "1")
 
 
 def _header(compat: dict[str, Any]) -> dict[str, Any]:
@@ -168,6 +208,9 @@ def test_a_results_file_from_before_the_new_settings_resumes_if_nothing_changed(
     defaults = shared_settings(Settings())
     dataset = {**DATASET, "root": None, "resize": None}
     ResultsFile(path).open(_header(BenchConfig(engine=Settings(device="cpu")).compat(dataset, "cpu")), defaults)
+    for batch in (None, 7):  # the file says batch 16: no batch changes an entry, so auto and 7 resume it
+        ResultsFile(path).open(_header(BenchConfig(engine=Settings(device="cpu", batch=batch)).compat(dataset, "cpu")),
+                               defaults)
     changed = BenchConfig(engine=Settings(device="cpu", non_finite="fail", seg_std=(1.0, 1.0, 1.0)))
     with pytest.raises(ResumeError, match="cannot be resumed") as error:
         ResultsFile(path).open(_header(changed.compat(dataset, "cpu")), defaults)

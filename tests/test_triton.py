@@ -648,6 +648,9 @@ def test_the_default_repository_is_rebuilt_when_a_template_or_a_rendering_parame
     assert second != first and len(built) == 2
     third = default_repository(max_request_bytes=2**20)
     assert third not in (first, second) and built[-1]["max_request_bytes"] == 2**20
+    fourth = default_repository(threads=2)  # certseg serve --threads 2
+    assert fourth not in (first, second, third) and built[-1]["threads"] == 2
+    assert default_repository(threads=0) == second and len(built) == 4  # no threads: the key it always had
 
 
 def test_an_answer_that_is_not_the_one_asked_for_is_a_failed_attempt(

@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from certseg.engine.choices import SharedMemory
 from certseg.engine.core.metrics import DATASET_MIOU, PER_IMAGE_MIOU, CertifiedMetrics, check_target
-from certseg.engine.core.radius import ACCURACY_RADII, RadiusMap, certified_accuracy_at, radius_map
 from certseg.engine.errors import InputError
 from certseg.engine.files.images import default_palette, read_image, read_labels, write_rgb_png
 from certseg.engine.files.outputs import (
@@ -31,8 +30,12 @@ from certseg.engine.files.outputs import (
 )
 from certseg.engine.files.radius_outputs import radius_picture, write_radius_npz
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
+from certseg.engine.runtimes.process import check_threads, process_record, set_threads
 from certseg.engine.runtimes.session import Session
 from certseg.engine.runtimes.settings import Settings
+
+if TYPE_CHECKING:
+    from certseg.engine.core.radius import RadiusMap
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class CertifyRequest:
     retries: int = 3
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images and label maps with more pixels are refused from their header, before decoding."""
+    threads: int | None = None
+    """torch's (and ONNX Runtime's) CPU threads, set before any model runs; None: their defaults."""
 
 
 def _progress_bar() -> Progress:
@@ -66,6 +71,7 @@ def _progress_bar() -> Progress:
 
 def run_certify(request: CertifyRequest) -> str:
     """Certify one image; returns a one-line summary. Outputs are written only after success."""
+    check_threads(request.threads)
     image = read_image(request.image, max_pixels=request.max_pixels)
     settings = request.settings
     settings.validate(image.shape[1] * image.shape[2])
@@ -74,10 +80,11 @@ def run_certify(request: CertifyRequest) -> str:
         raise InputError(f"{request.labels}: label map is {target.shape}, image is {image.shape[1:]}")
     check_output_folder(request.out)
     if request.servers:
+        set_threads(request.threads)  # this process still counts and tests
         session = Session.connect(settings, request.servers, in_flight=request.in_flight,
                                   shared_memory=request.shared_memory, retries=request.retries)
     else:
-        session = Session.open(settings)
+        session = Session.open(settings, threads=request.threads)
     try:
         if target is not None:
             check_target(target, session.num_classes, request.ignore_index, request.labels)
@@ -101,12 +108,15 @@ def run_certify(request: CertifyRequest) -> str:
         "classes": names,
         "per_class_certified_pixels": per_class_counts(result, names),
         **made,
+        **process_record(request.threads),
         "versions": versions(),
     }
     if target is not None:
         report["metrics"] = image_metrics(result.labels, target, result.num_classes, request.ignore_index)
     extras = {}
     if request.radius_map:
+        from certseg.engine.core.radius import radius_map
+
         radii = radius_map(result.certificate.agree, result.n, sigma=result.sigma, alpha=settings.alpha)
         report["radius_map"] = radii.summary()
         if target is not None:
@@ -143,6 +153,8 @@ def run_certify(request: CertifyRequest) -> str:
 
 def radius_accuracy(radii: RadiusMap, guess: np.ndarray, target: np.ndarray, ignore_index: int) -> dict[str, float]:
     """Certified accuracy of the radius map at the README's radii: correct pixels whose radius reaches each."""
+    from certseg.engine.core.radius import ACCURACY_RADII, certified_accuracy_at
+
     valid = target != ignore_index
     curve = certified_accuracy_at(radii.radius, guess == target, valid, np.asarray(ACCURACY_RADII))
     return {f"{level:g}": float(value) for level, value in zip(ACCURACY_RADII, curve, strict=True)}

@@ -13,9 +13,16 @@ from typing import Annotated
 import typer
 
 from certseg.engine.choices import Profile, SharedMemory
-from certseg.engine.commands.cli_common import MaxPixelsOption, one_line_errors, run_cli, settings_options
+from certseg.engine.commands.cli_common import (
+    MaxPixelsOption,
+    ThreadsOption,
+    one_line_errors,
+    run_cli,
+    settings_options,
+)
 from certseg.engine.errors import CertsegError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
+from certseg.engine.runtimes.process import check_threads, enable_huge_pages
 from certseg.engine.runtimes.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -48,6 +55,7 @@ def certify(
         help="system shared memory with --servers on this machine")] = SharedMemory.auto,
     retries: Annotated[int, typer.Option(help="retries of a failed --server batch before the run stops")] = 3,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    threads: ThreadsOption = None,
 ) -> None:
     """Certify every pixel of IMAGE: a class that provably holds within L2 radius R, or abstain."""
     from certseg.engine.commands.certify_command import CertifyRequest, run_certify
@@ -55,7 +63,7 @@ def certify(
     request = CertifyRequest(
         image=image, settings=settings, seed=seed, out=out, labels=labels, radius_map=radius_map,
         ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()), in_flight=in_flight,
-        shared_memory=shared_memory, retries=retries, max_pixels=max_pixels,
+        shared_memory=shared_memory, retries=retries, max_pixels=max_pixels, threads=threads,
     )
     started = time.perf_counter()
     summary = run_certify(request)
@@ -79,6 +87,10 @@ def serve(
     max_request_bytes: Annotated[int | None, typer.Option(
         help="default repository: the most bytes of noisy images one request may make (COUNT x C x H x W float32; "
         "default 268435456); a --repository keeps the limit it was exported with")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="default repository: CPU threads of each Triton step instance (torch and ONNX Runtime; default: all "
+        "cores); on a machine other busy processes share, pick 1 (2 threads were up to 9x slower beside one busy "
+        "process, 1 stayed stable); a --repository keeps the threads it was written with")] = None,
 ) -> None:
     """Serve the certseg pipeline with Triton until Ctrl-C: health, metrics and gRPC/HTTP inference endpoints."""
     import signal
@@ -101,11 +113,15 @@ def serve(
             raise CertsegError("--max-request-bytes must be >= 1" if max_request_bytes < 1 else
                                "--max-request-bytes sets the default repository's limit; a --repository keeps the "
                                "one it was exported with (certseg-export --max-request-bytes N)")
+        check_threads(threads)
+        if threads is not None and repository is not None:
+            raise CertsegError("--threads sets the default repository's step threads; a --repository keeps the "
+                               "threads it was written with")
         if repository is None:
             if profile == Profile.gpu:
                 raise CertsegError("the gpu profile needs --repository (certseg-export --profile gpu)")
             typer.echo("certseg: preparing the default CPU repository from the shipped models …", err=True)
-            repository = default_repository(max_request_bytes=max_request_bytes)
+            repository = default_repository(max_request_bytes=max_request_bytes, threads=threads or 0)
         server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port,
                               metrics_port=metrics_port, binary=binary, ready_timeout_s=ready_timeout)
         with server:
@@ -126,6 +142,7 @@ def serve(
 
 
 def main() -> None:
+    enable_huge_pages()  # before anything imports torch
     run_cli(app, "certseg")
 
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 from collections.abc import Callable, Collection
 from dataclasses import fields
+from enum import StrEnum
 from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
 from certseg.engine.errors import CertsegError, first_line
-from certseg.engine.runtimes.settings import Settings, setting_types
+from certseg.engine.runtimes.process import THREADS_HELP
+from certseg.engine.runtimes.settings import AUTO, Settings, setting_types
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -60,9 +63,43 @@ def one_line_errors(program: str, interrupted: str = "interrupted") -> Callable[
 
 
 def setting_option(name: str) -> Any:
-    """The Typer option of ``Settings`` field ``name``: its type and the help the field carries."""
-    help_text = next(f.metadata["help"] for f in fields(Settings) if f.name == name)
-    return Annotated[setting_types()[name], typer.Option(help=help_text)]
+    """The Typer option of ``Settings`` field ``name``: its type and the help the field carries; a field that takes
+    ``auto`` (None) gets a parser that takes it beside the field's values, and shows it as the default."""
+    field = next(f for f in fields(Settings) if f.name == name)
+    kind = setting_types()[name]
+    if not field.metadata.get("auto"):
+        return Annotated[kind, typer.Option(help=field.metadata["help"])]
+    inner = next(t for t in typing.get_args(kind) if t is not type(None))
+    if isinstance(inner, type) and issubclass(inner, StrEnum):
+        metavar = "[" + "|".join([AUTO, *inner]) + "]"
+    else:
+        metavar = f"[{AUTO}|{inner.__name__.upper()}]"
+    return Annotated[kind, typer.Option(help=field.metadata["help"], parser=_auto_parser(inner),
+                                        metavar=metavar, show_default=AUTO)]
+
+
+_KIND_WORDS = {int: "an integer", float: "a number"}
+
+
+def _auto_parser(kind: type) -> Callable[[str], Any]:
+    """Command-line text -> the value of an auto field: None for ``auto``, else the field's type (a usage error
+    naming what it takes otherwise)."""
+
+    def parse(text: str) -> Any:
+        if text == AUTO or text is None:
+            return None
+        if isinstance(kind, type) and issubclass(kind, StrEnum):
+            for member in kind:
+                if member == text:
+                    return member
+            raise typer.BadParameter(f"expected one of {', '.join([AUTO, *kind])}, got {text!r}")
+        try:
+            return kind(text)
+        except ValueError:
+            words = _KIND_WORDS.get(kind, kind.__name__)
+            raise typer.BadParameter(f"expected {AUTO} or {words}, got {text!r}") from None
+
+    return parse
 
 
 def settings_options(*, skip: Collection[str] = ()) -> Callable[[Callable[..., R]], Callable[..., R]]:
@@ -110,8 +147,11 @@ SegInputSizeOption = setting_option("seg_input_size")
 ClassesOption = setting_option("classes")
 
 MaxPixelsOption = Annotated[int, typer.Option(
-    help="refuse images and label maps with more pixels, from their header, before decoding (the default fits the "
-    "default --batch in 24 GB)")]
+    help="refuse images and label maps with more pixels, from their header, before decoding (the default fits "
+    "--batch 16 in 24 GB)")]
+
+
+ThreadsOption = Annotated[int | None, typer.Option(help=THREADS_HELP)]
 
 
 def run_cli(app: typer.Typer, program: str, args: list[str] | None = None) -> NoReturn:

@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binom, norm
 
 from certseg.engine.choices import Fwer, choice
+from certseg.engine.core.tails import binom, norm
 from certseg.engine.errors import CertificationError
 from certseg.engine.labels import label_numpy_dtype
 

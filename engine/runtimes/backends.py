@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from certseg.engine.choices import Method, Precision, RuntimeName, SharedMemory
+from certseg.engine.choices import Method, NoiseBackend, Precision, RuntimeName, SharedMemory
 from certseg.engine.core.sampling import LabelFn, LocalRuntime, Runtime
 from certseg.engine.errors import InputError
 from certseg.engine.maths.label_pipeline import LabelPipeline, PipelineSpec
@@ -24,9 +24,13 @@ from certseg.engine.models import facts
 from certseg.engine.models.info import ONNX_FAMILY, LoadedModel, ModelInfo, Role
 from certseg.engine.models.registry import default_model, load_model, resolve
 from certseg.engine.runtimes.memory import MARGIN, ONNX_MARGIN
+from certseg.engine.runtimes.process import set_threads
 from certseg.engine.runtimes.settings import Settings
 from certseg.engine.runtimes.torch_runtime import autocast_label_fn, resolve_device, torch_runtime
 from certseg.engine.runtimes.triton_runtime import ENSEMBLES, TritonRuntime, served_model
+
+SERVER_BATCH = 1 << 30
+"""An auto batch on Triton servers: as many samples per request as the servers take (their ``max_batch``)."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,10 @@ class Backend(Protocol):
         """None where the memory is not this process's (servers)."""
         ...
 
-    def runtime(self, spec: PipelineSpec) -> Runtime: ...
+    def runtime(self, spec: PipelineSpec, batch: int | None = None) -> Runtime:
+        """The runtime of ``spec``, ``batch`` samples per forward pass (None: the settings' batch; servers decide
+        their own)."""
+        ...
 
     def statistics(self) -> dict[str, Any] | None:
         """Cumulative per-step statistics where the backend has them (Triton servers), else None."""
@@ -103,11 +110,15 @@ class LocalBackend(ABC):
     segmenter: LoadedModel
     denoiser: LoadedModel | None
     torch_device: torch.device
+    threads: int | None = None
+    """ONNX Runtime's intra-op threads (None: its default); torch's are process-wide (``process.set_threads``)."""
 
     @staticmethod
-    def open(settings: Settings) -> LocalBackend:
+    def open(settings: Settings, threads: int | None = None) -> LocalBackend:
         """Load the models of ``settings`` and check them against it; the backend is that of its runtime
-        (decided here when none is named: ``Settings.resolved``)."""
+        (decided here when none is named: ``Settings.resolved``, which also decides an auto noise backend).
+        ``threads``: torch's CPU threads are set to it before any model runs, and ONNX Runtime sessions take it."""
+        set_threads(threads)
         settings = settings.resolved()
         if settings.runtime == RuntimeName.triton:
             raise InputError("--runtime triton: Triton servers run the pipeline; name them with --server HOST:PORT")
@@ -130,7 +141,7 @@ class LocalBackend(ABC):
         if contract is not None and settings.seg_input_size is not None:
             contract.check_size(segmenter.input_size, "--seg-input-size")
         kind = OnnxBackend if settings.runtime == RuntimeName.onnx else TorchBackend
-        return kind(settings, segmenter, denoiser, device)
+        return kind(settings, segmenter, denoiser, device, threads)
 
     @property
     def device(self) -> str:
@@ -140,16 +151,19 @@ class LocalBackend(ABC):
         """The models as loaded, with the stage maths of ``spec`` around them."""
         return LabelPipeline(spec, self.segmenter.module, None if self.denoiser is None else self.denoiser.module)
 
-    def runtime(self, spec: PipelineSpec) -> Runtime:
+    def runtime(self, spec: PipelineSpec, batch: int | None = None) -> Runtime:
         """The runtime of ``spec``, after checking that an ONNX segmenter's graph takes its input size."""
         contract = getattr(self.segmenter.module, "contract", None)
         if contract is not None and self.segmenter.input_size is None:
             height, width = spec.image_size
             contract.check_size(spec.segmenter_size, f"this {height}x{width} image at --scale {self.settings.scale}")
-        return self._runtime(spec)
+        batch = self.settings.batch if batch is None else batch
+        if batch is None:
+            raise ValueError("an auto batch is resolved by the session (Session.batch_for); pass batch")
+        return self._runtime(spec, batch)
 
     @abstractmethod
-    def _runtime(self, spec: PipelineSpec) -> Runtime: ...
+    def _runtime(self, spec: PipelineSpec, batch: int) -> Runtime: ...
 
     @property
     @abstractmethod
@@ -167,10 +181,10 @@ class LocalBackend(ABC):
 class TorchBackend(LocalBackend):
     """PyTorch on CPU or CUDA, fp32 or fp16/bf16 autocast (``certseg.engine.runtimes.torch_runtime``)."""
 
-    def _runtime(self, spec: PipelineSpec) -> Runtime:
+    def _runtime(self, spec: PipelineSpec, batch: int) -> Runtime:
         s = self.settings
         return torch_runtime(self.label_pipeline(spec), device=self.torch_device, precision=s.precision,
-                             batch_size=s.batch, noise_backend=s.noise_backend)
+                             batch_size=batch, noise_backend=s.noise_backend)
 
     @property
     def memory_probe(self) -> MemoryProbe:
@@ -185,7 +199,7 @@ class OnnxBackend(LocalBackend):
     """ONNX Runtime: an ONNX model file as given, other models on graphs exported from exactly their weights
     (exported once, then cached)."""
 
-    def _runtime(self, spec: PipelineSpec) -> Runtime:
+    def _runtime(self, spec: PipelineSpec, batch: int) -> Runtime:
         from certseg.engine.models.ort_module import OrtModule
         from certseg.engine.runtimes.onnx_runtime import export_paths
         from certseg.export.cache import cached_export  # the one seam into certseg.export: torch weights -> graphs
@@ -194,7 +208,8 @@ class OnnxBackend(LocalBackend):
         if s.precision == Precision.bf16:
             raise InputError("the ONNX runtime runs fp32 or fp16 graphs; use --precision fp32 or fp16")
         models = {"segmenter": self.segmenter, "denoiser": self.denoiser}
-        modules = {role: m.module for role, m in models.items() if m is not None and m.family == ONNX_FAMILY}
+        modules = {role: self._with_threads(m.module) for role, m in models.items()
+                   if m is not None and m.family == ONNX_FAMILY}
         exported = {role: m for role, m in models.items() if m is not None and role not in modules}
         if exported:
             folder = cached_export(exported.get("segmenter"), exported.get("denoiser"), spec.image_size,
@@ -205,10 +220,22 @@ class OnnxBackend(LocalBackend):
                 path = paths[role]
                 if path is None:
                     raise InputError(f"{folder} has no {s.precision} {role} graph")
-                modules[role] = OrtModule(path)
+                modules[role] = OrtModule(path, threads=self.threads)
         pipeline = LabelPipeline(spec, modules["segmenter"], modules.get("denoiser")).eval()
-        return LocalRuntime(pipeline, batch_size=s.batch, device="cpu", noise_backend=s.noise_backend,
+        return LocalRuntime(pipeline, batch_size=batch, device="cpu", noise_backend=s.noise_backend,
                             pipeline=pipeline)
+
+    def _with_threads(self, module: Any) -> Any:
+        """An ONNX model file's module (loaded once per process with ONNX Runtime's default threads), with a session
+        of its own on ``threads`` when they are set."""
+        from certseg.engine.models.ort_module import OrtModule
+
+        if self.threads is None:
+            return module
+        rebuilt = OrtModule(module.path, threads=self.threads, input_order=module.input_names)
+        if hasattr(module, "contract"):
+            rebuilt.contract = module.contract
+        return rebuilt.eval()
 
     @property
     def memory_probe(self) -> MemoryProbe:
@@ -246,12 +273,13 @@ class TritonBackend:
             raise InputError(f"{local[0]} describes a local model; with --server the repository's models come with "
                              "their own (certseg-export takes the same options)")
         remote = TritonRuntime(
-            servers, ENSEMBLES[settings.method], batch=settings.batch, in_flight=in_flight,
-            shared_memory=shared_memory, retries=retries,
+            servers, ENSEMBLES[settings.method], batch=SERVER_BATCH if settings.batch is None else settings.batch,
+            in_flight=in_flight, shared_memory=shared_memory, retries=retries,
         )
         served = remote.pipeline.metadata  # the server decides these; record what it did
         settings = replace(settings, runtime=RuntimeName.triton, batch=remote.batch,
-                           noise_backend=str(served.get("noise_backend", settings.noise_backend)),
+                           noise_backend=str(served.get("noise_backend",
+                                                        settings.noise_backend or NoiseBackend.numpy_philox)),
                            precision=str(served.get("precision", settings.precision)))
         segmenter = served_model(remote.pipeline, "segmenter")
         denoising = settings.method == Method.denoisecertify
@@ -265,8 +293,9 @@ class TritonBackend:
     def memory_probe(self) -> None:
         return None
 
-    def runtime(self, spec: PipelineSpec) -> Runtime:
-        """The same connections, with this spec's t*, segmenter size and resize mode in every request."""
+    def runtime(self, spec: PipelineSpec, batch: int | None = None) -> Runtime:
+        """The same connections, with this spec's t*, segmenter size and resize mode in every request (``batch``
+        is the servers': the one they were connected with)."""
         return self.remote.with_pipeline(
             timestep=None if spec.timestep is None else spec.timestep.t, seg_size=spec.segmenter_size,
             antialias=spec.antialias,

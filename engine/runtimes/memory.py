@@ -123,6 +123,17 @@ segmenter divides them and activations are exactly proportional to the pixels.""
 PROBE_BATCH = 2
 PROBE_VERSION = 1
 """Part of the key of cached probe results: bump when the probe or what it runs changes."""
+AUTO_BATCH_LIMITS = {"cpu": 16, "cuda": 64}
+"""The largest auto batch per device type: CPU throughput stops growing long before (the cores are busy at a few
+samples), a GPU needs more samples in flight to be busy."""
+AUTO_MEMORY_FRACTION = 0.75
+"""The share of the memory available an auto batch may plan to use: the rest is left to other processes and to
+what grows while the run lasts (the estimate itself already holds its margins)."""
+
+
+def auto_batch_limit(device: str) -> int:
+    """The largest auto batch on ``device`` (cpu, cuda, cuda:1; another type: the CPU's)."""
+    return AUTO_BATCH_LIMITS.get(str(device).split(":")[0], AUTO_BATCH_LIMITS["cpu"])
 
 
 @dataclass(frozen=True)
@@ -292,13 +303,25 @@ class MemoryEstimate:
         on_device = OVERHEAD_BYTES + samples + MARGIN * 12 * pixels  # plus the image's copy on the device
         return {"host": int(OVERHEAD_BYTES + max(sampling, outputs)), self.device: int(on_device)}
 
-    def shortfall(self, batch: int | None = None, num_pixels: int | None = None) -> str | None:
-        """The first place where the run does not fit, or None."""
+    def shortfall(self, batch: int | None = None, num_pixels: int | None = None, fraction: float = 1.0) -> str | None:
+        """The first place where the run does not fit (in ``fraction`` of what is available), or None."""
         for place, needed in self.needs(batch, num_pixels).items():
             available = self.available.get(place)
-            if available is not None and needed > available:
+            if available is not None and needed > fraction * available:
                 return place
         return None
+
+    def auto_batch(self, upper: int, fraction: float = AUTO_MEMORY_FRACTION) -> int:
+        """The largest batch from 1 to ``upper`` whose estimate fits ``fraction`` of the memory available everywhere;
+        1 when none does (``check`` then says whether 1 fits at all)."""
+        low, high = 1, max(1, int(upper))
+        while low < high:  # the needs grow with the batch: bisect
+            middle = (low + high + 1) // 2
+            if self.shortfall(batch=middle, fraction=fraction) is None:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
     def largest_batch(self) -> int | None:
         """The largest batch up to the requested one that fits, or None when not even 1 does."""

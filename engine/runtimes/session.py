@@ -29,6 +29,7 @@ from certseg.engine.runtimes.memory import (
     PROBE_BATCH,
     MemoryEstimate,
     PipelineMemory,
+    auto_batch_limit,
     cached_pipeline_memory,
     estimate_memory,
     probe_pipeline_memory,
@@ -48,11 +49,14 @@ class Session:
     wrap_runtime: Callable[[Runtime], Runtime] | None = None
     """Applied to each runtime the session builds, and used in its place (the bench's stage timer wraps them)."""
     _runtimes: dict[tuple[int, int], tuple[PipelineSpec, Runtime]] = field(default_factory=dict)
+    _batches: dict[tuple[int, int], int] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, settings: Settings) -> Session:
-        """Load the models (once per process) for in-process runs; the runtime is decided here when none is named."""
-        return cls(LocalBackend.open(settings))
+    def open(cls, settings: Settings, *, threads: int | None = None) -> Session:
+        """Load the models (once per process) for in-process runs; the runtime and an auto noise backend are
+        decided here. ``threads``: torch's CPU threads (process-wide) and ONNX Runtime's, set before any model
+        runs (None: their defaults)."""
+        return cls(LocalBackend.open(settings, threads=threads))
 
     @classmethod
     def connect(
@@ -96,6 +100,7 @@ class Session:
         """Run other models (a copy with other weights) from now on; runtimes built for the old ones are dropped."""
         self.backend = replace(self.backend, **models)
         self._runtimes.clear()
+        self._batches.clear()
 
     @property
     def device(self) -> str:
@@ -113,10 +118,10 @@ class Session:
         return int(classes)
 
     def runtime_for(self, image_size: tuple[int, int]) -> tuple[PipelineSpec, Runtime]:
-        """The pipeline spec and the runtime for images of ``image_size``, built once."""
+        """The pipeline spec and the runtime for images of ``image_size`` (at ``batch_for`` it), built once."""
         if image_size not in self._runtimes:
             spec = self._spec(image_size)
-            runtime = self.backend.runtime(spec)
+            runtime = self.backend.runtime(spec, self.batch_for(image_size))
             self._runtimes[image_size] = (spec, runtime if self.wrap_runtime is None else self.wrap_runtime(runtime))
         return self._runtimes[image_size]
 
@@ -132,8 +137,24 @@ class Session:
             schedule=LINEAR if denoiser is None else facts.schedule(denoiser),
         )
 
+    def batch_for(self, image_size: tuple[int, int]) -> int:
+        """Samples per forward pass for images of ``image_size``, decided once per size: the settings' batch, or for
+        an auto batch the largest up to ``AUTO_BATCH_LIMITS`` of the device (and the samples drawn) whose memory
+        estimate fits ``AUTO_MEMORY_FRACTION`` of the memory available, at least 1 (the check before sampling then
+        decides whether 1 fits at all). Noise is drawn per sample index, so no batch changes a certificate."""
+        if image_size not in self._batches:
+            s = self.settings
+            batch = s.batch
+            if batch is None:
+                upper = min(auto_batch_limit(self.device), max(s.n0, s.n))
+                estimate = self._estimate(image_size, upper)
+                batch = upper if estimate is None else estimate.auto_batch(upper)
+            self._batches[image_size] = int(batch)
+        return self._batches[image_size]
+
     def memory_estimate(self, image_size: tuple[int, int]) -> MemoryEstimate | None:
-        """What certifying an image of ``image_size`` will need (None for Triton servers: they hold the memory).
+        """What certifying an image of ``image_size`` at ``batch_for`` it will need (None for Triton servers: they
+        hold the memory).
 
         The label pipeline is probed once (``certseg.engine.runtimes.memory``; cached per models and settings) as the
         backend says (``MemoryProbe``): the torch runtime's pipeline as it runs; for ONNX Runtime, the torch models
@@ -142,6 +163,13 @@ class Session:
         the probe's small sizes is not refused for that: its estimate counts the engine's own arrays only, and
         the record says why.
         """
+        if self.backend.memory_probe is None:
+            return None
+        s = self.settings
+        return self._estimate(image_size, min(self.batch_for(image_size), max(s.n0, s.n)))
+
+    def _estimate(self, image_size: tuple[int, int], batch: int) -> MemoryEstimate | None:
+        """The memory estimate at ``batch`` (the pipeline probed once per models and settings)."""
         probe = self.backend.memory_probe
         if probe is None:
             return None
@@ -162,7 +190,6 @@ class Session:
             except (RuntimeError, ValueError) as error:  # a model that cannot run at the probe's small sizes
                 first = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 _PIPELINE_MEMORY[key] = PipelineMemory((), {"failed": f"{type(error).__name__}: {first}"})
-        batch = min(s.batch, max(s.n0, s.n))
         device = "cpu" if probe.device.type == "cpu" else str(probe.device)
         return estimate_memory(_PIPELINE_MEMORY[key], image_size, batch=batch, device=device,
                                num_classes=self.num_classes, numpy_noise=s.noise_backend == NoiseBackend.numpy_philox,
@@ -203,7 +230,7 @@ class Session:
         timings = Timings(steps["selection"], steps["estimation"], steps["certify"], total=elapsed,
                           samples_per_second=(s.n0 + s.n) / elapsed, server_stages=stages)
         record = CertifyRecord(
-            settings=s, pipeline=spec, segmenter=self.segmenter.info,
+            settings=replace(s, batch=self.batch_for(image_size)), pipeline=spec, segmenter=self.segmenter.info,
             denoiser=None if self.denoiser is None else self.denoiser.info, device=self.device, timings=timings,
             non_finite=result.non_finite, certified_space=certified_space(int(image.shape[0])), memory=memory,
         )

@@ -8,8 +8,9 @@ Each field carries its command-line help, and both commands build their engine o
 from __future__ import annotations
 
 import functools
+import numbers
 import typing
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
@@ -17,16 +18,37 @@ from certseg.engine.choices import Fwer, Method, NoiseBackend, NonFinitePolicy, 
 from certseg.engine.choices import choice as as_choice
 from certseg.engine.errors import InputError
 
+AUTO = "auto"
+"""What ``--batch`` and ``--noise-backend`` take besides their values: let certseg decide (None in the field)."""
 
-def _option(default: Any, help: str) -> Any:
-    """A settings field with the help its command-line option shows."""
-    return field(default=default, metadata={"help": help})
+
+def _option(default: Any, help: str, *, auto: bool = False) -> Any:
+    """A settings field with the help its command-line option shows; ``auto``: the option also takes ``auto``
+    (None in the field), which the session resolves."""
+    return field(default=default, metadata={"help": help, "auto": auto})
 
 
 def default_runtime(*refs: str | None) -> RuntimeName:
     """The in-process runtime when none is named: ONNX Runtime if a model is an ``.onnx`` file, else torch."""
     onnx = any(ref is not None and str(ref).lower().endswith(".onnx") for ref in refs)
     return RuntimeName.onnx if onnx else RuntimeName.torch
+
+
+def runs_on_cuda(device: str | None) -> bool:
+    """Whether ``device`` (None/"auto": CUDA when torch sees one) is a CUDA device; torch is imported only to ask."""
+    if device in (None, AUTO):
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return str(device).split(":")[0] == "cuda"
+
+
+def default_noise_backend(runtime: RuntimeName, device: str | None) -> NoiseBackend:
+    """``--noise-backend auto``: torch generators on the device where torch runs on CUDA (no host draws, no copies
+    to the device), else numpy-philox (ONNX Runtime and CPU runs keep their bit-identical noise)."""
+    if runtime == RuntimeName.torch and runs_on_cuda(device):
+        return NoiseBackend.torch
+    return NoiseBackend.numpy_philox
 
 
 @dataclass(frozen=True)
@@ -54,9 +76,14 @@ class Settings:
     """None until ``resolved``: ONNX Runtime when a model is an .onnx file, else torch."""
     device: str | None = _option(None, "cpu, cuda, cuda:1 (default: cuda if available)")
     precision: Precision = _option(Precision.fp32, "model precision (autocast)")
-    batch: int = _option(16, "samples per forward pass")
-    noise_backend: NoiseBackend = _option(
-        NoiseBackend.numpy_philox, "numpy-philox: identical on every runtime; torch: drawn on the device")
+    batch: int | None = _option(
+        None, "samples per forward pass: auto (the largest, up to 16 on CPU and 64 on CUDA, whose memory estimate "
+        "fits in part of the memory available; Triton: the server's) or N; never changes a certificate", auto=True)
+    """None (auto) until the session resolves it for an image size (``Session.batch_for``)."""
+    noise_backend: NoiseBackend | None = _option(
+        None, "auto: torch on CUDA, else numpy-philox; numpy-philox: identical on every runtime; torch: drawn on "
+        "the device", auto=True)
+    """None (auto) until ``resolved``: torch where torch runs on CUDA, else numpy-philox."""
     non_finite: NonFinitePolicy = _option(
         NonFinitePolicy.abstain,
         "NaN/Inf model outputs: their pixels count as disagreements (abstain) or the run stops (fail)")
@@ -71,17 +98,25 @@ class Settings:
         "segmenter states")
 
     def __post_init__(self) -> None:
-        """Plain strings become their enum members (an unknown one is refused here, in one line)."""
+        """Plain strings become their enum members (an unknown one is refused here, in one line); ``"auto"``
+        becomes None where a field takes it."""
+        for name in _auto_fields():
+            if getattr(self, name) == AUTO:
+                object.__setattr__(self, name, None)
         for name, kind in _choice_fields().items():
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, as_choice(kind, value, name, InputError))
 
     def resolved(self) -> Settings:
-        """These settings with the runtime decided (``default_runtime`` of the models when none is named)."""
-        if self.runtime is not None:
+        """These settings with the runtime decided (``default_runtime`` of the models when none is named) and the
+        noise backend (``default_noise_backend`` when auto). The batch stays auto: it depends on the image size
+        and the memory, so the session resolves it (``Session.batch_for``)."""
+        runtime = self.runtime or default_runtime(self.segmenter, self.denoiser)
+        noise = self.noise_backend or default_noise_backend(runtime, self.device)
+        if runtime is self.runtime and noise is self.noise_backend:
             return self
-        return replace(self, runtime=default_runtime(self.segmenter, self.denoiser))
+        return replace(self, runtime=runtime, noise_backend=noise)
 
     def record(self) -> dict[str, Any]:
         """JSON-ready: every field by name, choices as their plain strings."""
@@ -94,8 +129,9 @@ class Settings:
             n0=self.n0, n=self.n, tau=self.tau, alpha=self.alpha, num_pixels=num_pixels, fwer=self.fwer,
             sigma=self.sigma,
         )
-        if self.batch < 1:
-            raise InputError(f"batch must be >= 1, got {self.batch}")
+        if self.batch is not None and (isinstance(self.batch, bool) or not isinstance(self.batch, numbers.Integral)
+                                       or self.batch < 1):
+            raise InputError(f"batch must be auto or an integer >= 1, got {self.batch!r}")
         if self.scale <= 0:
             raise InputError(f"scale must be > 0, got {self.scale}")
 
@@ -104,6 +140,12 @@ class Settings:
 def setting_types() -> dict[str, Any]:
     """Each field's type, resolved (``Settings`` is annotated with strings)."""
     return typing.get_type_hints(Settings)
+
+
+@functools.cache
+def _auto_fields() -> tuple[str, ...]:
+    """The fields that take ``auto`` (None)."""
+    return tuple(f.name for f in fields(Settings) if f.metadata.get("auto"))
 
 
 @functools.cache

@@ -1,0 +1,95 @@
+"""What a command imports before it works: ``--help`` imports no heavy library, ``certseg certify`` no
+``scipy.stats`` (its exact tails come bit-identical from ``scipy.special``), and the entry points turn torch's
+huge-page allocator on unless the user chose. Behaviour (``sys.modules`` in a fresh process), not timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+from PIL import Image
+
+from certseg.engine.core import tails
+from certseg.engine.models.registry import shipped_models
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+HEAVY = ("torch", "scipy", "onnxruntime", "onnx", "tritonclient", "matplotlib", "cv2")
+"""Libraries a command imports only when it works (each costs 0.1-1.5 s to import)."""
+
+RUN = """
+import importlib, json, os, sys
+target, *args = sys.argv[1:]
+module, _, function = target.partition(":")
+sys.argv = [module, *args]
+try:
+    getattr(importlib.import_module(module), function)()
+except SystemExit:
+    pass
+print("STARTUP " + json.dumps({"modules": sorted(sys.modules), "thp": os.environ.get("THP_MEM_ALLOC_ENABLE")}))
+"""
+"""Runs a console script's function as its script would, then prints what it imported."""
+
+
+def run_script(program: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    environ = dict(os.environ if env is None else env, OMP_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", RUN, SCRIPTS[program], *args], capture_output=True, text=True,
+                          env=environ, timeout=600)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("STARTUP ")), None)
+    assert line is not None, done.stdout + done.stderr
+    return json.loads(line.removeprefix("STARTUP "))
+
+
+def heavy(modules: list[str]) -> list[str]:
+    return sorted({name.split(".")[0] for name in modules} & set(HEAVY))
+
+
+@pytest.mark.parametrize("program, args", [
+    ("certseg", ["--help"]), ("certseg", ["certify", "--help"]), ("certseg", ["serve", "--help"]),
+    ("certseg-bench", ["--help"]), ("certseg-export", ["--help"]),
+])
+def test_help_imports_no_heavy_library(program: str, args: list[str]) -> None:
+    assert program in SCRIPTS
+    assert heavy(run_script(program, *args)["modules"]) == []
+
+
+@pytest.mark.skipif("procedural-hrnet-noise025" not in shipped_models(), reason="needs the shipped segmenter")
+def test_certify_imports_scipy_special_not_scipy_stats(tmp_path: Path) -> None:
+    image = tmp_path / "tiny.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(image)
+    seen = run_script("certseg", "certify", str(image), "--method", "segcertify", "--seed", "0", "--quiet",
+                      "--out", str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "tiny.json").read_text())  # it did certify
+    assert report["n"] == 100 and "scipy.special" in seen["modules"]
+    assert "scipy.stats" not in seen["modules"] and "cv2" not in seen["modules"]
+
+
+@pytest.mark.parametrize("given, expected", [(None, "1"), ("0", "0"), ("1", "1")])
+def test_entry_points_turn_huge_pages_on_unless_the_user_chose(given: str | None, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    for program in SCRIPTS:
+        assert run_script(program, "--help", env=env)["thp"] == expected, program
+
+
+def test_tails_equal_scipy_stats_bit_for_bit() -> None:
+    """The p-value table and the radius use ``tails``' binom.sf and norm.ppf: byte-identical to scipy.stats' over
+    every k (and k = -1, n, outside the support) for many n and τ, and over the whole range of Φ⁻¹."""
+    for n in [*range(1, 300), 1000, 4096, 100_000]:
+        k = np.arange(-1, n + 2)
+        for p in (0.5, 0.6, 0.75, 0.9, 0.99, 0.999, 0.001, 0.0, 1.0):
+            assert tails.binom.sf(k, n, p).tobytes() == scipy.stats.binom.sf(k, n, p).tobytes(), (n, p)
+        assert tails.binom.sf(n - 1, n, 0.75) == scipy.stats.binom.sf(n - 1, n, 0.75)
+    assert np.isnan(tails.binom.sf(3, 10, 1.5)) and np.isnan(tails.binom.sf(3, 2.5, 0.5))
+    q = np.concatenate([np.linspace(0, 1, 200_001), [-1.0, 2.0, np.nan, 1e-300, 1 - 1e-16]])
+    assert tails.norm.ppf(q).tobytes() == scipy.stats.norm.ppf(q).tobytes()
+    for tau in (0.5, 0.75, 0.9, 0.999):
+        assert tails.norm.ppf(tau) == scipy.stats.norm.ppf(tau) and isinstance(tails.norm.ppf(tau), np.floating)
