@@ -180,3 +180,34 @@ def test_labels_can_stay_torch_tensors_on_the_device() -> None:
     assert all(isinstance(b, torch.Tensor) and b.device.type == "cpu" for b in kept)
     np.testing.assert_array_equal(torch.cat(kept).numpy(), np.concatenate(on_host))
     assert all(isinstance(b, np.ndarray) for b in on_host)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["numpy-philox", "torch"])
+def test_fill_on_cuda_equals_the_per_sample_draws(backend: str) -> None:
+    source = NoiseSource(7, backend)
+    buffer = torch.full((3, *SHAPE), float("nan"), device="cuda")
+    source.fill(4, buffer)
+    for offset in range(3):
+        torch.testing.assert_close(buffer[offset], source.sample(4 + offset, SHAPE, "cuda"), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_runtime_keeps_labels_on_the_device_and_matches_the_cpu() -> None:
+    """numpy-philox noise is drawn on the host (prefetched) and copied over: the same samples as on the CPU."""
+    image = np.random.default_rng(6).random(SHAPE, dtype=np.float32)
+
+    def segment(noisy: torch.Tensor) -> torch.Tensor:  # no reduction: the same bits on either device
+        return (noisy[:, 0] > 0.5).to(torch.uint8)
+
+    on_cpu = np.concatenate(list(LocalRuntime(segment, batch_size=3).labels(image, sigma=0.3, seed=8, start=0,
+                                                                            count=7)))
+    kept = list(LocalRuntime(segment, batch_size=3, device="cuda", keep_labels_on_device=True).labels(
+        image, sigma=0.3, seed=8, start=0, count=7))
+    assert all(b.device.type == "cuda" for b in kept)
+    np.testing.assert_array_equal(torch.cat(kept).cpu().numpy(), on_cpu)
