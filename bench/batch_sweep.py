@@ -34,7 +34,8 @@ from certseg.engine.errors import InputError
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0], rich_markup_mode=None)
 
-KEY_FIELDS: tuple[str, ...] = ("size", "method", "runtime", "batch", "repeat", "threads", "n0", "n", "seed", "sigma")
+KEY_FIELDS: tuple[str, ...] = (
+    "size", "method", "runtime", "batch", "repeat", "threads", "n0", "n", "seed", "sigma", "env")
 """What names a run: a line with the same values is a finished run, never repeated."""
 
 console = Console()
@@ -97,7 +98,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """``spec`` in a fresh process with ``spec["threads"]`` OpenMP threads; its report plus its own rusage."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    env = dict(os.environ, **parse_env(spec.get("env", "")), OMP_NUM_THREADS=str(spec["threads"]),
+               MKL_NUM_THREADS=str(spec["threads"]))
     command = [sys.executable, "-m", "certseg.bench.batch_sweep", "--child", json.dumps(spec)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
@@ -118,7 +120,18 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_key(record: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(record.get(name) for name in KEY_FIELDS)
+    return tuple(record.get(name, "" if name == "env" else None) for name in KEY_FIELDS)
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """``"A=1 B=2"`` → {"A": "1", "B": "2"}: extra environment of every run (allocator knobs, say)."""
+    pairs = {}
+    for item in text.split():
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise InputError(f"--env takes NAME=VALUE, got {item!r}")
+        pairs[name] = value
+    return pairs
 
 
 def sweep(specs: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
@@ -194,6 +207,8 @@ def sweep_command(
     seed: Annotated[int, typer.Option(help="root seed (fixed: the digests must agree)")] = 21,
     out: Annotated[Path, typer.Option(help="JSON lines, one per finished run; rerun to resume")] = Path(
         "batch_sweep.jsonl"),
+    env: Annotated[list[str] | None, typer.Option(
+        help="NAME=VALUE set in every run's environment (repeat the flag), e.g. allocator knobs to compare")] = None,
     child_spec: Annotated[str | None, typer.Option("--child", hidden=True)] = None,
 ) -> None:
     """Certify the sample scene at each batch size in fresh processes; compare time, memory and digests."""
@@ -205,8 +220,11 @@ def sweep_command(
         if not batches or min(batches) < 1 or repeats < 1 or (threads is not None and threads < 1):
             raise InputError("--batches, --repeats and --threads must be >= 1")
         threads = threads or len(os.sched_getaffinity(0))
+        extra = " ".join(sorted(env or ()))
+        parse_env(extra)
         specs = [{"size": f"{height}x{width}", "method": method, "runtime": runtime, "batch": batch,
-                  "repeat": repeat, "threads": threads, "n0": n0, "n": n, "seed": seed, "sigma": sigma}
+                  "repeat": repeat, "threads": threads, "n0": n0, "n": n, "seed": seed, "sigma": sigma,
+                  "env": extra}
                  for repeat in range(repeats) for batch in dict.fromkeys(batches)]
         records = sweep(specs, out)
     except (InputError, RuntimeError) as error:

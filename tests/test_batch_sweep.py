@@ -57,7 +57,16 @@ def test_differing_certificates_fail_the_sweep(tmp_path: Path, capsys) -> None:
 def test_bad_sizes_and_batches_fail_in_one_line(tmp_path: Path, capsys) -> None:
     assert sweep(tmp_path / "x.jsonl", "--size", "24x", "--batches", "1") == 1
     assert sweep(tmp_path / "x.jsonl", "--batches", "0") == 1
+    assert sweep(tmp_path / "x.jsonl", "--batches", "1", "--env", "NO_VALUE") == 1
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_extra_environment_is_part_of_a_runs_name() -> None:
+    assert batch_sweep.parse_env("A=1 GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == {
+        "A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    spec = {"size": "8x8", "batch": 1, "env": "A=1"}
+    assert batch_sweep.run_key(spec) != batch_sweep.run_key({**spec, "env": ""})
+    assert batch_sweep.run_key({"size": "8x8", "batch": 1}) == batch_sweep.run_key({**spec, "env": ""})
 
 
 def test_batches_take_space_separated_values() -> None:
