@@ -8,6 +8,14 @@ depend on the batch (each sample has its own noise): its digest must be equal ac
 (exit 1) when it is not. One JSON line per finished run is appended (fsync'd) as it goes; rerunning with the same
 settings skips the finished runs. ``model_s`` is the time inside the two models' forward passes (the stage
 timer's hooks), ``overhead`` = certify wall / model_s: what batching is meant to bring towards 1.
+
+The noise and the stage maths cannot make the digest depend on the batch; the models' CPU kernels can: oneDNN
+may pick another convolution kernel for a batch of 1, whose outputs differ in the last bits, and then a few
+pixels' counts (so the digest) differ between batch 1 and larger batches. The sweep reports which batches gave
+which digest. ``--env NAME=VALUE`` runs every child with extra environment, to compare allocator settings: much of
+the system time that grows with the batch is page faults on the models' activations, which glibc serves from
+fresh ``mmap``s above 32 MiB (try ``--env MALLOC_MMAP_MAX_=0 --env MALLOC_TRIM_THRESHOLD_=68719476736``, which
+keeps freed pages for reuse at the cost of a higher peak RSS).
 """
 
 from __future__ import annotations
@@ -233,7 +241,9 @@ def sweep_command(
     console.print(summary_table(records))
     digests = {r["digest"] for r in records}
     if len(digests) != 1:
-        console.print(f"batch_sweep: the certificates differ across batches ({len(digests)} digests)", style="red")
+        by_digest = {d: sorted({r["batch"] for r in records if r["digest"] == d}) for d in sorted(digests)}
+        groups = "; ".join(f"{d[:12]}: batch {' '.join(map(str, group))}" for d, group in by_digest.items())
+        console.print(f"batch_sweep: the certificates differ across batches ({groups})", style="red", highlight=False)
         raise typer.Exit(1)
     console.print(f"one certificate for every batch: {digests.pop()}")
 

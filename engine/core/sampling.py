@@ -171,7 +171,9 @@ class LocalRuntime:
 
     def labels(
         self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int
-    ) -> Iterator[np.ndarray]:
+    ) -> Iterator[np.ndarray | torch.Tensor]:
+        """Label maps (b, H, W) of samples ``start .. start+count`` in index order: numpy arrays, or torch tensors on
+        ``device`` with ``keep_labels_on_device``."""
         device = torch.device(self.device)
         clean = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)
         ranges = list(batch_ranges(start, count, self.batch_size))
@@ -204,7 +206,7 @@ class LocalRuntime:
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=True)
 
-    def _output(self, labels: torch.Tensor | np.ndarray, device: torch.device) -> np.ndarray:
+    def _output(self, labels: torch.Tensor | np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
         if not self.keep_labels_on_device:
             return labels_to_numpy(labels)
         if not isinstance(labels, torch.Tensor):
