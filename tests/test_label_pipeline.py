@@ -136,3 +136,25 @@ def test_cuda_fp16_runtime_agrees_with_cpu_fp32(models) -> None:
     a = np.concatenate(list(cpu.labels(image, sigma=0.25, seed=1, start=0, count=8)))
     b = np.concatenate(list(gpu.labels(image, sigma=0.25, seed=1, start=0, count=8)))
     assert np.mean(a == b) > 0.98
+
+
+def test_torch_runtime_feeds_channels_last_without_a_copy_and_can_keep_labels_as_tensors(models) -> None:
+    """The runtime forms its noisy batch in the layout the label function declares, so the conversion there
+    returns the very tensor; kept labels are the same maps as torch tensors."""
+    denoiser, segmenter = models
+    spec = make_spec("denoisecertify", 0.25, SIZE, denoiser_size=(16, 16))
+    pipeline = LabelPipeline(spec, segmenter, denoiser)
+    seen: list[bool] = []
+    pipeline.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last) and args[0].data_ptr() == args[0].contiguous(
+        memory_format=torch.channels_last).data_ptr()))
+    image = np.random.default_rng(1).random((3, *SIZE), dtype=np.float32)
+    on_host = torch_runtime(pipeline, device=torch.device("cpu"), batch_size=3)
+    assert on_host.label_fn.memory_format == torch.channels_last
+    maps = list(on_host.labels(image, sigma=0.25, seed=2, start=0, count=5))
+    assert seen == [True, True]
+    kept = list(torch_runtime(pipeline, device=torch.device("cpu"), batch_size=3, keep_labels_on_device=True)
+                .labels(image, sigma=0.25, seed=2, start=0, count=5))
+    assert all(isinstance(b, torch.Tensor) and b.dtype == torch.uint8 for b in kept)
+    np.testing.assert_array_equal(torch.cat(kept).numpy(), np.concatenate(maps))
+

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -21,7 +22,6 @@ import numpy as np
 import torch
 
 from certseg.engine.choices import NoiseBackend, choice
-from certseg.engine.maths.stages import add_noise, to_rgb
 
 if TYPE_CHECKING:
     from certseg.engine.maths.label_pipeline import LabelPipeline
@@ -77,9 +77,34 @@ class NoiseSource:
         torch_generator.manual_seed(sample_seed64(self.root_seed, index))
         return torch.randn(tuple(shape), generator=torch_generator, device=device, dtype=torch.float32)
 
+    def fill(self, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Write the noise of samples ``start .. start+len(out)`` into ``out`` (count, *shape), in place.
+
+        Bit-identical to ``sample`` per index (the same generators fill the same number of values in the same
+        order), but without a per-sample tensor and a stacking copy: a batch costs one buffer, reusable across
+        batches. numpy-philox fills a CPU ``out`` through a numpy view of it (numpy releases the GIL meanwhile);
+        on another device it draws each sample on the host and copies it over.
+        """
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"noise buffers are contiguous float32, got {out.dtype} with strides {out.stride()}")
+        shape = tuple(out.shape[1:])
+        for offset in range(out.shape[0]):
+            index = start + offset
+            if self.backend == NoiseBackend.numpy_philox:
+                generator = np.random.Generator(np.random.Philox(sample_seed_sequence(self.root_seed, index)))
+                if out.device.type == "cpu":
+                    generator.standard_normal(out=out[offset].numpy(), dtype=np.float32)
+                else:
+                    out[offset].copy_(torch.from_numpy(generator.standard_normal(shape, dtype=np.float32)))
+            else:
+                torch_generator = torch.Generator(device=out.device)
+                torch_generator.manual_seed(sample_seed64(self.root_seed, index))
+                torch.randn(shape, generator=torch_generator, out=out[offset])
+        return out
+
     def batch(self, start: int, count: int, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """Noise of samples ``start .. start+count`` stacked to (count, *shape): one independent draw each."""
-        return torch.stack([self.sample(start + i, shape, device) for i in range(count)])
+        return self.fill(start, torch.empty((count, *shape), dtype=torch.float32, device=device))
 
 
 class Runtime(Protocol):
@@ -111,11 +136,26 @@ def labels_to_numpy(labels: torch.Tensor | np.ndarray) -> np.ndarray:
     return array.astype(np.uint8 if (array.size == 0 or array.max() <= 255) else np.uint16)
 
 
+def input_memory_format(label_fn: LabelFn) -> torch.memory_format:
+    """The layout ``label_fn`` wants its input in (its ``memory_format`` attribute; contiguous NCHW by default)."""
+    return getattr(label_fn, "memory_format", torch.contiguous_format)
+
+
 @dataclass
 class LocalRuntime:
     """In-process runtime: adds per-sample noise and runs a batched label function (any framework).
 
     The noise is drawn in the image's own channels (1 for grayscale, 3 for RGB), then gray is replicated to RGB.
+
+    Memory: one noise buffer and one noisy buffer, each sized for the largest batch and reused by every batch
+    (the last, smaller one takes a slice), instead of per-sample draws, a stacked copy, σ·ε, x + σ·ε and a layout
+    copy per batch. The noisy buffer is laid out as the label function wants its input
+    (``input_memory_format``), so it needs no copy there. The label function must not keep or return views of
+    its input: the next batch overwrites it.
+
+    Overlap: with ``prefetch``, a background thread draws the next batch's noise into the noise buffer while
+    the label function runs the current batch (numpy and torch's CPU generators release the GIL), once the
+    current batch's noisy copy has been formed from it. The samples, their order and their values do not change.
     """
 
     label_fn: LabelFn
@@ -124,14 +164,74 @@ class LocalRuntime:
     noise_backend: NoiseBackend | str = NoiseBackend.numpy_philox
     pipeline: LabelPipeline | None = None
     """The label pipeline ``label_fn`` runs, where it runs one: observers hook it (the bench's stage timer)."""
+    keep_labels_on_device: bool = False
+    """Yield the label maps as torch tensors on ``device`` (for counting there) instead of numpy arrays."""
+    prefetch: bool = True
+    """Draw the next batch's noise in a background thread while the current batch runs (host-drawn noise only)."""
 
     def labels(
         self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int
-    ) -> Iterator[np.ndarray]:
-        clean = torch.as_tensor(np.asarray(image, dtype=np.float32), device=self.device)
+    ) -> Iterator[np.ndarray | torch.Tensor]:
+        """Label maps (b, H, W) of samples ``start .. start+count`` in index order: numpy arrays, or torch tensors on
+        ``device`` with ``keep_labels_on_device``."""
+        device = torch.device(self.device)
+        clean = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)
+        ranges = list(batch_ranges(start, count, self.batch_size))
+        if not ranges:
+            return
         source = NoiseSource(seed, self.noise_backend)
-        for first, size in batch_ranges(start, count, self.batch_size):
-            noise = source.batch(first, size, clean.shape, self.device)
-            with torch.inference_mode():
-                labels = self.label_fn(to_rgb(add_noise(clean.unsqueeze(0), noise, sigma)))
-            yield labels_to_numpy(labels)
+        noise = _NoiseBuffers(source, (max(size for _, size in ranges), *clean.shape), device)
+        noisy = torch.empty((noise.shape[0], 3, *clean.shape[1:]), dtype=torch.float32, device=device,
+                            memory_format=input_memory_format(self.label_fn))
+        threaded = self.prefetch and noise.host.device.type == "cpu" and len(ranges) > 1
+        executor = ThreadPoolExecutor(1, thread_name_prefix="certseg-noise") if threaded else None
+        pending: Future[None] | None = None
+        try:
+            for position, (first, size) in enumerate(ranges):
+                if pending is None:
+                    noise.draw(first, size)
+                else:
+                    pending.result()
+                    pending = None
+                batch = noisy[:size]
+                # x + σ·ε with today's rounding: σ·ε (float32), then + x; gray is replicated after the noise.
+                torch.mul(noise.on_device(size).expand(-1, 3, -1, -1), sigma, out=batch)
+                batch.add_(clean)
+                if executor is not None and position + 1 < len(ranges):
+                    pending = executor.submit(noise.draw, *ranges[position + 1])
+                with torch.inference_mode():
+                    labels = self.label_fn(batch)
+                yield self._output(labels, device)
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+
+    def _output(self, labels: torch.Tensor | np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
+        if not self.keep_labels_on_device:
+            return labels_to_numpy(labels)
+        if not isinstance(labels, torch.Tensor):
+            labels = torch.from_numpy(labels_to_numpy(labels))
+        return labels.to(device)
+
+
+class _NoiseBuffers:
+    """Where a runtime's noise is drawn (``host``) and where its models read it (``on_device``).
+
+    Noise drawn on the host for another device (numpy-philox on CUDA) is copied over synchronously, so the host
+    buffer is free to be refilled as soon as ``on_device`` returns.
+    """
+
+    def __init__(self, source: NoiseSource, shape: tuple[int, ...], device: torch.device) -> None:
+        self.source, self.shape = source, shape
+        on_host = source.backend == NoiseBackend.numpy_philox and device.type != "cpu"
+        self.host = torch.empty(shape, dtype=torch.float32, pin_memory=on_host and device.type == "cuda") \
+            if on_host else torch.empty(shape, dtype=torch.float32, device=device)
+        self.device = torch.empty(shape, dtype=torch.float32, device=device) if on_host else self.host
+
+    def draw(self, first: int, size: int) -> None:
+        self.source.fill(first, self.host[:size])
+
+    def on_device(self, size: int) -> torch.Tensor:
+        if self.device is not self.host:
+            self.device[:size].copy_(self.host[:size])
+        return self.device[:size]

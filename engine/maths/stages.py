@@ -105,13 +105,20 @@ def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
 
 def normalize(images: torch.Tensor, normalization: Normalization = IMAGENET) -> torch.Tensor:
     """[0, 1] pixels → (lo + x·(hi - lo) - mean) / std; the range's affine map is skipped for (0, 1), so the
-    shipped models' inputs are exactly ``(x - mean) / std`` as they always were."""
+    shipped models' inputs are exactly ``(x - mean) / std`` as they always were.
+
+    One new tensor: the first op makes it and the rest run in place on it, with the same float operations in
+    the same order (so the same values) as the expression; ``images`` itself is never written.
+    """
     low, high = normalization.input_range
-    if (low, high) != (0.0, 1.0):
-        images = images * (high - low) + low
     mean = torch.tensor(normalization.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(normalization.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean) / std
+    if (low, high) != (0.0, 1.0):
+        out = images * (high - low)
+        out.add_(low).sub_(mean)
+    else:
+        out = images - mean
+    return out.div_(std)
 
 
 def normalize_imagenet(images: torch.Tensor) -> torch.Tensor:
@@ -170,11 +177,21 @@ def labels_from_logits(
     ((B,) bool) marks False, get the invalid label K. The check upsamples the per-pixel sum of the scores
     with the same operator: the sum is non-finite wherever any score is (or would overflow: fail closed),
     and the upsampled sum is non-finite wherever any tap feeding an upsampled score is, at 1/K of the cost.
+
+    One sample at a time into the (B, H, W) label tensor: the full-size float32 scores (K·4 bytes per pixel)
+    exist for one sample, never for the whole batch; each sample's labels are what the batched ops give it
+    (no op mixes samples). An invalid sample is all K without being upsampled.
     """
-    logits = logits.float()
-    num_classes = logits.shape[1]
-    labels = argmax_labels(upsample_logits(logits, size))
-    invalid = ~torch.isfinite(upsample_logits(logits.sum(dim=1, keepdim=True), size)[:, 0])
-    if valid_samples is not None:
-        invalid |= ~valid_samples.to(device=invalid.device, dtype=torch.bool).reshape(-1, 1, 1)
-    return labels.masked_fill_(invalid, num_classes)
+    batch, num_classes = logits.shape[0], logits.shape[1]
+    height, width = (int(s) for s in size)
+    labels = torch.empty((batch, height, width), dtype=label_dtype(num_classes), device=logits.device)
+    valid = None if valid_samples is None else valid_samples.to(device="cpu", dtype=torch.bool).reshape(-1)
+    for index in range(batch):
+        if valid is not None and not bool(valid[index]):
+            labels[index].fill_(num_classes)
+            continue
+        scores = logits[index : index + 1].float()
+        labels[index] = upsample_logits(scores, size).argmax(dim=1)[0]
+        invalid = ~torch.isfinite(upsample_logits(scores.sum(dim=1, keepdim=True), size)[0, 0])
+        labels[index].masked_fill_(invalid, num_classes)
+    return labels
