@@ -203,7 +203,8 @@ def with_nan(model, tensor: str):
     """A copy of a loaded model with one NaN in ``tensor`` (the cached original stays intact)."""
     module = copy.deepcopy(model.module)
     with torch.no_grad():
-        module.state_dict()[tensor].view(-1)[0] = float("nan")
+        weight = module.state_dict()[tensor]
+        weight[(0,) * weight.ndim] = float("nan")  # indexing, not view(): the cached model may be channels_last
     return dataclasses.replace(model, module=module)
 
 

@@ -4,10 +4,8 @@ noise drawn on the device, labels kept there and counted there, ``certify_image`
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,8 +15,7 @@ from torch import nn
 from certseg.bench.gpu.models import Profile, make_pipeline
 from certseg.bench.timing import StageTimer, gpu_peak_mib, peak_rss_mib, reset_gpu_peak
 from certseg.engine.core.pipeline import CertifiedSegmentation, certify_image
-from certseg.engine.core.sampling import LocalRuntime, NoiseSource, batch_ranges
-from certseg.engine.maths.stages import add_noise, to_rgb
+from certseg.engine.core.sampling import LocalRuntime
 from certseg.engine.runtimes.torch_runtime import torch_runtime
 
 
@@ -29,30 +26,10 @@ def certificate_digest(result: CertifiedSegmentation) -> str:
     return hashlib.sha256(f"{labels.shape}".encode() + labels.tobytes() + agree.tobytes()).hexdigest()
 
 
-@dataclasses.dataclass
-class DeviceLabelsRuntime(LocalRuntime):
-    """``LocalRuntime`` that yields its label batches as tensors where they were made (counted there).
-
-    A stand-in until ``LocalRuntime(keep_labels_on_device=True)`` exists; ``device_runtime`` prefers that.
-    """
-
-    def labels(self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int) -> Iterator[torch.Tensor]:
-        clean = torch.as_tensor(np.asarray(image, dtype=np.float32), device=self.device)
-        source = NoiseSource(seed, self.noise_backend)
-        for first, size in batch_ranges(start, count, self.batch_size):
-            noise = source.batch(first, size, clean.shape, self.device)
-            with torch.inference_mode():
-                labels = self.label_fn(to_rgb(add_noise(clean.unsqueeze(0), noise, sigma)))
-            yield labels
-
-
 def device_runtime(pipeline: nn.Module, device: torch.device, precision: str, batch: int) -> LocalRuntime:
     """The torch runtime as shipped, with noise drawn on the device and labels left there."""
-    runtime = torch_runtime(pipeline, device=device, precision=precision, batch_size=batch, noise_backend="torch")
-    names = {f.name for f in dataclasses.fields(runtime)}
-    if "keep_labels_on_device" in names:
-        return dataclasses.replace(runtime, keep_labels_on_device=True)
-    return DeviceLabelsRuntime(**{name: getattr(runtime, name) for name in names})
+    return torch_runtime(pipeline, device=device, precision=precision, batch_size=batch, noise_backend="torch",
+                         keep_labels_on_device=True)
 
 
 def compiled(module: nn.Module, backend: str, mode: str) -> nn.Module:
@@ -108,7 +85,6 @@ def measure(
         "certificate_sha256": digests[0], "certificates_identical": len(set(digests)) == 1,
         "certified_fraction": float(first.certificate.certified.mean()),
         "non_finite": first.non_finite,
-        "labels_on_device": isinstance(runtime, DeviceLabelsRuntime) or bool(getattr(runtime, "keep_labels_on_device",
-                                                                                     False)),
+        "labels_on_device": bool(getattr(runtime, "keep_labels_on_device", False)),
         "noise_backend": str(runtime.noise_backend),
     }

@@ -180,18 +180,18 @@ def labels_from_logits(
 
     One sample at a time into the (B, H, W) label tensor: the full-size float32 scores (K·4 bytes per pixel)
     exist for one sample, never for the whole batch; each sample's labels are what the batched ops give it
-    (no op mixes samples). An invalid sample is all K without being upsampled.
+    (no op mixes samples). Nothing is read back to the host (no branch on values), so the check stays on the
+    device and the function traces (meta tensors, ``torch.compile``).
     """
     batch, num_classes = logits.shape[0], logits.shape[1]
     height, width = (int(s) for s in size)
     labels = torch.empty((batch, height, width), dtype=label_dtype(num_classes), device=logits.device)
-    valid = None if valid_samples is None else valid_samples.to(device="cpu", dtype=torch.bool).reshape(-1)
     for index in range(batch):
-        if valid is not None and not bool(valid[index]):
-            labels[index].fill_(num_classes)
-            continue
         scores = logits[index : index + 1].float()
         labels[index] = upsample_logits(scores, size).argmax(dim=1)[0]
         invalid = ~torch.isfinite(upsample_logits(scores.sum(dim=1, keepdim=True), size)[0, 0])
         labels[index].masked_fill_(invalid, num_classes)
+    if valid_samples is not None:
+        valid = valid_samples.to(device=logits.device, dtype=torch.bool).reshape(-1, 1, 1)
+        labels.masked_fill_(~valid, num_classes)
     return labels

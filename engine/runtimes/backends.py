@@ -184,7 +184,8 @@ class TorchBackend(LocalBackend):
     def _runtime(self, spec: PipelineSpec, batch: int) -> Runtime:
         s = self.settings
         return torch_runtime(self.label_pipeline(spec), device=self.torch_device, precision=s.precision,
-                             batch_size=batch, noise_backend=s.noise_backend)
+                             batch_size=batch, noise_backend=s.noise_backend,
+                             keep_labels_on_device=self.torch_device.type == "cuda")  # counted there
 
     @property
     def memory_probe(self) -> MemoryProbe:
