@@ -1,6 +1,7 @@
 """Benchmark (not a test): the engine against the authors-style baseline, same models, images and seeds, one run.
 
-    python -m certseg.bench.baseline_compare [--images 5 --n0 10 --n 100 --sigma 0.25 --out bench-compare]
+    python -m certseg.bench.baseline_compare [--images 5 --n0 10 --n 100 --sigma 0.25 --scene-size 128x256
+                                              --out bench-compare]
 
 Uses the shipped default models when they exist; otherwise randomly initialised models of exactly the shipped
 architectures (``SMALL_HRNET``, ``SMALL_ADM``: speed does not depend on the weights, and the certificates of both
@@ -19,7 +20,7 @@ import torch
 import typer
 from rich.console import Console
 
-from certseg.bench.config import BenchConfig
+from certseg.bench.config import BenchConfig, parse_size
 from certseg.bench.report import write_report
 from certseg.bench.run import execute, prepare
 from certseg.bench.tables import compare, comparison_table
@@ -63,7 +64,10 @@ def main(
     alpha: float = 0.001,
     sigma: Annotated[float, typer.Option(help="noise level σ")] = 0.25,
     method: Annotated[list[Method] | None, typer.Option(help="methods [segcertify denoisecertify]")] = None,
-    batch: int = 16,
+    batch: Annotated[int | None, typer.Option(help="engine batch (default: chosen from the image size and memory)")]
+    = None,
+    scene_size: Annotated[str, typer.Option(help="procedural scenes' HEIGHTxWIDTH (e.g. 512x1024, 1024x2048)")]
+    = "128x256",
     precision: Annotated[Precision, typer.Option(help="engine precision: fp32 (identical certificates), bf16, fp16")]
     = Precision.fp32,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
@@ -74,7 +78,7 @@ def main(
     models, provenance = _models(out / "models")
     engine = Settings(n0=n0, n=n, alpha=alpha, batch=batch, precision=precision, device=device, **models)
     config = BenchConfig(engine=engine, images=images, methods=tuple(method or Method), sigmas=(sigma,),
-                         threads=threads, out=out, baseline=True)
+                         threads=threads, out=out, baseline=True, scene_size=parse_size(scene_size, "--scene-size"))
     run = prepare(config)
     entries = execute(run)
     comparisons = compare(entries)
@@ -93,7 +97,7 @@ def main(
          "certify_speedup": c.certify_speedup, "identical_certificates": c.identical_certificates}
         for c in comparisons
     ]
-    record = {"models": provenance, "precision": precision, "device": str(run.device),
+    record = {"models": provenance, "precision": precision, "device": str(run.device), "scene_size": scene_size,
               "threads": torch.get_num_threads(), "rows": summary}
     (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
     console.print(f"report: {write_report(out, run.results.header, entries)}")

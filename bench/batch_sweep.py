@@ -36,6 +36,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from certseg.bench.config import parse_size
 from certseg.bench.results import read_lines
 from certseg.engine.commands.cli_common import run_cli
 from certseg.engine.errors import InputError
@@ -47,17 +48,6 @@ KEY_FIELDS: tuple[str, ...] = (
 """What names a run: a line with the same values is a finished run, never repeated."""
 
 console = Console()
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``HxW`` → (H, W)."""
-    try:
-        height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--size must be HxW (e.g. 256x512), got {text!r}") from None
-    if height < 1 or width < 1:
-        raise InputError(f"--size must be positive, got {text!r}")
-    return height, width
 
 
 def sample_image(size: tuple[int, int]) -> np.ndarray:

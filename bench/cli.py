@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from certseg.bench.config import GRID_AXES, BenchConfig
+from certseg.bench.config import GRID_AXES, BenchConfig, parse_size
 from certseg.engine.choices import Dataset, Method
 from certseg.engine.commands.cli_common import (
     MaxPixelsOption,
@@ -61,15 +61,6 @@ def expand_multi_values(argv: Sequence[str]) -> list[str]:
         out.append(flag)
     return out
 
-
-def _size(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise typer.BadParameter(f"expected HEIGHTxWIDTH such as 128x256, got {text!r}") from None
-    return height, width
 
 
 def _print_table(console: Console, title: str, header: list[str], body: list[list[str]]) -> None:
@@ -143,7 +134,8 @@ def bench(
                                                               ("scales", scale)) if values}
         config = BenchConfig(
             engine=settings, **grid, images=images, dataset=dataset, root=root, data_seed=data_seed,
-            scene_size=_size(scene_size), write_data=write_data, resize=resize, seed=seed, out=out,
+            scene_size=None if scene_size is None else parse_size(scene_size, "--scene-size"),
+            write_data=write_data, resize=resize, seed=seed, out=out,
             baseline=baseline, save_labels=save_labels, stage_timing=stage_timing, threads=threads,
             max_pixels=max_pixels, radius_map=radius_map,
         )

@@ -142,3 +142,14 @@ def shared_settings(settings: Settings) -> dict[str, Any]:
     ``shared_settings(Settings())``'s value, the default, which is what runs before the setting used.
     """
     return {k: v for k, v in settings.record().items() if k not in GRID_AXES}
+
+
+def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
+    """``HxW`` (e.g. ``256x512``) → (H, W), for every bench option that takes an image size."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"{option} must be HEIGHTxWIDTH (e.g. 256x512), got {text!r}") from None
+    if height < 1 or width < 1:
+        raise InputError(f"{option} must be positive, got {text!r}")
+    return height, width
