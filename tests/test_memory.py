@@ -173,10 +173,10 @@ def test_a_huge_image_gets_a_batch_that_fits_instead_of_a_refusal(monkeypatch: p
 @needs_shipped
 def test_an_auto_batch_is_capped_per_device_and_by_the_samples(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_available(monkeypatch, 1 << 50)
-    assert Session.open(Settings(method="segcertify")).batch_for((64, 128)) == memory.AUTO_BATCH_LIMITS["cpu"] == 16
+    assert Session.open(Settings(method="segcertify")).batch_for((64, 128)) == memory.AUTO_BATCH_LIMITS["cpu"] == 4
     assert Session.open(Settings(method="segcertify", n0=3, n=5)).batch_for((64, 128)) == 5
     assert Session.open(Settings(method="segcertify", batch=40)).batch_for((64, 128)) == 40  # as asked
-    assert [memory.auto_batch_limit(d) for d in ("cpu", "cuda", "cuda:1", "mps")] == [16, 64, 64, 16]
+    assert [memory.auto_batch_limit(d) for d in ("cpu", "cuda", "cuda:1", "mps")] == [4, 64, 64, 4]
 
 
 def test_auto_batch_is_the_largest_that_fits_the_fraction() -> None:
@@ -194,8 +194,10 @@ def test_auto_batch_is_the_largest_that_fits_the_fraction() -> None:
 
 @needs_shipped
 def test_auto_and_explicit_batches_give_identical_certificates(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Noise is drawn per sample index: whatever batch auto picks (here 3, from the memory), the certificate is
-    that of any explicit batch, bit for bit."""
+    """Noise is drawn per sample index: whatever batch auto picks (here 3, from the memory), each sample gets the
+    same noise, and on this image (SegCertify, 64×128) the models' batch-shape-dependent last bits flip no count,
+    so the certificate is that of any explicit batch, bit for bit. (At 256×512 DenoiseCertify they flip a few
+    pixels' counts between batch 1, 4 and 16: ``certseg.bench.batch_sweep`` reports it.)"""
     image = np.asarray(Image.open(EXAMPLE).convert("RGB"), dtype=np.float32).transpose(2, 0, 1)[:, :64, :128] / 255
     estimate = Session.open(Settings(method="segcertify", batch=16)).memory_estimate((64, 128))
     assert estimate is not None

@@ -123,9 +123,11 @@ segmenter divides them and activations are exactly proportional to the pixels.""
 PROBE_BATCH = 2
 PROBE_VERSION = 1
 """Part of the key of cached probe results: bump when the probe or what it runs changes."""
-AUTO_BATCH_LIMITS = {"cpu": 16, "cuda": 64}
-"""The largest auto batch per device type: CPU throughput stops growing long before (the cores are busy at a few
-samples), a GPU needs more samples in flight to be busy."""
+AUTO_BATCH_LIMITS = {"cpu": 4, "cuda": 64}
+"""The largest auto batch per device type. On CPU the cores are busy at one sample and larger batches only cost
+page faults and memory (``python -m certseg.bench.batch_sweep``, DenoiseCertify 256×512, one thread: batch 1 / 4 /
+16 / 64 took 13.0 / 13.0 / 14.4 / 16.7 s with peaks of 345 / 508 / 997 / 2425 MiB); a GPU needs more samples in
+flight to be busy."""
 AUTO_MEMORY_FRACTION = 0.75
 """The share of the memory available an auto batch may plan to use: the rest is left to other processes and to
 what grows while the run lasts (the estimate itself already holds its margins)."""

@@ -77,8 +77,9 @@ class Settings:
     device: str | None = _option(None, "cpu, cuda, cuda:1 (default: cuda if available)")
     precision: Precision = _option(Precision.fp32, "model precision (autocast)")
     batch: int | None = _option(
-        None, "samples per forward pass: auto (the largest, up to 16 on CPU and 64 on CUDA, whose memory estimate "
-        "fits in part of the memory available; Triton: the server's) or N; never changes a certificate", auto=True)
+        None, "samples per forward pass: auto (the largest, up to 4 on CPU and 64 on CUDA, whose memory estimate "
+        "fits in part of the memory available; Triton: the server's) or N; the noise never depends on it, the "
+        "models' last bits may (kernels differ per batch shape): the JSON records it", auto=True)
     """None (auto) until the session resolves it for an image size (``Session.batch_for``)."""
     noise_backend: NoiseBackend | None = _option(
         None, "auto: torch on CUDA, else numpy-philox; numpy-philox: identical on every runtime; torch: drawn on "
