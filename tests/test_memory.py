@@ -160,6 +160,7 @@ def test_a_huge_image_gets_a_batch_that_fits_instead_of_a_refusal(monkeypatch: p
     estimate = Session.open(Settings(method="segcertify", batch=16)).memory_estimate(size)
     assert estimate is not None
     fake_available(monkeypatch, auto_budget(estimate, 2))
+    monkeypatch.setattr(memory, "CPU_BATCH_PIXELS", 1 << 40)  # let the memory decide, as on a GPU
     no_sampling(monkeypatch)
     session = Session.open(Settings(method="segcertify"))
     assert session.batch_for(size) == 2
@@ -174,9 +175,14 @@ def test_a_huge_image_gets_a_batch_that_fits_instead_of_a_refusal(monkeypatch: p
 def test_an_auto_batch_is_capped_per_device_and_by_the_samples(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_available(monkeypatch, 1 << 50)
     assert Session.open(Settings(method="segcertify")).batch_for((64, 128)) == memory.AUTO_BATCH_LIMITS["cpu"] == 4
-    assert Session.open(Settings(method="segcertify", n0=3, n=5)).batch_for((64, 128)) == 5
+    assert Session.open(Settings(method="segcertify", n0=2, n=3)).batch_for((64, 128)) == 3  # by the samples
     assert Session.open(Settings(method="segcertify", batch=40)).batch_for((64, 128)) == 40  # as asked
     assert [memory.auto_batch_limit(d) for d in ("cpu", "cuda", "cuda:1", "mps")] == [4, 64, 64, 4]
+    # on CPU a batch holds at most CPU_BATCH_PIXELS image pixels: 4 at 256x512, 1 from 512x1024 on
+    sizes = [(64, 128), (256, 512), (300, 600), (512, 1024), (1024, 2048)]
+    assert [memory.auto_batch_limit("cpu", size) for size in sizes] == [4, 4, 2, 1, 1]
+    assert [memory.auto_batch_limit("cuda", size) for size in sizes] == [64] * 5
+    assert Session.open(Settings(method="segcertify")).batch_for((512, 1024)) == 1
 
 
 def test_auto_batch_is_the_largest_that_fits_the_fraction() -> None:

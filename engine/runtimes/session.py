@@ -141,12 +141,14 @@ class Session:
         """Samples per forward pass for images of ``image_size``, decided once per size: the settings' batch, or for
         an auto batch the largest up to ``AUTO_BATCH_LIMITS`` of the device (and the samples drawn) whose memory
         estimate fits ``AUTO_MEMORY_FRACTION`` of the memory available, at least 1 (the check before sampling then
-        decides whether 1 fits at all). Noise is drawn per sample index, so no batch changes a certificate."""
+        decides whether 1 fits at all); on CPU also at most ``CPU_BATCH_PIXELS`` pixels per batch. Noise is drawn per
+        sample index, so no batch changes a sample's noise (the JSON records the batch: kernels may differ in the
+        last bits per batch shape)."""
         if image_size not in self._batches:
             s = self.settings
             batch = s.batch
             if batch is None:
-                upper = min(auto_batch_limit(self.device), max(s.n0, s.n))
+                upper = min(auto_batch_limit(self.device, image_size), max(s.n0, s.n))
                 estimate = self._estimate(image_size, upper)
                 batch = upper if estimate is None else estimate.auto_batch(upper)
             self._batches[image_size] = int(batch)
