@@ -327,30 +327,17 @@ class MemoryEstimate:
     def auto_batch(self, upper: int, fraction: float = AUTO_MEMORY_FRACTION) -> int:
         """The largest batch from 1 to ``upper`` whose estimate fits ``fraction`` of the memory available everywhere;
         1 when none does (``check`` then says whether 1 fits at all)."""
-        low, high = 1, max(1, int(upper))
-        while low < high:  # the needs grow with the batch: bisect
-            middle = (low + high + 1) // 2
-            if self.shortfall(batch=middle, fraction=fraction) is None:
-                low = middle
-            else:
-                high = middle - 1
-        return low
+        return _largest(1, max(1, int(upper)), lambda batch: self.shortfall(batch=batch, fraction=fraction) is None)
 
     def largest_batch(self) -> int | None:
         """The largest batch up to the requested one that fits, or None when not even 1 does."""
-        fitting = [b for b in range(self.batch, 0, -1) if self.shortfall(batch=b) is None]
-        return fitting[0] if fitting else None
+        batch = _largest(1, max(1, self.batch), lambda b: self.shortfall(batch=b) is None)
+        return batch if self.shortfall(batch=batch) is None else None
 
     def largest_image(self, batch: int) -> int:
         """About the most pixels an image may have to fit at ``batch`` (bisection on the estimate)."""
-        low, high = 0, max(1, self.num_pixels)
-        while low < high:
-            middle = (low + high + 1) // 2
-            if self.shortfall(batch=batch, num_pixels=middle) is None:
-                low = middle
-            else:
-                high = middle - 1
-        return low
+        return _largest(0, max(1, self.num_pixels),
+                        lambda pixels: self.shortfall(batch=batch, num_pixels=pixels) is None)
 
     def check(self) -> None:
         """Raise one line when the run cannot fit: the estimate, what is available, and what would fit."""
@@ -402,3 +389,15 @@ def estimate_memory(
         available[device] = device_available_bytes(device)
     return MemoryEstimate((int(image_size[0]), int(image_size[1])), int(batch), device, int(num_classes),
                           pipeline, numpy_noise, available, margin)
+
+
+def _largest(low: int, high: int, fits: Callable[[int], bool]) -> int:
+    """The largest value in [low, high] that ``fits`` (which holds up to some value, then never: memory needs grow
+    with the batch and the pixels), or ``low`` when none does: a bisection."""
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
