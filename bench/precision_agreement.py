@@ -1,0 +1,111 @@
+"""Benchmark (not a test): how often a lower precision gives the per-pixel class fp32 gives, on the same samples.
+
+    python -m certseg.bench.precision_agreement [--precision bf16 --images 20 --samples 8 --sigma 0.25
+                                                 --out precision-agreement.jsonl]
+
+A lower precision is only honest for certification if the base classifier it runs is (almost) the fp32 one: the
+certificate is then about the classifier that actually ran, and the README can say how far it is from fp32. For
+each held-out procedural scene and method, the same noisy samples (same root seed, same sample indices, so the
+same noise) are labelled through the runtime ``certseg certify`` builds, once in fp32 and once at ``--precision``;
+the agreement is the share of (sample, pixel) pairs with equal labels (the issue's bar before a precision may be
+recommended: 99.9%). One JSON line per (method, scene) is written as it finishes, and a rerun skips those.
+Certified accuracy at each precision comes from ``certseg-bench --precision``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from certseg.bench.config import parse_size
+from certseg.bench.results import read_lines
+from certseg.engine.choices import Method, Precision
+from certseg.engine.commands.cli_common import one_line_errors, run_cli
+from certseg.engine.errors import InputError
+from certseg.engine.runtimes.process import THREADS_HELP, enable_huge_pages, set_threads
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
+
+
+def labels_at(method: Method, precision: Precision, sigma: float, image: np.ndarray, seed: int,
+              samples: int) -> np.ndarray:
+    """Label maps (samples, H, W) of samples 0 .. samples-1 of root seed ``seed``, shipped models, CPU."""
+    from certseg.engine.runtimes.session import Session
+    from certseg.engine.runtimes.settings import Settings
+
+    session = Session.open(Settings(method=method, precision=precision, sigma=sigma, device="cpu"))
+    _, runtime = session.runtime_for((int(image.shape[1]), int(image.shape[2])))
+    return np.concatenate(list(runtime.labels(image, sigma=sigma, seed=seed, start=0, count=samples)))
+
+
+def scene_agreement(method: Method, precision: Precision, sigma: float, image: np.ndarray, seed: int,
+                    samples: int) -> dict[str, Any]:
+    reference = labels_at(method, Precision.fp32, sigma, image, seed, samples)
+    lower = labels_at(method, precision, sigma, image, seed, samples)
+    same = reference == lower
+    per_sample = same.reshape(samples, -1).mean(axis=1)
+    return {"pixels": int(same.size), "equal": int(same.sum()), "agreement": float(same.mean()),
+            "worst_sample_agreement": float(per_sample.min())}
+
+
+@app.command()
+@one_line_errors("certseg-bench")
+def main(
+    precision: Annotated[Precision, typer.Option(help="the precision compared with fp32")] = Precision.bf16,
+    images: Annotated[int, typer.Option(help="held-out procedural scenes")] = 20,
+    samples: Annotated[int, typer.Option(help="noisy samples per scene")] = 8,
+    sigma: Annotated[float, typer.Option(help="noise level σ")] = 0.25,
+    method: Annotated[list[Method] | None, typer.Option(help="methods [segcertify denoisecertify]")] = None,
+    scene_size: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the scenes")] = "128x256",
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
+    out: Annotated[Path, typer.Option(help="JSON lines, one per (method, scene); resumed")] = Path(
+        "precision-agreement.jsonl"),
+) -> None:
+    """Per-pixel agreement of a lower precision with fp32 on the same noisy samples."""
+    from certseg.bench.datasets import open_dataset
+
+    if precision == Precision.fp32:
+        raise InputError("--precision fp32 is the reference: compare bf16 or fp16")
+    if samples < 1:
+        raise InputError(f"--samples must be >= 1, got {samples}")
+    set_threads(threads)
+    dataset = open_dataset(None, None, images=images, scene_size=parse_size(scene_size, "--scene-size"))
+    done = {(r["method"], r["scene"], r["precision"], r["samples"], r["sigma"], r["scene_size"])
+            for r in read_lines(out)}
+    for chosen in method or list(Method):
+        for item in dataset.take(images):
+            key = (chosen.value, item.id, precision.value, samples, sigma, scene_size)
+            if key in done:
+                continue
+            image, _ = item.load()
+            record = {"method": chosen.value, "scene": item.id, "precision": precision.value, "samples": samples,
+                      "sigma": sigma, "scene_size": scene_size,
+                      **scene_agreement(chosen, precision, sigma, image, seed=item.index, samples=samples)}
+            with out.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+            typer.echo(f"{chosen.value} {item.id}: {record['agreement']:.5f}")
+    summarise(out, precision, samples, sigma, scene_size)
+
+
+def summarise(out: Path, precision: Precision, samples: int, sigma: float, scene_size: str) -> None:
+    """Per method: pooled agreement over all finished scenes, and the worst scene's."""
+    rows = [r for r in read_lines(out) if (r["precision"], r["samples"], r["sigma"], r["scene_size"])
+            == (precision.value, samples, sigma, scene_size)]
+    for chosen in sorted({r["method"] for r in rows}):
+        mine = [r for r in rows if r["method"] == chosen]
+        pooled = sum(r["equal"] for r in mine) / sum(r["pixels"] for r in mine)
+        worst = min(r["agreement"] for r in mine)
+        typer.echo(f"{chosen}: {precision.value} agrees with fp32 on {pooled:.5%} of {len(mine)} scenes' "
+                   f"(sample, pixel) pairs; worst scene {worst:.5%}")
+
+
+if __name__ == "__main__":
+    enable_huge_pages()
+    run_cli(app, "certseg-bench")
