@@ -20,7 +20,6 @@ keeps freed pages for reuse at the cost of a higher peak RSS).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import statistics
@@ -37,8 +36,9 @@ from rich.console import Console
 from rich.table import Table
 
 from certseg.bench.config import parse_size
-from certseg.bench.results import read_lines
+from certseg.bench.results import append_line, read_lines
 from certseg.engine.commands.cli_common import run_cli
+from certseg.engine.digest import certificate_sha256
 from certseg.engine.errors import InputError
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0], rich_markup_mode=None)
@@ -63,13 +63,6 @@ def sample_image(size: tuple[int, int]) -> np.ndarray:
     return resized.clamp(0.0, 1.0).numpy()
 
 
-def certificate_digest(labels: np.ndarray, agree: np.ndarray) -> str:
-    """sha256 of the certified map and the agreement counts (as uint16), as ``tests/test_session.py`` pins them."""
-    labels = np.ascontiguousarray(labels, dtype=np.uint16)
-    agree = np.ascontiguousarray(agree, dtype=np.uint16)
-    return hashlib.sha256(f"{labels.shape}".encode() + labels.tobytes() + agree.tobytes()).hexdigest()
-
-
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One run, in this (fresh) process: certify the sample image at ``spec``'s settings; what it measured."""
     import torch
@@ -89,7 +82,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     certify_s = time.perf_counter() - started
     stages = timer.snapshot()
     model_s = stages["denoise"] + stages["segment"]
-    return {"digest": certificate_digest(result.labels, result.certificate.agree), "certify_s": certify_s,
+    return {"digest": certificate_sha256(result.labels, result.certificate.agree), "certify_s": certify_s,
             "model_s": model_s, "overhead": certify_s / model_s if model_s > 0 else None, "stages": stages,
             "abstain_fraction": float(result.abstain_fraction)}
 
@@ -142,10 +135,7 @@ def sweep(specs: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
             continue
         console.print(f"batch {spec['batch']} repeat {spec['repeat']}: running")
         record = {"kind": "batch_sweep", **run_child(spec)}
-        with out.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_line(out, record)
         done[run_key(spec)] = record
     return [done[run_key(spec)] for spec in specs]
 

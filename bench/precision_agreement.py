@@ -14,32 +14,39 @@ Certified accuracy at each precision comes from ``certseg-bench --precision``.
 
 from __future__ import annotations
 
-import json
-import os
+import functools
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
 from certseg.bench.config import parse_size
-from certseg.bench.results import read_lines
+from certseg.bench.results import append_line, read_lines
 from certseg.engine.choices import Method, Precision
 from certseg.engine.commands.cli_common import one_line_errors, run_cli
 from certseg.engine.errors import InputError
 from certseg.engine.runtimes.process import THREADS_HELP, enable_huge_pages, set_threads
 
+if TYPE_CHECKING:
+    from certseg.engine.runtimes.session import Session
+
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
+
+
+@functools.cache
+def _session(method: Method, precision: Precision, sigma: float) -> Session:
+    """One session per (method, precision, σ) for the whole run: its runtimes are built once per image size."""
+    from certseg.engine.runtimes.session import Session
+    from certseg.engine.runtimes.settings import Settings
+
+    return Session.open(Settings(method=method, precision=precision, sigma=sigma, device="cpu"))
 
 
 def labels_at(method: Method, precision: Precision, sigma: float, image: np.ndarray, seed: int,
               samples: int) -> np.ndarray:
     """Label maps (samples, H, W) of samples 0 .. samples-1 of root seed ``seed``, shipped models, CPU."""
-    from certseg.engine.runtimes.session import Session
-    from certseg.engine.runtimes.settings import Settings
-
-    session = Session.open(Settings(method=method, precision=precision, sigma=sigma, device="cpu"))
-    _, runtime = session.runtime_for((int(image.shape[1]), int(image.shape[2])))
+    _, runtime = _session(method, precision, sigma).runtime_for((int(image.shape[1]), int(image.shape[2])))
     return np.concatenate(list(runtime.labels(image, sigma=sigma, seed=seed, start=0, count=samples)))
 
 
@@ -86,10 +93,7 @@ def main(
             record = {"method": chosen.value, "scene": item.id, "precision": precision.value, "samples": samples,
                       "sigma": sigma, "scene_size": scene_size,
                       **scene_agreement(chosen, precision, sigma, image, seed=item.index, samples=samples)}
-            with out.open("a") as file:
-                file.write(json.dumps(record) + "\n")
-                file.flush()
-                os.fsync(file.fileno())
+            append_line(out, record)
             typer.echo(f"{chosen.value} {item.id}: {record['agreement']:.5f}")
     summarise(out, precision, samples, sigma, scene_size)
 

@@ -109,11 +109,7 @@ class ResultsFile:
 
     def append(self, record: dict[str, Any]) -> None:
         """One line, flushed and fsync'd before returning: a finished entry survives any kill after this."""
-        line = json.dumps(jsonable(record), sort_keys=True, separators=(",", ":")) + "\n"
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_line(self.path, record)
         if record.get("kind") == "entry":
             self.entries[entry_key(record)] = record
 
@@ -123,6 +119,16 @@ class ResultsFile:
             if entry["method"] == method:
                 return entry["models"]
         return None
+
+
+def append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line, flushed and fsync'd before returning, so a finished result survives
+    any kill after this (``read_lines`` ignores a line cut short before it)."""
+    line = json.dumps(jsonable(record), sort_keys=True, separators=(",", ":")) + "\n"
+    with Path(path).open("a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def load_entries(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:

@@ -6,6 +6,8 @@ import hashlib
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 BLOCK = 1 << 22
 
 
@@ -24,3 +26,11 @@ def tree_sha256(folder: Path) -> str:
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+def certificate_sha256(labels: np.ndarray, agree: np.ndarray) -> str:
+    """Hex sha256 of a certificate: its map's shape, the certified map and the agreement counts (both as uint16).
+    What tests pin and benchmarks compare across batches, runtimes and precisions."""
+    labels = np.ascontiguousarray(labels, dtype=np.uint16)
+    agree = np.ascontiguousarray(agree, dtype=np.uint16)
+    return hashlib.sha256(f"{labels.shape}".encode() + labels.tobytes() + agree.tobytes()).hexdigest()

@@ -6,7 +6,6 @@ installed and the optional packages (typer, rich, safetensors, Pillow, OpenCV, O
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from certseg.bench.gpu.models import DRY_RUN, FULL, build_models, make_pipeline,
 from certseg.bench.gpu.suite import main
 from certseg.bench.timing import STAGES
 from certseg.engine.core.pipeline import certify_image
+from certseg.engine.digest import certificate_sha256
 from certseg.engine.runtimes.torch_runtime import torch_runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,9 +61,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]:
 
 
 def certificate_digest(result) -> str:
-    labels = np.ascontiguousarray(result.labels, dtype=np.uint16)
-    agree = np.ascontiguousarray(result.certificate.agree, dtype=np.uint16)
-    return hashlib.sha256(f"{labels.shape}".encode() + labels.tobytes() + agree.tobytes()).hexdigest()
+    return certificate_sha256(result.labels, result.certificate.agree)
 
 
 def test_dry_run_writes_every_key_and_a_row_per_run(dry_run: tuple[dict, str, str]) -> None:

@@ -3,7 +3,6 @@ record that serialises to the JSON results hold, and the same certificate bytes 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
@@ -12,8 +11,8 @@ import numpy as np
 import pytest
 
 from certseg.bench.timing import STAGES, StageTimer, TimedRuntime
-from certseg.engine.core.pipeline import CertifiedSegmentation
 from certseg.engine.core.sampling import LocalRuntime
+from certseg.engine.digest import certificate_sha256
 from certseg.engine.errors import ServerError
 from certseg.engine.files.images import read_image
 from certseg.engine.models.info import LoadedModel, ModelInfo
@@ -44,10 +43,8 @@ needs_shipped = pytest.mark.skipif(
 )
 
 
-def certificate_digest(result: CertifiedSegmentation) -> str:
-    labels = np.ascontiguousarray(result.labels, dtype=np.uint16)
-    agree = np.ascontiguousarray(result.certificate.agree, dtype=np.uint16)
-    return hashlib.sha256(f"{labels.shape}".encode() + labels.tobytes() + agree.tobytes()).hexdigest()
+def certificate_digest(result) -> str:
+    return certificate_sha256(result.labels, result.certificate.agree)
 
 
 def settings(method: str, runtime: str | None = None, n: int = 100) -> Settings:

@@ -4,7 +4,6 @@ noise drawn on the device, labels kept there and counted there, ``certify_image`
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
@@ -16,14 +15,13 @@ from certseg.bench.gpu.models import Profile, make_pipeline
 from certseg.bench.timing import StageTimer, gpu_peak_mib, peak_rss_mib, reset_gpu_peak
 from certseg.engine.core.pipeline import CertifiedSegmentation, certify_image
 from certseg.engine.core.sampling import LocalRuntime
+from certseg.engine.digest import certificate_sha256
 from certseg.engine.runtimes.torch_runtime import torch_runtime
 
 
 def certificate_digest(result: CertifiedSegmentation) -> str:
-    """sha256 of the certified map and the agreement counts (the digest ``tests/test_session.py`` pins)."""
-    labels = np.ascontiguousarray(result.labels, dtype=np.uint16)
-    agree = np.ascontiguousarray(result.certificate.agree, dtype=np.uint16)
-    return hashlib.sha256(f"{labels.shape}".encode() + labels.tobytes() + agree.tobytes()).hexdigest()
+    """The certificate's sha256 (``certseg.engine.digest.certificate_sha256``, the digest tests pin)."""
+    return certificate_sha256(result.labels, result.certificate.agree)
 
 
 def device_runtime(pipeline: nn.Module, device: torch.device, precision: str, batch: int) -> LocalRuntime:
