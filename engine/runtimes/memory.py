@@ -144,7 +144,7 @@ def auto_batch_limit(device: str, image_size: tuple[int, int] | None = None) -> 
     ``image_size`` where given (on CPU: at most ``CPU_BATCH_PIXELS`` pixels per batch, at least 1)."""
     kind = str(device).split(":")[0]
     limit = AUTO_BATCH_LIMITS.get(kind, AUTO_BATCH_LIMITS["cpu"])
-    if image_size is not None and kind not in AUTO_BATCH_LIMITS.keys() - {"cpu"}:
+    if image_size is not None and kind != "cuda":  # the pixel budget is the CPU caches'; other types count as CPU
         limit = max(1, min(limit, CPU_BATCH_PIXELS // max(1, image_size[0] * image_size[1])))
     return limit
 
