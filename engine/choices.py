@@ -32,7 +32,10 @@ class TimestepRule(StrEnum):
 
     principled = "principled"
     authors = "authors"
-    dds = "dds"
+    dds_2sigma = "dds-2sigma"
+    """DDS's published rule as DDS applied it (no resize): 145, 259, 396 for σ = 0.25, 0.5, 1, at any image size."""
+    dds_resized = "dds-resized"
+    """DDS's criterion on the noise that reaches the denoiser after the resize (73, 145, 259 at 1024×2048)."""
 
 
 class Precision(StrEnum):

@@ -62,13 +62,36 @@ def test_authors_rule() -> None:
         assert choice.rule == "authors" and choice.alpha_bar == pytest.approx(alpha_bar[expected], rel=1e-13)
 
 
-def test_dds_rule_without_resize() -> None:
+@pytest.mark.parametrize("image_size", [None, (1024, 2048), (480, 480), (256, 256)])
+def test_dds_2sigma_reproduces_dds_published_numbers_at_any_size(image_size: Any) -> None:
+    """DDS (Carlini et al.) resized nothing: its t* are 145, 259, 396, whatever the image size here."""
     std = np.sqrt((1 - independent_alpha_bar()) / independent_alpha_bar())
     for sigma, expected in zip(SIGMAS, (145, 259, 396), strict=True):
         independent = int(np.flatnonzero(std >= 2 * sigma)[0])
-        choice = dn.select_timestep(sigma, "dds")
+        choice = dn.select_timestep(sigma, "dds-2sigma", image_size=image_size)
         assert choice.t == independent == expected
-        assert choice.effective_sigma_model_space == 2 * sigma and choice.noise_factor == 1.0
+        assert choice.rule == "dds-2sigma"
+        # the record still states the noise that actually reaches the denoiser
+        factor = 1.0 if image_size is None else dn.resize_noise_factor(image_size, 256)
+        assert choice.noise_factor == factor
+        assert choice.effective_sigma_model_space == pytest.approx(2 * sigma * factor, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "expected"), [(None, (145, 259, 396)), ((1024, 2048), (73, 145, 259)), ((480, 480), (98, 186, 314))]
+)
+def test_dds_resized_applies_the_criterion_after_the_resize(image_size: Any, expected: tuple[int, ...]) -> None:
+    std = np.sqrt((1 - independent_alpha_bar()) / independent_alpha_bar())
+    for sigma, want in zip(SIGMAS, expected, strict=True):
+        factor = 1.0 if image_size is None else dn.resize_noise_factor(image_size, 256)
+        choice = dn.select_timestep(sigma, "dds-resized", image_size=image_size)
+        assert choice.t == int(np.flatnonzero(std >= 2 * sigma * factor)[0]) == want
+
+
+def test_bare_dds_is_no_rule() -> None:
+    """The old "dds" applied the resize factor, unlike DDS: it is gone rather than silently changed."""
+    with pytest.raises(ValueError, match="dds-2sigma, dds-resized"):
+        dn.select_timestep(0.25, "dds")
 
 
 @pytest.mark.parametrize(
@@ -102,7 +125,7 @@ def test_timestep_choice_is_frozen_and_validated() -> None:
     with pytest.raises(ValueError, match="rule"):
         dn.select_timestep(0.5, "nearest")
     with pytest.raises(ValueError):
-        dn.select_timestep(1000.0, "dds")
+        dn.select_timestep(1000.0, "dds-2sigma")
 
 
 def test_noise_factor_reference_measurements() -> None:

@@ -121,10 +121,10 @@ def test_the_same_flags_make_the_same_settings_in_certify_and_bench(monkeypatch:
 
 
 def test_choices_take_plain_strings_and_record_them_unchanged() -> None:
-    settings = Settings(method="segcertify", fwer="bonferroni", t_rule="dds", noise_backend="torch", runtime="onnx")
+    settings = Settings(method="segcertify", fwer="bonferroni", t_rule="dds-resized", noise_backend="torch", runtime="onnx")
     assert settings.method is Method.segcertify and settings.fwer is Fwer.bonferroni
-    assert settings.t_rule is TimestepRule.dds and settings.noise_backend is NoiseBackend.torch
-    assert settings == Settings(method=Method.segcertify, fwer=Fwer.bonferroni, t_rule=TimestepRule.dds,
+    assert settings.t_rule is TimestepRule.dds_resized and settings.noise_backend is NoiseBackend.torch
+    assert settings == Settings(method=Method.segcertify, fwer=Fwer.bonferroni, t_rule=TimestepRule.dds_resized,
                                 noise_backend=NoiseBackend.torch, runtime=RuntimeName.onnx)
     assert settings.fwer == "bonferroni" and {"bonferroni": 1}[settings.fwer] == 1
     record = Settings(device="cpu", batch=16).resolved().record()  # a default CPU run, its batch resolved to 16

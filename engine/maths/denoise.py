@@ -199,8 +199,9 @@ def select_timestep(
       reaches the denoiser (in model space the noise is 2σ, then the resize scales it).
     - "authors": t* = argmin_t |ᾱ_t - 1/(1+σ²)| (DenoiseCertify's code: 73, 144, 258 for σ = 0.25, 0.5, 1).
       It ignores both the factor 2 and the resize; on Cityscapes the two cancel (factor 0.5).
-    - "dds": DDS's criterion, the first t with sqrt((1-ᾱ_t)/ᾱ_t) >= s. DDS resized nothing, so with no
-      image_size this is exactly its 2σ rule (145, 259, 396 for σ = 0.25, 0.5, 1).
+    - "dds-2sigma": DDS's published rule, the first t with sqrt((1-ᾱ_t)/ᾱ_t) >= 2σ, whatever the image size
+      (DDS resized nothing): exactly its 145, 259, 396 for σ = 0.25, 0.5, 1.
+    - "dds-resized": DDS's criterion applied to s, the noise after the resize (73, 145, 259 at 1024×2048).
 
     ``image_size`` None means the image is already at the denoiser size (no resize, factor 1). ᾱ comes from
     the denoiser's ``schedule`` (the quoted t* are the linear schedule's).
@@ -217,9 +218,11 @@ def select_timestep(
     elif rule == TimestepRule.principled:
         t = int(np.argmin(np.abs(stds - effective)))
     else:
-        reached = np.flatnonzero(stds >= effective)
+        # DDS's criterion: the first t whose std reaches the target (2σ as published, or the noise after the resize)
+        target = 2.0 * float(sigma) if rule == TimestepRule.dds_2sigma else effective
+        reached = np.flatnonzero(stds >= target)
         if reached.size == 0:
-            raise ValueError(f"no timestep reaches noise std {effective:.4g} (sigma {sigma} is too large)")
+            raise ValueError(f"no timestep reaches noise std {target:.4g} (sigma {sigma} is too large)")
         t = int(reached[0])
     return TimestepChoice(
         t=t,
