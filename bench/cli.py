@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from certseg.bench.config import GRID_AXES, BenchConfig, parse_size
-from certseg.engine.choices import Dataset, Method
+from certseg.engine.choices import Dataset, Method, Protocol
 from certseg.engine.commands.cli_common import (
     MaxPixelsOption,
     ThreadsOption,
@@ -85,6 +85,10 @@ def bench(
     write_data: Annotated[Path | None, typer.Option(help="procedural: also write the scenes here (Cityscapes layout)")]
     = None,
     resize: Annotated[int | None, typer.Option(help="squash images to N×N (the peers' Pascal-Context: 480)")] = None,
+    protocol: Annotated[Protocol, typer.Option(
+        help="certseg: images at their size (or --resize), scale × image size; peers: the SegCertify/DenoiseCertify "
+        "code's (Pascal-Context squashed to 480×480 and SegCertify's long side 520·scale; Cityscapes unchanged)")
+    ] = Protocol.certseg,
     method: Annotated[list[Method] | None, typer.Option(help="one or more methods [both]")] = None,
     sigma: Annotated[list[float] | None, typer.Option(help="one or more noise levels σ [0.25 0.5 1.0]")] = None,
     scale: Annotated[list[float] | None, typer.Option(help="one or more segmenter input scales [1.0]")] = None,
@@ -109,7 +113,7 @@ def bench(
     (--sigma 0.25 --sigma 0.5). Rerunning into the same --out skips finished entries.
     """
     from certseg.bench import plots
-    from certseg.bench.report import write_report
+    from certseg.bench.report import protocol_line, write_report
     from certseg.bench.results import load_entries
     from certseg.bench.run import execute, prepare
     from certseg.bench.tables import (
@@ -135,7 +139,7 @@ def bench(
         config = BenchConfig(
             engine=settings, **grid, images=images, dataset=dataset, root=root, data_seed=data_seed,
             scene_size=None if scene_size is None else parse_size(scene_size, "--scene-size"),
-            write_data=write_data, resize=resize, seed=seed, out=out,
+            write_data=write_data, resize=resize, protocol=protocol, seed=seed, out=out,
             baseline=baseline, save_labels=save_labels, stage_timing=stage_timing, threads=threads,
             max_pixels=max_pixels, radius_map=radius_map,
         )
@@ -143,7 +147,7 @@ def bench(
         entries = execute(run, show_progress=not quiet)
         header = run.results.header
     rows = aggregate(entries)
-    _print_table(console, "Certified segmentation", *accuracy_table(rows))
+    _print_table(console, f"Certified segmentation — protocol {protocol_line(header)}", *accuracy_table(rows))
     _print_table(console, "Throughput", *throughput_table(rows))
     if any(r.stages for r in rows):
         _print_table(console, "Seconds per image by stage", *stage_table(rows))

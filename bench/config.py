@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from certseg.engine.choices import Dataset, Method, choice
+from certseg.engine.choices import Dataset, Method, Protocol, choice
 from certseg.engine.errors import InputError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.runtimes.process import huge_pages_enabled
@@ -71,6 +71,8 @@ class BenchConfig:
     scene_size: tuple[int, int] | None = None
     write_data: Path | None = None
     resize: int | None = None
+    protocol: Protocol = field(default=Protocol.certseg, metadata=COMPAT)
+    """How images reach the certifier (``certseg.bench.protocols``): certseg's own, or the peers'."""
     seed: int = field(default=0, metadata=COMPAT)
     out: Path = Path("bench-out")
     baseline: bool = False
@@ -86,6 +88,7 @@ class BenchConfig:
         """Choices as their enums, the runtime decided (as ``Session.open`` would), and the grid checked."""
         object.__setattr__(self, "engine", self.engine.resolved())
         object.__setattr__(self, "methods", tuple(choice(Method, m, "--method", InputError) for m in self.methods))
+        object.__setattr__(self, "protocol", choice(Protocol, self.protocol, "--protocol", InputError))
         if self.dataset is not None:
             object.__setattr__(self, "dataset", choice(Dataset, self.dataset, "--dataset", InputError))
         for name, values in (("--method", self.methods), ("--sigma", self.sigmas), ("--scale", self.scales)):
@@ -133,6 +136,13 @@ class BenchConfig:
         same_pixels = {k: dataset.get(k) for k in ("name", "root", "generator_version", "scene_size", "resize")}
         engine = {k: v for k, v in shared_settings(self.engine).items() if k not in NOT_COMPAT}
         return {**engine, **own, "device": device, "dataset": same_pixels}
+
+
+def compat_defaults() -> dict[str, Any]:
+    """What each compat key stands for in a results header written before the key existed: its default (the
+    engine settings' and the ``COMPAT`` fields', such as ``protocol``: runs before it used certseg's own)."""
+    own = {f.name: f.default for f in fields(BenchConfig) if f.metadata.get("compat")}
+    return shared_settings(Settings()) | {k: getattr(v, "value", v) for k, v in own.items()}
 
 
 def shared_settings(settings: Settings) -> dict[str, Any]:

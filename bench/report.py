@@ -97,6 +97,13 @@ def plot_radius_curves(curves: list[RadiusCurve], folder: Path, points: int = 12
                       series, x_label="L2 radius R", y_label="certified accuracy", y_range=(0.0, 1.0), markers=False)
 
 
+def protocol_line(header: dict[str, Any] | None) -> str:
+    """Which protocol a results file used (a file from before protocols existed used certseg's own)."""
+    if header is None:
+        return "unknown"
+    return str(header.get("protocol") or header.get("compat", {}).get("protocol") or "certseg")
+
+
 def _settings_lines(header: dict[str, Any] | None, entries: list[dict[str, Any]]) -> list[str]:
     if not entries:
         return []
@@ -106,6 +113,7 @@ def _settings_lines(header: dict[str, Any] | None, entries: list[dict[str, Any]]
     if header is not None:
         dataset = header.get("dataset", {})
         lines.insert(0, f"- dataset: {dataset.get('name')} ({dataset.get('selection', '')})")
+        lines.insert(1, f"- protocol: {protocol_line(header)}")
         compat = header.get("compat", {})
         lines.append(f"- seed {compat.get('seed')} ({header.get('seed_rule', '')}); runtime {compat.get('runtime')}, "
                      f"precision {compat.get('precision')}, batch {compat.get('batch')}, "

@@ -23,11 +23,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from certseg.bench.baseline import authors_certify
-from certseg.bench.config import BenchConfig, Setting, image_seed, shared_settings
+from certseg.bench.config import BenchConfig, Setting, compat_defaults, image_seed
 from certseg.bench.datasets import BenchDataset, DatasetItem, open_dataset
+from certseg.bench.datasets.loader import detect
+from certseg.bench.protocols import ProtocolPreset, resolve_protocol
 from certseg.bench.results import Key, ResultsFile, ResumeError, labels_digest
 from certseg.bench.timing import StageTimer, gpu_peak_mib, peak_rss_mib, reset_gpu_peak
-from certseg.engine.choices import RuntimeName
+from certseg.engine.choices import Dataset, RuntimeName
 from certseg.engine.core.certify import radius
 from certseg.engine.core.metrics import CertifiedMetrics
 from certseg.engine.core.pipeline import CertifiedSegmentation
@@ -37,7 +39,6 @@ from certseg.engine.files.images import default_palette, write_label_png
 from certseg.engine.maths.label_pipeline import LabelPipeline
 from certseg.engine.runtimes.backends import LocalBackend
 from certseg.engine.runtimes.session import Session
-from certseg.engine.runtimes.settings import Settings
 from certseg.engine.runtimes.torch_runtime import resolve_device
 
 SUPPORTED_RUNTIMES: tuple[RuntimeName, ...] = (RuntimeName.torch, RuntimeName.onnx)
@@ -53,6 +54,7 @@ class BenchRun:
     results: ResultsFile
     device: torch.device
     run_id: str
+    protocol: ProtocolPreset
 
     def wanted_keys(self) -> list[Key]:
         return [
@@ -78,9 +80,11 @@ def prepare(config: BenchConfig) -> BenchRun:
         )
     if config.threads:
         torch.set_num_threads(config.threads)
+    kind = config.dataset or (Dataset.procedural if config.root is None else detect(config.root))
+    protocol = resolve_protocol(config.protocol, kind, config.resize)
     dataset = open_dataset(
-        config.dataset, config.root, images=config.images, data_seed=config.data_seed,
-        scene_size=config.scene_size, write_data=config.write_data, resize=config.resize,
+        kind, config.root, images=config.images, data_seed=config.data_seed,
+        scene_size=config.scene_size, write_data=config.write_data, resize=protocol.squash,
         max_pixels=config.max_pixels,
     )
     items = dataset.take(config.images)
@@ -93,11 +97,12 @@ def prepare(config: BenchConfig) -> BenchRun:
         "dataset": {"name": dataset.name, "classes": list(dataset.classes), "ignore_index": dataset.ignore_index,
                     **dataset.description},
         "seed_rule": "entry seed = SeedSequence([seed, image index]).generate_state(1, uint64)[0] >> 1",
+        "protocol": protocol.describe(),
     }
-    results.open(header, defaults=shared_settings(Settings()))
+    results.open(header, defaults=compat_defaults())
     run_id = uuid.uuid4().hex
     results.append({"kind": "session", "run_id": run_id, "started": _now(), "config": config.record()})
-    return BenchRun(config, dataset, items, results, device, run_id)
+    return BenchRun(config, dataset, items, results, device, run_id, protocol)
 
 
 class _Sessions:
@@ -113,7 +118,8 @@ class _Sessions:
         if setting in self.open:
             return self.open[setting]
         config = self.run.config
-        session = Session.open(config.session_settings(setting), threads=config.threads or None)
+        session = Session.open(self.run.protocol.engine_settings(config.session_settings(setting)),
+                               threads=config.threads or None)
         if self.timer is not None and session.settings.runtime == RuntimeName.torch:  # only torch entries split
             session.wrap_runtime = self.timer.wrap
         if session.num_classes != self.run.dataset.num_classes:
@@ -324,6 +330,7 @@ def execute(run: BenchRun, *, console: Console | None = None, show_progress: boo
                 if not keys:
                     continue
                 image, target = item.load()
+                run.protocol.check_image(item.id, image.shape[1:])
                 seed = image_seed(config.seed, item.index)
                 for _, method, sigma, scale, variant in keys:
                     setting = Setting(method, scale, sigma)

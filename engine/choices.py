@@ -98,6 +98,13 @@ class Dataset(StrEnum):
     pascal_context = "pascal-context"
 
 
+class Protocol(StrEnum):
+    """How ``certseg-bench`` feeds a dataset's images to the certifier (``certseg.bench.protocols``)."""
+
+    certseg = "certseg"
+    peers = "peers"
+
+
 def choice(kind: type[C], value: object, what: str, error: type[Exception] = ValueError) -> C:
     """``value`` (a member or its string) as a member of ``kind``; anything else is one line naming the choices."""
     for member in kind:

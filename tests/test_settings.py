@@ -16,7 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from certseg.bench import cli as bench_cli
-from certseg.bench.config import GRID_AXES, NOT_COMPAT, BenchConfig, shared_settings
+from certseg.bench.config import GRID_AXES, NOT_COMPAT, BenchConfig, compat_defaults
 from certseg.bench.results import ResultsFile, ResumeError
 from certseg.engine.choices import Fwer, Method, NoiseBackend, RuntimeName, TimestepRule, choice
 from certseg.engine.commands import cli as certseg_cli
@@ -121,7 +121,8 @@ def test_the_same_flags_make_the_same_settings_in_certify_and_bench(monkeypatch:
 
 
 def test_choices_take_plain_strings_and_record_them_unchanged() -> None:
-    settings = Settings(method="segcertify", fwer="bonferroni", t_rule="dds-resized", noise_backend="torch", runtime="onnx")
+    settings = Settings(method="segcertify", fwer="bonferroni", t_rule="dds-resized", noise_backend="torch",
+                        runtime="onnx")
     assert settings.method is Method.segcertify and settings.fwer is Fwer.bonferroni
     assert settings.t_rule is TimestepRule.dds_resized and settings.noise_backend is NoiseBackend.torch
     assert settings == Settings(method=Method.segcertify, fwer=Fwer.bonferroni, t_rule=TimestepRule.dds_resized,
@@ -186,7 +187,7 @@ def test_compat_holds_every_shared_setting() -> None:
     compat = config.compat(DATASET, "cpu")
     assert set(NOT_COMPAT) == {"batch"}  # it changes no numbers: noise is drawn per sample index
     assert set(compat) == ({f.name for f in fields(Settings)} - set(GRID_AXES) - set(NOT_COMPAT)) | {
-        "seed", "radius_map", "device", "dataset"}
+        "seed", "radius_map", "protocol", "device", "dataset"}
     kept = [k for k in OLD_COMPAT if k not in ("dataset", *NOT_COMPAT)]
     assert {k: compat[k] for k in kept} == {k: OLD_COMPAT[k] for k in kept}
     assert set(OLD_COMPAT) - set(NOT_COMPAT) <= set(compat)
@@ -205,7 +206,7 @@ def _header(compat: dict[str, Any]) -> dict[str, Any]:
 def test_a_results_file_from_before_the_new_settings_resumes_if_nothing_changed(tmp_path: Path) -> None:
     path = tmp_path / "results.jsonl"
     ResultsFile(path).open(_header(OLD_COMPAT))
-    defaults = shared_settings(Settings())
+    defaults = compat_defaults()
     dataset = {**DATASET, "root": None, "resize": None}
     ResultsFile(path).open(_header(BenchConfig(engine=Settings(device="cpu")).compat(dataset, "cpu")), defaults)
     for batch in (None, 7):  # the file says batch 16: no batch changes an entry, so auto and 7 resume it
