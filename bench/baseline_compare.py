@@ -7,12 +7,18 @@ Uses the shipped default models when they exist; otherwise randomly initialised 
 architectures (``SMALL_HRNET``, ``SMALL_ADM``: speed does not depend on the weights, and the certificates of both
 variants are still compared for equality). Prints samples/s of both, the ratios, and whether the certificates
 were identical; everything is also in ``OUT/results.jsonl`` and ``OUT/report.md``.
+
+``--isolate`` (default) runs the engine and then the baseline each in a fresh process (the second resumes the
+results file and computes only the baseline entries), so each variant's peak RSS is its own, not the larger of the
+two; ``--no-isolate`` runs both in this process, as before.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -73,14 +79,34 @@ def main(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("bench-compare"),
+    isolate: Annotated[bool, typer.Option(
+        help="engine and baseline each in a fresh process, so each peak RSS is its own")] = True,
+    variant: Annotated[str | None, typer.Option(hidden=True, help="engine or baseline: this variant only")] = None,
 ) -> None:
     """Engine vs authors-style baseline on the procedural scenes: samples/s side by side."""
     models, provenance = _models(out / "models")
     engine = Settings(n0=n0, n=n, alpha=alpha, batch=batch, precision=precision, device=device, **models)
     config = BenchConfig(engine=engine, images=images, methods=tuple(method or Method), sigmas=(sigma,),
-                         threads=threads, out=out, baseline=True, scene_size=parse_size(scene_size, "--scene-size"))
+                         threads=threads, out=out, baseline=variant != "engine",
+                         scene_size=parse_size(scene_size, "--scene-size"))
+    if variant not in (None, "engine", "baseline"):
+        raise typer.BadParameter(f"--variant must be engine or baseline, got {variant!r}")
+    if isolate and variant is None:
+        argv = ["--images", str(images), "--n0", str(n0), "--n", str(n), "--alpha", str(alpha), "--sigma", str(sigma),
+                "--scene-size", scene_size, "--precision", precision.value, "--out", str(out),
+                *(a for m in method or () for a in ("--method", m.value)),
+                *(() if batch is None else ("--batch", str(batch))),
+                *(() if threads is None else ("--threads", str(threads))),
+                *(() if device is None else ("--device", device))]
+        for part in ("engine", "baseline"):  # the baseline run resumes the file: it computes its own entries only
+            code = subprocess.run([sys.executable, "-m", "certseg.bench.baseline_compare", *argv, "--variant", part],
+                                  check=False).returncode
+            if code != 0:
+                raise SystemExit(f"baseline_compare: the {part} process failed (exit code {code})")
     run = prepare(config)
     entries = execute(run)
+    if variant is not None:
+        return
     comparisons = compare(entries)
     console = Console(width=180)
     header, body = comparison_table(comparisons)
@@ -94,11 +120,12 @@ def main(
          "baseline_samples_per_second": c.baseline_samples_per_second, "sampling_speedup": c.sampling_speedup,
          "engine_seconds_per_image": c.engine_seconds_per_image,
          "baseline_seconds_per_image": c.baseline_seconds_per_image, "end_to_end_speedup": c.end_to_end_speedup,
-         "certify_speedup": c.certify_speedup, "identical_certificates": c.identical_certificates}
+         "certify_speedup": c.certify_speedup, "identical_certificates": c.identical_certificates,
+         "engine_peak_rss_mib": c.engine_peak_rss_mib, "baseline_peak_rss_mib": c.baseline_peak_rss_mib}
         for c in comparisons
     ]
     record = {"models": provenance, "precision": precision, "device": str(run.device), "scene_size": scene_size,
-              "threads": torch.get_num_threads(), "rows": summary}
+              "threads": torch.get_num_threads(), "isolated_processes": isolate, "rows": summary}
     (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
     console.print(f"report: {write_report(out, run.results.header, entries)}")
 

@@ -116,6 +116,11 @@ class Comparison:
     engine_certify_seconds: float
     baseline_certify_seconds: float
     identical_certificates: bool
+    engine_peak_rss_mib: float = 0.0
+    """The largest process peak RSS over the pairs' engine entries: the engine's own only where the two variants
+    ran in separate processes (``baseline_compare --isolate``); in one process the later variant's includes the
+    earlier's."""
+    baseline_peak_rss_mib: float = 0.0
 
     @property
     def sampling_speedup(self) -> float:
@@ -159,6 +164,8 @@ def compare(entries: Iterable[dict[str, Any]]) -> list[Comparison]:
             engine_certify_seconds=_per_image(pairs, 0, "certify"),
             baseline_certify_seconds=_per_image(pairs, 1, "certify"),
             identical_certificates=all(e["labels_sha256"] == b["labels_sha256"] for e, b in pairs),
+            engine_peak_rss_mib=max(float(e.get("peak_rss_mib") or 0.0) for e, _ in pairs),
+            baseline_peak_rss_mib=max(float(b.get("peak_rss_mib") or 0.0) for _, b in pairs),
         ))
     return out
 
@@ -200,12 +207,13 @@ def stage_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
 
 def comparison_table(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
     header = ["scale", "method", "σ", "images", "engine samples/s", "baseline samples/s", "sampling ×",
-              "engine s/image", "baseline s/image", "end-to-end ×", "certify ×", "identical"]
+              "engine s/image", "baseline s/image", "end-to-end ×", "certify ×", "identical",
+              "engine peak RSS MiB", "baseline peak RSS MiB"]
     body = [
         [f"{c.scale:.2f}", c.method, f"{c.sigma:.2f}", str(c.images), f"{c.engine_samples_per_second:.1f}",
          f"{c.baseline_samples_per_second:.1f}", f"{c.sampling_speedup:.2f}", f"{c.engine_seconds_per_image:.3f}",
          f"{c.baseline_seconds_per_image:.3f}", f"{c.end_to_end_speedup:.2f}", f"{c.certify_speedup:.0f}",
-         "yes" if c.identical_certificates else "NO"]
+         "yes" if c.identical_certificates else "NO", f"{c.engine_peak_rss_mib:.0f}", f"{c.baseline_peak_rss_mib:.0f}"]
         for c in comparisons
     ]
     return header, body

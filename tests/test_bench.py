@@ -425,3 +425,24 @@ def test_radius_map_curves_equal_the_certify_radius_maps_of_the_same_images(mode
     report = (out / "report.md").read_text()
     assert "## Certified accuracy vs radius" in report
     assert (out / "accuracy_vs_radius.png").is_file() == (out / "accuracy_vs_radius.pdf").is_file() == plots.available()
+
+
+def test_baseline_compare_isolates_engine_and_baseline_in_their_own_processes(tmp_path: Path) -> None:
+    """Each variant runs in a fresh process (so each peak RSS is its own); their certificates are still equal."""
+    out = tmp_path / "compare"
+    alpha = 0.1
+    n = min_samples_to_certify(0.75, alpha, 32 * 64) + 3
+    done = subprocess.run(
+        [sys.executable, "-m", "certseg.bench.baseline_compare", "--images", "1", "--n0", "2", "--n", str(n),
+         "--alpha", str(alpha), "--method", "segcertify", "--scene-size", "32x64", "--threads", "1",
+         "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = read_lines(out / "results.jsonl")
+    entries = {r["variant"]: r for r in records if r.get("kind") == "entry"}
+    assert set(entries) == {"engine", "baseline"}
+    assert entries["engine"]["run_id"] != entries["baseline"]["run_id"]  # two runs: two processes
+    assert entries["engine"]["labels_sha256"] == entries["baseline"]["labels_sha256"]
+    (row,) = json.loads((out / "comparison.json").read_text())["rows"]
+    assert row["identical_certificates"] is True
+    assert row["engine_peak_rss_mib"] == entries["engine"]["peak_rss_mib"] > 0
+    assert row["baseline_peak_rss_mib"] == entries["baseline"]["peak_rss_mib"] > 0
