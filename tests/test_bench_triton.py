@@ -61,22 +61,21 @@ def same_certificates(served: dict[str, dict[str, Any]], local: dict[str, dict[s
 
 @pytest.fixture(scope="module")
 def repository() -> Path:
-    """``certseg serve``'s default repository (cached like theirs), skipping where tritonserver cannot start."""
+    """``certseg serve``'s default repository (cached like theirs)."""
     from certseg.export.default_repository import default_repository
 
-    repository = default_repository()
-    try:
-        with TritonServer(repository, exit_timeout_s=0):
-            pass
-    except ServerError as error:
-        pytest.skip(f"tritonserver cannot start on this machine: {error}")
-    return repository
+    return default_repository()
 
 
 @pytest.fixture(scope="module")
 def pair(repository: Path):
-    """Two servers of the default repository for the module."""
-    with TritonServer(repository, exit_timeout_s=0) as first, TritonServer(repository, exit_timeout_s=0) as second:
+    """Two servers of the default repository for the module; every test needs them, so that the module skips, with
+    the reason, where tritonserver cannot start (each start costs seconds: no separate probe)."""
+    try:
+        first = TritonServer(repository, exit_timeout_s=0).start()
+    except ServerError as error:
+        pytest.skip(f"tritonserver cannot start on this machine: {error}")
+    with first, TritonServer(repository, exit_timeout_s=0) as second:
         yield first, second
 
 
@@ -124,7 +123,7 @@ def test_two_servers_give_the_in_process_entries_and_per_server_throughput(
 
 
 def test_without_server_the_bundled_one_is_started_and_stopped_by_pid(
-    repository: Path, local: dict[str, dict[str, Any]], tmp_path: Path
+    repository: Path, pair: tuple[TritonServer, TritonServer], local: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
     result = bench("--runtime", "triton", "--method", "segcertify", "--images", "1", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output

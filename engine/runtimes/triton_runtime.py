@@ -427,13 +427,13 @@ class TritonRuntime:
 
     def statistics(self) -> dict[str, Any]:
         """Inference statistics of the ensemble and its steps, summed over the servers (cumulative since each
-        server started, over all of its clients): the per-stage timings of the served pipeline."""
+        server started, over all of its clients): the per-stage timings of the served pipeline. A server that
+        cannot be read is left out of this reading (whether it is gone is for the requests to find out)."""
         total: dict[str, dict[str, int]] = {}
         for endpoint in self._live():
             try:
                 statistics = server_statistics(endpoint.client, endpoint.address, (self.model, *self.pipeline.steps))
-            except ServerError as error:
-                self._lose(endpoint.address, error)
+            except ServerError:
                 continue
             for model, counters in statistics.items():
                 into = total.setdefault(model, {})
@@ -491,7 +491,7 @@ class TritonRuntime:
                 if error is not None and lane not in lanes:
                     pending.appendleft(chunk)  # sent before its server was found gone: the others take it
                 elif error is not None and _status(error) in GONE and len(lanes) > 1:
-                    self._lose(lane.address, error)
+                    self.lost[lane.address] = first_line(error)  # left out from now on, by every copy
                     lanes.remove(lane)
                     pending.appendleft(chunk)
                 elif error is not None:
@@ -531,13 +531,8 @@ class TritonRuntime:
             raise ServerError(f"no --server left: {self._lost_note()}")
         return live
 
-    def _lose(self, address: str, error: BaseException) -> None:
-        """Leave ``address`` out from now on (raises ``ServerError`` when it was the last one)."""
-        self.lost[address] = first_line(error)
-        self._live()
-
     def _lost_note(self) -> str:
-        return "; ".join(f"{address} lost ({why})" for address, why in self.lost.items())
+        return "; ".join(f"{address} lost ({why})" for address, why in list(self.lost.items()))  # other threads add
 
     def _retry_or_raise(self, chunk: _Chunk, lane: _Lane, error: BaseException, pending: deque, seed: int) -> None:
         chunk.attempts += 1
