@@ -197,3 +197,21 @@ def test_a_lost_server_hands_its_ranges_over_and_losing_all_keeps_a_resumable_fi
     resumed = entries(tmp_path)
     assert len(resumed) == IMAGES and all(resumed[k]["finished_at"] == kept[k]["finished_at"] for k in kept)
     same_certificates(resumed, local)
+
+
+def test_images_per_hour_and_per_server_rates_count_overlapping_entries_once() -> None:
+    from certseg.bench.tables import busy_seconds, server_rows
+
+    def entry(start: int, stop: int, samples: dict[str, int], lost: dict[str, str] | None = None) -> dict[str, Any]:
+        return {"started_at": f"2026-01-01T00:00:{start:02d}+00:00",
+                "finished_at": f"2026-01-01T00:00:{stop:02d}+00:00", "timings": {"total": stop - start},
+                "samples_by_server": samples, "lost_servers": lost or {}}
+
+    made = [entry(0, 10, {"a": 60, "b": 40}), entry(5, 15, {"a": 50, "b": 50}),
+            entry(20, 30, {"b": 100}, {"a": "gone"})]
+    assert busy_seconds(made) == 25.0  # [0, 15] and [20, 30]
+    rows = {r.address: r for r in server_rows(made)}
+    assert rows["b"].samples == 190 and rows["b"].samples_per_second == 190 / 25
+    assert rows["a"].samples == 110 and rows["a"].samples_per_second == 110 / 15 and rows["a"].lost
+    assert rows["all"].samples == 300 and rows["all"].share == 1.0
+    assert server_rows([{**made[0], "samples_by_server": None}]) == []
