@@ -110,17 +110,6 @@ def test_two_servers_give_the_in_process_entries_and_per_server_throughput(
     report = (tmp_path / "report.md").read_text()
     assert "### Triton servers" in report and servers[0] in report and "images/hour" in report
 
-    # a results file of other servers' pipeline is refused in one line before any sample
-    lines = read_lines(tmp_path / "results.jsonl")
-    for line in lines:
-        if line.get("kind") == "entry":
-            line["served"]["models_sha256"] = "another repository"
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    result = bench("--runtime", "triton", "--server", *servers, "--method", "segcertify", "--images", "3",
-                   "--out", str(tmp_path))
-    assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1
-    assert "served with other model files (models_sha256)" in result.output
-
 
 def test_without_server_the_bundled_one_is_started_and_stopped_by_pid(
     repository: Path, pair: tuple[TritonServer, TritonServer], local: dict[str, dict[str, Any]], tmp_path: Path
@@ -133,6 +122,18 @@ def test_without_server_the_bundled_one_is_started_and_stopped_by_pid(
     served = entries(tmp_path)
     assert [e["servers"] for e in served.values()] == [[started[0]["address"]]]
     same_certificates(served, local)
+
+    # servers of another repository: one line before any sample, and the server started for it stopped all the same
+    lines = read_lines(tmp_path / "results.jsonl")
+    for line in lines:
+        if line.get("kind") == "entry":
+            line["served"]["models_sha256"] = "another repository"
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = bench("--runtime", "triton", "--method", "segcertify", "--images", "2", "--out", str(tmp_path))
+    assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "served with other model files (models_sha256)" in result.output
+    started = [line for line in read_lines(tmp_path / "results.jsonl") if line.get("kind") == "server"]
+    assert len(started) == 2 and not Path(f"/proc/{started[1]['pid']}").exists()
 
 
 def _when(condition, timeout_s: float = 120.0) -> None:
