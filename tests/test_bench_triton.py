@@ -216,3 +216,15 @@ def test_images_per_hour_and_per_server_rates_count_overlapping_entries_once() -
     assert rows["a"].samples == 110 and rows["a"].samples_per_second == 110 / 15 and rows["a"].lost
     assert rows["all"].samples == 300 and rows["all"].share == 1.0
     assert server_rows([{**made[0], "samples_by_server": None}]) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runtime", "onnx", "--server", "127.0.0.1:1"], "--server runs the models on Triton servers; it does not go "
+                                                         "with --runtime onnx"),
+    (["--runtime", "triton", "--baseline"], "--baseline runs the models in this process"),
+    (["--server", "127.0.0.1:1", "--images-in-flight", "0"], "--images-in-flight and --in-flight must be >= 1"),
+])
+def test_server_options_that_cannot_work_are_one_line_before_any_server(args: list[str], message: str,
+                                                                        tmp_path: Path) -> None:
+    result = bench(*args, "--images", "1", "--out", str(tmp_path))
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1 and message in result.output
