@@ -163,7 +163,7 @@ def bench(
     servers = server_rows(entries)
     if servers:
         _print_table(console, "Triton servers (samples each answered, as the client counted)",
-                     *server_table(servers, entries))
+                     *server_table(servers))
     if any(r.stages for r in rows):
         _print_table(console, "Seconds per image by stage", *stage_table(rows))
     curves = radius_curves(entries)

@@ -139,7 +139,7 @@ def write_report(folder: Path, header: dict[str, Any] | None, entries: list[dict
         parts += ["### Triton servers", "",
                   "Samples each server answered (the client's count), over the wall time of the entries it took part "
                   "in; `all`: every server together, and the served entries per hour end to end.", "",
-                  markdown(*server_table(servers, entries))]
+                  markdown(*server_table(servers))]
     parts += ["### Time split per stage (mean seconds per image)", "",
              f"Stages: {', '.join(STAGES)} (see certseg.bench.timing).", "", markdown(*stage_table(rows))]
     comparisons = compare(entries)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -233,6 +233,8 @@ class ServerRow:
     """Its samples over the wall time of the entries it took part in (``busy_seconds``)."""
     lost: bool
     """Whether the client found it gone during the run (its ranges went to the others)."""
+    images_per_hour: float | None = None
+    """The ``all`` row: served entries per hour end to end (over ``busy_seconds`` of all of them)."""
 
 
 def server_rows(entries: Iterable[dict[str, Any]]) -> list[ServerRow]:
@@ -249,25 +251,24 @@ def server_rows(entries: Iterable[dict[str, Any]]) -> list[ServerRow]:
         lost.update(entry.get("lost_servers") or {})
     total = sum(samples for parts in by_server.values() for _, samples in parts)
 
-    def row(address: str, parts: list[tuple[dict[str, Any], int]], is_lost: bool) -> ServerRow:
+    def row(address: str, parts: list[tuple[dict[str, Any], int]], is_lost: bool = False) -> ServerRow:
         samples = sum(count for _, count in parts)
         seconds = busy_seconds(entry for entry, _ in parts)
         return ServerRow(address, len(parts), samples, samples / total if total else 0.0,
                          samples / seconds if seconds > 0 else None, is_lost)
 
     rows = sorted((row(a, parts, a in lost) for a, parts in by_server.items()), key=lambda r: (-r.samples, r.address))
-    return [*rows, row("all", [(e, sum(map(int, e["samples_by_server"].values()))) for e in served], False)]
+    everything = row("all", [(e, sum(map(int, e["samples_by_server"].values()))) for e in served])
+    return [*rows, replace(everything, images_per_hour=_per_hour(len(served), busy_seconds(served)))]
 
 
-def server_table(rows: list[ServerRow], entries: Iterable[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def server_table(rows: list[ServerRow]) -> tuple[list[str], list[list[str]]]:
     """Samples/s per server (what the client measured) and the served entries' end-to-end images/hour."""
-    served = [e for e in entries if e.get("samples_by_server") is not None]
-    per_hour = _per_hour(len(served), busy_seconds(served))
     header = ["server", "entries", "samples", "share %", "samples/s", "images/hour", "lost"]
     body = [[r.address, str(r.entries), str(r.samples), f"{100 * r.share:.1f}",
              "-" if r.samples_per_second is None else f"{r.samples_per_second:.1f}",
-             "-" if r.address != "all" or per_hour is None else f"{per_hour:.0f}",
-             "yes" if r.lost else ""] for r in rows]
+             "-" if r.images_per_hour is None else f"{r.images_per_hour:.0f}", "yes" if r.lost else ""]
+            for r in rows]
     return header, body
 
 

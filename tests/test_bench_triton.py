@@ -214,7 +214,8 @@ def test_images_per_hour_and_per_server_rates_count_overlapping_entries_once() -
     rows = {r.address: r for r in server_rows(made)}
     assert rows["b"].samples == 190 and rows["b"].samples_per_second == 190 / 25
     assert rows["a"].samples == 110 and rows["a"].samples_per_second == 110 / 15 and rows["a"].lost
-    assert rows["all"].samples == 300 and rows["all"].share == 1.0
+    assert rows["all"].samples == 300 and rows["all"].share == 1.0 and rows["all"].images_per_hour == 3 * 3600 / 25
+    assert rows["a"].images_per_hour is None
     assert server_rows([{**made[0], "samples_by_server": None}]) == []
 
 
