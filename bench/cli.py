@@ -6,7 +6,9 @@
 ``--method``, ``--sigma`` and ``--scale`` take several values, either space-separated after one flag (as above)
 or by repeating the flag (``--sigma 0.25 --sigma 0.5``): ``expand_multi_values`` rewrites the first form into
 the second before Typer parses. Without ``--dataset``/``--root`` the procedural held-out scenes are used.
-Results go to ``DIR/results.jsonl`` as they finish; rerunning the same command resumes.
+Results go to ``DIR/results.jsonl`` as they finish; rerunning the same command resumes. ``--runtime triton``
+certifies on ``--server HOST:PORT ...`` (or on the bundled tritonserver, started for the run), several images at
+once (``--images-in-flight``).
 """
 
 from __future__ import annotations
