@@ -6,7 +6,9 @@
 ``--method``, ``--sigma`` and ``--scale`` take several values, either space-separated after one flag (as above)
 or by repeating the flag (``--sigma 0.25 --sigma 0.5``): ``expand_multi_values`` rewrites the first form into
 the second before Typer parses. Without ``--dataset``/``--root`` the procedural held-out scenes are used.
-Results go to ``DIR/results.jsonl`` as they finish; rerunning the same command resumes.
+Results go to ``DIR/results.jsonl`` as they finish; rerunning the same command resumes. ``--runtime triton``
+certifies on ``--server HOST:PORT ...`` (or on the bundled tritonserver, started for the run), several images at
+once (``--images-in-flight``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from certseg.bench.config import GRID_AXES, BenchConfig, parse_size
-from certseg.engine.choices import Dataset, Method, Protocol
+from certseg.engine.choices import Dataset, Method, Protocol, SharedMemory
 from certseg.engine.commands.cli_common import (
     MaxPixelsOption,
     ThreadsOption,
@@ -34,7 +36,7 @@ from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.runtimes.process import enable_huge_pages
 from certseg.engine.runtimes.settings import Settings
 
-MULTI_VALUE_OPTIONS: tuple[str, ...] = ("--method", "--sigma", "--scale")
+MULTI_VALUE_OPTIONS: tuple[str, ...] = ("--method", "--sigma", "--scale", "--server")
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0], rich_markup_mode=None)
 
@@ -106,6 +108,18 @@ def bench(
     threads: ThreadsOption = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    server: Annotated[list[str] | None, typer.Option(
+        "--server", help="Triton gRPC endpoint HOST:PORT (repeat, or several values): certify on these servers "
+        "(implies --runtime triton); --runtime triton without --server starts the bundled tritonserver for the "
+        "run")] = None,
+    images_in_flight: Annotated[int, typer.Option(
+        help="--runtime triton: images certified at once, sharing the servers (the results do not depend on it)")] = 2,
+    in_flight: Annotated[int, typer.Option(help="--runtime triton: requests in flight per server and image")] = 2,
+    shared_memory: Annotated[SharedMemory, typer.Option(
+        help="--runtime triton: system shared memory with servers on this machine")] = SharedMemory.auto,
+    retries: Annotated[int, typer.Option(
+        help="--runtime triton: retries of a failed batch before the run stops (a lost server's batches go to the "
+        "others without using one)")] = 3,
 ) -> None:
     """Run every (image × method × σ × scale), print the paper's tables, write DIR/results.jsonl (resumable).
 
@@ -123,6 +137,8 @@ def bench(
         comparison_table,
         radius_curves,
         radius_table,
+        server_rows,
+        server_table,
         stage_table,
         throughput_table,
     )
@@ -141,7 +157,8 @@ def bench(
             scene_size=None if scene_size is None else parse_size(scene_size, "--scene-size"),
             write_data=write_data, resize=resize, protocol=protocol, seed=seed, out=out,
             baseline=baseline, save_labels=save_labels, stage_timing=stage_timing, threads=threads,
-            max_pixels=max_pixels, radius_map=radius_map,
+            max_pixels=max_pixels, radius_map=radius_map, servers=tuple(server or ()),
+            images_in_flight=images_in_flight, in_flight=in_flight, shared_memory=shared_memory, retries=retries,
         )
         run = prepare(config)
         entries = execute(run, show_progress=not quiet)
@@ -149,6 +166,10 @@ def bench(
     rows = aggregate(entries)
     _print_table(console, f"Certified segmentation — protocol {protocol_line(header)}", *accuracy_table(rows))
     _print_table(console, "Throughput", *throughput_table(rows))
+    servers = server_rows(entries)
+    if servers:
+        _print_table(console, "Triton servers (samples each answered, as the client counted)",
+                     *server_table(servers))
     if any(r.stages for r in rows):
         _print_table(console, "Seconds per image by stage", *stage_table(rows))
     curves = radius_curves(entries)

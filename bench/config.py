@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from certseg.engine.choices import Dataset, Method, Protocol, choice
+from certseg.engine.choices import Dataset, Method, Protocol, RuntimeName, SharedMemory, choice
 from certseg.engine.errors import InputError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.runtimes.process import huge_pages_enabled
@@ -83,10 +83,33 @@ class BenchConfig:
     threads: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images and label maps with more pixels are refused from their header, before decoding."""
+    servers: tuple[str, ...] = ()
+    """``--runtime triton``: the gRPC HOST:PORTs to certify on; none: the bundled tritonserver, started for the
+    run. Not compared on resume: the servers' ``SAMPLE_FIELDS`` are (entry by entry), whatever their addresses."""
+    in_flight: int = 2
+    """Requests in flight per server, per image (as ``certseg certify --in-flight``)."""
+    shared_memory: SharedMemory = SharedMemory.auto
+    retries: int = 3
+    images_in_flight: int = 2
+    """``--runtime triton``: images certified at once (a bounded pool sharing the servers); the certificates do not
+    depend on it (every entry's seed is ``image_seed``; the servers draw each sample's noise from it)."""
 
     def __post_init__(self) -> None:
-        """Choices as their enums, the runtime decided (as ``Session.open`` would), and the grid checked."""
-        object.__setattr__(self, "engine", self.engine.resolved())
+        """Choices as their enums, the runtime decided (as ``Session.open`` would, or triton with ``--server``),
+        and the grid and the server options checked."""
+        engine = self.engine
+        if self.servers and engine.runtime is None:
+            engine = replace(engine, runtime=RuntimeName.triton)
+        object.__setattr__(self, "engine", engine.resolved())
+        object.__setattr__(self, "servers", tuple(self.servers))
+        object.__setattr__(self, "shared_memory", choice(SharedMemory, self.shared_memory, "--shared-memory",
+                                                         InputError))
+        if self.servers and self.engine.runtime != RuntimeName.triton:
+            raise InputError(f"--server runs the models on Triton servers; it does not go with --runtime "
+                             f"{self.engine.runtime}")
+        if self.images_in_flight < 1 or self.in_flight < 1 or self.retries < 0:
+            raise InputError(f"--images-in-flight and --in-flight must be >= 1 and --retries >= 0, got "
+                             f"{self.images_in_flight}, {self.in_flight}, {self.retries}")
         object.__setattr__(self, "methods", tuple(choice(Method, m, "--method", InputError) for m in self.methods))
         object.__setattr__(self, "protocol", choice(Protocol, self.protocol, "--protocol", InputError))
         if self.dataset is not None:

@@ -25,6 +25,8 @@ from certseg.bench.tables import (
     markdown,
     radius_curves,
     radius_table,
+    server_rows,
+    server_table,
     stage_table,
     throughput_table,
 )
@@ -137,8 +139,16 @@ def write_report(folder: Path, header: dict[str, Any] | None, entries: list[dict
              "abstained pixels (void included), R = σ·Φ⁻¹(τ).", "", markdown(*accuracy_table(rows)),
              "## Throughput", "",
              "s/image = wall time per image; samples/s = (n0 + n) / sampling time; e2e includes the certify step; "
+             "images/hour = entries over the wall time they were being made (images in flight at once overlap); "
              "peak RSS is the process's peak so far (CPU), GPU peak the allocator's peak for the entry.", "",
-             markdown(*throughput_table(rows)), "### Time split per stage (mean seconds per image)", "",
+             markdown(*throughput_table(rows))]
+    servers = server_rows(entries)
+    if servers:
+        parts += ["### Triton servers", "",
+                  "Samples each server answered (the client's count), over the wall time of the entries it took part "
+                  "in; `all`: every server together, and the served entries per hour end to end.", "",
+                  markdown(*server_table(servers))]
+    parts += ["### Time split per stage (mean seconds per image)", "",
              f"Stages: {', '.join(STAGES)} (see certseg.bench.timing).", "", markdown(*stage_table(rows))]
     comparisons = compare(entries)
     if comparisons:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +74,14 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 class ResultsFile:
-    """Append-only JSON lines with a compatibility header."""
+    """Append-only JSON lines with a compatibility header; safe to append to from several threads (the images a
+    Triton bench has in flight)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.header: dict[str, Any] | None = None
         self.entries: dict[Key, dict[str, Any]] = {}
+        self._lock = threading.Lock()
 
     def open(self, header: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
         """Check (or write) the header and load the finished entries; refuses a file made with other settings.
@@ -109,15 +112,21 @@ class ResultsFile:
 
     def append(self, record: dict[str, Any]) -> None:
         """One line, flushed and fsync'd before returning: a finished entry survives any kill after this."""
-        append_line(self.path, record)
-        if record.get("kind") == "entry":
-            self.entries[entry_key(record)] = record
+        with self._lock:
+            append_line(self.path, record)
+            if record.get("kind") == "entry":
+                self.entries[entry_key(record)] = record
 
     def model_records(self, method: str) -> dict[str, Any] | None:
         """The models an earlier entry of ``method`` was made with (to refuse resuming with other weights)."""
-        for entry in self.entries.values():
-            if entry["method"] == method:
-                return entry["models"]
+        return self.recorded(method, "models")
+
+    def recorded(self, method: str, key: str) -> Any:
+        """``key`` of the first earlier entry of ``method`` that has it (None: no such entry)."""
+        with self._lock:
+            for entry in self.entries.values():
+                if entry["method"] == method and key in entry:
+                    return entry[key]
         return None
 
 

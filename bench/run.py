@@ -4,14 +4,20 @@ Images are the outer loop (each is read once, then certified under every setting
 per setting (models are cached by the engine, so each loads once), and an entry already in ``results.jsonl`` is
 never recomputed. The engine entry goes through ``certseg.engine.runtimes.session.Session.certify``, the call
 ``certseg certify`` makes, so its certificate equals ``certseg certify --seed <entry seed>`` on the same image.
+
+``--runtime triton``: the same per image, on the given servers or a bundled one started for the run
+(``certseg.bench.servers``), with ``images_in_flight`` images at once (``certseg.bench.pool``) sharing one
+connection per setting; the Triton client spreads each image's sample ranges over the servers and moves a lost
+server's ranges to the others.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,10 +28,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from certseg.bench import servers as served
 from certseg.bench.baseline import authors_certify
 from certseg.bench.config import BenchConfig, Setting, compat_defaults, image_seed
 from certseg.bench.datasets import BenchDataset, DatasetItem, open_dataset
 from certseg.bench.datasets.loader import detect
+from certseg.bench.pool import run_bounded
 from certseg.bench.protocols import ProtocolPreset, resolve_protocol
 from certseg.bench.results import Key, ResultsFile, ResumeError, labels_digest
 from certseg.bench.timing import StageTimer, gpu_peak_mib, peak_rss_mib, reset_gpu_peak
@@ -34,16 +42,17 @@ from certseg.engine.core.certify import radius
 from certseg.engine.core.metrics import CertifiedMetrics
 from certseg.engine.core.pipeline import CertifiedSegmentation
 from certseg.engine.core.radius import radius_table
-from certseg.engine.errors import InputError
+from certseg.engine.errors import InputError, ServerError
 from certseg.engine.files.images import default_palette, write_label_png
 from certseg.engine.maths.label_pipeline import LabelPipeline
-from certseg.engine.runtimes.backends import LocalBackend
+from certseg.engine.runtimes.backends import LocalBackend, TritonBackend
 from certseg.engine.runtimes.session import Session
+from certseg.engine.runtimes.settings import Settings
 from certseg.engine.runtimes.torch_runtime import resolve_device
 
-SUPPORTED_RUNTIMES: tuple[RuntimeName, ...] = (RuntimeName.torch, RuntimeName.onnx)
-"""Runtimes a local Session builds (onnx: graphs exported once from the same weights and cached); triton needs
-servers, which the bench does not start or take yet."""
+SUPPORTED_RUNTIMES: tuple[RuntimeName, ...] = (RuntimeName.torch, RuntimeName.onnx, RuntimeName.triton)
+"""torch and onnx run in this process (onnx: graphs exported once from the same weights and cached); triton on
+``--server``s, or on the bundled tritonserver started for the run."""
 
 
 @dataclass
@@ -55,6 +64,10 @@ class BenchRun:
     device: torch.device
     run_id: str
     protocol: ProtocolPreset
+
+    def engine_settings(self, setting: Setting) -> Settings:
+        """The engine settings of one grid cell under the run's protocol (what its Session is made with)."""
+        return self.protocol.engine_settings(self.config.session_settings(setting))
 
     def wanted_keys(self) -> list[Key]:
         return [
@@ -78,6 +91,9 @@ def prepare(config: BenchConfig) -> BenchRun:
             f"--runtime {config.engine.runtime}: the engine's Session does not build this runtime yet "
             f"(available: {', '.join(SUPPORTED_RUNTIMES)})"
         )
+    if config.baseline and config.engine.runtime == RuntimeName.triton:
+        raise InputError("--baseline runs the models in this process; it does not go with --runtime triton "
+                         "(run it with --runtime onnx on the same model files)")
     if config.threads:
         torch.set_num_threads(config.threads)
     kind = config.dataset or (Dataset.procedural if config.root is None else detect(config.root))
@@ -106,34 +122,28 @@ def prepare(config: BenchConfig) -> BenchRun:
 
 
 class _Sessions:
-    """One engine Session per setting, opened on first use, checked against the dataset and earlier entries."""
+    """One engine Session per setting, opened on first use (in-process) or over the setting's server connection
+    (``backends``), checked against the dataset and earlier entries."""
 
-    def __init__(self, run: BenchRun, timer: StageTimer | None) -> None:
+    def __init__(self, run: BenchRun, timer: StageTimer | None,
+                 backends: dict[Setting, TritonBackend] | None = None) -> None:
         self.run = run
         self.timer = timer
+        self.backends = backends
         self.open: dict[Setting, Session] = {}
         self.pipelines: dict[tuple[Setting, tuple[int, int]], LabelPipeline] = {}
 
     def get(self, setting: Setting) -> Session:
         if setting in self.open:
             return self.open[setting]
+        if self.backends is not None:  # checked once, when connected
+            self.open[setting] = Session(self.backends[setting])
+            return self.open[setting]
         config = self.run.config
-        session = Session.open(self.run.protocol.engine_settings(config.session_settings(setting)),
-                               threads=config.threads or None)
+        session = Session.open(self.run.engine_settings(setting), threads=config.threads or None)
         if self.timer is not None and session.settings.runtime == RuntimeName.torch:  # only torch entries split
             session.wrap_runtime = self.timer.wrap
-        if session.num_classes != self.run.dataset.num_classes:
-            raise InputError(
-                f"the segmenter {session.segmenter.name} predicts {session.num_classes} classes, but "
-                f"{self.run.dataset.name} has {self.run.dataset.num_classes}: pass a segmenter trained on it"
-            )
-        earlier = self.run.results.model_records(setting.method)
-        now = _model_records(session)
-        if earlier is not None and _hashes(earlier) != _hashes(now):
-            raise ResumeError(
-                f"{self.run.results.path} holds {setting.method} entries made with other model weights "
-                f"({_hashes(earlier)} vs {_hashes(now)}); use another --out"
-            )
+        _check_session(self.run, setting, session)
         self.open[setting] = session
         return session
 
@@ -149,6 +159,48 @@ class _Sessions:
                 self.timer.instrument(pipeline)
             self.pipelines[(setting, size)] = pipeline
         return self.pipelines[(setting, size)]
+
+
+def _check_session(run: BenchRun, setting: Setting, session: Session) -> None:
+    """The segmenter fits the dataset, and the models (and, served, the servers' pipeline) are those of the
+    earlier entries of this method."""
+    if session.num_classes != run.dataset.num_classes:
+        raise InputError(
+            f"the segmenter {session.segmenter.name} predicts {session.num_classes} classes, but "
+            f"{run.dataset.name} has {run.dataset.num_classes}: pass a segmenter trained on it"
+        )
+    earlier = run.results.model_records(setting.method)
+    now = _model_records(session)
+    if earlier is not None and _hashes(earlier) != _hashes(now):
+        raise ResumeError(
+            f"{run.results.path} holds {setting.method} entries made with other model weights "
+            f"({_hashes(earlier)} vs {_hashes(now)}); use another --out"
+        )
+    if isinstance(session.backend, TritonBackend):
+        served.check_sample_fields(run.results.recorded(setting.method, "served"), session.backend,
+                                   run.results.path, setting.method)
+
+
+@contextmanager
+def _connections(run: BenchRun, settings: list[Setting]) -> Iterator[dict[Setting, TritonBackend] | None]:
+    """For a Triton run: the servers (a bundled one started and, at the end, stopped) and one checked connection
+    per setting; None in-process."""
+    config = run.config
+    if config.engine.runtime != RuntimeName.triton or not settings:  # nothing to certify: no server either
+        yield None
+        return
+    with served.bench_servers(config) as pool:
+        if pool.started is not None:
+            run.results.append({"kind": "server", "run_id": run.run_id, "started": _now(), **pool.started})
+        backends: dict[Setting, TritonBackend] = {}
+        try:
+            for setting in settings:
+                backends[setting] = served.connect(config, run.engine_settings(setting), pool)
+                _check_session(run, setting, Session(backends[setting]))
+            yield backends
+        finally:
+            for backend in backends.values():
+                backend.close()
 
 
 def _model_records(session: Session) -> dict[str, Any]:
@@ -201,7 +253,8 @@ def _entry(
         "gpu_peak_mib": gpu_peak_mib(run.device),
         "device": str(run.device),
         "batch": 1 if variant == "baseline" else engine.batch,
-        "precision": "fp32" if variant == "baseline" else engine.precision.value,
+        "precision": "fp32" if variant == "baseline" else str(session.settings.precision),
+        "runtime": str(session.settings.runtime),
         "models": _model_records(session),
         **extra,
     }
@@ -217,6 +270,8 @@ def _certify_engine(
     if timer is not None:
         timer.reset()
     reset_gpu_peak(run.device)
+    remote = served.served_runtime(session, (int(image.shape[-2]), int(image.shape[-1])))
+    before = {} if remote is None else dict(remote.samples_served)
     result, record = session.certify(image, seed=seed, progress=progress)
     took = record.timings
     timings = {"selection": took.selection, "estimation": took.estimation, "certify": took.certify,
@@ -229,6 +284,7 @@ def _certify_engine(
         "pipeline": record.pipeline.record(),
         "min_agreements": result.certificate.min_agreements,
         "non_finite": dict(record.non_finite),
+        **({} if remote is None else served.served_record(remote, session, before)),
     }
     if run.config.radius_map:
         extra["radius_map"] = radius_record(result, target, run.config.engine.alpha, run.dataset.ignore_index)
@@ -306,49 +362,88 @@ def _progress(console: Console) -> Progress:
     )
 
 
+class _Bars:
+    """The progress bars (or none): entries done, and samples, either of the entry under way (one image at a
+    time) or of every pending entry together (several images in flight)."""
+
+    def __init__(self, console: Console, show: bool, entries: int, samples: int, per_entry: bool) -> None:
+        self.progress = _progress(console) if show else None
+        self.samples = samples
+        self.per_entry = per_entry
+        if self.progress is not None:
+            self.entries_task = self.progress.add_task("entries", total=entries)
+            self.samples_task = self.progress.add_task("samples", total=samples * (1 if per_entry else entries))
+
+    def __enter__(self) -> _Bars:
+        if self.progress is not None:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def entry_started(self, description: str) -> None:
+        if self.progress is not None and self.per_entry:
+            self.progress.reset(self.samples_task, total=self.samples, description=description)
+
+    def advance(self, samples: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.samples_task, samples)
+
+    def entry_done(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.entries_task)
+
+
+def _certify_item(run: BenchRun, sessions: _Sessions, timer: StageTimer | None, bars: _Bars, item: DatasetItem,
+                  keys: list[Key], stop: threading.Event) -> None:
+    """Every pending entry of one image, appended to the results as each finishes (none more once ``stop``)."""
+    image, target = item.load()
+    run.protocol.check_image(item.id, image.shape[1:])
+    seed = image_seed(run.config.seed, item.index)
+    for _, method, sigma, scale, variant in keys:
+        if stop.is_set():
+            return
+        setting = Setting(method, scale, sigma)
+        bars.entry_started(f"{item.id} {setting.label()} {variant}")
+        started = _now()
+        certify = _certify_engine if variant == "engine" else _certify_baseline
+        entry, labels = certify(run, sessions, timer, item, setting, image, target, seed, bars.advance)
+        entry["started_at"] = started
+        run.results.append(entry)
+        if run.config.save_labels:
+            _save_labels(run, sessions.get(setting), entry, labels)
+        bars.entry_done()
+
+
 def execute(run: BenchRun, *, console: Console | None = None, show_progress: bool = True) -> list[dict[str, Any]]:
-    """Compute every missing entry (appending each as it finishes); returns this run's entries in key order."""
+    """Compute every missing entry (appending each as it finishes); returns this run's entries in key order.
+
+    In-process, one image at a time; on Triton servers, ``images_in_flight`` at once. A server error ends the run
+    in one line that says the finished entries are kept (a rerun resumes)."""
     config = run.config
     console = console or Console(stderr=True)
     done = set(run.results.entries)
     pending = [k for k in run.wanted_keys() if k not in done]
-    timer = StageTimer(run.device) if config.stage_timing else None
-    sessions = _Sessions(run, timer)
+    triton = config.engine.runtime == RuntimeName.triton
+    timer = StageTimer(run.device) if config.stage_timing and not triton else None
     by_item: dict[str, list[Key]] = {}
     for key in pending:
         by_item.setdefault(key[0], []).append(key)
-    samples = config.engine.n0 + config.engine.n
+    work = [(item, by_item[item.id]) for item in run.items if item.id in by_item]
+    settings = list(dict.fromkeys(Setting(method, scale, sigma) for _, method, sigma, scale, _ in pending))
     if run.dataset.description.get("warning"):
         console.print(f"[yellow]warning:[/] {run.dataset.description['warning']}")
-    bar = _progress(console) if show_progress else None
+    width = min(config.images_in_flight, len(work)) if triton else 1
+    bars = _Bars(console, show_progress, len(pending), config.engine.n0 + config.engine.n, per_entry=width == 1)
     try:
-        with bar if bar is not None else nullcontext():
-            entries_task = bar.add_task("entries", total=len(pending)) if bar else None
-            samples_task = bar.add_task("samples", total=samples) if bar else None
-            for item in run.items:
-                keys = by_item.get(item.id)
-                if not keys:
-                    continue
-                image, target = item.load()
-                run.protocol.check_image(item.id, image.shape[1:])
-                seed = image_seed(config.seed, item.index)
-                for _, method, sigma, scale, variant in keys:
-                    setting = Setting(method, scale, sigma)
-                    if bar is not None:
-                        bar.reset(samples_task, total=samples,
-                                  description=f"{item.id} {setting.label()} {variant}")
-
-                    def advance(k: int) -> None:
-                        if bar is not None:
-                            bar.advance(samples_task, k)
-
-                    certify = _certify_engine if variant == "engine" else _certify_baseline
-                    entry, labels = certify(run, sessions, timer, item, setting, image, target, seed, advance)
-                    run.results.append(entry)
-                    if config.save_labels:
-                        _save_labels(run, sessions.get(setting), entry, labels)
-                    if bar is not None:
-                        bar.advance(entries_task)
+        with _connections(run, settings) as backends, bars:
+            workspaces = [_Sessions(run, timer, backends) for _ in range(max(width, 1))]
+            run_bounded(work, workspaces,
+                        lambda sessions, job, stop: _certify_item(run, sessions, timer, bars, *job, stop))
+    except ServerError as error:
+        raise ServerError(f"{error} (the finished entries stay in {run.results.path}: rerun to resume)") from None
     finally:
         if timer is not None:
             timer.close()

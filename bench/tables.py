@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,9 @@ class Row:
     samples_per_second: float
     """Sampling throughput: (n0 + n) samples over the sampling time (selection + estimation)."""
     end_to_end_samples_per_second: float
+    images_per_hour: float | None = None
+    """End to end: the row's entries over the wall time during which they were being made (``busy_seconds``),
+    so images certified at once (``--images-in-flight``) and the time between entries count as they happened."""
     stages: dict[str, float] = field(default_factory=dict)
     """Mean seconds per image per stage (empty when stage timing was off)."""
     peak_rss_mib: float = 0.0
@@ -61,6 +65,30 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
+def _interval(entry: dict[str, Any]) -> tuple[float, float]:
+    """When an entry was being made, in POSIX seconds (entries written before ``started_at`` existed: its total time
+    back from when it finished)."""
+    finished = datetime.fromisoformat(entry["finished_at"]).timestamp()
+    started = entry.get("started_at")
+    return (finished - float(entry["timings"]["total"]) if started is None
+            else datetime.fromisoformat(started).timestamp()), finished
+
+
+def busy_seconds(entries: Iterable[dict[str, Any]]) -> float:
+    """The wall time covered by the entries' [started, finished] intervals, overlaps counted once: the time the
+    run spent making them, without the pauses between interrupted and resumed runs."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(_interval(e) for e in entries):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def _per_hour(count: int, seconds: float) -> float | None:
+    return 3600.0 * count / seconds if seconds > 0 else None
+
+
 def _row(group: tuple[str, str, float, float], entries: list[dict[str, Any]]) -> Row:
     variant, method, scale, sigma = group
     metrics = _metrics(entries)
@@ -79,6 +107,7 @@ def _row(group: tuple[str, str, float, float], entries: list[dict[str, Any]]) ->
         certify_seconds_per_image=sum(e["timings"]["certify"] for e in entries) / count,
         samples_per_second=samples / sampling if sampling else 0.0,
         end_to_end_samples_per_second=samples / total if total else 0.0,
+        images_per_hour=_per_hour(count, busy_seconds(entries)),
         stages=stages,
         peak_rss_mib=max(float(e.get("peak_rss_mib") or 0.0) for e in entries),
         gpu_peak_mib=max((e["gpu_peak_mib"] for e in entries if e.get("gpu_peak_mib") is not None), default=None),
@@ -185,15 +214,68 @@ def accuracy_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
 def throughput_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """Seconds per image, samples/s (sampling only and end to end) and peak memory."""
     header = ["variant", "scale", "method", "σ", "s/image", "sampling s", "certify s", "samples/s", "samples/s e2e",
-              "peak RSS MiB", "GPU peak MiB", "GPU util %"]
+              "images/hour", "peak RSS MiB", "GPU peak MiB", "GPU util %"]
     body = [
         [r.variant, f"{r.scale:.2f}", r.method, f"{r.sigma:.2f}", f"{r.seconds_per_image:.3f}",
          f"{r.sampling_seconds_per_image:.3f}", f"{r.certify_seconds_per_image:.4f}", f"{r.samples_per_second:.1f}",
-         f"{r.end_to_end_samples_per_second:.1f}", f"{r.peak_rss_mib:.0f}",
+         f"{r.end_to_end_samples_per_second:.1f}", "-" if r.images_per_hour is None else f"{r.images_per_hour:.0f}",
+         f"{r.peak_rss_mib:.0f}",
          "-" if r.gpu_peak_mib is None else f"{r.gpu_peak_mib:.0f}",
          "-" if r.gpu_utilization is None else f"{r.gpu_utilization:.0f}"]
         for r in rows
     ]
+    return header, body
+
+
+@dataclass(frozen=True)
+class ServerRow:
+    """One Triton server's part in the served entries, as the client counted it."""
+
+    address: str
+    entries: int
+    """Entries it answered samples of."""
+    samples: int
+    share: float
+    samples_per_second: float | None
+    """Its samples over the wall time of the entries it took part in (``busy_seconds``)."""
+    lost: bool
+    """Whether the client found it gone during the run (its ranges went to the others)."""
+    images_per_hour: float | None = None
+    """The ``all`` row: served entries per hour end to end (over ``busy_seconds`` of all of them)."""
+
+
+def server_rows(entries: Iterable[dict[str, Any]]) -> list[ServerRow]:
+    """Per-server throughput over the served entries (``samples_by_server``), busiest first, plus an ``all`` row
+    (every server's samples over the wall time of all served entries); empty for in-process runs."""
+    served = [e for e in entries if e.get("samples_by_server") is not None]
+    if not served:
+        return []
+    by_server: dict[str, list[tuple[dict[str, Any], int]]] = defaultdict(list)
+    lost: set[str] = set()
+    for entry in served:
+        for address, samples in entry["samples_by_server"].items():
+            by_server[address].append((entry, int(samples)))
+        lost.update(entry.get("lost_servers") or {})
+    total = sum(samples for parts in by_server.values() for _, samples in parts)
+
+    def row(address: str, parts: list[tuple[dict[str, Any], int]], is_lost: bool = False) -> ServerRow:
+        samples = sum(count for _, count in parts)
+        seconds = busy_seconds(entry for entry, _ in parts)
+        return ServerRow(address, len(parts), samples, samples / total if total else 0.0,
+                         samples / seconds if seconds > 0 else None, is_lost)
+
+    rows = sorted((row(a, parts, a in lost) for a, parts in by_server.items()), key=lambda r: (-r.samples, r.address))
+    everything = row("all", [(e, sum(map(int, e["samples_by_server"].values()))) for e in served])
+    return [*rows, replace(everything, images_per_hour=_per_hour(len(served), busy_seconds(served)))]
+
+
+def server_table(rows: list[ServerRow]) -> tuple[list[str], list[list[str]]]:
+    """Samples/s per server (what the client measured) and the served entries' end-to-end images/hour."""
+    header = ["server", "entries", "samples", "share %", "samples/s", "images/hour", "lost"]
+    body = [[r.address, str(r.entries), str(r.samples), f"{100 * r.share:.1f}",
+             "-" if r.samples_per_second is None else f"{r.samples_per_second:.1f}",
+             "-" if r.images_per_hour is None else f"{r.images_per_hour:.0f}", "yes" if r.lost else ""]
+            for r in rows]
     return header, body
 
 

@@ -349,8 +349,9 @@ def test_onnx_runtime_entries_match_certseg_certify_on_onnx(
 def test_clear_errors_for_missing_data_and_mismatched_classes(models: SimpleNamespace, tmp_path: Path) -> None:
     result = runner.invoke(cli.app, ["--dataset", "cityscapes", "--root", str(tmp_path / "nowhere"), "--quiet"])
     assert result.exit_code == 2 and "leftImg8bit/val/<city>" in result.output
-    result = runner.invoke(cli.app, ["--runtime", "triton", "--images", "1", "--out", str(tmp_path / "triton")])
-    assert result.exit_code == 2 and "does not build this runtime yet" in result.output
+    result = runner.invoke(cli.app, ["--runtime", "triton", "--baseline", "--images", "1", "--out",
+                                     str(tmp_path / "triton")])
+    assert result.exit_code == 2 and "--baseline runs the models in this process" in result.output
     root = tmp_path / "cityscapes"
     Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(_mkdir(root / "leftImg8bit/val/x") / "x_0_0_leftImg8bit.png")
     Image.fromarray(np.zeros((8, 16), np.uint8)).save(_mkdir(root / "gtFine/val/x") / "x_0_0_gtFine_labelIds.png")

@@ -82,6 +82,9 @@ def request_values(*, seed: int, start: int, count: int, sigma: float, timestep:
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
 PERMANENT = frozenset({"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED"})
 """gRPC statuses that a retry cannot fix (a malformed request, a missing model)."""
+GONE = frozenset({"StatusCode.UNAVAILABLE"})
+"""gRPC statuses of a server that is gone (connection refused or reset): while other servers of the pool remain,
+it gets no more requests from this runtime, and its failed ranges go to the others without using up a retry."""
 MAX_REQUEST_BYTES = "max_request_bytes"
 DEFAULT_MAX_REQUEST_BYTES = 256 * 2**20
 """Default per-request limit on the noisy images a request makes (COUNT x C x H x W float32, the largest tensor of
@@ -169,6 +172,11 @@ class ServedPipeline:
         if key in ("num_classes", "steps", "inputs"):
             return getattr(self, key)
         return self.metadata.get(key)
+
+    def sample_fields(self) -> dict[str, Any]:
+        """Every ``SAMPLE_FIELDS`` value by key: what decides the samples and what the labels mean, which results
+        record so that a run on servers that would answer otherwise is refused (``check_pool`` across a pool)."""
+        return {key: self.field(key) for _, key in SAMPLE_FIELDS}
 
 
 def check_pool(pipelines: Sequence[ServedPipeline]) -> None:
@@ -319,7 +327,9 @@ class TritonRuntime:
     where the image is so large that ``batch`` samples would exceed the servers' ``max_request_bytes``),
     ``in_flight`` requests per server at once. ``shared_memory``: "auto" uses system shared memory with
     servers on this machine and falls back to the socket if a server refuses it; "on" insists; "off" never.
-    A failed request is retried ``retries`` times (on any server), then ``ServerError`` stops the run.
+    A failed request is retried ``retries`` times (on any server), then ``ServerError`` stops the run. A server
+    that is gone (``GONE``) while others remain is lost for the rest of this runtime's life (``lost``), and its
+    ranges go to the others; the last one left gets the retries, and its final error names the servers lost before.
     ``timeout_s`` bounds one request; at the end of a call, regions the server still uses for requests the
     client gave up on are unregistered once it is done with them, waiting at most ``drain_s``.
     """
@@ -379,6 +389,11 @@ class TritonRuntime:
         """Per server, how many requests it answered in the last ``labels`` call (how the range was split)."""
         self.retired: dict[str, int] = {}
         """Per server, how many output regions the last ``labels`` call retired after a failed request."""
+        self.samples_served: dict[str, int] = {}
+        """Per server, how many samples it answered over every ``labels`` call of this runtime (not reset per call,
+        so a certification's selection and estimation both count: the bench's per-server throughput)."""
+        self.lost: dict[str, str] = {}
+        """Servers found gone, with why; shared with the ``with_pipeline`` copies (the same connections)."""
 
     @property
     def servers(self) -> list[str]:
@@ -390,7 +405,7 @@ class TritonRuntime:
         """The same servers and connections for another pipeline spec (closing it leaves them open)."""
         other = copy.copy(self)
         other.timestep, other.seg_size, other.antialias = timestep, seg_size, antialias
-        other.uses_shared_memory, other.answered, other.retired = {}, {}, {}
+        other.uses_shared_memory, other.answered, other.retired, other.samples_served = {}, {}, {}, {}
         other._owner = False
         return other
 
@@ -412,11 +427,15 @@ class TritonRuntime:
 
     def statistics(self) -> dict[str, Any]:
         """Inference statistics of the ensemble and its steps, summed over the servers (cumulative since each
-        server started, over all of its clients): the per-stage timings of the served pipeline."""
+        server started, over all of its clients): the per-stage timings of the served pipeline. A server that
+        cannot be read is left out of this reading (whether it is gone is for the requests to find out)."""
         total: dict[str, dict[str, int]] = {}
-        for endpoint in self._endpoints:
-            for model, counters in server_statistics(endpoint.client, endpoint.address,
-                                                     (self.model, *self.pipeline.steps)).items():
+        for endpoint in self._live():
+            try:
+                statistics = server_statistics(endpoint.client, endpoint.address, (self.model, *self.pipeline.steps))
+            except ServerError:
+                continue
+            for model, counters in statistics.items():
                 into = total.setdefault(model, {})
                 for key, value in counters.items():
                     into[key] = into.get(key, 0) + value
@@ -439,7 +458,7 @@ class TritonRuntime:
         if not total:
             return
         with ExitStack() as stack:
-            lanes = [self._lane(endpoint, image, batch, stack) for endpoint in self._endpoints]
+            lanes = [self._lane(endpoint, image, batch, stack) for endpoint in self._live()]
             self.answered = dict.fromkeys(self.servers, 0)
             self.retired = dict.fromkeys(self.servers, 0)
             events: queue.Queue = queue.Queue()
@@ -463,12 +482,19 @@ class TritonRuntime:
                     try:
                         done[chunk.index] = self._read(lane, slot, chunk, result, image.shape[1:])  # a copy
                         self.answered[lane.address] += 1
+                        self.samples_served[lane.address] = self.samples_served.get(lane.address, 0) + chunk.count
                     except Exception as read_error:  # noqa: BLE001 - a malformed answer is a failed attempt
                         error = read_error
                 if error is not None:
                     self._retire(lane, slot)  # before the slot is free again: its region is never reused
                 lane.free_slots.append(slot)
-                if error is not None:
+                if error is not None and lane not in lanes:
+                    pending.appendleft(chunk)  # sent before its server was found gone: the others take it
+                elif error is not None and _status(error) in GONE and len(lanes) > 1:
+                    self.lost[lane.address] = first_line(error)  # left out from now on, by every copy
+                    lanes.remove(lane)
+                    pending.appendleft(chunk)
+                elif error is not None:
                     self._retry_or_raise(chunk, lane, error, pending, seed)
                 while next_index in done:
                     yield done.pop(next_index)
@@ -498,13 +524,25 @@ class TritonRuntime:
             )
         return max(1, min(self.batch, self.max_request_bytes // per_sample))
 
+    def _live(self) -> list[_Endpoint]:
+        """The servers not lost; with none left, ``ServerError`` names every one and why it was lost."""
+        live = [endpoint for endpoint in self._endpoints if endpoint.address not in self.lost]
+        if not live:
+            raise ServerError(f"no --server left: {self._lost_note()}")
+        return live
+
+    def _lost_note(self) -> str:
+        return "; ".join(f"{address} lost ({why})" for address, why in list(self.lost.items()))  # other threads add
+
     def _retry_or_raise(self, chunk: _Chunk, lane: _Lane, error: BaseException, pending: deque, seed: int) -> None:
         chunk.attempts += 1
         what = f"samples [{chunk.start}, {chunk.start + chunk.count}) of seed {seed}"
+        lost = f"; before that {self._lost_note()}" if self.lost else ""
         if _status(error) in PERMANENT:
-            raise ServerError(f"{lane.address} refused {what}: {first_line(error)}")
+            raise ServerError(f"{lane.address} refused {what}: {first_line(error)}{lost}")
         if chunk.attempts > self.retries:
-            raise ServerError(f"{what} failed {chunk.attempts} times (last on {lane.address}): {first_line(error)}")
+            raise ServerError(f"{what} failed {chunk.attempts} times (last on {lane.address}): {first_line(error)}"
+                              f"{lost}")
         chunk.not_before = time.monotonic() + self.retry_delay_s * 2 ** (chunk.attempts - 1)
         pending.appendleft(chunk)
 
@@ -687,9 +725,10 @@ def server_statistics(client: Any, address: str, models: Sequence[str] | None = 
 
 
 def statistics_delta(after: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
-    """``after - before`` per model and counter (statistics are cumulative since the server started)."""
+    """``after - before`` per model and counter (statistics are cumulative since the server started); never below
+    0, as a server lost between the two readings drops out of ``after`` (its part of that interval is then missing)."""
     return {
-        model: {key: value - before.get(model, {}).get(key, 0) for key, value in counters.items()}
+        model: {key: max(0, value - before.get(model, {}).get(key, 0)) for key, value in counters.items()}
         for model, counters in after.items()
     }
 
