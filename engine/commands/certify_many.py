@@ -129,12 +129,13 @@ def certify_many(
     Raises, with nothing more certified, on what concerns the whole run: bad settings, no image found, two images
     with one stem, a bad ``out`` or ``labels`` folder, models or servers that cannot be used.
     """
+    labels = None if labels is None else Path(labels)
     template = CertifyRequest(image=Path(), settings=settings or Settings(), seed=seed, out=Path(out),
                               labels=labels, **options)
     check_threads(template.threads)
     template.settings.validate(1)  # the settings themselves; enough samples for each image's pixels: below
     listed = images if isinstance(images, ImageList) else expand_images(images)
-    if labels is not None and not listed.single_file and not Path(labels).is_dir():
+    if labels is not None and not listed.single_file and not labels.is_dir():
         raise InputError(f"--labels {labels}: with several images, give a folder holding <stem>{LABEL_SUFFIX} "
                          "for each image")
     check_output_folder(template.out)
