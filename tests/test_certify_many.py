@@ -145,6 +145,23 @@ def test_skip_existing_resumes_and_redoes_nothing(tmp_path: Path, opened: list[o
     opened.clear()
     done = certify(tmp_path / "d", images["e"], "--out", out, "--skip-existing", *FAST)
     assert done.exit_code == 0 and "0 certified, 3 skipped, 0 failed" in done.stdout and opened == []
+    alone = certify(images["e"], "--out", out, "--skip-existing", *FAST)  # one file: skipped the same way
+    assert alone.exit_code == 0 and "0 certified, 1 skipped, 0 failed of 1 images" in alone.stdout and opened == []
+
+
+@needs_shipped
+def test_an_image_over_the_pixel_limit_fails_from_its_header_and_the_others_go_on(tmp_path: Path) -> None:
+    from test_io import png_header_only
+
+    crops(tmp_path)
+    (tmp_path / "d" / "bad.png").unlink()
+    bomb = png_header_only(tmp_path / "d" / "bomb.png", 14000, 14000)  # 100 bytes claiming 196 M pixels
+    result = certify(tmp_path / "d", "--out", tmp_path / "out", *FAST)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"certseg: {bomb}: 14000x14000 = 196,000,000 pixels exceeds the limit of 4,194,304 pixels (raise it with "
+        "--max-pixels 196000000 if memory allows)"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == ["a.json", "b.json"]
 
 
 @needs_shipped
