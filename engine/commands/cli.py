@@ -39,7 +39,7 @@ def main_callback() -> None:
 def certify(
     images: Annotated[list[str], typer.Argument(
         help="images to certify (PNG 8/16-bit, JPEG; RGB, RGBA or gray): files, folders (the images directly inside) "
-        "or quoted glob patterns ('data/**/*.png'); one output set per image", metavar="IMAGE...")],
+        "or quoted glob patterns ('data/**/*.png'); one output set per image", metavar="IMAGE")],
     settings: Settings,
     seed: Annotated[int | None, typer.Option(
         help="root seed (drawn and recorded when omitted); one image file: its seed, several: image k gets "
