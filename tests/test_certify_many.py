@@ -194,3 +194,29 @@ def test_run_wide_refusals_are_one_line_before_any_work(tmp_path: Path, opened: 
     lines = result.stderr.strip().splitlines()
     assert result.exit_code != 0 and len(lines) == 1 and message in lines[0], result.output
     assert opened == [] and not (tmp_path / "out").exists()
+
+
+@needs_shipped
+def test_ctrl_c_keeps_the_images_already_certified(tmp_path: Path) -> None:
+    """SIGINT once the first image's JSON is written: exit 130, one line, that image's outputs stay, none of the
+    second image's (nor a temporary file) is left."""
+    import subprocess
+    import sys
+
+    from conftest import interrupt_when
+
+    with Image.open(EXAMPLE) as street:
+        street = street.convert("RGB")
+        (tmp_path / "d").mkdir()
+        street.crop((0, 48, 64, 80)).save(tmp_path / "d" / "a.png")
+        street.resize((1024, 512)).save(tmp_path / "d" / "b.png")  # minutes at n = 400: interrupted long before
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "certseg.engine.commands.cli", "certify", str(tmp_path / "d"), "--out", str(out),
+         *FAST, "--n", "400"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    stderr = interrupt_when(process, lambda: (out / "a.json").exists(), wait_s=300)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "certseg: interrupted" and "Traceback" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.certified.png", "a.json", "a.overlay.png"]
