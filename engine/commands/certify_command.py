@@ -1,4 +1,7 @@
-"""What ``certseg certify`` does: read, validate, certify with a progress bar, write the three outputs.
+"""What ``certseg certify IMAGE`` does: read, validate, certify with a progress bar, write the three outputs.
+
+``certify_loaded`` is the part after the models are open, shared with ``certify_many`` (several images, one
+session).
 
 In-process or against Triton servers (``servers``): the same session interface, the same outputs, and in
 both cases nothing is written unless certification finished. Everything that can be checked before sampling

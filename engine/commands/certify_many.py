@@ -59,7 +59,8 @@ class ImageOutcome:
     message: str
     """The line printed for it: its summary, why it failed, or why it was skipped."""
     seed: int | None = None
-    """The seed it was (or would have been) certified with; None for a one-file run without ``seed``."""
+    """The seed it was (or would have been) certified with; None where a one-file run without ``seed`` would have
+    drawn one."""
     report: dict[str, Any] | None = None
     """The JSON written for it, when certified."""
 
@@ -202,7 +203,8 @@ def _certify_pending(
                         bar.drop(per_image - drawn)  # its samples will not be drawn
                     done(ImageOutcome(path, index, Status.failed, _failure(error, path), request.seed))
                     continue
-                done(ImageOutcome(path, index, Status.certified, f"{path}: {made.summary}", request.seed, made.report))
+                seed = int(made.report["seed"])  # as used: drawn in a one-file run without a seed
+                done(ImageOutcome(path, index, Status.certified, f"{path}: {made.summary}", seed, made.report))
     finally:
         session.close()
 
