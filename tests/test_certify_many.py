@@ -220,3 +220,38 @@ def test_ctrl_c_keeps_the_images_already_certified(tmp_path: Path) -> None:
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "certseg: interrupted" and "Traceback" not in stderr
     assert sorted(p.name for p in out.iterdir()) == ["a.certified.png", "a.json", "a.overlay.png"]
+
+
+@needs_shipped
+def test_several_images_on_a_server_share_one_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--server: one Session.connect for all images, each image's seed derived as in-process."""
+    pytest.importorskip("tritonclient.grpc")
+    from certseg.engine.errors import ServerError
+    from certseg.engine.runtimes.serve import TritonServer
+    from certseg.engine.runtimes.session import Session
+    from certseg.export.default_repository import default_repository
+
+    connected: list[object] = []
+    real = Session.connect.__func__
+
+    def counted(cls, *args, **kwargs):
+        connected.append(args)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "connect", classmethod(counted))
+    crops(tmp_path)
+    (tmp_path / "d" / "bad.png").unlink()
+    try:
+        server = TritonServer(default_repository(max_batch=16), exit_timeout_s=0).start()
+    except ServerError as error:
+        pytest.skip(f"tritonserver cannot start on this machine: {error}")
+    try:
+        result = certify(tmp_path / "d", tmp_path / "g", "--server", server.grpc_address, "--seed", "2",
+                         "--out", tmp_path / "out", *FAST)
+    finally:
+        server.stop()
+    assert result.exit_code == 0, result.output
+    assert len(connected) == 1
+    reports = [json.loads((tmp_path / "out" / f"{stem}.json").read_text()) for stem in "abc"]
+    assert [(r["seed"], r["image_index"]) for r in reports] == [(image_seed(2, k), k) for k in range(3)]
+    assert all(r["device"] == f"triton:{server.grpc_address}" for r in reports)
