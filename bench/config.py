@@ -1,11 +1,11 @@
 """What a bench run is: the options, the grid of settings they span, and the seed of every entry.
 
 Seeds: every entry of image ``index`` (its position in the dataset's protocol order) uses the root seed
-``image_seed(S, index)`` = the first 64-bit word of ``numpy.random.SeedSequence([S, index])``, shifted right by one
-(63 bits, like ``certseg``'s own seeds). ``S`` is ``--seed`` (default 0). The seed does not depend on the method,
-σ or scale: all settings of one image see the same standard-normal draws (common random numbers, so differences
-between settings are not noise), and ``certseg certify --seed <entry seed>`` on the same image and settings
-reproduces an entry exactly.
+``image_seed(S, index)`` (``certseg.engine.seeds``: the first 64-bit word of ``numpy.random.SeedSequence([S,
+index])``, shifted right by one; ``certseg certify`` seeds several images by the same rule). ``S`` is ``--seed``
+(default 0). The seed does not depend on the method, σ or scale: all settings of one image see the same
+standard-normal draws (common random numbers, so differences between settings are not noise), and
+``certseg certify --seed <entry seed>`` on the same image and settings reproduces an entry exactly.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from certseg.engine.choices import Dataset, Method, Protocol, RuntimeName, SharedMemory, choice
 from certseg.engine.errors import InputError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.runtimes.process import huge_pages_enabled
 from certseg.engine.runtimes.settings import Settings
+from certseg.engine.seeds import image_seed  # noqa: F401  (re-exported: the bench's name for the rule)
 
 VARIANTS: tuple[str, ...] = ("engine", "baseline")
 RESULTS_FILE = "results.jsonl"
@@ -30,13 +29,6 @@ COMPAT = {"compat": True}
 NOT_COMPAT: tuple[str, ...] = ("batch",)
 """Engine settings that change no entry's numbers (noise is drawn per sample index, whatever the batch), so a run
 may resume a results file made with another value (or ``auto``)."""
-
-
-def image_seed(root_seed: int, index: int) -> int:
-    """The root seed of every entry of protocol image ``index`` (see the module docstring)."""
-    if root_seed < 0 or index < 0:
-        raise InputError(f"--seed and image indices must be >= 0, got {root_seed}, {index}")
-    return int(np.random.SeedSequence([int(root_seed), int(index)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 @dataclass(frozen=True, order=True)

@@ -115,7 +115,7 @@ def test_same_seed_same_certificate_and_segcertify_runs(tmp_path: Path) -> None:
         (["certify", "{example}", "--segmenter", "{bad}"], "checkpoint"),
         (["certify", "{example}", "--denoiser", "no-such-model"], "unknown model"),
         (["certify", "{example}", "--labels", "{bad}"], "not a readable label map"),
-        (["certify", "{folder}"], "is a folder"),
+        (["certify", "{folder}"], "no image (.png, .jpg, .jpeg) found"),  # an empty folder
         (["certify", "{bomb}"], "14000x14000 = 196,000,000 pixels exceeds the limit of 4,194,304 pixels"),
         (["certify", "{example}", "--max-pixels", "32767"], "256x128 = 32,768 pixels exceeds the limit of 32,767"),
         (["certify", "{example}", "--labels", "{bomb}", "--max-pixels", "100000000"], "bomb.png: 14000x14000"),

@@ -1,4 +1,7 @@
-"""What ``certseg certify`` does: read, validate, certify with a progress bar, write the three outputs.
+"""What ``certseg certify IMAGE`` does: read, validate, certify with a progress bar, write the three outputs.
+
+``certify_loaded`` is the part after the models are open, shared with ``certify_many`` (several images, one
+session).
 
 In-process or against Triton servers (``servers``): the same session interface, the same outputs, and in
 both cases nothing is written unless certification finished. Everything that can be checked before sampling
@@ -8,7 +11,7 @@ classes, and whether the run fits in memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,40 +65,76 @@ class CertifyRequest:
     """torch's (and ONNX Runtime's) CPU threads, set before any model runs; None: their defaults."""
 
 
-def _progress_bar() -> Progress:
+def progress_bar() -> Progress:
+    """The one rich progress bar of a run: samples drawn, over one image or all of them, and the image at hand."""
     return Progress(
-        TextColumn("[bold]certifying"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
-        TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+        TextColumn("[bold]certifying"), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("samples"), TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
     )
+
+
+def open_session(request: CertifyRequest) -> Session:
+    """The models of a run, loaded once (in this process, or the ``servers``' connections)."""
+    if request.servers:
+        set_threads(request.threads)  # this process still counts and tests
+        return Session.connect(request.settings, request.servers, in_flight=request.in_flight,
+                               shared_memory=request.shared_memory, retries=request.retries)
+    return Session.open(request.settings, threads=request.threads)
+
+
+def read_target(request: CertifyRequest, image: np.ndarray) -> np.ndarray | None:
+    """The request's label map (None without ``labels``), checked to be the image's size."""
+    if request.labels is None:
+        return None
+    target = read_labels(request.labels, max_pixels=request.max_pixels)
+    if target.shape != image.shape[1:]:
+        raise InputError(f"{request.labels}: label map is {target.shape}, image is {image.shape[1:]}")
+    return target
+
+
+@dataclass(frozen=True)
+class Certified:
+    """One image certified and written: the line printed for it and the JSON report it wrote."""
+
+    summary: str
+    report: dict[str, Any]
 
 
 def run_certify(request: CertifyRequest) -> str:
     """Certify one image; returns a one-line summary. Outputs are written only after success."""
     check_threads(request.threads)
     image = read_image(request.image, max_pixels=request.max_pixels)
-    settings = request.settings
-    settings.validate(image.shape[1] * image.shape[2])
-    target = read_labels(request.labels, max_pixels=request.max_pixels) if request.labels is not None else None
-    if target is not None and target.shape != image.shape[1:]:
-        raise InputError(f"{request.labels}: label map is {target.shape}, image is {image.shape[1:]}")
+    request.settings.validate(image.shape[1] * image.shape[2])
+    target = read_target(request, image)
     check_output_folder(request.out)
-    if request.servers:
-        set_threads(request.threads)  # this process still counts and tests
-        session = Session.connect(settings, request.servers, in_flight=request.in_flight,
-                                  shared_memory=request.shared_memory, retries=request.retries)
-    else:
-        session = Session.open(settings, threads=request.threads)
+    session = open_session(request)
     try:
-        if target is not None:
-            check_target(target, session.num_classes, request.ignore_index, request.labels)
-        if request.progress:
-            with _progress_bar() as bar:
-                task = bar.add_task("certify", total=settings.n0 + settings.n)
-                result, record = session.certify(image, seed=request.seed, progress=lambda k: bar.advance(task, k))
-        else:
-            result, record = session.certify(image, seed=request.seed)
+        if not request.progress:
+            return certify_loaded(request, session, image, target).summary
+        with progress_bar() as bar:
+            task = bar.add_task(request.image.name, total=request.settings.n0 + request.settings.n)
+            return certify_loaded(request, session, image, target, lambda k: bar.advance(task, k)).summary
     finally:
         session.close()
+
+
+def certify_loaded(
+    request: CertifyRequest,
+    session: Session,
+    image: np.ndarray,
+    target: np.ndarray | None,
+    progress: Callable[[int], object] | None = None,
+    seeding: Mapping[str, int] | None = None,
+) -> Certified:
+    """Certify ``image`` (read from ``request.image``) on an open ``session`` and write its outputs.
+
+    ``seeding``: what the JSON records beside ``seed`` about where it came from (a run of several images:
+    ``root_seed`` and ``image_index``).
+    """
+    settings = request.settings
+    if target is not None:
+        check_target(target, session.num_classes, request.ignore_index, request.labels)
+    result, record = session.certify(image, seed=request.seed, progress=progress)
     segmenter = record.segmenter
     names = class_names(result.num_classes, None if segmenter.classes is None else list(segmenter.classes))
     made = record.to_json()
@@ -104,6 +143,7 @@ def run_certify(request: CertifyRequest) -> str:
         "image_size": list(image.shape[1:]),
         "method": settings.method.value,
         **certificate_summary(result),
+        **(seeding or {}),
         "timestep": made["pipeline"]["timestep"],
         "classes": names,
         "per_class_certified_pixels": per_class_counts(result, names),
@@ -148,7 +188,7 @@ def run_certify(request: CertifyRequest) -> str:
         mean_iou = report["metrics"]["mean_iou"]
         summary += (f"; certified accuracy {report['metrics']['certified_accuracy']:.3f}, "
                     f"mIoU {'n/a' if mean_iou != mean_iou else f'{mean_iou:.3f}'}")
-    return summary
+    return Certified(summary, report)
 
 
 def radius_accuracy(radii: RadiusMap, guess: np.ndarray, target: np.ndarray, ignore_index: int) -> dict[str, float]:

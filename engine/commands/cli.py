@@ -37,15 +37,22 @@ def main_callback() -> None:
 @one_line_errors("certseg")
 @settings_options()
 def certify(
-    image: Annotated[Path, typer.Argument(help="image to certify (PNG 8/16-bit, JPEG; RGB, RGBA or gray)")],
+    images: Annotated[list[str], typer.Argument(
+        help="images to certify (PNG 8/16-bit, JPEG; RGB, RGBA or gray): files, folders (the images directly inside) "
+        "or quoted glob patterns ('data/**/*.png'); one output set per image", metavar="IMAGE")],
     settings: Settings,
-    seed: Annotated[int | None, typer.Option(help="root seed (drawn and recorded when omitted)")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="root seed (drawn and recorded when omitted); one image file: its seed, several: image k gets "
+        "image_seed(seed, k)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("certseg-out"),
-    labels: Annotated[Path | None, typer.Option(help="ground-truth label PNG: adds accuracy and mIoU")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        help="ground-truth label PNG: adds accuracy and mIoU; with several images, a folder of <stem>.png")] = None,
     radius_map: Annotated[bool, typer.Option(
         "--radius-map", help="also write each pixel's own certified radius (<stem>.radius.png / .radius.npz)")
     ] = False,
     ignore_index: Annotated[int, typer.Option(help="label value ignored by the metrics")] = 255,
+    skip_existing: Annotated[bool, typer.Option(
+        "--skip-existing", help="skip images whose <stem>.json is already in --out (resume a run)")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     server: Annotated[list[str] | None, typer.Option(
         "--server", help="Triton gRPC endpoint HOST:PORT running the pipeline (repeat to split the samples "
@@ -57,17 +64,35 @@ def certify(
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     threads: ThreadsOption = None,
 ) -> None:
-    """Certify every pixel of IMAGE: a class that provably holds within L2 radius R, or abstain."""
+    """Certify every pixel of each IMAGE: a class that provably holds within L2 radius R, or abstain."""
     from certseg.engine.commands.certify_command import CertifyRequest, run_certify
+    from certseg.engine.commands.certify_many import ImageOutcome, Status, certify_many
+    from certseg.engine.files.image_list import expand_images
 
-    request = CertifyRequest(
-        image=image, settings=settings, seed=seed, out=out, labels=labels, radius_map=radius_map,
-        ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()), in_flight=in_flight,
-        shared_memory=shared_memory, retries=retries, max_pixels=max_pixels, threads=threads,
+    options = dict(
+        radius_map=radius_map, ignore_index=ignore_index, progress=not quiet, servers=tuple(server or ()),
+        in_flight=in_flight, shared_memory=shared_memory, retries=retries, max_pixels=max_pixels, threads=threads,
     )
     started = time.perf_counter()
-    summary = run_certify(request)
-    typer.echo(summary + f" ({time.perf_counter() - started:.1f} s)")
+    listed = expand_images(images)
+    if listed.single_file and not skip_existing:  # one image: one line, or one error line, as always
+        request = CertifyRequest(image=listed.paths[0], settings=settings, seed=seed, out=out, labels=labels,
+                                 **options)
+        summary = run_certify(request)
+        typer.echo(summary + f" ({time.perf_counter() - started:.1f} s)")
+        return
+
+    def report(outcome: ImageOutcome) -> None:
+        if outcome.status == Status.failed:
+            typer.echo(f"certseg: {outcome.message}", err=True)
+        else:
+            typer.echo(outcome.message)
+
+    result = certify_many(listed, settings, seed=seed, out=out, labels=labels, skip_existing=skip_existing,
+                          on_image=report, **options)
+    typer.echo(f"certseg: {result.summary()} ({time.perf_counter() - started:.1f} s)")
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -16,8 +16,9 @@ import numpy as np
 from certseg.engine.choices import Fwer, NonFinitePolicy, choice
 from certseg.engine.core.certify import Certificate, certify, radius, validate_parameters
 from certseg.engine.core.counting import AgreementCounter, InvalidTally, ModeCounter
-from certseg.engine.core.sampling import Runtime, new_root_seed
+from certseg.engine.core.sampling import Runtime
 from certseg.engine.errors import CertsegError, InputError
+from certseg.engine.seeds import new_root_seed
 
 Progress = Callable[[int], None]
 """Called with the number of samples just finished (for progress bars)."""

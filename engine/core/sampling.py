@@ -12,7 +12,6 @@ construction, hence independent.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,11 +28,6 @@ if TYPE_CHECKING:
 LabelFn = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
 """A batched segmenter: noisy images (B, 3, H, W) float32 in [0, 1] pixel space -> labels (B, H, W) int, with
 the value K (= number of classes) where a sample's output was non-finite (see ``certseg.engine.maths.stages``)."""
-
-
-def new_root_seed() -> int:
-    """A fresh 63-bit root seed for runs where the user gave none (it is recorded in every result)."""
-    return secrets.randbits(63)
 
 
 def sample_seed_sequence(root_seed: int, index: int) -> np.random.SeedSequence:

@@ -73,7 +73,7 @@ def _pillow_bomb_check_off() -> Iterator[None]:
 def _existing_file(path: str | Path, kind: str) -> Path:
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{path}: is a folder; give one {kind} file (a folder of images is not supported yet)")
+        raise InputError(f"{path}: is a folder; give one {kind} file")
     if not path.is_file():
         raise InputError(f"{path}: no such {kind} file")
     return path
@@ -102,6 +102,19 @@ def _exif_orientation(path: Path) -> int:
     exif.load(raw)
     orientation = exif.get(ExifTags.Base.Orientation, 1)
     return int(orientation) if orientation in _ORIENT else 1
+
+
+def image_pixels(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> int:
+    """How many pixels an image file has, from its header alone (checked against ``max_pixels``): what a run of
+    many images checks for all of them before the first sample, without holding any decoded."""
+    path = _existing_file(path, "image")
+    try:
+        with _pillow_bomb_check_off(), Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise InputError(f"{path}: not a readable image ({error.__class__.__name__}: {error})") from None
+    check_pixel_limit(width, height, max_pixels, source=path)
+    return width * height
 
 
 def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
