@@ -224,6 +224,8 @@ def _certify_engine(
         "min_agreements": result.certificate.min_agreements,
         "non_finite": dict(record.non_finite),
     }
+    if record.quantization is not None:  # int8: the recipe and calibration set, as certify's JSON has them
+        extra["quantization"] = dict(record.quantization)
     if run.config.radius_map:
         extra["radius_map"] = radius_record(result, target, run.config.engine.alpha, run.dataset.ignore_index)
     if timer is not None:
