@@ -35,8 +35,9 @@ class CalibrationRecipe:
     samples_per_scene: int = 2
     noise_seed: int = 0
     """Root of the calibration noise (torch generator), apart from any certificate's noise."""
-    max_pixels: int = 256 * 512
-    """Segmenter inputs above this are centre-cropped to it (same aspect ratio)."""
+    max_pixels: int = 128 * 256
+    """Segmenter inputs above this are centre-cropped to it (same aspect ratio): onnxruntime's calibrators hold
+    every intermediate tensor of every batch, which with 256×512 crops peaked at 4 GB (512×1024 run)."""
 
     @property
     def seeds(self) -> range:

@@ -59,42 +59,35 @@ DENOISER_RECIPE = QuantRecipe(fp32_first=1, fp32_last=1)
 Conv fp32 0.020."""
 
 
-class _FeedReader:
-    """``onnxruntime.quantization.CalibrationDataReader`` over recorded feeds (one batch per ``get_next``)."""
+def _reader(feeds: Feeds) -> Any:
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over recorded feeds, one batch per ``get_next``
+    (onnxruntime is imported only here, on the int8 path)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    def __init__(self, feeds: Feeds) -> None:
-        self._feeds: Iterator[dict[str, np.ndarray]] = iter(feeds)
+    class FeedReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._feeds: Iterator[dict[str, np.ndarray]] = iter(feeds)
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._feeds, None)
 
-    def __len__(self) -> int:  # not required by ORT
-        return 0
+    return FeedReader()
 
 
 def quantize_graph(src: Path, dst: Path, feeds: Feeds, recipe: QuantRecipe) -> dict[str, Any]:
     """Write the int8 graph of ``src`` to ``dst``, calibrated on ``feeds``; returns what to record of it
     (recipe, seconds, how many ops became integer)."""
     require_onnx()
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not feeds:
         raise ValueError(f"no calibration inputs for {src.name}")
-
-    class Reader(_FeedReader, CalibrationDataReader):
-        pass
 
     started = time.perf_counter()
     kept = kept_fp32(src, recipe)
     with _quiet():
         quantize_static(
-            str(src), str(dst), Reader(feeds), quant_format=QuantFormat[recipe.format], nodes_to_exclude=kept,
+            str(src), str(dst), _reader(feeds), quant_format=QuantFormat[recipe.format], nodes_to_exclude=kept,
             op_types_to_quantize=list(recipe.op_types), per_channel=recipe.per_channel,
             activation_type=QuantType[recipe.activations], weight_type=QuantType[recipe.weights],
             calibrate_method=CalibrationMethod[recipe.calibration], extra_options=dict(recipe.extra_options),
@@ -121,8 +114,8 @@ def kept_fp32(path: Path, recipe: QuantRecipe) -> list[str]:
     types, in graph order (the exporter writes nodes in execution order)."""
     onnx = require_onnx()
     nodes = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type in recipe.op_types]
-    return nodes[:recipe.fp32_first] + nodes[len(nodes) - recipe.fp32_last:] if recipe.fp32_last else nodes[
-        :recipe.fp32_first]
+    last = nodes[len(nodes) - recipe.fp32_last:] if recipe.fp32_last else []
+    return nodes[:recipe.fp32_first] + [name for name in last if name not in nodes[:recipe.fp32_first]]
 
 
 def integer_op_counts(path: Path, *, ops: Sequence[str] = tuple(sorted(INTEGER_OPS))) -> dict[str, int]:
