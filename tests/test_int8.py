@@ -127,6 +127,8 @@ def test_int8_runs_on_onnx_runtime_only() -> None:
     with pytest.raises(InputError, match="pass --runtime onnx") as refused:
         Session.open(Settings(method="segcertify", precision="int8", runtime="torch", device="cpu"))
     assert "\n" not in str(refused.value)
+    with pytest.raises(InputError, match="servers run their repository's graphs"):  # refused before connecting
+        Session.connect(Settings(precision="int8"), ("127.0.0.1:1",))
 
 
 def test_calibration_scenes_are_training_scenes_disjoint_from_the_held_out_ones() -> None:
