@@ -8,13 +8,17 @@ certificate is then about the classifier that actually ran, and the README can s
 each held-out procedural scene and method, the same noisy samples (same root seed, same sample indices, so the
 same noise) are labelled through the runtime ``certseg certify`` builds, once in fp32 and once at ``--precision``;
 the agreement is the share of (sample, pixel) pairs with equal labels (the issue's bar before a precision may be
-recommended: 99.9%). One JSON line per (method, scene) is written as it finishes, and a rerun skips those.
-Certified accuracy at each precision comes from ``certseg-bench --precision``.
+recommended: 99.9%). The fp32 reference runs on the runtime the compared precision runs on (torch for bf16/fp16,
+ONNX Runtime for int8, whose graphs only it runs), so each line also times both on the same samples (the runtime
+and, for int8, its quantised graphs are built before the clock starts). One JSON line per (method, scene) is
+written as it finishes, and a rerun skips those. Certified accuracy at each precision comes from
+``certseg-bench --precision``.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,7 +27,7 @@ import typer
 
 from certseg.bench.config import parse_size
 from certseg.bench.results import append_line, read_lines
-from certseg.engine.choices import Method, Precision
+from certseg.engine.choices import Method, Precision, RuntimeName
 from certseg.engine.commands.cli_common import one_line_errors, run_cli
 from certseg.engine.errors import InputError
 from certseg.engine.runtimes.process import THREADS_HELP, enable_huge_pages, set_threads
@@ -34,30 +38,54 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
 
+def compared_runtime(precision: Precision) -> RuntimeName:
+    """Where ``precision`` runs with the shipped models (int8: ONNX Runtime; else torch): the reference's runtime."""
+    from certseg.engine.runtimes.settings import Settings
+
+    runtime = Settings(precision=precision, device="cpu").resolved().runtime
+    assert runtime is not None
+    return runtime
+
+
 @functools.cache
-def _session(method: Method, precision: Precision, sigma: float) -> Session:
-    """One session per (method, precision, σ) for the whole run: its runtimes are built once per image size."""
+def _session(method: Method, precision: Precision, sigma: float, runtime: RuntimeName | None,
+             threads: int | None) -> Session:
+    """One session per (method, precision, σ, runtime) for the whole run: its runtimes are built once per size."""
     from certseg.engine.runtimes.session import Session
     from certseg.engine.runtimes.settings import Settings
 
-    return Session.open(Settings(method=method, precision=precision, sigma=sigma, device="cpu"))
+    settings = Settings(method=method, precision=precision, sigma=sigma, device="cpu", runtime=runtime)
+    return Session.open(settings, threads=threads)
+
+
+def _labels(method: Method, precision: Precision, sigma: float, image: np.ndarray, seed: int, samples: int,
+            runtime: RuntimeName | None, threads: int | None) -> tuple[np.ndarray, float]:
+    """Label maps (samples, H, W) of samples 0 .. samples-1 of root seed ``seed`` and the seconds they took (the
+    runtime is built before the clock starts)."""
+    _, labeller = _session(method, precision, sigma, runtime, threads).runtime_for(
+        (int(image.shape[1]), int(image.shape[2])))
+    started = time.perf_counter()
+    labels = np.concatenate(list(labeller.labels(image, sigma=sigma, seed=seed, start=0, count=samples)))
+    return labels, time.perf_counter() - started
 
 
 def labels_at(method: Method, precision: Precision, sigma: float, image: np.ndarray, seed: int,
-              samples: int) -> np.ndarray:
-    """Label maps (samples, H, W) of samples 0 .. samples-1 of root seed ``seed``, shipped models, CPU."""
-    _, runtime = _session(method, precision, sigma).runtime_for((int(image.shape[1]), int(image.shape[2])))
-    return np.concatenate(list(runtime.labels(image, sigma=sigma, seed=seed, start=0, count=samples)))
+              samples: int, *, runtime: RuntimeName | None = None, threads: int | None = None) -> np.ndarray:
+    """Label maps (samples, H, W) of samples 0 .. samples-1 of root seed ``seed``, shipped models, CPU
+    (``runtime`` None: the precision's default)."""
+    return _labels(method, precision, sigma, image, seed, samples, runtime, threads)[0]
 
 
 def scene_agreement(method: Method, precision: Precision, sigma: float, image: np.ndarray, seed: int,
-                    samples: int) -> dict[str, Any]:
-    reference = labels_at(method, Precision.fp32, sigma, image, seed, samples)
-    lower = labels_at(method, precision, sigma, image, seed, samples)
+                    samples: int, *, threads: int | None = None) -> dict[str, Any]:
+    runtime = compared_runtime(precision)
+    reference, reference_s = _labels(method, Precision.fp32, sigma, image, seed, samples, runtime, threads)
+    lower, lower_s = _labels(method, precision, sigma, image, seed, samples, runtime, threads)
     same = reference == lower
     per_sample = same.reshape(samples, -1).mean(axis=1)
     return {"pixels": int(same.size), "equal": int(same.sum()), "agreement": float(same.mean()),
-            "worst_sample_agreement": float(per_sample.min())}
+            "worst_sample_agreement": float(per_sample.min()), "runtime": runtime.value,
+            "seconds_fp32": reference_s, "seconds": lower_s}
 
 
 @app.command()
@@ -77,7 +105,7 @@ def main(
     from certseg.bench.datasets import open_dataset
 
     if precision == Precision.fp32:
-        raise InputError("--precision fp32 is the reference: compare bf16 or fp16")
+        raise InputError("--precision fp32 is the reference: compare bf16, fp16 or int8")
     if samples < 1:
         raise InputError(f"--samples must be >= 1, got {samples}")
     set_threads(threads)
@@ -92,7 +120,8 @@ def main(
             image, _ = item.load()
             record = {"method": chosen.value, "scene": item.id, "precision": precision.value, "samples": samples,
                       "sigma": sigma, "scene_size": scene_size,
-                      **scene_agreement(chosen, precision, sigma, image, seed=item.index, samples=samples)}
+                      **scene_agreement(chosen, precision, sigma, image, seed=item.index, samples=samples,
+                                         threads=threads)}
             append_line(out, record)
             typer.echo(f"{chosen.value} {item.id}: {record['agreement']:.5f}")
     summarise(out, precision, samples, sigma, scene_size)
@@ -108,6 +137,12 @@ def summarise(out: Path, precision: Precision, samples: int, sigma: float, scene
         worst = min(r["agreement"] for r in mine)
         typer.echo(f"{chosen}: {precision.value} agrees with fp32 on {pooled:.5%} of {len(mine)} scenes' "
                    f"(sample, pixel) pairs; worst scene {worst:.5%}")
+        timed = [r for r in mine if "seconds" in r]
+        if timed:
+            count = sum(r["samples"] for r in timed)
+            reference = count / sum(r["seconds_fp32"] for r in timed)
+            typer.echo(f"{chosen}: samples/s on {timed[0]['runtime']}: fp32 {reference:.1f}, "
+                       f"{precision.value} {count / sum(r['seconds'] for r in timed):.1f}")
 
 
 if __name__ == "__main__":

@@ -286,6 +286,8 @@ def _certify_engine(
         "non_finite": dict(record.non_finite),
         **({} if remote is None else served.served_record(remote, session, before)),
     }
+    if record.quantization is not None:  # int8: the recipe and calibration set, as certify's JSON has them
+        extra["quantization"] = dict(record.quantization)
     if run.config.radius_map:
         extra["radius_map"] = radius_record(result, target, run.config.engine.alpha, run.dataset.ignore_index)
     if timer is not None:

@@ -39,11 +39,13 @@ class TimestepRule(StrEnum):
 
 
 class Precision(StrEnum):
-    """The models' arithmetic: fp32, or fp16 / bf16 autocast (ONNX: fp16 graphs)."""
+    """The models' arithmetic: fp32, fp16 / bf16 autocast (ONNX: fp16 graphs), or int8 (ONNX Runtime static
+    quantisation: ``certseg.export.int8``)."""
 
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
+    int8 = "int8"
 
 
 class NoiseBackend(StrEnum):

@@ -49,3 +49,15 @@ def test_runs_resume_and_refuse_fp32(tmp_path: Path) -> None:
                              text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
     assert "fp32 is the reference" in refused.stderr
+
+
+def test_int8_is_compared_with_fp32_on_onnx_runtime_and_both_are_timed(monkeypatch, tmp_path: Path) -> None:
+    """int8 graphs run only in ONNX Runtime, so its reference is the fp32 graph there (bf16's stays torch)."""
+    pytest.importorskip("onnxruntime.quantization")
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))
+    record = scene_agreement(Method.segcertify, Precision.int8, 0.25, IMAGE, seed=5, samples=2, threads=1)
+    reference = labels_at(Method.segcertify, Precision.fp32, 0.25, IMAGE, 5, 2, runtime="onnx", threads=1)
+    lower = labels_at(Method.segcertify, Precision.int8, 0.25, IMAGE, 5, 2, threads=1)
+    assert record["runtime"] == "onnx" and record["equal"] == int((reference == lower).sum())
+    assert record["seconds"] > 0 and record["seconds_fp32"] > 0
+    assert scene_agreement(Method.segcertify, Precision.bf16, 0.25, IMAGE, seed=5, samples=1)["runtime"] == "torch"

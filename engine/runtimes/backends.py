@@ -74,6 +74,11 @@ class Backend(Protocol):
         """Cumulative per-step statistics where the backend has them (Triton servers), else None."""
         ...
 
+    def precision_record(self, spec: PipelineSpec) -> dict[str, Any] | None:
+        """What a certificate must record about its models' arithmetic beyond ``settings.precision`` (int8: the
+        quantisation recipe and calibration set), else None."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -122,6 +127,9 @@ class LocalBackend(ABC):
         settings = settings.resolved()
         if settings.runtime == RuntimeName.triton:
             raise InputError("--runtime triton: Triton servers run the pipeline; name them with --server HOST:PORT")
+        if settings.precision == Precision.int8 and settings.runtime != RuntimeName.onnx:
+            raise InputError("--precision int8 runs int8 graphs in ONNX Runtime: pass --runtime onnx (the default "
+                             "runtime with int8), not --runtime torch")
         device = resolve_device(settings.device)
         segmenter = _open_model(settings.segmenter or default_model("segmenter", settings.method), "segmenter",
                                 str(device))
@@ -172,6 +180,9 @@ class LocalBackend(ABC):
     def statistics(self) -> None:
         return None
 
+    def precision_record(self, spec: PipelineSpec) -> dict[str, Any] | None:
+        return None
+
     def close(self) -> None:
         """Nothing to release: the models stay cached for the next session."""
         return None
@@ -207,12 +218,16 @@ class OnnxBackend(LocalBackend):
 
         s = self.settings
         if s.precision == Precision.bf16:
-            raise InputError("the ONNX runtime runs fp32 or fp16 graphs; use --precision fp32 or fp16")
+            raise InputError("the ONNX runtime runs fp32, fp16 or int8 graphs; use --precision fp32, fp16 or int8")
         models = {"segmenter": self.segmenter, "denoiser": self.denoiser}
         modules = {role: self._with_threads(m.module) for role, m in models.items()
                    if m is not None and m.family == ONNX_FAMILY}
         exported = {role: m for role, m in models.items() if m is not None and role not in modules}
-        if exported:
+        if s.precision == Precision.int8:
+            paths, _ = self._int8(spec)
+            for role in exported:
+                modules[role] = OrtModule(paths[role], threads=self.threads)
+        elif exported:
             folder = cached_export(exported.get("segmenter"), exported.get("denoiser"), spec.image_size,
                                    scale=spec.scale, fp16=s.precision == Precision.fp16)
             paths = export_paths(folder, precision=s.precision,
@@ -225,6 +240,20 @@ class OnnxBackend(LocalBackend):
         pipeline = LabelPipeline(spec, modules["segmenter"], modules.get("denoiser")).eval()
         return LocalRuntime(pipeline, batch_size=batch, device="cpu", noise_backend=s.noise_backend,
                             pipeline=pipeline)
+
+    def _int8(self, spec: PipelineSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The int8 graphs of ``spec`` (quantised once, then cached) and their record."""
+        from certseg.engine.runtimes.onnx_runtime import int8_paths
+        from certseg.export.cache import cached_int8_export
+
+        folder = cached_int8_export(self.segmenter, self.denoiser, spec)
+        expected = {role: m.sha256 for role, m in (("segmenter", self.segmenter), ("denoiser", self.denoiser))
+                    if m is not None}
+        return int8_paths(folder, expected_sha256=expected)
+
+    def precision_record(self, spec: PipelineSpec) -> dict[str, Any] | None:
+        """For int8: the int8 graphs' record (quantisation recipe, calibration set, versions, files)."""
+        return self._int8(spec)[1] if self.settings.precision == Precision.int8 else None
 
     def _with_threads(self, module: Any) -> Any:
         """An ONNX model file's module (loaded once per process with ONNX Runtime's default threads), with a session
@@ -267,6 +296,9 @@ class TritonBackend:
     ) -> TritonBackend:
         """Connect to ``servers`` (gRPC HOST:PORT); unreachable servers, a missing ensemble or another repository
         version raise ``ServerError`` here, before any work starts."""
+        if settings.precision == Precision.int8:
+            raise InputError("--precision int8 runs in-process on ONNX Runtime; servers run their repository's "
+                             "graphs: drop --precision int8 or --server")
         local = [flag for flag, value in (("--seg-mean", settings.seg_mean), ("--seg-std", settings.seg_std),
                                           ("--seg-input-size", settings.seg_input_size),
                                           ("--classes", settings.classes)) if value is not None]
@@ -304,6 +336,9 @@ class TritonBackend:
 
     def statistics(self) -> dict[str, Any]:
         return self.remote.statistics()
+
+    def precision_record(self, spec: PipelineSpec) -> None:
+        return None
 
     def close(self) -> None:
         """Release the servers' connections."""

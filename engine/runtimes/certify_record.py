@@ -55,9 +55,18 @@ class CertifyRecord(Mapping[str, Any]):
     certified_space: Mapping[str, Any]
     memory: MemoryEstimate | None
     """None where the memory is not this process's (Triton servers)."""
+    quantization: Mapping[str, Any] | None = None
+    """int8 runs only: the int8 graphs' record (recipe, calibration set, versions), under the key ``quantization``
+    (absent otherwise, so other certificates' JSON is as before)."""
+
+    @property
+    def keys_present(self) -> tuple[str, ...]:
+        return KEYS if self.quantization is None else (*KEYS, "quantization")
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready, under ``KEYS``: the part of every certificate's JSON that says how it was made."""
+        """JSON-ready, under ``KEYS`` (and ``quantization`` for int8): the part of every certificate's JSON that
+        says how it was made."""
+        extra = {} if self.quantization is None else {"quantization": dict(self.quantization)}
         return {
             "settings": self.settings.record(),
             "pipeline": self.pipeline.record(),
@@ -68,15 +77,15 @@ class CertifyRecord(Mapping[str, Any]):
             "non_finite": dict(self.non_finite),
             "certified_space": dict(self.certified_space),
             "memory": None if self.memory is None else self.memory.record(),
-        }
+        } | extra
 
     def __getitem__(self, key: str) -> Any:
-        if key not in KEYS:
+        if key not in self.keys_present:
             raise KeyError(key)
         return self.to_json()[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(KEYS)
+        return iter(self.keys_present)
 
     def __len__(self) -> int:
-        return len(KEYS)
+        return len(self.keys_present)

@@ -96,3 +96,26 @@ def export_paths(
             raise InputError(f"{manifest} has no {precision} {role} graph (export without --no-fp16)")
         paths[role] = None if name is None else folder / name
     return paths
+
+
+def int8_paths(
+    int8_dir: str | os.PathLike, *, expected_sha256: Mapping[str, str] | None = None
+) -> tuple[dict[str, Path | None], dict]:
+    """role → the graph an int8 run uses (the int8 graph, or the fp32 graph of a role kept fp32), and the folder's
+    ``int8.json`` record (recipe, calibration set, versions), after checking that each role in ``expected_sha256``
+    was quantised from those weights."""
+    folder = Path(int8_dir)
+    manifest = folder / "int8.json"
+    if not manifest.is_file():
+        raise InputError(f"{folder} has no int8.json: not an int8 export")
+    record = json.loads(manifest.read_text())
+    for role, digest in (expected_sha256 or {}).items():
+        quantised = (record.get("models", {}).get(role) or {}).get("sha256")
+        if quantised != digest:
+            raise InputError(f"{manifest} holds a {role} quantised from other weights (sha256 {quantised})")
+    paths: dict[str, Path | None] = {}
+    for role in ("segmenter", "denoiser"):
+        graph = record.get("graphs", {}).get(role)
+        paths[role] = None if graph is None else (
+            folder / graph["file"] if graph.get("file") else Path(graph["fp32_file"]))
+    return paths, record

@@ -235,5 +235,6 @@ class Session:
             settings=replace(s, batch=self.batch_for(image_size)), pipeline=spec, segmenter=self.segmenter.info,
             denoiser=None if self.denoiser is None else self.denoiser.info, device=self.device, timings=timings,
             non_finite=result.non_finite, certified_space=certified_space(int(image.shape[0])), memory=memory,
+            quantization=self.backend.precision_record(spec),
         )
         return result, record

@@ -28,10 +28,11 @@ def _option(default: Any, help: str, *, auto: bool = False) -> Any:
     return field(default=default, metadata={"help": help, "auto": auto})
 
 
-def default_runtime(*refs: str | None) -> RuntimeName:
-    """The in-process runtime when none is named: ONNX Runtime if a model is an ``.onnx`` file, else torch."""
+def default_runtime(*refs: str | None, precision: Precision | str = Precision.fp32) -> RuntimeName:
+    """The in-process runtime when none is named: ONNX Runtime if a model is an ``.onnx`` file or the precision
+    is int8 (only ONNX Runtime runs the int8 graphs), else torch."""
     onnx = any(ref is not None and str(ref).lower().endswith(".onnx") for ref in refs)
-    return RuntimeName.onnx if onnx else RuntimeName.torch
+    return RuntimeName.onnx if onnx or precision == Precision.int8 else RuntimeName.torch
 
 
 def runs_on_cuda(device: str | None) -> bool:
@@ -72,10 +73,12 @@ class Settings:
         None, "shipped model name, checkpoint path, or your own .onnx file (README: bring your own ONNX models)")
     denoiser: str | None = _option(None, "shipped model name, checkpoint path, or your own ε-prediction .onnx UNet")
     runtime: RuntimeName | None = _option(
-        None, "in-process runtime (default: onnx when a model is an .onnx file, else torch)")
-    """None until ``resolved``: ONNX Runtime when a model is an .onnx file, else torch."""
+        None, "in-process runtime (default: onnx when a model is an .onnx file or --precision int8, else torch)")
+    """None until ``resolved``: ONNX Runtime when a model is an .onnx file or the precision int8, else torch."""
     device: str | None = _option(None, "cpu, cuda, cuda:1 (default: cuda if available)")
-    precision: Precision = _option(Precision.fp32, "model precision (autocast)")
+    precision: Precision = _option(
+        Precision.fp32, "model precision: fp32; fp16/bf16 autocast (ONNX: fp16 graphs); int8: ONNX Runtime static "
+        "quantisation, on --runtime onnx (its default runtime)")
     batch: int | None = _option(
         None, "samples per forward pass: auto (the largest, up to 4 on CPU and 64 on CUDA, whose memory estimate "
         "fits in part of the memory available; Triton: the server's) or N; the noise never depends on it, the "
@@ -113,7 +116,7 @@ class Settings:
         """These settings with the runtime decided (``default_runtime`` of the models when none is named) and the
         noise backend (``default_noise_backend`` when auto). The batch stays auto: it depends on the image size
         and the memory, so the session resolves it (``Session.batch_for``)."""
-        runtime = self.runtime or default_runtime(self.segmenter, self.denoiser)
+        runtime = self.runtime or default_runtime(self.segmenter, self.denoiser, precision=self.precision)
         noise = self.noise_backend or default_noise_backend(runtime, self.device)
         if runtime is self.runtime and noise is self.noise_backend:
             return self
