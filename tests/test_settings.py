@@ -35,6 +35,8 @@ OLD_SETTINGS_RECORD = {
     "seg_mean": None, "seg_std": None, "seg_input_size": None, "classes": None,
 }
 """The JSON ``settings`` of a default run as certseg wrote it before ``Settings`` held enums (same keys and order)."""
+ADDED_SETTINGS = {"denoise_steps": 1}
+"""Settings added since, after the old keys, at their defaults (which give the old certificates)."""
 
 OLD_COMPAT = {
     "seed": 0, "n0": 10, "n": 100, "alpha": 0.001, "tau": 0.75, "fwer": "holm", "segmenter": None, "denoiser": None,
@@ -128,8 +130,8 @@ def test_choices_take_plain_strings_and_record_them_unchanged() -> None:
                                 noise_backend=NoiseBackend.torch, runtime=RuntimeName.onnx)
     assert settings.fwer == "bonferroni" and {"bonferroni": 1}[settings.fwer] == 1
     record = Settings(device="cpu", batch=16).resolved().record()  # a default CPU run, its batch resolved to 16
-    expected = {**OLD_SETTINGS_RECORD, "device": "cpu"}
-    assert record == expected and list(record) == list(OLD_SETTINGS_RECORD)
+    expected = {**OLD_SETTINGS_RECORD, "device": "cpu", **ADDED_SETTINGS}
+    assert record == expected and list(record) == [*OLD_SETTINGS_RECORD, *ADDED_SETTINGS]
     assert all(type(v) is str for v in record.values() if isinstance(v, str))
     assert json.dumps(record) == json.dumps(expected)
     with pytest.raises(InputError, match="^fwer must be one of holm, bonferroni, got 'holms'$"):
