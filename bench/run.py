@@ -56,7 +56,7 @@ class BenchRun:
 
     def wanted_keys(self) -> list[Key]:
         return [
-            (item.id, s.method, s.sigma, s.scale, variant)
+            (item.id, s.method, s.sigma, s.scale, s.denoise_steps, variant)
             for item in self.items for s in self.config.grid() for variant in self.config.variants
         ]
 
@@ -174,6 +174,7 @@ def _entry(
         "method": setting.method,
         "sigma": setting.sigma,
         "scale": setting.scale,
+        "denoise_steps": setting.denoise_steps,
         "variant": variant,
         "seed": seed,
         "n0": engine.n0,
@@ -277,7 +278,8 @@ def _certify_baseline(
         timings["stages"] = timer.snapshot()
     entry = _entry(run, item, setting, "baseline", seed, result.labels, target, result.num_classes, timings, session,
                    extra)
-    engine = run.results.entries.get((item.id, setting.method, setting.sigma, setting.scale, "engine"))
+    engine = run.results.entries.get(
+        (item.id, setting.method, setting.sigma, setting.scale, setting.denoise_steps, "engine"))
     if engine is not None:
         entry["matches_engine"] = engine["labels_sha256"] == entry["labels_sha256"]
     return entry, result.labels
@@ -286,7 +288,9 @@ def _certify_baseline(
 def _save_labels(run: BenchRun, session: Session, entry: dict[str, Any], labels: np.ndarray) -> None:
     folder = Path(run.config.out) / "labels"
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"{entry['image']}__{entry['method']}_sigma{entry['sigma']:g}_scale{entry['scale']:g}_{entry['variant']}.png"
+    steps = entry.get("denoise_steps", 1)
+    name = (f"{entry['image']}__{entry['method']}_sigma{entry['sigma']:g}_scale{entry['scale']:g}"
+            f"{'' if steps == 1 else f'_steps{steps}'}_{entry['variant']}.png")
     palette = session.segmenter.palette
     colours = (np.asarray(palette, dtype=np.uint8) if palette and len(palette) == entry["num_classes"]
                else default_palette(entry["num_classes"]))
@@ -325,8 +329,8 @@ def execute(run: BenchRun, *, console: Console | None = None, show_progress: boo
                     continue
                 image, target = item.load()
                 seed = image_seed(config.seed, item.index)
-                for _, method, sigma, scale, variant in keys:
-                    setting = Setting(method, scale, sigma)
+                for _, method, sigma, scale, steps, variant in keys:
+                    setting = Setting(method, scale, sigma, steps)
                     if bar is not None:
                         bar.reset(samples_task, total=samples,
                                   description=f"{item.id} {setting.label()} {variant}")

@@ -425,3 +425,53 @@ def test_radius_map_curves_equal_the_certify_radius_maps_of_the_same_images(mode
     report = (out / "report.md").read_text()
     assert "## Certified accuracy vs radius" in report
     assert (out / "accuracy_vs_radius.png").is_file() == (out / "accuracy_vs_radius.pdf").is_file() == plots.available()
+
+
+# ------------------------------------------------------------------------------------------ --denoise-steps
+
+
+STEPS_ARGS = ["--images", "2", "--scene-size", "32x64", "--method", "segcertify", "denoisecertify", "--sigma", "0.5",
+              "--n0", "2", "--n", "38", "--alpha", "0.1", "--quiet", "--threads", "1"]
+
+
+def test_denoise_steps_is_a_grid_axis_that_resumes_and_matches_certseg_certify(
+    models: SimpleNamespace, tmp_path: Path
+) -> None:
+    out = tmp_path / "steps"
+    result = bench([*STEPS_ARGS, "--denoise-steps", "1", "3", *models.args, "--out", str(out)])
+    header, first = load_entries(out / "results.jsonl")
+    keys = {entry_key(e)[1:5] for e in first}
+    assert keys == {("segcertify", 0.5, 1.0, 1), ("denoisecertify", 0.5, 1.0, 1), ("denoisecertify", 0.5, 1.0, 3)}
+    assert len(first) == 6 and "K" in result.output
+    three = next(e for e in first if e["denoise_steps"] == 3 and e["image_index"] == 1)
+    assert three["pipeline"]["denoise_steps"] == 3 and len(three["pipeline"]["denoise_timesteps"]) == 3
+
+    bench([*STEPS_ARGS, "--denoise-steps", "3", "1", "2", *models.args, "--out", str(out)])  # resumes, adds K = 2
+    _, second = load_entries(out / "results.jsonl")
+    assert len(second) == 8
+    kept = {entry_key(e): e["run_id"] for e in first}
+    assert all(kept[entry_key(e)] == e["run_id"] for e in second if entry_key(e) in kept)
+    assert {entry_key(e)[4] for e in second if entry_key(e) not in kept} == {2}
+    rows = aggregate(second)
+    assert sorted((r.method, r.denoise_steps) for r in rows) == [
+        ("denoisecertify", 1), ("denoisecertify", 2), ("denoisecertify", 3), ("segcertify", 1)]
+
+    [image] = scenes.write_cityscapes_layout(tmp_path / "data", num_images=1, height=32, width=64, first_held_out=1)
+    invoke(certseg_cli.app, [
+        "certify", str(image), "--sigma", "0.5", "--n0", "2", "--n", "38", "--alpha", "0.1", "--denoise-steps", "3",
+        "--seed", str(three["seed"]), "--out", str(tmp_path / "one"), "--quiet", "--threads", "1", *models.args,
+    ])
+    certified = np.asarray(Image.open(tmp_path / "one" / f"{image.stem}.certified.png"))
+    assert labels_digest(certified) == three["labels_sha256"]
+
+
+def test_entries_written_before_denoise_steps_read_as_one_step(tmp_path: Path) -> None:
+    old = {"kind": "entry", "image": "a", "method": "denoisecertify", "sigma": 0.25, "scale": 1.0,
+           "variant": "engine"}
+    assert entry_key(old) == ("a", "denoisecertify", 0.25, 1.0, 1, "engine")
+    assert entry_key({**old, "denoise_steps": 5})[4] == 5
+    with pytest.raises(InputError, match="integers >= 1"):
+        BenchConfig(denoise_steps=(1, 0))
+    grid = BenchConfig(methods=("segcertify", "denoisecertify"), sigmas=(0.25,), denoise_steps=(1, 5)).grid()
+    assert grid == [Setting("segcertify", 1.0, 0.25), Setting("denoisecertify", 1.0, 0.25),
+                    Setting("denoisecertify", 1.0, 0.25, 5)]
