@@ -433,12 +433,10 @@ def multi_step_denoise_checked(
     to mark the sample, since the clamp of x̂0 could turn it into a finite, meaningless image."""
     chain = denoise_chain(t, steps, variance=variance, schedule=schedule)
     x = denoiser_input(noisy01, chain.start, denoiser_size=denoiser_size, antialias=antialias, schedule=schedule)
-    valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    for k in reversed(range(len(chain.timesteps))):
-        out = unet(x, _timesteps_like(x, int(chain.timesteps[k])))
-        valid &= finite_samples(out[:, :chain.channels_used])
-        x = reverse_step(chain, k, x, out, noise)
-    return resize(from_model_space(x), as_pair(out_size or noisy01.shape[-2:]), antialias=antialias), valid
+    x, out, valid = run_chain(chain, x, unet(x, _timesteps_like(x, chain.start)), unet, noise)
+    clean = denoiser_output(x, out, chain.last, out_size=out_size or noisy01.shape[-2:], antialias=antialias,
+                            schedule=schedule)
+    return clean, valid
 
 
 @dataclass(frozen=True)
@@ -458,6 +456,11 @@ class DenoiseChain:
         return int(self.chain.timesteps[-1])
 
     @property
+    def last(self) -> int:
+        """τ_0: the timestep of the last UNet call, whose x̂0 is the clean image (0 for K >= 2, t* for K = 1)."""
+        return int(self.chain.timesteps[0])
+
+    @property
     def channels_used(self) -> int:
         """UNet output channels the chain reads: ε (3), and the learned variance (3 more) where it has steps left."""
         return 6 if self.variance == "learned_range" and len(self.chain.timesteps) > 1 else 3
@@ -472,19 +475,41 @@ def denoise_chain(
     return DenoiseChain(_chain(spaced_timesteps(t, steps, schedule), schedule), variance)
 
 
+def run_chain(
+    chain: DenoiseChain,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: NoiseFn,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From x_t* and the UNet's output there, the ancestral steps down to the chain's last timestep τ_0: returns x
+    and the UNet's output at τ_0 (``denoiser_output`` of them is the clean image, exactly as after one step) and
+    (B,) bool, whether every output the chain read was finite.
+
+    Every runtime runs this loop: in process with the denoiser module, served with ``unet`` asking the served
+    denoiser. One step (K = 1) returns x and ``out`` unchanged.
+    """
+    valid = finite_samples(out[:, :chain.channels_used])
+    for k in range(len(chain.timesteps) - 1, 0, -1):
+        x = reverse_step(chain, k, x, out, noise)
+        out = unet(x, _timesteps_like(x, int(chain.timesteps[k - 1])))
+        valid &= finite_samples(out[:, :chain.channels_used])
+    return x, out, valid
+
+
 def reverse_step(chain: DenoiseChain, k: int, x: torch.Tensor, out: torch.Tensor, noise: NoiseFn) -> torch.Tensor:
-    """One ancestral step: x at the chain's step k (timestep τ_k) and the UNet's output there -> x at step k-1, or
-    the final x̂0 at k = 0. Its noise is ``noise(τ_k, x.shape)``; every runtime's K-step loop runs this."""
-    if chain.variance == "learned_range" and out.shape[1] < 6 and k > 0:
+    """One ancestral step, k >= 1: x at timestep τ_k and the UNet's output there -> x at τ_(k-1), the posterior mean
+    c1·x̂0 + c2·x plus exp(½ log v)·z with z = ``noise(τ_k, x.shape)``. (The last step, to x̂0 at τ_0, adds no
+    noise: it is ``denoiser_output``.)"""
+    if not 1 <= k < len(chain.timesteps):
+        raise ValueError(f"reverse steps run at k in [1, {len(chain.timesteps) - 1}], got {k}")
+    if chain.variance == "learned_range" and out.shape[1] < 6:
         raise ValueError("variance 'learned_range' needs a learn_sigma UNet (6 output channels)")
     c = chain.chain
     x0 = predict_x0(x, out[:, :3].to(x.dtype), float(c.alpha_bar[k]))
     mean = _f32(c.mean_coef_x0[k]) * x0 + _f32(c.mean_coef_xt[k]) * x
-    if k == 0:  # the last step returns the posterior mean (x̂0) without noise
-        return mean
     std = torch.exp(0.5 * _log_variance(c, k, out, chain.variance).to(x.dtype))
-    timestep = int(c.timesteps[k])
-    return mean + std * noise(timestep, x.shape).to(device=x.device, dtype=x.dtype)
+    return mean + std * noise(int(c.timesteps[k]), x.shape).to(device=x.device, dtype=x.dtype)
 
 
 def _log_variance(chain: _Chain, k: int, out: torch.Tensor, variance: VarianceMode) -> torch.Tensor:
