@@ -389,6 +389,27 @@ def test_certify_command_against_the_server_writes_the_outputs(served: TritonSer
     assert report["radius_map"]["num_pixels"] == local.certificate.num_pixels
 
 
+def test_certify_server_with_denoise_steps_gives_the_in_process_onnx_certificate(
+    served: TritonServer, models: ModelFiles, crop: np.ndarray, tmp_path: Path
+) -> None:
+    path = tmp_path / "crop.png"
+    Image.fromarray((crop.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+    image = read_image(path)
+    result = CliRunner().invoke(app, [
+        "certify", str(path), "--server", served.grpc_address, "--denoise-steps", "3", "--n0", "4", "--n", "60",
+        "--alpha", "0.01", "--seed", "13", "--batch", "8", "--out", str(tmp_path / "out"), "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "crop.json").read_text())
+    spec = spec_for(image, denoise_steps=3)
+    assert report["pipeline"]["denoise_steps"] == 3
+    assert report["pipeline"]["denoise_timesteps"] == list(spec.denoise_timesteps)
+    assert report["timings"]["server_stages"]["certseg_chain"]["inferences"] >= 8
+    local = certify_image(local_runtime(models, spec), image, num_classes=NUM_CLASSES, sigma=SIGMA, n0=4, n=60,
+                          alpha=0.01, seed=13)
+    np.testing.assert_array_equal(read_labels(tmp_path / "out" / "crop.certified.png"), local.labels)
+
+
 def test_version_mismatch_missing_model_and_unreachable_server_are_one_line_errors(served: TritonServer,
                                                                                   tmp_path: Path) -> None:
     with pytest.raises(ServerError, match=f"version 0.*speaks version {REPOSITORY_VERSION}") as error:
