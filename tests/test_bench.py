@@ -305,11 +305,12 @@ def test_report_without_matplotlib_says_so_in_one_line(
 # ----------------------------------------------------------------------------------------------- baseline
 
 
-@pytest.mark.parametrize("method", ["segcertify", "denoisecertify"])
-def test_authors_style_baseline_certifies_exactly_like_the_engine(models: SimpleNamespace, method: str) -> None:
+@pytest.mark.parametrize(("method", "steps"), [("segcertify", 1), ("denoisecertify", 1), ("denoisecertify", 3)])
+def test_authors_style_baseline_certifies_exactly_like_the_engine(models: SimpleNamespace, method: str,
+                                                                  steps: int) -> None:
     config = BenchConfig(engine=Settings(segmenter=str(models.segmenter), denoiser=str(models.denoiser), n0=3, n=38,
                                          alpha=0.1, device="cpu", batch=8))
-    session = Session.open(config.session_settings(Setting(method, 1.0, 0.5)))
+    session = Session.open(config.session_settings(Setting(method, 1.0, 0.5, steps)))
     image = scenes.generate_scene(scenes.held_out_seed(0), 32, 64).image
     engine, _ = session.certify(image, seed=11)
     spec, _ = session.runtime_for((32, 64))

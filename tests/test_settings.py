@@ -96,6 +96,8 @@ def test_the_same_flags_make_the_same_settings_in_certify_and_bench(monkeypatch:
     ``certseg certify`` runs equal those of the bench's grid cell (so its certificates are the bench's entries)."""
     args, expected = [], {}
     for f in fields(Settings):
+        if f.name == "denoise_steps":  # K > 1 needs denoisecertify, and the non-default method is segcertify
+            continue
         words, value = _non_default(f.name, f.default)
         args += words
         expected[f.name] = value
@@ -120,6 +122,12 @@ def test_the_same_flags_make_the_same_settings_in_certify_and_bench(monkeypatch:
     assert request.settings == Settings(**expected)
     [cell] = config.grid()
     assert config.session_settings(cell) == request.settings.resolved()
+    steps = ["--method", "denoisecertify", "--sigma", "0.5", "--denoise-steps", "3"]
+    assert runner.invoke(certseg_cli.app, ["certify", str(tmp_path / "image.png"), *steps]).exit_code == 0
+    assert runner.invoke(bench_cli.app, [*steps, "--out", str(tmp_path / "bench")]).exit_code == 2
+    [cell] = configs[1].grid()
+    assert requests[1].settings.denoise_steps == cell.denoise_steps == 3
+    assert configs[1].session_settings(cell) == requests[1].settings.resolved()
 
 
 def test_choices_take_plain_strings_and_record_them_unchanged() -> None:
