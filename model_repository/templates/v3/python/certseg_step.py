@@ -113,7 +113,8 @@ def _triton(name: str, value: torch.Tensor) -> pb_utils.Tensor:
 
 def bls_model(step: Step, model: str, x_t: str, timesteps: str, eps: str) -> Callable[..., torch.Tensor]:
     """Another model of the repository (the served denoiser) as ``unet(x_t, timesteps)``, called through BLS; its
-    answer comes back on this instance's device. A failed call raises, failing this request only."""
+    answer comes back on this instance's device. A failed call raises, failing this request only. ``x_t``,
+    ``timesteps``, ``eps``: that model's input and output names."""
 
     def call(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         request = pb_utils.InferenceRequest(
@@ -123,7 +124,8 @@ def bls_model(step: Step, model: str, x_t: str, timesteps: str, eps: str) -> Cal
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{model}: {response.error().message()}")
-        return _torch(pb_utils.get_output_tensor_by_name(response, eps)).to(step.device)
+        # A copy: the answer's buffer belongs to the response, which is released when this call returns.
+        return _torch(pb_utils.get_output_tensor_by_name(response, eps)).to(step.device, copy=True)
 
     return call
 
