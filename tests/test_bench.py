@@ -263,7 +263,7 @@ def test_results_file_drops_a_partial_last_line(tmp_path: Path) -> None:
         handle.write(b'{"kind": "entry", "ima')
     again = ResultsFile(path)
     again.open(header)
-    assert list(again.entries) == [("a", "segcertify", 0.25, 1.0, "engine")]
+    assert list(again.entries) == [("a", "segcertify", 0.25, 1.0, 1, "engine")]  # without denoise_steps: K = 1
     assert path.read_bytes().endswith(b"}\n")
     with pytest.raises(ResumeError, match="n: 10 in the file, 11 now"):
         ResultsFile(path).open({"kind": "run", "compat": {"n": 11}})
