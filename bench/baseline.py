@@ -19,7 +19,7 @@ import torch
 from certseg.bench.timing import StageTimer
 from certseg.engine.choices import Fwer, NoiseBackend, choice
 from certseg.engine.core.pipeline import validate_image
-from certseg.engine.core.sampling import NoiseSource
+from certseg.engine.core.sampling import NoiseSource, ReverseNoise
 from certseg.engine.errors import InputError
 from certseg.engine.labels import label_numpy_dtype
 from certseg.engine.maths.label_pipeline import LabelPipeline
@@ -94,7 +94,7 @@ def authors_certify(
             noisy = to_rgb(add_noise(clean, source.sample(index, clean.shape[1:], device).unsqueeze(0), sigma))
             timer.add("noise", timer.now() - started)
             with torch.no_grad():
-                labels = timer.timed_call(pipeline, noisy)
+                labels = timer.timed_call(pipeline, noisy, ReverseNoise(source, index, 1, device))
             started = timer.now()
             label_map = labels[0].cpu().numpy()
             timer.add("transfer", timer.now() - started)

@@ -3,10 +3,10 @@
     certseg-bench --images 100 --method segcertify denoisecertify --sigma 0.25 0.5 1.0 --scale 0.25 0.5 1.0 \\
         [--dataset cityscapes --root DIR] --n0 10 --n 100 --alpha 0.001 --tau 0.75 --seed 0 --out DIR [--report]
 
-``--method``, ``--sigma`` and ``--scale`` take several values, either space-separated after one flag (as above)
-or by repeating the flag (``--sigma 0.25 --sigma 0.5``): ``expand_multi_values`` rewrites the first form into
-the second before Typer parses. Without ``--dataset``/``--root`` the procedural held-out scenes are used.
-Results go to ``DIR/results.jsonl`` as they finish; rerunning the same command resumes. ``--runtime triton``
+``--method``, ``--sigma``, ``--scale`` and ``--denoise-steps`` take several values, either space-separated after
+one flag (as above) or by repeating the flag (``--sigma 0.25 --sigma 0.5``): ``expand_multi_values`` rewrites the
+first form into the second before Typer parses. Without ``--dataset``/``--root`` the procedural held-out scenes are
+used. Results go to ``DIR/results.jsonl`` as they finish; rerunning the same command resumes. ``--runtime triton``
 certifies on ``--server HOST:PORT ...`` (or on the bundled tritonserver, started for the run), several images at
 once (``--images-in-flight``).
 """
@@ -36,7 +36,7 @@ from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.runtimes.process import enable_huge_pages
 from certseg.engine.runtimes.settings import Settings
 
-MULTI_VALUE_OPTIONS: tuple[str, ...] = ("--method", "--sigma", "--scale", "--server")
+MULTI_VALUE_OPTIONS: tuple[str, ...] = ("--method", "--sigma", "--scale", "--denoise-steps", "--server")
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0], rich_markup_mode=None)
 
@@ -94,6 +94,8 @@ def bench(
     method: Annotated[list[Method] | None, typer.Option(help="one or more methods [both]")] = None,
     sigma: Annotated[list[float] | None, typer.Option(help="one or more noise levels σ [0.25 0.5 1.0]")] = None,
     scale: Annotated[list[float] | None, typer.Option(help="one or more segmenter input scales [1.0]")] = None,
+    denoise_steps: Annotated[list[int] | None, typer.Option(
+        help="one or more denoising step counts K of denoisecertify (1: one step, the paper) [1]")] = None,
     settings: Settings,
     seed: Annotated[int, typer.Option(help="root seed; each image's seed derives from it and its index")] = 0,
     out: Annotated[Path, typer.Option(help="output folder (results.jsonl, report.md, plots)")] = Path("bench-out"),
@@ -121,10 +123,10 @@ def bench(
         help="--runtime triton: retries of a failed batch before the run stops (a lost server's batches go to the "
         "others without using one)")] = 3,
 ) -> None:
-    """Run every (image × method × σ × scale), print the paper's tables, write DIR/results.jsonl (resumable).
+    """Run every (image × method × σ × scale × K), print the paper's tables, write DIR/results.jsonl (resumable).
 
-    --method, --sigma and --scale take one or more values, space-separated (--sigma 0.25 0.5 1.0) or repeated
-    (--sigma 0.25 --sigma 0.5). Rerunning into the same --out skips finished entries.
+    --method, --sigma, --scale and --denoise-steps take one or more values, space-separated (--sigma 0.25 0.5 1.0)
+    or repeated (--sigma 0.25 --sigma 0.5). Rerunning into the same --out skips finished entries.
     """
     from certseg.bench import plots
     from certseg.bench.report import protocol_line, write_report
@@ -151,7 +153,8 @@ def bench(
             raise CertsegError(f"no entries in {out / 'results.jsonl'}")
     else:
         grid = {name: tuple(values) for name, values in (("methods", method), ("sigmas", sigma),
-                                                              ("scales", scale)) if values}
+                                                              ("scales", scale), ("denoise_steps", denoise_steps))
+                if values}
         config = BenchConfig(
             engine=settings, **grid, images=images, dataset=dataset, root=root, data_seed=data_seed,
             scene_size=None if scene_size is None else parse_size(scene_size, "--scene-size"),

@@ -33,14 +33,17 @@ may resume a results file made with another value (or ``auto``)."""
 
 @dataclass(frozen=True, order=True)
 class Setting:
-    """One column group of the paper's tables: a method at one scale and one σ (the grid's axes)."""
+    """One column group of the paper's tables: a method at one scale and one σ, denoised in K steps (the grid's
+    axes)."""
 
     method: str
     scale: float
     sigma: float
+    denoise_steps: int = 1
 
     def label(self) -> str:
-        return f"{self.method} σ={self.sigma:g} scale={self.scale:g}"
+        steps = "" if self.denoise_steps == 1 else f" K={self.denoise_steps}"
+        return f"{self.method} σ={self.sigma:g} scale={self.scale:g}{steps}"
 
 
 GRID_AXES: tuple[str, ...] = tuple(f.name for f in fields(Setting))
@@ -56,6 +59,8 @@ class BenchConfig:
     methods: tuple[Method, ...] = (Method.segcertify, Method.denoisecertify)
     sigmas: tuple[float, ...] = (0.25, 0.5, 1.0)
     scales: tuple[float, ...] = (1.0,)
+    denoise_steps: tuple[int, ...] = (1,)
+    """K values of denoisecertify's cells; segcertify denoises nothing, so its cells run once (K = 1)."""
     images: int = 100
     dataset: Dataset | None = None
     root: Path | None = None
@@ -106,9 +111,12 @@ class BenchConfig:
         object.__setattr__(self, "protocol", choice(Protocol, self.protocol, "--protocol", InputError))
         if self.dataset is not None:
             object.__setattr__(self, "dataset", choice(Dataset, self.dataset, "--dataset", InputError))
-        for name, values in (("--method", self.methods), ("--sigma", self.sigmas), ("--scale", self.scales)):
+        for name, values in (("--method", self.methods), ("--sigma", self.sigmas), ("--scale", self.scales),
+                             ("--denoise-steps", self.denoise_steps)):
             if not values:
                 raise InputError(f"{name} needs at least one value")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.denoise_steps):
+            raise InputError(f"--denoise-steps values must be integers >= 1, got {list(self.denoise_steps)}")
         if any(s <= 0 for s in self.sigmas) or any(s <= 0 for s in self.scales):
             raise InputError("--sigma and --scale values must be > 0")
         if self.seed < 0:
@@ -123,10 +131,11 @@ class BenchConfig:
         return VARIANTS if self.baseline else VARIANTS[:1]
 
     def grid(self) -> list[Setting]:
-        """Every (method, scale, σ) combination, in the paper's row order (scale, then method, then σ)."""
+        """Every (method, scale, σ, K) combination, in the paper's row order (scale, then method, then σ, then K);
+        segcertify's cells take K = 1 only."""
         unique = dict.fromkeys(
-            Setting(m.value, float(sc), float(sg))
-            for sc, m, sg in itertools.product(self.scales, self.methods, self.sigmas)
+            Setting(m.value, float(sc), float(sg), int(k) if m == Method.denoisecertify else 1)
+            for sc, m, sg, k in itertools.product(self.scales, self.methods, self.sigmas, self.denoise_steps)
         )
         return list(unique)
 
@@ -143,7 +152,7 @@ class BenchConfig:
     def compat(self, dataset: dict[str, Any], device: str) -> dict[str, Any]:
         """Everything that changes an entry's numbers: a run may only resume a results file that agrees on it.
 
-        Every engine setting but the grid's axes (the selection lists: images, methods, σ, scales and baseline
+        Every engine setting but the grid's axes (the selection lists: images, methods, σ, scales, K and baseline
         only add or skip entries) and ``NOT_COMPAT``, the ``COMPAT`` fields, the device as resolved, and the
         dataset's pixels.
         """

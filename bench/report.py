@@ -41,7 +41,8 @@ SIGMA_AXIS = "noise σ (certified radius R = σ·Φ⁻¹(τ))"
 
 
 def _series_name(row: Row) -> str:
-    return f"{SHORT.get(row.method, row.method)} scale {row.scale:g}"
+    steps = "" if row.denoise_steps == 1 else f" K={row.denoise_steps}"
+    return f"{SHORT.get(row.method, row.method)} scale {row.scale:g}{steps}"
 
 
 def _sigma_ticks(rows: list[Row]) -> list[tuple[float, str]]:
@@ -93,7 +94,8 @@ def plot_radius_curves(curves: list[RadiusCurve], folder: Path, points: int = 12
     top = max((float(c.radii.max()) for c in curves if c.radii.size), default=1.0)
     levels = np.linspace(0.0, top * 1.02, points)
     several_scales = len({c.scale for c in curves}) > 1
-    series = {f"{SHORT.get(c.method, c.method)}{f' ×{c.scale:g}' if several_scales else ''}, σ = {c.sigma:g}":
+    series = {f"{SHORT.get(c.method, c.method)}{f' ×{c.scale:g}' if several_scales else ''}, σ = {c.sigma:g}"
+              f"{'' if c.denoise_steps == 1 else f', K = {c.denoise_steps}'}":
               list(zip(levels.tolist(), c.accuracy_at(levels).tolist(), strict=True)) for c in curves}
     return line_chart(folder / "accuracy_vs_radius.png", "Certified accuracy vs radius (per-pixel radius maps)",
                       series, x_label="L2 radius R", y_label="certified accuracy", y_range=(0.0, 1.0), markers=False)

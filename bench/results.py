@@ -1,7 +1,7 @@
 """``results.jsonl``: the run's only state, appended one fsync'd line per finished entry.
 
 Line kinds: one ``run`` header first (the settings that must agree to resume), a ``session`` line per invocation,
-then ``entry`` lines (one per image × method × σ × scale × variant, with its per-image confusion matrix, so every
+then ``entry`` lines (one per image × method × σ × scale × K × variant, with its per-image confusion matrix, so every
 table can be recomputed from this file alone). A run killed mid-write leaves at most one partial last line; it is
 cut off on the next start. Finished keys are never recomputed, and the tables are computed from the file, so a
 resumed run ends with exactly the numbers of an uninterrupted one.
@@ -21,8 +21,8 @@ import numpy as np
 from certseg.engine.errors import InputError
 from certseg.engine.files.images import jsonable
 
-Key = tuple[str, str, float, float, str]
-"""(image id, method, σ, scale, variant)."""
+Key = tuple[str, str, float, float, int, str]
+"""(image id, method, σ, scale, denoising steps K, variant)."""
 
 
 class ResumeError(InputError):
@@ -30,8 +30,9 @@ class ResumeError(InputError):
 
 
 def entry_key(entry: dict[str, Any]) -> Key:
+    """An entry's key; entries written before ``--denoise-steps`` existed lack it and were made with K = 1."""
     return (str(entry["image"]), str(entry["method"]), float(entry["sigma"]), float(entry["scale"]),
-            str(entry["variant"]))
+            int(entry.get("denoise_steps", 1)), str(entry["variant"]))
 
 
 def labels_digest(labels: np.ndarray) -> str:

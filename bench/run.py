@@ -71,7 +71,7 @@ class BenchRun:
 
     def wanted_keys(self) -> list[Key]:
         return [
-            (item.id, s.method, s.sigma, s.scale, variant)
+            (item.id, s.method, s.sigma, s.scale, s.denoise_steps, variant)
             for item in self.items for s in self.config.grid() for variant in self.config.variants
         ]
 
@@ -232,6 +232,7 @@ def _entry(
         "method": setting.method,
         "sigma": setting.sigma,
         "scale": setting.scale,
+        "denoise_steps": setting.denoise_steps,
         "variant": variant,
         "seed": seed,
         "n0": engine.n0,
@@ -341,7 +342,8 @@ def _certify_baseline(
         timings["stages"] = timer.snapshot()
     entry = _entry(run, item, setting, "baseline", seed, result.labels, target, result.num_classes, timings, session,
                    extra)
-    engine = run.results.entries.get((item.id, setting.method, setting.sigma, setting.scale, "engine"))
+    engine = run.results.entries.get(
+        (item.id, setting.method, setting.sigma, setting.scale, setting.denoise_steps, "engine"))
     if engine is not None:
         entry["matches_engine"] = engine["labels_sha256"] == entry["labels_sha256"]
     return entry, result.labels
@@ -350,7 +352,9 @@ def _certify_baseline(
 def _save_labels(run: BenchRun, session: Session, entry: dict[str, Any], labels: np.ndarray) -> None:
     folder = Path(run.config.out) / "labels"
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"{entry['image']}__{entry['method']}_sigma{entry['sigma']:g}_scale{entry['scale']:g}_{entry['variant']}.png"
+    steps = entry.get("denoise_steps", 1)
+    name = (f"{entry['image']}__{entry['method']}_sigma{entry['sigma']:g}_scale{entry['scale']:g}"
+            f"{'' if steps == 1 else f'_steps{steps}'}_{entry['variant']}.png")
     palette = session.segmenter.palette
     colours = (np.asarray(palette, dtype=np.uint8) if palette and len(palette) == entry["num_classes"]
                else default_palette(entry["num_classes"]))
@@ -404,10 +408,10 @@ def _certify_item(run: BenchRun, sessions: _Sessions, timer: StageTimer | None, 
     image, target = item.load()
     run.protocol.check_image(item.id, image.shape[1:])
     seed = image_seed(run.config.seed, item.index)
-    for _, method, sigma, scale, variant in keys:
+    for _, method, sigma, scale, steps, variant in keys:
         if stop.is_set():
             return
-        setting = Setting(method, scale, sigma)
+        setting = Setting(method, scale, sigma, steps)
         bars.entry_started(f"{item.id} {setting.label()} {variant}")
         started = _now()
         certify = _certify_engine if variant == "engine" else _certify_baseline
@@ -434,7 +438,8 @@ def execute(run: BenchRun, *, console: Console | None = None, show_progress: boo
     for key in pending:
         by_item.setdefault(key[0], []).append(key)
     work = [(item, by_item[item.id]) for item in run.items if item.id in by_item]
-    settings = list(dict.fromkeys(Setting(method, scale, sigma) for _, method, sigma, scale, _ in pending))
+    settings = list(dict.fromkeys(Setting(method, scale, sigma, steps)
+                                  for _, method, sigma, scale, steps, _ in pending))
     if run.dataset.description.get("warning"):
         console.print(f"[yellow]warning:[/] {run.dataset.description['warning']}")
     width = min(config.images_in_flight, len(work)) if triton else 1

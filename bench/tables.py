@@ -1,8 +1,9 @@
-"""The paper's tables, computed from results entries alone: one confusion matrix per (variant, method, scale, σ).
+"""The paper's tables, computed from results entries alone: one confusion matrix per (variant, method, scale, σ, K).
 
 Rows follow the paper (Table 2 order: scale, method, σ, with R = σ·Φ⁻¹(τ)); accuracy and mIoU over the K real
 classes come from the summed confusion matrices, abstain % is the mean per-image abstain fraction (void pixels
-included), exactly as ``certseg.engine.core.metrics.CertifiedMetrics`` computes them for one run.
+included), exactly as ``certseg.engine.core.metrics.CertifiedMetrics`` computes them for one run. K, the denoising
+steps, gets a column only where the rows hold more than one value (entries without it were made with K = 1).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Row:
     gpu_utilization: float | None = None
     timestep: int | None = None
     per_image_seconds: list[float] = field(default_factory=list)
+    denoise_steps: int = 1
 
 
 def _metrics(entries: list[dict[str, Any]]) -> CertifiedMetrics:
@@ -89,8 +91,13 @@ def _per_hour(count: int, seconds: float) -> float | None:
     return 3600.0 * count / seconds if seconds > 0 else None
 
 
-def _row(group: tuple[str, str, float, float], entries: list[dict[str, Any]]) -> Row:
-    variant, method, scale, sigma = group
+def steps_of(entry: dict[str, Any]) -> int:
+    """An entry's denoising steps K (1 for entries written before the option existed)."""
+    return int(entry.get("denoise_steps", 1))
+
+
+def _row(group: tuple[str, str, float, float, int], entries: list[dict[str, Any]]) -> Row:
+    variant, method, scale, sigma, steps = group
     metrics = _metrics(entries)
     samples = sum(e["n0"] + e["n"] for e in entries)
     sampling = sum(e["timings"]["sampling"] for e in entries)
@@ -114,6 +121,7 @@ def _row(group: tuple[str, str, float, float], entries: list[dict[str, Any]]) ->
         gpu_utilization=_mean(e.get("gpu_utilization") for e in entries),
         timestep=None if timestep is None else int(timestep),
         per_image_seconds=[float(e["timings"]["total"]) for e in sorted(entries, key=lambda e: e["image_index"])],
+        denoise_steps=steps,
     )
 
 
@@ -122,11 +130,12 @@ def _rank(known: tuple[str, ...], value: str) -> int:
 
 
 def aggregate(entries: Iterable[dict[str, Any]]) -> list[Row]:
-    """One row per (variant, method, scale, σ), in the paper's order, engine rows before baseline rows."""
-    groups: dict[tuple[str, str, float, float], list[dict[str, Any]]] = defaultdict(list)
+    """One row per (variant, method, scale, σ, K), in the paper's order, engine rows before baseline rows."""
+    groups: dict[tuple[str, str, float, float, int], list[dict[str, Any]]] = defaultdict(list)
     for entry in entries:
-        groups[(entry["variant"], entry["method"], float(entry["scale"]), float(entry["sigma"]))].append(entry)
-    order = sorted(groups, key=lambda g: (_rank(VARIANTS, g[0]), g[2], _rank(METHOD_ORDER, g[1]), g[1], g[3]))
+        groups[(entry["variant"], entry["method"], float(entry["scale"]), float(entry["sigma"]),
+                steps_of(entry))].append(entry)
+    order = sorted(groups, key=lambda g: (_rank(VARIANTS, g[0]), g[2], _rank(METHOD_ORDER, g[1]), g[1], g[3], g[4]))
     return [_row(group, groups[group]) for group in order]
 
 
@@ -176,15 +185,15 @@ def compare(entries: Iterable[dict[str, Any]]) -> list[Comparison]:
     """Pairs of engine and baseline entries with the same key; only images both variants finished count."""
     by_key: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
     for entry in entries:
-        key = (entry["method"], float(entry["scale"]), float(entry["sigma"]), entry["image"])
+        key = (entry["method"], float(entry["scale"]), float(entry["sigma"]), steps_of(entry), entry["image"])
         by_key[key][entry["variant"]] = entry
-    groups: dict[tuple[str, float, float], list[tuple[dict, dict]]] = defaultdict(list)
-    for (method, scale, sigma, _), pair in by_key.items():
+    groups: dict[tuple[str, float, float, int], list[tuple[dict, dict]]] = defaultdict(list)
+    for (method, scale, sigma, steps, _), pair in by_key.items():
         if "engine" in pair and "baseline" in pair:
-            groups[(method, scale, sigma)].append((pair["engine"], pair["baseline"]))
+            groups[(method, scale, sigma, steps)].append((pair["engine"], pair["baseline"]))
     out = []
-    for (method, scale, sigma), pairs in sorted(groups.items(), key=lambda kv: (kv[0][1], _rank(METHOD_ORDER, kv[0][0]),
-                                                                                kv[0][0], kv[0][2])):
+    for (method, scale, sigma, _), pairs in sorted(groups.items(), key=lambda kv: (
+            kv[0][1], _rank(METHOD_ORDER, kv[0][0]), kv[0][0], kv[0][2], kv[0][3])):
         out.append(Comparison(
             method=method, scale=scale, sigma=sigma, images=len(pairs),
             engine_samples_per_second=_rate(pairs, 0), baseline_samples_per_second=_rate(pairs, 1),
@@ -199,16 +208,28 @@ def compare(entries: Iterable[dict[str, Any]]) -> list[Comparison]:
     return out
 
 
+def _with_steps(
+    rows: list[Row], header: list[str], body: list[list[str]], after: str
+) -> tuple[list[str], list[list[str]]]:
+    """The table with a K column after ``after`` where ``rows`` (one per body row) hold several K values."""
+    if len({r.denoise_steps for r in rows}) < 2:
+        return header, body
+    at = header.index(after) + 1
+    return (header[:at] + ["K"] + header[at:],
+            [line[:at] + [str(r.denoise_steps)] + line[at:] for r, line in zip(rows, body, strict=True)])
+
+
 def accuracy_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """The paper's table: scale, method, σ, R, acc, mIoU, abstain % (engine rows; the baseline certifies the same)."""
     header = ["scale", "method", "σ", "R", "t*", "acc", "mIoU", "abstain %", "images"]
+    rows = [r for r in rows if r.variant == "engine"]
     body = [
         [f"{r.scale:.2f}", r.method, f"{r.sigma:.2f}", f"{r.radius:.2f}",
          "-" if r.timestep is None else str(r.timestep), f"{r.accuracy:.2f}", f"{r.mean_iou:.2f}",
          f"{r.abstain_percent:.1f}", str(r.images)]
-        for r in rows if r.variant == "engine"
+        for r in rows
     ]
-    return header, body
+    return _with_steps(rows, header, body, "t*")
 
 
 def throughput_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
@@ -224,7 +245,7 @@ def throughput_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
          "-" if r.gpu_utilization is None else f"{r.gpu_utilization:.0f}"]
         for r in rows
     ]
-    return header, body
+    return _with_steps(rows, header, body, "σ")
 
 
 @dataclass(frozen=True)
@@ -282,9 +303,10 @@ def server_table(rows: list[ServerRow]) -> tuple[list[str], list[list[str]]]:
 def stage_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """Mean seconds per image in each stage (rows without stage timing are left out)."""
     header = ["variant", "scale", "method", "σ", *STAGES]
+    rows = [r for r in rows if r.stages]
     body = [[r.variant, f"{r.scale:.2f}", r.method, f"{r.sigma:.2f}", *(f"{r.stages[s]:.4f}" for s in STAGES)]
-            for r in rows if r.stages]
-    return header, body
+            for r in rows]
+    return _with_steps(rows, header, body, "σ")
 
 
 def comparison_table(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
@@ -323,6 +345,7 @@ class RadiusCurve:
     """Every radius some pixel got, with ``counts`` the correctly guessed pixels that got it."""
     counts: np.ndarray
     valid_pixels: int
+    denoise_steps: int = 1
 
     def accuracy_at(self, levels: Iterable[float]) -> np.ndarray:
         levels = np.asarray(list(levels), dtype=np.float64)
@@ -332,13 +355,14 @@ class RadiusCurve:
 
 def radius_curves(entries: Iterable[dict[str, Any]]) -> list[RadiusCurve]:
     """One curve per (method, scale, σ) over the engine entries that carry a radius map, in the paper's order."""
-    groups: dict[tuple[str, float, float], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, float, float, int], list[dict[str, Any]]] = defaultdict(list)
     for entry in entries:
         if entry["variant"] == "engine" and entry.get("radius_map"):
-            groups[(entry["method"], float(entry["scale"]), float(entry["sigma"]))].append(entry)
+            groups[(entry["method"], float(entry["scale"]), float(entry["sigma"]), steps_of(entry))].append(entry)
     curves = []
-    for method, scale, sigma in sorted(groups, key=lambda g: (g[1], _rank(METHOD_ORDER, g[0]), g[0], g[2])):
-        members = groups[(method, scale, sigma)]
+    order = sorted(groups, key=lambda g: (g[1], _rank(METHOD_ORDER, g[0]), g[0], g[2], g[3]))
+    for method, scale, sigma, steps in order:
+        members = groups[(method, scale, sigma, steps)]
         radii, counts = [], []
         for entry in members:
             record = entry["radius_map"]
@@ -347,7 +371,7 @@ def radius_curves(entries: Iterable[dict[str, Any]]) -> list[RadiusCurve]:
                     radii.append(float(value))
                     counts.append(int(count))
         curves.append(RadiusCurve(method, scale, sigma, len(members), np.asarray(radii), np.asarray(counts),
-                                  sum(int(e["radius_map"]["valid_pixels"]) for e in members)))
+                                  sum(int(e["radius_map"]["valid_pixels"]) for e in members), steps))
     return curves
 
 
@@ -356,4 +380,7 @@ def radius_table(curves: list[RadiusCurve], levels: tuple[float, ...]) -> tuple[
     header = ["scale", "method", "σ", *(f"acc @ R={level:g}" for level in levels), "images"]
     body = [[f"{c.scale:.2f}", c.method, f"{c.sigma:.2f}", *(f"{a:.3f}" for a in c.accuracy_at(levels)),
              str(c.images)] for c in curves]
+    if len({c.denoise_steps for c in curves}) > 1:
+        header = [*header[:3], "K", *header[3:]]
+        body = [[*line[:3], str(c.denoise_steps), *line[3:]] for c, line in zip(curves, body, strict=True)]
     return header, body

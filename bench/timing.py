@@ -125,14 +125,14 @@ class StageTimer:
         self.add("preprocess", (leave - self.last_enter) - call["denoise"] - call["segment"] - argmax)
         self.last_exit = leave
 
-    def timed_call(self, fn: LabelFn, noisy: torch.Tensor) -> torch.Tensor:
-        """Run one label call, timed: an instrumented pipeline times itself through its hooks, anything else is
-        timed here as one call."""
+    def timed_call(self, fn: LabelFn, noisy: torch.Tensor, *more: Any) -> torch.Tensor:
+        """Run one label call (``more``: its further arguments, such as the batch's reverse noise), timed: an
+        instrumented pipeline times itself through its hooks, anything else is timed here as one call."""
         if id(fn) in self._hooked:
-            return fn(noisy)
+            return fn(noisy, *more)
         self._enter()
         try:
-            return fn(noisy)
+            return fn(noisy, *more)
         finally:
             self._leave()
 

@@ -49,7 +49,8 @@ GpuEngine = Literal["onnxruntime", "tensorrt"]
 
 STEPS: dict[str, tuple[str, ...]] = {
     "certseg_denoisecertify": (
-        "certseg_noise", "certseg_scale", "certseg_denoise", "certseg_resize", "certseg_segment", "certseg_argmax",
+        "certseg_noise", "certseg_scale", "certseg_denoise", "certseg_chain", "certseg_resize", "certseg_segment",
+        "certseg_argmax",
     ),
     "certseg_segcertify": ("certseg_noise", "certseg_prepare", "certseg_segment", "certseg_argmax"),
 }

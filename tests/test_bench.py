@@ -263,7 +263,7 @@ def test_results_file_drops_a_partial_last_line(tmp_path: Path) -> None:
         handle.write(b'{"kind": "entry", "ima')
     again = ResultsFile(path)
     again.open(header)
-    assert list(again.entries) == [("a", "segcertify", 0.25, 1.0, "engine")]
+    assert list(again.entries) == [("a", "segcertify", 0.25, 1.0, 1, "engine")]  # without denoise_steps: K = 1
     assert path.read_bytes().endswith(b"}\n")
     with pytest.raises(ResumeError, match="n: 10 in the file, 11 now"):
         ResultsFile(path).open({"kind": "run", "compat": {"n": 11}})
@@ -305,11 +305,12 @@ def test_report_without_matplotlib_says_so_in_one_line(
 # ----------------------------------------------------------------------------------------------- baseline
 
 
-@pytest.mark.parametrize("method", ["segcertify", "denoisecertify"])
-def test_authors_style_baseline_certifies_exactly_like_the_engine(models: SimpleNamespace, method: str) -> None:
+@pytest.mark.parametrize(("method", "steps"), [("segcertify", 1), ("denoisecertify", 1), ("denoisecertify", 3)])
+def test_authors_style_baseline_certifies_exactly_like_the_engine(models: SimpleNamespace, method: str,
+                                                                  steps: int) -> None:
     config = BenchConfig(engine=Settings(segmenter=str(models.segmenter), denoiser=str(models.denoiser), n0=3, n=38,
                                          alpha=0.1, device="cpu", batch=8))
-    session = Session.open(config.session_settings(Setting(method, 1.0, 0.5)))
+    session = Session.open(config.session_settings(Setting(method, 1.0, 0.5, steps)))
     image = scenes.generate_scene(scenes.held_out_seed(0), 32, 64).image
     engine, _ = session.certify(image, seed=11)
     spec, _ = session.runtime_for((32, 64))
@@ -447,3 +448,53 @@ def test_baseline_compare_isolates_engine_and_baseline_in_their_own_processes(tm
     assert row["identical_certificates"] is True
     assert row["engine_peak_rss_mib"] == entries["engine"]["peak_rss_mib"] > 0
     assert row["baseline_peak_rss_mib"] == entries["baseline"]["peak_rss_mib"] > 0
+
+
+# ------------------------------------------------------------------------------------------ --denoise-steps
+
+
+STEPS_ARGS = ["--images", "2", "--scene-size", "32x64", "--method", "segcertify", "denoisecertify", "--sigma", "0.5",
+              "--n0", "2", "--n", "38", "--alpha", "0.1", "--quiet", "--threads", "1"]
+
+
+def test_denoise_steps_is_a_grid_axis_that_resumes_and_matches_certseg_certify(
+    models: SimpleNamespace, tmp_path: Path
+) -> None:
+    out = tmp_path / "steps"
+    result = bench([*STEPS_ARGS, "--denoise-steps", "1", "3", *models.args, "--out", str(out)])
+    header, first = load_entries(out / "results.jsonl")
+    keys = {entry_key(e)[1:5] for e in first}
+    assert keys == {("segcertify", 0.5, 1.0, 1), ("denoisecertify", 0.5, 1.0, 1), ("denoisecertify", 0.5, 1.0, 3)}
+    assert len(first) == 6 and "K" in result.output
+    three = next(e for e in first if e["denoise_steps"] == 3 and e["image_index"] == 1)
+    assert three["pipeline"]["denoise_steps"] == 3 and len(three["pipeline"]["denoise_timesteps"]) == 3
+
+    bench([*STEPS_ARGS, "--denoise-steps", "3", "1", "2", *models.args, "--out", str(out)])  # resumes, adds K = 2
+    _, second = load_entries(out / "results.jsonl")
+    assert len(second) == 8
+    kept = {entry_key(e): e["run_id"] for e in first}
+    assert all(kept[entry_key(e)] == e["run_id"] for e in second if entry_key(e) in kept)
+    assert {entry_key(e)[4] for e in second if entry_key(e) not in kept} == {2}
+    rows = aggregate(second)
+    assert sorted((r.method, r.denoise_steps) for r in rows) == [
+        ("denoisecertify", 1), ("denoisecertify", 2), ("denoisecertify", 3), ("segcertify", 1)]
+
+    [image] = scenes.write_cityscapes_layout(tmp_path / "data", num_images=1, height=32, width=64, first_held_out=1)
+    invoke(certseg_cli.app, [
+        "certify", str(image), "--sigma", "0.5", "--n0", "2", "--n", "38", "--alpha", "0.1", "--denoise-steps", "3",
+        "--seed", str(three["seed"]), "--out", str(tmp_path / "one"), "--quiet", "--threads", "1", *models.args,
+    ])
+    certified = np.asarray(Image.open(tmp_path / "one" / f"{image.stem}.certified.png"))
+    assert labels_digest(certified) == three["labels_sha256"]
+
+
+def test_entries_written_before_denoise_steps_read_as_one_step(tmp_path: Path) -> None:
+    old = {"kind": "entry", "image": "a", "method": "denoisecertify", "sigma": 0.25, "scale": 1.0,
+           "variant": "engine"}
+    assert entry_key(old) == ("a", "denoisecertify", 0.25, 1.0, 1, "engine")
+    assert entry_key({**old, "denoise_steps": 5})[4] == 5
+    with pytest.raises(InputError, match="integers >= 1"):
+        BenchConfig(denoise_steps=(1, 0))
+    grid = BenchConfig(methods=("segcertify", "denoisecertify"), sigmas=(0.25,), denoise_steps=(1, 5)).grid()
+    assert grid == [Setting("segcertify", 1.0, 0.25), Setting("denoisecertify", 1.0, 0.25),
+                    Setting("denoisecertify", 1.0, 0.25, 5)]

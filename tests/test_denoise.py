@@ -245,10 +245,15 @@ def test_spaced_timesteps() -> None:
         dn.spaced_timesteps(10, 12)
 
 
+def seeded_noise(seed: int):
+    """A NoiseFn from one explicit generator (the engine passes ``sampling.ReverseNoise`` instead)."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda timestep, shape: torch.randn(tuple(shape), generator=generator)
+
+
 def test_multi_step_one_step_equals_one_step_denoise() -> None:
     noisy = torch.rand(1, 3, 24, 24)
-    generator = torch.Generator().manual_seed(0)
-    multi = dn.multi_step_denoise(RecordingUNet(), noisy, 73, noise=generator, steps=1, denoiser_size=16)
+    multi = dn.multi_step_denoise(RecordingUNet(), noisy, 73, noise=seeded_noise(0), steps=1, denoiser_size=16)
     single = dn.one_step_denoise(RecordingUNet(), noisy, 73, denoiser_size=16)
     assert (multi - single).abs().max().item() <= 1e-6
 
@@ -285,14 +290,13 @@ def test_multi_step_noise_is_explicit_and_reproducible() -> None:
 
     def run(seed: int) -> torch.Tensor:
         torch.manual_seed(1234 + seed)  # the global RNG must not matter
-        generator = torch.Generator().manual_seed(seed)
-        return dn.multi_step_denoise(RecordingUNet(), noisy, 20, noise=generator, denoiser_size=16)
+        return dn.multi_step_denoise(RecordingUNet(), noisy, 20, noise=seeded_noise(seed), denoiser_size=16)
 
     first, again, other = run(0), run(0), run(1)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     unet = RecordingUNet()
-    dn.multi_step_denoise(unet, noisy, 20, noise=torch.Generator().manual_seed(0), denoiser_size=16)
+    dn.multi_step_denoise(unet, noisy, 20, noise=seeded_noise(0), denoiser_size=16)
     assert [int(ts[0]) for _, ts in unet.calls] == list(range(20, -1, -1))
 
 
@@ -302,9 +306,9 @@ def test_multi_step_learned_range_needs_six_channels() -> None:
 
     noisy = torch.rand(1, 3, 8, 8)
     with pytest.raises(ValueError, match="learn_sigma"):
-        dn.multi_step_denoise(three_channel, noisy, 5, noise=torch.Generator(), denoiser_size=8)
+        dn.multi_step_denoise(three_channel, noisy, 5, noise=seeded_noise(0), denoiser_size=8)
     out = dn.multi_step_denoise(
-        three_channel, noisy, 5, noise=torch.Generator(), variance="fixed_small", denoiser_size=8
+        three_channel, noisy, 5, noise=seeded_noise(0), variance="fixed_small", denoiser_size=8
     )
     assert out.shape == noisy.shape
 
@@ -396,8 +400,7 @@ def test_the_cosine_schedule_reaches_every_use_of_alpha_bar() -> None:
     assert torch.equal(x_t, (2 * noisy - 1) * float(scale))
     recip, recip_m1 = (float(np.float32(v)) for v in (math.sqrt(1 / alpha_bar[t]), math.sqrt(1 / alpha_bar[t] - 1)))
     assert torch.allclose(out, (torch.clamp(recip * x_t - recip_m1 * 0.1 * x_t, -1, 1) + 1) / 2, atol=1e-6)
-    generator = torch.Generator().manual_seed(0)
-    multi = dn.multi_step_denoise(RecordingUNet(), noisy, t, noise=generator, steps=1, denoiser_size=16,
+    multi = dn.multi_step_denoise(RecordingUNet(), noisy, t, noise=seeded_noise(0), steps=1, denoiser_size=16,
                                   schedule=cosine)
     assert (multi - out).abs().max().item() <= 1e-6
     with pytest.raises(ValueError, match=r"\[0, 50\)"):

@@ -35,6 +35,8 @@ OLD_SETTINGS_RECORD = {
     "seg_mean": None, "seg_std": None, "seg_input_size": None, "classes": None,
 }
 """The JSON ``settings`` of a default run as certseg wrote it before ``Settings`` held enums (same keys and order)."""
+ADDED_SETTINGS = {"denoise_steps": 1}
+"""Settings added since, after the old keys, at their defaults (which give the old certificates)."""
 
 OLD_COMPAT = {
     "seed": 0, "n0": 10, "n": 100, "alpha": 0.001, "tau": 0.75, "fwer": "holm", "segmenter": None, "denoiser": None,
@@ -94,6 +96,8 @@ def test_the_same_flags_make_the_same_settings_in_certify_and_bench(monkeypatch:
     ``certseg certify`` runs equal those of the bench's grid cell (so its certificates are the bench's entries)."""
     args, expected = [], {}
     for f in fields(Settings):
+        if f.name == "denoise_steps":  # K > 1 needs denoisecertify, and the non-default method is segcertify
+            continue
         words, value = _non_default(f.name, f.default)
         args += words
         expected[f.name] = value
@@ -118,6 +122,12 @@ def test_the_same_flags_make_the_same_settings_in_certify_and_bench(monkeypatch:
     assert request.settings == Settings(**expected)
     [cell] = config.grid()
     assert config.session_settings(cell) == request.settings.resolved()
+    steps = ["--method", "denoisecertify", "--sigma", "0.5", "--denoise-steps", "3"]
+    assert runner.invoke(certseg_cli.app, ["certify", str(tmp_path / "image.png"), *steps]).exit_code == 0
+    assert runner.invoke(bench_cli.app, [*steps, "--out", str(tmp_path / "bench")]).exit_code == 2
+    [cell] = configs[1].grid()
+    assert requests[1].settings.denoise_steps == cell.denoise_steps == 3
+    assert configs[1].session_settings(cell) == requests[1].settings.resolved()
 
 
 def test_choices_take_plain_strings_and_record_them_unchanged() -> None:
@@ -129,8 +139,8 @@ def test_choices_take_plain_strings_and_record_them_unchanged() -> None:
                                 noise_backend=NoiseBackend.torch, runtime=RuntimeName.onnx)
     assert settings.fwer == "bonferroni" and {"bonferroni": 1}[settings.fwer] == 1
     record = Settings(device="cpu", batch=16).resolved().record()  # a default CPU run, its batch resolved to 16
-    expected = {**OLD_SETTINGS_RECORD, "device": "cpu"}
-    assert record == expected and list(record) == list(OLD_SETTINGS_RECORD)
+    expected = {**OLD_SETTINGS_RECORD, "device": "cpu", **ADDED_SETTINGS}
+    assert record == expected and list(record) == [*OLD_SETTINGS_RECORD, *ADDED_SETTINGS]
     assert all(type(v) is str for v in record.values() if isinstance(v, str))
     assert json.dumps(record) == json.dumps(expected)
     with pytest.raises(InputError, match="^fwer must be one of holm, bonferroni, got 'holms'$"):

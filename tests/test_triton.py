@@ -198,14 +198,15 @@ def local_runtime(models: ModelFiles, spec, batch: int = 8):
     return onnx_runtime(spec, models.segmenter, models.denoiser, batch_size=batch)
 
 
-def spec_for(image: np.ndarray, method: str = "denoisecertify"):
-    return make_spec(method, SIGMA, image.shape[1:], denoiser_size=(DENOISER_SIZE, DENOISER_SIZE))
+def spec_for(image: np.ndarray, method: str = "denoisecertify", denoise_steps: int = 1):
+    return make_spec(method, SIGMA, image.shape[1:], denoiser_size=(DENOISER_SIZE, DENOISER_SIZE),
+                     denoise_steps=denoise_steps)
 
 
 def remote_runtime(server: TritonServer, spec, **options) -> TritonRuntime:
     model = "certseg_denoisecertify" if spec.method == "denoisecertify" else "certseg_segcertify"
     return TritonRuntime([server.grpc_address], model, timestep=None if spec.timestep is None else spec.timestep.t,
-                         seg_size=spec.segmenter_size, **options)
+                         seg_size=spec.segmenter_size, denoise_steps=spec.denoise_steps, **options)
 
 
 def assert_same_certificate(a, b) -> None:
@@ -229,7 +230,7 @@ def test_every_generated_config_parses_with_tritons_schema(models: ModelFiles, t
     for name, options in variants.items():
         root = write_repository(with_plans, tmp_path / name, **options)
         configs = read_configs(root)  # Triton's own ModelConfig schema
-        assert len(configs) == len(list(root.glob("*/config.pbtxt"))) == 10
+        assert len(configs) == len(list(root.glob("*/config.pbtxt"))) == 11
         for model, config in configs.items():
             assert config.name == model
             assert config.parameters["certseg_repository_version"].string_value == REPOSITORY_VERSION
@@ -310,6 +311,43 @@ def test_served_labels_equal_in_process_onnx_runtime(served: TritonServer, model
                                                                         count=6))))
 
 
+def test_k_step_denoising_served_equals_in_process_onnx_alone_batched_and_split(
+    served: TritonServer, models: ModelFiles, crop: np.ndarray
+) -> None:
+    """The chain runs server-side with each sample's own reverse noise: a sample's K-step label map is the same
+    alone, in a request of 16, and in a range split across two endpoints, and equals in-process ONNX Runtime."""
+    spec = spec_for(crop, denoise_steps=4)
+    assert len(spec.denoise_timesteps) == 4
+
+    def local(start: int, count: int, batch: int) -> np.ndarray:
+        runtime = local_runtime(models, spec, batch=batch)
+        return np.concatenate(list(runtime.labels(crop, sigma=SIGMA, seed=7, start=start, count=count)))
+
+    expected = local(0, 16, 16)
+    with remote_runtime(served, spec, batch=16) as remote:
+        batched = np.concatenate(list(remote.labels(crop, sigma=SIGMA, seed=7, start=0, count=16)))
+    with remote_runtime(served, spec, batch=1) as remote:
+        alone = np.concatenate(list(remote.labels(crop, sigma=SIGMA, seed=7, start=9, count=1)))
+    port = served.grpc_port
+    with TritonRuntime([f"127.0.0.1:{port}", f"localhost:{port}"], timestep=spec.timestep.t,
+                       seg_size=spec.segmenter_size, denoise_steps=4, batch=5) as split:
+        two = np.concatenate(list(split.labels(crop, sigma=SIGMA, seed=7, start=0, count=16)))
+        assert all(count > 0 for count in split.answered.values())
+    np.testing.assert_array_equal(batched, expected)
+    np.testing.assert_array_equal(two, expected)
+    np.testing.assert_array_equal(alone[0], expected[9])
+    np.testing.assert_array_equal(local(9, 1, 1)[0], expected[9])
+    with remote_runtime(served, spec_for(crop), batch=16) as remote:  # K = 1 on the same server: other maps
+        one = np.concatenate(list(remote.labels(crop, sigma=SIGMA, seed=7, start=0, count=16)))
+    np.testing.assert_array_equal(one, local_runtime(models, spec_for(crop), batch=16).labels(
+        crop, sigma=SIGMA, seed=7, start=0, count=16).__next__())
+    assert not np.array_equal(one, expected)
+    t = spec.timestep.t
+    with remote_runtime(served, spec, batch=4) as remote, pytest.raises(ServerError, match="steps must be in"):
+        remote.denoise_steps = t + 2
+        list(remote.labels(crop, sigma=SIGMA, seed=7, start=0, count=4))
+
+
 def test_two_concurrent_clients_get_exactly_their_own_counts(served: TritonServer, image: np.ndarray) -> None:
     """Concurrent requests share the steps' dynamic batches; every client still gets exactly its samples."""
     crop = np.ascontiguousarray(image[:, :64, :128])
@@ -349,6 +387,27 @@ def test_certify_command_against_the_server_writes_the_outputs(served: TritonSer
     np.testing.assert_array_equal(radius, expected)
     np.testing.assert_array_equal(guess, local.guess)
     assert report["radius_map"]["num_pixels"] == local.certificate.num_pixels
+
+
+def test_certify_server_with_denoise_steps_gives_the_in_process_onnx_certificate(
+    served: TritonServer, models: ModelFiles, crop: np.ndarray, tmp_path: Path
+) -> None:
+    path = tmp_path / "crop.png"
+    Image.fromarray((crop.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+    image = read_image(path)
+    result = CliRunner().invoke(app, [
+        "certify", str(path), "--server", served.grpc_address, "--denoise-steps", "3", "--n0", "4", "--n", "60",
+        "--alpha", "0.01", "--seed", "13", "--batch", "8", "--out", str(tmp_path / "out"), "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "crop.json").read_text())
+    spec = spec_for(image, denoise_steps=3)
+    assert report["pipeline"]["denoise_steps"] == 3
+    assert report["pipeline"]["denoise_timesteps"] == list(spec.denoise_timesteps)
+    assert report["timings"]["server_stages"]["certseg_chain"]["inferences"] >= 8
+    local = certify_image(local_runtime(models, spec), image, num_classes=NUM_CLASSES, sigma=SIGMA, n0=4, n=60,
+                          alpha=0.01, seed=13)
+    np.testing.assert_array_equal(read_labels(tmp_path / "out" / "crop.certified.png"), local.labels)
 
 
 def test_version_mismatch_missing_model_and_unreachable_server_are_one_line_errors(served: TritonServer,

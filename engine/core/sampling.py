@@ -8,6 +8,14 @@ reused one draw for a whole batch, which voids its certificates).
 
 Algorithm 1 uses indices ``[0, n0)`` for selection and ``[n0, n0 + n)`` for estimation: disjoint by
 construction, hence independent.
+
+Multi-step denoising (``--denoise-steps K`` > 1) adds fresh noise at each ancestral step. That reverse-process
+noise is defined here too, per sample and per step: the step that leaves timestep τ draws sample i's noise from
+``SeedSequence(s, spawn_key=(i, REVERSE_STREAM, τ))`` (``reverse_seed_sequence``). SeedSequence hashes the spawn
+key into the generator's key, so this stream is unrelated to the input draw's (spawn key ``(i,)``), to every
+other step's and to every other sample's: the reverse noise of sample i depends on (s, i, τ) alone, not on the
+batch, the batch neighbours, a retry or the server a request went to. One stream per step (rather than one per
+sample read in order) lets any step be drawn on its own, wherever the step runs.
 """
 
 from __future__ import annotations
@@ -27,19 +35,48 @@ if TYPE_CHECKING:
 
 LabelFn = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
 """A batched segmenter: noisy images (B, 3, H, W) float32 in [0, 1] pixel space -> labels (B, H, W) int, with
-the value K (= number of classes) where a sample's output was non-finite (see ``certseg.engine.maths.stages``)."""
+the value K (= number of classes) where a sample's output was non-finite (see ``certseg.engine.maths.stages``).
+One with a true ``takes_reverse_noise`` attribute is also given the batch's ``ReverseNoise``."""
 
 
 def sample_seed_sequence(root_seed: int, index: int) -> np.random.SeedSequence:
     """Seed sequence of sample ``index``: the ``index``-th child that ``SeedSequence(root_seed).spawn`` yields."""
-    if root_seed < 0 or index < 0:
-        raise ValueError(f"seeds and sample indices must be >= 0, got seed={root_seed}, index={index}")
-    return np.random.SeedSequence(root_seed, spawn_key=(index,))
+    return _seed_sequence(root_seed, index, ())
 
 
 def sample_seed64(root_seed: int, index: int) -> int:
     """A 64-bit integer seed for sample ``index`` (for generators, such as torch's, that take one int)."""
-    return int(sample_seed_sequence(root_seed, index).generate_state(1, np.uint64)[0])
+    return _seed64(sample_seed_sequence(root_seed, index))
+
+
+REVERSE_STREAM = 1
+"""The second spawn-key word of every reverse-process stream; input noise uses the one-word key ``(i,)``."""
+
+Stream = tuple[int, ...]
+"""Spawn-key words after the sample index: ``()`` is the input noise, ``reverse_stream(τ)`` a reverse step's."""
+
+
+def reverse_stream(timestep: int) -> Stream:
+    """The stream of the ancestral step that leaves ``timestep`` (see the module docstring)."""
+    if timestep < 0:
+        raise ValueError(f"timesteps are >= 0, got {timestep}")
+    return (REVERSE_STREAM, int(timestep))
+
+
+def reverse_seed_sequence(root_seed: int, index: int, timestep: int) -> np.random.SeedSequence:
+    """Seed sequence of sample ``index``'s reverse-process noise at the step leaving ``timestep``."""
+    return _seed_sequence(root_seed, index, reverse_stream(timestep))
+
+
+def _seed_sequence(root_seed: int, index: int, stream: Stream) -> np.random.SeedSequence:
+    """Sample ``index``'s ``stream``: spawn key ``(index, *stream)`` (``()``: its input noise)."""
+    if root_seed < 0 or index < 0:
+        raise ValueError(f"seeds and sample indices must be >= 0, got seed={root_seed}, index={index}")
+    return np.random.SeedSequence(root_seed, spawn_key=(index, *stream))
+
+
+def _seed64(sequence: np.random.SeedSequence) -> int:
+    return int(sequence.generate_state(1, np.uint64)[0])
 
 
 @dataclass(frozen=True)
@@ -61,44 +98,77 @@ class NoiseSource:
         if not isinstance(self.root_seed, (int, np.integer)) or self.root_seed < 0:
             raise ValueError(f"the root seed must be an integer >= 0, got {self.root_seed!r}")
 
-    def sample(self, index: int, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-        """Noise of one sample, float32, on ``device``."""
+    def sample(
+        self, index: int, shape: Sequence[int], device: torch.device | str = "cpu", *, stream: Stream = ()
+    ) -> torch.Tensor:
+        """Noise of one sample, float32, on ``device``: its input noise, or the ``stream`` named."""
+        sequence = _seed_sequence(self.root_seed, index, stream)
         if self.backend == NoiseBackend.numpy_philox:
-            generator = np.random.Generator(np.random.Philox(sample_seed_sequence(self.root_seed, index)))
+            generator = np.random.Generator(np.random.Philox(sequence))
             noise = generator.standard_normal(tuple(shape), dtype=np.float32)
             return torch.from_numpy(noise).to(device)
         torch_generator = torch.Generator(device=device)
-        torch_generator.manual_seed(sample_seed64(self.root_seed, index))
+        torch_generator.manual_seed(_seed64(sequence))
         return torch.randn(tuple(shape), generator=torch_generator, device=device, dtype=torch.float32)
 
-    def fill(self, start: int, out: torch.Tensor) -> torch.Tensor:
+    def fill(self, start: int, out: torch.Tensor, *, stream: Stream = ()) -> torch.Tensor:
         """Write the noise of samples ``start .. start+len(out)`` into ``out`` (count, *shape), in place.
 
         Bit-identical to ``sample`` per index (the same generators fill the same number of values in the same
         order), but without a per-sample tensor and a stacking copy: a batch costs one buffer, reusable across
         batches. numpy-philox fills a CPU ``out`` through a numpy view of it (numpy releases the GIL meanwhile);
-        on another device it draws each sample on the host and copies it over.
+        on another device it draws each sample on the host and copies it over. ``stream``: which of each sample's
+        streams (``()``: the input noise).
         """
         if out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError(f"noise buffers are contiguous float32, got {out.dtype} with strides {out.stride()}")
         shape = tuple(out.shape[1:])
         for offset in range(out.shape[0]):
-            index = start + offset
+            sequence = _seed_sequence(self.root_seed, start + offset, stream)
             if self.backend == NoiseBackend.numpy_philox:
-                generator = np.random.Generator(np.random.Philox(sample_seed_sequence(self.root_seed, index)))
+                generator = np.random.Generator(np.random.Philox(sequence))
                 if out.device.type == "cpu":
                     generator.standard_normal(out=out[offset].numpy(), dtype=np.float32)
                 else:
                     out[offset].copy_(torch.from_numpy(generator.standard_normal(shape, dtype=np.float32)))
             else:
                 torch_generator = torch.Generator(device=out.device)
-                torch_generator.manual_seed(sample_seed64(self.root_seed, index))
+                torch_generator.manual_seed(_seed64(sequence))
                 torch.randn(shape, generator=torch_generator, out=out[offset])
         return out
 
-    def batch(self, start: int, count: int, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    def batch(
+        self, start: int, count: int, shape: Sequence[int], device: torch.device | str = "cpu", *, stream: Stream = ()
+    ) -> torch.Tensor:
         """Noise of samples ``start .. start+count`` stacked to (count, *shape): one independent draw each."""
-        return self.fill(start, torch.empty((count, *shape), dtype=torch.float32, device=device))
+        return self.fill(start, torch.empty((count, *shape), dtype=torch.float32, device=device), stream=stream)
+
+
+@dataclass(frozen=True)
+class ReverseNoise:
+    """The reverse-process noise of the samples ``start .. start+count`` of one batch, one stream per sample and step.
+
+    Called as a ``NoiseFn`` (``multi_step_denoise`` takes it): ``reverse_noise(τ, (count, C, h, w))`` is each
+    sample's own draw for the step leaving τ, stacked, so a sample's denoised image is the same alone, in any
+    batch, on any server.
+    """
+
+    source: NoiseSource
+    start: int
+    count: int
+    device: torch.device | str = "cpu"
+
+    def __call__(self, timestep: int, shape: Sequence[int]) -> torch.Tensor:
+        if int(shape[0]) != self.count:
+            raise ValueError(f"reverse noise for {self.count} samples, asked for a batch of {shape[0]}")
+        return self.source.batch(self.start, self.count, tuple(shape[1:]), self.device,
+                                 stream=reverse_stream(timestep))
+
+
+def takes_reverse_noise(label_fn: LabelFn) -> bool:
+    """Whether ``label_fn`` takes each batch's ``ReverseNoise`` (its ``takes_reverse_noise`` attribute), as the label
+    pipeline does; other label functions are called with the noisy batch only."""
+    return bool(getattr(label_fn, "takes_reverse_noise", False))
 
 
 class Runtime(Protocol):
@@ -177,6 +247,7 @@ class LocalRuntime:
         noise = _NoiseBuffers(source, (max(size for _, size in ranges), *clean.shape), device)
         noisy = torch.empty((noise.shape[0], 3, *clean.shape[1:]), dtype=torch.float32, device=device,
                             memory_format=input_memory_format(self.label_fn))
+        takes_reverse = takes_reverse_noise(self.label_fn)
         threaded = self.prefetch and noise.host.device.type == "cpu" and len(ranges) > 1
         executor = ThreadPoolExecutor(1, thread_name_prefix="certseg-noise") if threaded else None
         pending: Future[None] | None = None
@@ -194,7 +265,10 @@ class LocalRuntime:
                 if executor is not None and position + 1 < len(ranges):
                     pending = executor.submit(noise.draw, *ranges[position + 1])
                 with torch.inference_mode():
-                    labels = self.label_fn(batch)
+                    if takes_reverse:
+                        labels = self.label_fn(batch, ReverseNoise(source, first, size, device))
+                    else:
+                        labels = self.label_fn(batch)
                 yield self._output(labels, device)
         finally:
             if executor is not None:

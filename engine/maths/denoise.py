@@ -390,20 +390,12 @@ def spaced_timesteps(t: int, steps: int | None = None, schedule: Schedule = LINE
     return np.round(np.linspace(0, t, steps)).astype(np.int64)
 
 
-def _standard_normal(noise: torch.Generator | NoiseFn, timestep: int, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(noise, torch.Generator):
-        z = torch.randn(like.shape, generator=noise, device=noise.device, dtype=torch.float32)
-    else:
-        z = noise(timestep, like.shape)
-    return z.to(device=like.device, dtype=like.dtype)
-
-
 def multi_step_denoise(
     unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     noisy01: torch.Tensor,
     t: int,
     *,
-    noise: torch.Generator | NoiseFn,
+    noise: NoiseFn,
     steps: int | None = None,
     variance: VarianceMode = "learned_range",
     denoiser_size: int | Sequence[int] = (256, 256),
@@ -418,27 +410,109 @@ def multi_step_denoise(
     256x256_diffusion_uncond: log v interpolates between the clipped posterior log-variance and log β with
     frac = (v + 1)/2, v = UNet channels 3-5) or "fixed_small" (the posterior variance). ``steps`` None runs all
     t+1 timesteps (the paper); an int respaces the chain as guided-diffusion's SpacedDiffusion does (steps=1
-    equals one_step_denoise). The extra noise comes only from ``noise``: a torch.Generator or a ``NoiseFn``,
-    never from the global RNG, so certification runs are reproducible.
+    equals one_step_denoise). The extra noise z comes only from ``noise(τ, (B, 3, h, w))``, called once per step
+    that adds noise: the engine passes ``sampling.ReverseNoise`` (each sample's own stream), never the global RNG.
     """
+    return multi_step_denoise_checked(unet, noisy01, t, noise=noise, steps=steps, variance=variance,
+                                      denoiser_size=denoiser_size, antialias=antialias, out_size=out_size,
+                                      schedule=schedule)[0]
+
+
+def multi_step_denoise_checked(
+    unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noisy01: torch.Tensor,
+    t: int,
+    *,
+    noise: NoiseFn,
+    steps: int | None = None,
+    variance: VarianceMode = "learned_range",
+    denoiser_size: int | Sequence[int] = (256, 256),
+    antialias: bool = False,
+    out_size: Sequence[int] | None = None,
+    schedule: Schedule = LINEAR,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``multi_step_denoise`` plus (B,) bool: whether each sample's UNet output (ε, and the variance channels it
+    uses) was finite at every step. Fail-closed like ``one_step_denoise_checked``: one non-finite step is enough
+    to mark the sample, since the clamp of x̂0 could turn it into a finite, meaningless image."""
+    chain = denoise_chain(t, steps, variance=variance, schedule=schedule)
+    x = denoiser_input(noisy01, chain.start, denoiser_size=denoiser_size, antialias=antialias, schedule=schedule)
+    x, out, valid = run_chain(chain, x, unet(x, _timesteps_like(x, chain.start)), unet, noise)
+    clean = denoiser_output(x, out, chain.last, out_size=out_size or noisy01.shape[-2:], antialias=antialias,
+                            schedule=schedule)
+    return clean, valid
+
+
+@dataclass(frozen=True)
+class DenoiseChain:
+    """The steps a K-step denoising run takes, with its variance mode: what ``reverse_step`` needs at each step."""
+
+    chain: _Chain
+    variance: VarianceMode
+
+    @property
+    def timesteps(self) -> np.ndarray:
+        return self.chain.timesteps
+
+    @property
+    def start(self) -> int:
+        """t*: the first (largest) timestep, where x_t is built from the noisy image."""
+        return int(self.chain.timesteps[-1])
+
+    @property
+    def last(self) -> int:
+        """τ_0: the timestep of the last UNet call, whose x̂0 is the clean image (0 for K >= 2, t* for K = 1)."""
+        return int(self.chain.timesteps[0])
+
+    @property
+    def channels_used(self) -> int:
+        """UNet output channels the chain reads: ε (3), and the learned variance (3 more) where it has steps left."""
+        return 6 if self.variance == "learned_range" and len(self.chain.timesteps) > 1 else 3
+
+
+def denoise_chain(
+    t: int, steps: int | None, *, variance: VarianceMode = "learned_range", schedule: Schedule = LINEAR
+) -> DenoiseChain:
+    """The respaced chain from ``t`` down to 0 in ``steps`` steps (None: every timestep), checked."""
     if variance not in ("learned_range", "fixed_small"):
         raise ValueError(f"variance must be 'learned_range' or 'fixed_small', got {variance!r}")
-    chain = _chain(spaced_timesteps(t, steps, schedule), schedule)
-    x = denoiser_input(noisy01, int(chain.timesteps[-1]), denoiser_size=denoiser_size, antialias=antialias,
-                       schedule=schedule)
-    for k in reversed(range(len(chain.timesteps))):
-        timestep = int(chain.timesteps[k])
-        out = unet(x, _timesteps_like(x, timestep))
-        if variance == "learned_range" and out.shape[1] < 6:
-            raise ValueError("variance 'learned_range' needs a learn_sigma UNet (6 output channels)")
-        x0 = predict_x0(x, out[:, :3].to(x.dtype), float(chain.alpha_bar[k]))
-        mean = _f32(chain.mean_coef_x0[k]) * x0 + _f32(chain.mean_coef_xt[k]) * x
-        if k == 0:  # the last step returns the posterior mean (x̂0) without noise
-            x = mean
-        else:
-            std = torch.exp(0.5 * _log_variance(chain, k, out, variance).to(x.dtype))
-            x = mean + std * _standard_normal(noise, timestep, x)
-    return resize(from_model_space(x), as_pair(out_size or noisy01.shape[-2:]), antialias=antialias)
+    return DenoiseChain(_chain(spaced_timesteps(t, steps, schedule), schedule), variance)
+
+
+def run_chain(
+    chain: DenoiseChain,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: NoiseFn,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From x_t* and the UNet's output there, the ancestral steps down to the chain's last timestep τ_0: returns x
+    and the UNet's output at τ_0 (``denoiser_output`` of them is the clean image, exactly as after one step) and
+    (B,) bool, whether every output the chain read was finite.
+
+    Every runtime runs this loop: in process with the denoiser module, served with ``unet`` asking the served
+    denoiser. One step (K = 1) returns x and ``out`` unchanged.
+    """
+    valid = finite_samples(out[:, :chain.channels_used])
+    for k in range(len(chain.timesteps) - 1, 0, -1):
+        x = reverse_step(chain, k, x, out, noise)
+        out = unet(x, _timesteps_like(x, int(chain.timesteps[k - 1])))
+        valid &= finite_samples(out[:, :chain.channels_used])
+    return x, out, valid
+
+
+def reverse_step(chain: DenoiseChain, k: int, x: torch.Tensor, out: torch.Tensor, noise: NoiseFn) -> torch.Tensor:
+    """One ancestral step, k >= 1: x at timestep τ_k and the UNet's output there -> x at τ_(k-1), the posterior mean
+    c1·x̂0 + c2·x plus exp(½ log v)·z with z = ``noise(τ_k, x.shape)``. (The last step, to x̂0 at τ_0, adds no
+    noise: it is ``denoiser_output``.)"""
+    if not 1 <= k < len(chain.timesteps):
+        raise ValueError(f"reverse steps run at k in [1, {len(chain.timesteps) - 1}], got {k}")
+    if chain.variance == "learned_range" and out.shape[1] < 6:
+        raise ValueError("variance 'learned_range' needs a learn_sigma UNet (6 output channels)")
+    c = chain.chain
+    x0 = predict_x0(x, out[:, :3].to(x.dtype), float(c.alpha_bar[k]))
+    mean = _f32(c.mean_coef_x0[k]) * x0 + _f32(c.mean_coef_xt[k]) * x
+    std = torch.exp(0.5 * _log_variance(c, k, out, chain.variance).to(x.dtype))
+    return mean + std * noise(int(c.timesteps[k]), x.shape).to(device=x.device, dtype=x.dtype)
 
 
 def _log_variance(chain: _Chain, k: int, out: torch.Tensor, variance: VarianceMode) -> torch.Tensor:

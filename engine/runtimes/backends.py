@@ -331,7 +331,7 @@ class TritonBackend:
         is the servers': the one they were connected with)."""
         return self.remote.with_pipeline(
             timestep=None if spec.timestep is None else spec.timestep.t, seg_size=spec.segmenter_size,
-            antialias=spec.antialias,
+            antialias=spec.antialias, denoise_steps=spec.denoise_steps,
         )
 
     def statistics(self) -> dict[str, Any]:

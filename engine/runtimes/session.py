@@ -134,7 +134,7 @@ class Session:
             denoiser_size=None if denoiser is None else denoiser.input_size,
             timestep_rule=s.t_rule, antialias=s.antialias,
             normalization=facts.normalization(self.segmenter), segmenter_input_size=self.segmenter.input_size,
-            schedule=LINEAR if denoiser is None else facts.schedule(denoiser),
+            schedule=LINEAR if denoiser is None else facts.schedule(denoiser), denoise_steps=s.denoise_steps,
         )
 
     def batch_for(self, image_size: tuple[int, int]) -> int:
@@ -178,7 +178,7 @@ class Session:
         s, fixed = self.settings, self.segmenter.input_size
         key = (self.segmenter.sha256, None if self.denoiser is None else self.denoiser.sha256, s.method, s.scale,
                s.antialias, probe.precision, str(probe.device), probe.onnx, s.noise_backend,
-               *(() if fixed is None else (fixed,)))
+               *(() if fixed is None else (fixed,)), *(() if s.denoise_steps == 1 else (("steps", s.denoise_steps),)))
 
         def measure() -> PipelineMemory:
             memory = probe_pipeline_memory(lambda size: self._probe_run(size, probe), s.scale)
@@ -216,6 +216,7 @@ class Session:
         s = self.settings
         image_size = (int(image.shape[-2]), int(image.shape[-1]))
         s.validate(image_size[0] * image_size[1])
+        self._spec(image_size)  # refuses a --denoise-steps that does not fit t* before any work
         memory = self.memory_estimate(image_size)
         if memory is not None:
             memory.check()

@@ -100,6 +100,9 @@ class Settings:
     classes: str | None = _option(
         None, "JSON class names (a list, or {\"classes\": [...], \"palette\": [[r, g, b], ...]}) replacing what the "
         "segmenter states")
+    denoise_steps: int = _option(
+        1, "denoisecertify: 1 = one-step denoising (the paper); K > 1 = K spaced ancestral steps from t* to 0, "
+        "their noise drawn from each sample's own stream")
 
     def __post_init__(self) -> None:
         """Plain strings become their enum members (an unknown one is refused here, in one line); ``"auto"``

@@ -6,6 +6,7 @@ import torch
 
 from certseg.engine.choices import NoiseBackend, Precision, choice
 from certseg.engine.core.sampling import LabelFn, LocalRuntime
+from certseg.engine.maths.denoise import NoiseFn
 from certseg.engine.maths.label_pipeline import LabelPipeline
 
 AUTOCAST: dict[Precision, torch.dtype | None] = {
@@ -38,11 +39,12 @@ def autocast_label_fn(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     pipeline = pipeline.to(device, memory_format=memory_format).eval()
 
-    def label_fn(noisy: torch.Tensor) -> torch.Tensor:
+    def label_fn(noisy: torch.Tensor, reverse_noise: NoiseFn | None = None) -> torch.Tensor:
         with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return pipeline(noisy.contiguous(memory_format=memory_format))
+            return pipeline(noisy.contiguous(memory_format=memory_format), reverse_noise)
 
     label_fn.memory_format = memory_format  # type: ignore[attr-defined]  # read by sampling.input_memory_format
+    label_fn.takes_reverse_noise = True  # type: ignore[attr-defined]  # read by sampling.takes_reverse_noise
     return label_fn
 
 

@@ -36,8 +36,9 @@ from certseg.engine.errors import ServerError, first_line
 if TYPE_CHECKING:
     from certseg.engine.models.info import ModelInfo, Role
 
-REPOSITORY_VERSION = "2"
-"""Version of the model-repository layout (``model_repository/templates/v2``) this client speaks."""
+REPOSITORY_VERSION = "3"
+"""Version of the model-repository layout (``model_repository/templates/v3``) this client speaks (3: the request
+carries DENOISE_STEPS, and the denoisecertify ensemble runs K denoising steps)."""
 VERSION_PARAMETER = "certseg_repository_version"
 ENSEMBLES: dict[str, str] = {"denoisecertify": "certseg_denoisecertify", "segcertify": "certseg_segcertify"}
 """The ensemble serving each certification method."""
@@ -65,19 +66,20 @@ REQUEST_INPUTS: tuple[RequestInput, ...] = (
     RequestInput("COUNT", np.int32, (1,)),
     RequestInput("SIGMA", np.float64, (1,)),
     RequestInput("TIMESTEP", np.int64, (1,), denoising_only=True),
+    RequestInput("DENOISE_STEPS", np.int64, (1,), denoising_only=True),
     RequestInput("SEG_SIZE", np.int32, (2,)),
     RequestInput("ANTIALIAS", np.bool_, (1,), denoising_only=True),
 )
 """The request schema, the one source of the ensembles' inputs (rendered into their config.pbtxt) and of what
-every client sends: the image once plus (seed, first sample index, count, σ) and the pipeline spec's t*, segmenter
-size and resize mode."""
+every client sends: the image once plus (seed, first sample index, count, σ) and the pipeline spec's t*, denoising
+steps K, segmenter size and resize mode."""
 
 
 def request_values(*, seed: int, start: int, count: int, sigma: float, timestep: int | None,
-                   seg_size: tuple[int, int] | None, antialias: bool) -> dict[str, np.ndarray]:
+                   seg_size: tuple[int, int] | None, antialias: bool, denoise_steps: int = 1) -> dict[str, np.ndarray]:
     """The request's scalar inputs (all but IMAGE) as arrays of the schema's dtypes."""
     values = {"SEED": [seed], "START": [start], "COUNT": [count], "SIGMA": [sigma], "TIMESTEP": [timestep or 0],
-              "SEG_SIZE": list(seg_size or (0, 0)), "ANTIALIAS": [antialias]}
+              "DENOISE_STEPS": [denoise_steps], "SEG_SIZE": list(seg_size or (0, 0)), "ANTIALIAS": [antialias]}
     return {i.name: np.asarray(values[i.name], dtype=i.dtype) for i in REQUEST_INPUTS if i.name in values}
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
 PERMANENT = frozenset({"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED"})
@@ -342,6 +344,7 @@ class TritonRuntime:
         timestep: int | None = None,
         seg_size: tuple[int, int] | None = None,
         antialias: bool = False,
+        denoise_steps: int = 1,
         batch: int = 16,
         in_flight: int = 2,
         shared_memory: SharedMemory | str = SharedMemory.auto,
@@ -360,6 +363,7 @@ class TritonRuntime:
         self.timestep = timestep
         self.seg_size = seg_size
         self.antialias = antialias
+        self.denoise_steps = denoise_steps
         self.in_flight = in_flight
         self.shared_memory = shared_memory
         self.retries = retries
@@ -400,11 +404,12 @@ class TritonRuntime:
         return [e.address for e in self._endpoints]
 
     def with_pipeline(
-        self, *, timestep: int | None, seg_size: tuple[int, int], antialias: bool = False
+        self, *, timestep: int | None, seg_size: tuple[int, int], antialias: bool = False, denoise_steps: int = 1
     ) -> TritonRuntime:
         """The same servers and connections for another pipeline spec (closing it leaves them open)."""
         other = copy.copy(self)
         other.timestep, other.seg_size, other.antialias = timestep, seg_size, antialias
+        other.denoise_steps = denoise_steps
         other.uses_shared_memory, other.answered, other.retired, other.samples_served = {}, {}, {}, {}
         other._owner = False
         return other
@@ -589,7 +594,7 @@ class TritonRuntime:
     def _inputs(self, lane: _Lane, chunk: _Chunk, sigma: float, seed: int) -> list[Any]:
         grpcclient = _grpc()
         values = request_values(seed=seed, start=chunk.start, count=chunk.count, sigma=sigma, timestep=self.timestep,
-                                seg_size=self.seg_size, antialias=self.antialias)
+                                seg_size=self.seg_size, antialias=self.antialias, denoise_steps=self.denoise_steps)
         types = {i.name: i.triton_type for i in REQUEST_INPUTS}
         inputs = [lane.image_input]
         for name, array in values.items():

@@ -98,7 +98,36 @@ def _input(request, name: str) -> torch.Tensor:
     found = pb_utils.get_input_tensor_by_name(request, name)
     if found is None:
         raise ValueError(f"missing input {name}")
-    return torch.from_numpy(found.as_numpy()) if found.is_cpu() else from_dlpack(found.to_dlpack())
+    return _torch(found)
+
+
+def _torch(tensor) -> torch.Tensor:
+    return torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else from_dlpack(tensor.to_dlpack())
+
+
+def _triton(name: str, value: torch.Tensor) -> pb_utils.Tensor:
+    if value.device.type == "cuda":
+        return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+    return pb_utils.Tensor(name, np.ascontiguousarray(value.detach().numpy()))
+
+
+def bls_model(step: Step, model: str, x_t: str, timesteps: str, eps: str) -> Callable[..., torch.Tensor]:
+    """Another model of the repository (the served denoiser) as ``unet(x_t, timesteps)``, called through BLS; its
+    answer comes back on this instance's device. A failed call raises, failing this request only. ``x_t``,
+    ``timesteps``, ``eps``: that model's input and output names."""
+
+    def call(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        request = pb_utils.InferenceRequest(
+            model_name=model, requested_output_names=[eps],
+            inputs=[_triton(x_t, x), _triton(timesteps, steps.reshape(-1, 1).to(torch.int64))],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{model}: {response.error().message()}")
+        # A copy: the answer's buffer belongs to the response, which is released when this call returns.
+        return _torch(pb_utils.get_output_tensor_by_name(response, eps)).to(step.device, copy=True)
+
+    return call
 
 
 def batched(step: Step, requests: list, inputs: tuple[str, ...], run: Callable[..., Outputs]) -> list:

@@ -2,7 +2,7 @@
 
 ᾱ comes from the denoiser's noise schedule (config parameter ``schedule``), the normalisation from the
 segmenter's (``normalization``). Also answers SAMPLE_VALID: whether each sample's ε was finite, checked before
-x̂0's clamp could hide it.
+x̂0's clamp could hide it, here and at every earlier denoising step (STEPS_VALID from ``certseg_chain``).
 """
 
 from certseg_step import Step, schedule
@@ -27,7 +27,7 @@ class TritonPythonModel:
             out_size=size, antialias=bool(step.scalar(request, "ANTIALIAS")), schedule=self.schedule,
         )
         return {"SEG_INPUT": segmenter_input(clean, size, self.normalization),
-                "SAMPLE_VALID": finite_samples(eps[:, :3]).cpu()}
+                "SAMPLE_VALID": finite_samples(eps[:, :3]).cpu() & step.tensor(request, "STEPS_VALID").cpu()}
 
     def execute(self, requests):
         return [self.step.respond(request, self.run) for request in requests]
