@@ -46,6 +46,8 @@ def test_a_wheel_carries_every_package_and_the_data_an_installed_certseg_reads(t
     import sys
     import zipfile
 
+    from certseg.engine.runtimes.triton_runtime import REPOSITORY_VERSION
+
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "__pycache__", "build",
                                                                  "dist", ".pytest_cache", ".ruff_cache"))
@@ -60,7 +62,8 @@ def test_a_wheel_carries_every_package_and_the_data_an_installed_certseg_reads(t
     weights = {f"certseg/engine/weights/{p.name}" for p in (REPO / "engine" / "weights").iterdir()}
     assert weights <= names
     assert {"certseg/examples/street.png", "certseg/examples/street_labels.png",
-            "certseg/model_repository/templates/v2/python/certseg_step.py"} <= names
+            f"certseg/model_repository/templates/v{REPOSITORY_VERSION}/python/certseg_step.py",
+            f"certseg/model_repository/templates/v{REPOSITORY_VERSION}/python/certseg_chain/model.py"} <= names
     assert not any(name.startswith("certseg/examples/figures") for name in names)  # README figures stay out
 
 
