@@ -229,3 +229,25 @@ def test_server_options_that_cannot_work_are_one_line_before_any_server(args: li
                                                                         tmp_path: Path) -> None:
     result = bench(*args, "--images", "1", "--out", str(tmp_path))
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1 and message in result.output
+
+
+def test_k_step_denoising_split_across_two_servers_equals_in_process_onnx(
+    repository: Path, pair: tuple[TritonServer, TritonServer], tmp_path: Path
+) -> None:
+    """``--denoise-steps 3``: the servers run the chain (each sample's reverse noise drawn server-side from its own
+    stream), the samples split over two server processes; the entry equals in-process ONNX on the same files."""
+    models = ["--segmenter", str(repository / "certseg_segment" / "1" / "segmenter.onnx"),
+              "--denoiser", str(repository / "certseg_denoise" / "1" / "denoiser.onnx")]
+    args = ["--method", "denoisecertify", "--denoise-steps", "3", "--images", "1"]
+    local = bench("--runtime", "onnx", *args, *models, "--out", str(tmp_path / "local"))
+    assert local.exit_code == 0, local.output
+    servers = [pair[0].grpc_address, pair[1].grpc_address]
+    served = bench("--runtime", "triton", "--server", *servers, *args, "--in-flight", "1",
+                   "--out", str(tmp_path / "served"))
+    assert served.exit_code == 0, served.output
+    (mine,) = entries(tmp_path / "local").values()
+    (theirs,) = entries(tmp_path / "served").values()
+    assert theirs["denoise_steps"] == 3 and theirs["pipeline"]["denoise_timesteps"] == mine["pipeline"][
+        "denoise_timesteps"]
+    same_certificates({"k3": theirs}, {"k3": mine})
+    assert all(theirs["samples_by_server"][s] > 0 for s in servers)  # both server processes took samples
