@@ -79,15 +79,10 @@ def export_paths(
     that each role in ``expected_sha256`` was exported from those weights."""
     folder = Path(export_dir)
     manifest = folder / "export.json"
-    if not manifest.is_file():
-        raise InputError(f"{folder} has no export.json: run certseg-export first")
-    record = json.loads(manifest.read_text())
+    record = _read_manifest(manifest, "run certseg-export first")
     if precision not in ("fp32", "fp16"):
         raise InputError(f"ONNX precision must be fp32 or fp16, got {precision!r}")
-    for role, digest in (expected_sha256 or {}).items():
-        exported = (record.get("models", {}).get(role) or {}).get("sha256")
-        if exported != digest:
-            raise InputError(f"{manifest} holds a {role} exported from other weights (sha256 {exported})")
+    _check_made_from(manifest, record, "exported", expected_sha256)
     paths: dict[str, Path | None] = {}
     for role in ("segmenter", "denoiser"):
         graph = record.get("graphs", {}).get(role)
@@ -98,6 +93,21 @@ def export_paths(
     return paths
 
 
+def _read_manifest(manifest: Path, missing: str) -> dict:
+    """An export folder's manifest (``export.json`` / ``int8.json``); ``missing`` says what its absence means."""
+    if not manifest.is_file():
+        raise InputError(f"{manifest.parent} has no {manifest.name}: {missing}")
+    return json.loads(manifest.read_text())
+
+
+def _check_made_from(manifest: Path, record: dict, made: str, expected_sha256: Mapping[str, str] | None) -> None:
+    """Refuses a manifest whose roles were not ``made`` (exported, quantised) from ``expected_sha256``'s weights."""
+    for role, digest in (expected_sha256 or {}).items():
+        found = (record.get("models", {}).get(role) or {}).get("sha256")
+        if found != digest:
+            raise InputError(f"{manifest} holds a {role} {made} from other weights (sha256 {found})")
+
+
 def int8_paths(
     int8_dir: str | os.PathLike, *, expected_sha256: Mapping[str, str] | None = None
 ) -> tuple[dict[str, Path | None], dict]:
@@ -106,13 +116,8 @@ def int8_paths(
     was quantised from those weights."""
     folder = Path(int8_dir)
     manifest = folder / "int8.json"
-    if not manifest.is_file():
-        raise InputError(f"{folder} has no int8.json: not an int8 export")
-    record = json.loads(manifest.read_text())
-    for role, digest in (expected_sha256 or {}).items():
-        quantised = (record.get("models", {}).get(role) or {}).get("sha256")
-        if quantised != digest:
-            raise InputError(f"{manifest} holds a {role} quantised from other weights (sha256 {quantised})")
+    record = _read_manifest(manifest, "not an int8 export")
+    _check_made_from(manifest, record, "quantised", expected_sha256)
     paths: dict[str, Path | None] = {}
     for role in ("segmenter", "denoiser"):
         graph = record.get("graphs", {}).get(role)
