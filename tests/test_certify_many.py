@@ -71,20 +71,25 @@ def crops(folder: Path) -> dict[str, Path]:
     return {stem: folder / name for stem, name in made.items()}
 
 
-@pytest.fixture
-def opened(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Every Session.open call of the test (the models load there)."""
+def count_session_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[object]:
+    """The arguments of every call of the classmethod ``Session.<name>`` from now on in the test."""
     from certseg.engine.runtimes.session import Session
 
     calls: list[object] = []
-    real = Session.open.__func__
+    real = getattr(Session, name).__func__
 
     def counted(cls, *args, **kwargs):
         calls.append(args)
         return real(cls, *args, **kwargs)
 
-    monkeypatch.setattr(Session, "open", classmethod(counted))
+    monkeypatch.setattr(Session, name, classmethod(counted))
     return calls
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every Session.open call of the test (the models load there)."""
+    return count_session_calls(monkeypatch, "open")
 
 
 def certify(*args: str) -> object:
@@ -228,17 +233,9 @@ def test_several_images_on_a_server_share_one_connection(tmp_path: Path, monkeyp
     pytest.importorskip("tritonclient.grpc")
     from certseg.engine.errors import ServerError
     from certseg.engine.runtimes.serve import TritonServer
-    from certseg.engine.runtimes.session import Session
     from certseg.export.default_repository import default_repository
 
-    connected: list[object] = []
-    real = Session.connect.__func__
-
-    def counted(cls, *args, **kwargs):
-        connected.append(args)
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(Session, "connect", classmethod(counted))
+    connected = count_session_calls(monkeypatch, "connect")
     crops(tmp_path)
     (tmp_path / "d" / "bad.png").unlink()
     try:
