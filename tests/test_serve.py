@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from certseg.engine.runtimes.serve import TritonBinary, TritonServer, error_message
+from certseg.engine.runtimes.serve import TritonBinary, TritonServer, error_message, free_ports
 
 STARTUP = [
     'I1129 21:00:00.000100 4242 pinned_memory_manager.cc:277] "Pinned memory pool is created at \'0x7f\' with '
@@ -66,3 +66,17 @@ def test_the_last_error_lines_are_the_reason(tmp_path: Path) -> None:
 )
 def test_error_lines_are_told_from_other_lines(line: str, expected: str | None) -> None:
     assert error_message(line) == expected
+
+
+def test_free_ports_are_distinct_and_avoid_the_ports_given(tmp_path: Path) -> None:
+    """Ports are probed with every probe held open, so one run never gets the same port twice (probing one at a
+    time once gave HTTP and metrics one port, and tritonserver refused to start)."""
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+    assert not set(free_ports(8, taken=ports[:4])) & set(ports[:4])
+    binary = TritonBinary(Path("/bin/false"), bundled=False)
+    for _ in range(20):
+        server = TritonServer(tmp_path, binary=binary, log_path=tmp_path / "log")
+        assert len({server.http_port, server.grpc_port, server.metrics_port}) == 3
+    given = TritonServer(tmp_path, binary=binary, log_path=tmp_path / "log", grpc_port=ports[0])
+    assert given.grpc_port == ports[0] and ports[0] not in (given.http_port, given.metrics_port)

@@ -133,10 +133,25 @@ def _bundled(root: Path) -> TritonBinary:
     )
 
 
+def free_ports(count: int, host: str = LOCALHOST, *, taken: Sequence[int] = ()) -> list[int]:
+    """``count`` distinct ports free on ``host`` now, none of them in ``taken``.
+
+    Every probe socket stays bound until all are picked: probing one port at a time let the kernel hand out the
+    same port twice (HTTP and metrics on one port, which tritonserver refuses to start with).
+    """
+    ports: list[int] = []
+    with contextlib.ExitStack() as probes:
+        while len(ports) < count:
+            probe = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe.bind((host, 0))
+            port = int(probe.getsockname()[1])
+            if port not in taken:
+                ports.append(port)
+    return ports
+
+
 def free_port(host: str = LOCALHOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
 def _running(pid: int) -> bool:
@@ -187,9 +202,11 @@ class TritonServer:
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} does not exist")
         self.host = host
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        given = (http_port, grpc_port, metrics_port)
+        picked = iter(free_ports(given.count(0) + given.count(None), taken=[p for p in given if p]))
+        self.http_port = http_port or next(picked)
+        self.grpc_port = grpc_port or next(picked)
+        self.metrics_port = metrics_port or next(picked)
         self.binary = binary or find_tritonserver()
         self.ready_timeout_s = ready_timeout_s
         self.exit_timeout_s = exit_timeout_s
