@@ -76,6 +76,8 @@ def main(
     = "128x256",
     precision: Annotated[Precision, typer.Option(help="engine precision: fp32 (identical certificates), bf16, fp16")]
     = Precision.fp32,
+    compile: Annotated[bool, typer.Option(help="engine models compiled (certify --compile); the first image pays "
+                                               "the compilation")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("bench-compare"),
@@ -85,7 +87,8 @@ def main(
 ) -> None:
     """Engine vs authors-style baseline on the procedural scenes: samples/s side by side."""
     models, provenance = _models(out / "models")
-    engine = Settings(n0=n0, n=n, alpha=alpha, batch=batch, precision=precision, device=device, **models)
+    engine = Settings(n0=n0, n=n, alpha=alpha, batch=batch, precision=precision, device=device,
+                      compile=compile, **models)
     config = BenchConfig(engine=engine, images=images, methods=tuple(method or Method), sigmas=(sigma,),
                          threads=threads, out=out, baseline=variant != "engine",
                          scene_size=parse_size(scene_size, "--scene-size"))
@@ -94,7 +97,7 @@ def main(
     if isolate and variant is None:
         argv = ["--images", str(images), "--n0", str(n0), "--n", str(n), "--alpha", str(alpha), "--sigma", str(sigma),
                 "--scene-size", scene_size, "--precision", precision.value, "--out", str(out),
-                *(a for m in method or () for a in ("--method", m.value)),
+                *(a for m in method or () for a in ("--method", m.value)), *(("--compile",) if compile else ()),
                 *(() if batch is None else ("--batch", str(batch))),
                 *(() if threads is None else ("--threads", str(threads))),
                 *(() if device is None else ("--device", device))]
@@ -110,7 +113,8 @@ def main(
     comparisons = compare(entries)
     console = Console(width=180)
     header, body = comparison_table(comparisons)
-    console.print(f"models: {provenance}; device {run.device}, engine precision {precision}, torch threads "
+    console.print(f"models: {provenance}; device {run.device}, engine precision {precision}"
+                  f"{' compiled' if compile else ''}, torch threads "
                   f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     for row in [header, *body]:
         console.print(" | ".join(row))
@@ -124,8 +128,9 @@ def main(
          "engine_peak_rss_mib": c.engine_peak_rss_mib, "baseline_peak_rss_mib": c.baseline_peak_rss_mib}
         for c in comparisons
     ]
-    record = {"models": provenance, "precision": precision, "device": str(run.device), "scene_size": scene_size,
-              "threads": torch.get_num_threads(), "isolated_processes": isolate, "rows": summary}
+    record = {"models": provenance, "precision": precision, "compile": compile, "device": str(run.device),
+              "scene_size": scene_size, "threads": torch.get_num_threads(), "isolated_processes": isolate,
+              "rows": summary}
     (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
     console.print(f"report: {write_report(out, run.results.header, entries)}")
 

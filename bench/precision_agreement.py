@@ -1,7 +1,7 @@
 """Benchmark (not a test): how often a lower precision gives the per-pixel class fp32 gives, on the same samples.
 
     python -m certseg.bench.precision_agreement [--precision bf16 --images 20 --samples 8 --sigma 0.25
-                                                 --out precision-agreement.jsonl]
+                                                 --compile --out precision-agreement.jsonl]
 
 A lower precision is only honest for certification if the base classifier it runs is (almost) the fp32 one: the
 certificate is then about the classifier that actually ran, and the README can say how far it is from fp32. For
@@ -10,7 +10,9 @@ same noise) are labelled through the runtime ``certseg certify`` builds, once in
 the agreement is the share of (sample, pixel) pairs with equal labels (the issue's bar before a precision may be
 recommended: 99.9%). The fp32 reference runs on the runtime the compared precision runs on (torch for bf16/fp16,
 ONNX Runtime for int8, whose graphs only it runs), so each line also times both on the same samples (the runtime
-and, for int8, its quantised graphs are built before the clock starts). One JSON line per (method, scene) is
+and, for int8, its quantised graphs are built before the clock starts). ``--compile`` compares the models compiled
+(``certseg certify --compile``) at ``--precision`` (fp32 too) with fp32 eager; they are compiled on a first pass over
+the first scene's samples, before the clock starts. One JSON line per (method, scene) is
 written as it finishes, and a rerun skips those. Certified accuracy at each precision comes from
 ``certseg-bench --precision``.
 """
@@ -49,21 +51,31 @@ def compared_runtime(precision: Precision) -> RuntimeName:
 
 @functools.cache
 def _session(method: Method, precision: Precision, sigma: float, runtime: RuntimeName | None,
-             threads: int | None) -> Session:
-    """One session per (method, precision, σ, runtime) for the whole run: its runtimes are built once per size."""
+             threads: int | None, compile: bool = False) -> Session:
+    """One session per (method, precision, σ, runtime, compile) for the whole run: its runtimes are built once per
+    size."""
     from certseg.engine.runtimes.session import Session
     from certseg.engine.runtimes.settings import Settings
 
-    settings = Settings(method=method, precision=precision, sigma=sigma, device="cpu", runtime=runtime)
+    settings = Settings(method=method, precision=precision, sigma=sigma, device="cpu", runtime=runtime,
+                        compile=compile)
     return Session.open(settings, threads=threads)
 
 
+_WARM: set[tuple[Any, ...]] = set()
+"""The (session, image size) pairs whose compiled models have run once (compiled) in this process."""
+
+
 def _labels(method: Method, precision: Precision, sigma: float, image: np.ndarray, seed: int, samples: int,
-            runtime: RuntimeName | None, threads: int | None) -> tuple[np.ndarray, float]:
+            runtime: RuntimeName | None, threads: int | None, compile: bool = False) -> tuple[np.ndarray, float]:
     """Label maps (samples, H, W) of samples 0 .. samples-1 of root seed ``seed`` and the seconds they took (the
-    runtime is built before the clock starts)."""
-    _, labeller = _session(method, precision, sigma, runtime, threads).runtime_for(
-        (int(image.shape[1]), int(image.shape[2])))
+    runtime is built, and compiled models compiled, before the clock starts)."""
+    size = (int(image.shape[1]), int(image.shape[2]))
+    key = (method, precision, sigma, runtime, threads, compile)
+    _, labeller = _session(*key).runtime_for(size)
+    if compile and (key, size) not in _WARM:  # compiling is a one-off per process, not the precision's speed
+        list(labeller.labels(image, sigma=sigma, seed=seed, start=0, count=samples))
+        _WARM.add((key, size))
     started = time.perf_counter()
     labels = np.concatenate(list(labeller.labels(image, sigma=sigma, seed=seed, start=0, count=samples)))
     return labels, time.perf_counter() - started
@@ -77,10 +89,11 @@ def labels_at(method: Method, precision: Precision, sigma: float, image: np.ndar
 
 
 def scene_agreement(method: Method, precision: Precision, sigma: float, image: np.ndarray, seed: int,
-                    samples: int, *, threads: int | None = None) -> dict[str, Any]:
+                    samples: int, *, threads: int | None = None, compile: bool = False) -> dict[str, Any]:
+    """``precision`` (compiled with ``compile``) against fp32 eager on the same samples of one scene."""
     runtime = compared_runtime(precision)
     reference, reference_s = _labels(method, Precision.fp32, sigma, image, seed, samples, runtime, threads)
-    lower, lower_s = _labels(method, precision, sigma, image, seed, samples, runtime, threads)
+    lower, lower_s = _labels(method, precision, sigma, image, seed, samples, runtime, threads, compile)
     same = reference == lower
     per_sample = same.reshape(samples, -1).mean(axis=1)
     return {"pixels": int(same.size), "equal": int(same.sum()), "agreement": float(same.mean()),
@@ -98,51 +111,58 @@ def main(
     method: Annotated[list[Method] | None, typer.Option(help="methods [segcertify denoisecertify]")] = None,
     scene_size: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the scenes")] = "128x256",
     threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
+    compile: Annotated[bool, typer.Option(help="compare the models compiled (certify --compile), fp32 included, "
+                                                "with fp32 eager")] = False,
     out: Annotated[Path, typer.Option(help="JSON lines, one per (method, scene); resumed")] = Path(
         "precision-agreement.jsonl"),
 ) -> None:
     """Per-pixel agreement of a lower precision with fp32 on the same noisy samples."""
     from certseg.bench.datasets import open_dataset
 
-    if precision == Precision.fp32:
-        raise InputError("--precision fp32 is the reference: compare bf16, fp16 or int8")
+    if precision == Precision.fp32 and not compile:
+        raise InputError("--precision fp32 is the reference: compare bf16, fp16 or int8, or fp32 with --compile")
+    if compile and compared_runtime(precision) != RuntimeName.torch:
+        raise InputError(f"--compile compiles torch models; {precision.value} runs on ONNX Runtime")
     if samples < 1:
         raise InputError(f"--samples must be >= 1, got {samples}")
     set_threads(threads)
     dataset = open_dataset(None, None, images=images, scene_size=parse_size(scene_size, "--scene-size"))
-    done = {(r["method"], r["scene"], r["precision"], r["samples"], r["sigma"], r["scene_size"])
-            for r in read_lines(out)}
+    done = {(r["method"], r["scene"], r["precision"], r["samples"], r["sigma"], r["scene_size"],
+             r.get("compile", False)) for r in read_lines(out)}
     for chosen in method or list(Method):
         for item in dataset.take(images):
-            key = (chosen.value, item.id, precision.value, samples, sigma, scene_size)
+            key = (chosen.value, item.id, precision.value, samples, sigma, scene_size, compile)
             if key in done:
                 continue
             image, _ = item.load()
             record = {"method": chosen.value, "scene": item.id, "precision": precision.value, "samples": samples,
-                      "sigma": sigma, "scene_size": scene_size,
+                      "sigma": sigma, "scene_size": scene_size, "compile": compile,
                       **scene_agreement(chosen, precision, sigma, image, seed=item.index, samples=samples,
-                                         threads=threads)}
+                                         threads=threads, compile=compile)}
             append_line(out, record)
             typer.echo(f"{chosen.value} {item.id}: {record['agreement']:.5f}")
-    summarise(out, precision, samples, sigma, scene_size)
+    summarise(out, precision, samples, sigma, scene_size, compile)
 
 
-def summarise(out: Path, precision: Precision, samples: int, sigma: float, scene_size: str) -> None:
+def summarise(out: Path, precision: Precision, samples: int, sigma: float, scene_size: str,
+              compile: bool = False) -> None:
     """Per method: pooled agreement over all finished scenes, and the worst scene's."""
-    rows = [r for r in read_lines(out) if (r["precision"], r["samples"], r["sigma"], r["scene_size"])
-            == (precision.value, samples, sigma, scene_size)]
+    rows = [r for r in read_lines(out) if (r["precision"], r["samples"], r["sigma"], r["scene_size"],
+                                           r.get("compile", False)) == (precision.value, samples, sigma, scene_size,
+                                                                        compile)]
+    name = precision.value + (" compiled" if compile else "")
     for chosen in sorted({r["method"] for r in rows}):
         mine = [r for r in rows if r["method"] == chosen]
         pooled = sum(r["equal"] for r in mine) / sum(r["pixels"] for r in mine)
         worst = min(r["agreement"] for r in mine)
-        typer.echo(f"{chosen}: {precision.value} agrees with fp32 on {pooled:.5%} of {len(mine)} scenes' "
+        typer.echo(f"{chosen}: {name} agrees with fp32 on {pooled:.5%} of {len(mine)} scenes' "
                    f"(sample, pixel) pairs; worst scene {worst:.5%}")
         timed = [r for r in mine if "seconds" in r]
         if timed:
             count = sum(r["samples"] for r in timed)
             reference = count / sum(r["seconds_fp32"] for r in timed)
             typer.echo(f"{chosen}: samples/s on {timed[0]['runtime']}: fp32 {reference:.1f}, "
-                       f"{precision.value} {count / sum(r['seconds'] for r in timed):.1f}")
+                       f"{name} {count / sum(r['seconds'] for r in timed):.1f}")
 
 
 if __name__ == "__main__":

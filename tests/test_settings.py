@@ -35,7 +35,7 @@ OLD_SETTINGS_RECORD = {
     "seg_mean": None, "seg_std": None, "seg_input_size": None, "classes": None,
 }
 """The JSON ``settings`` of a default run as certseg wrote it before ``Settings`` held enums (same keys and order)."""
-ADDED_SETTINGS = {"denoise_steps": 1}
+ADDED_SETTINGS = {"denoise_steps": 1, "compile": False}
 """Settings added since, after the old keys, at their defaults (which give the old certificates)."""
 
 OLD_COMPAT = {

@@ -127,6 +127,9 @@ class LocalBackend(ABC):
         settings = settings.resolved()
         if settings.runtime == RuntimeName.triton:
             raise InputError("--runtime triton: Triton servers run the pipeline; name them with --server HOST:PORT")
+        if settings.compile and settings.runtime != RuntimeName.torch:
+            raise InputError(f"--compile compiles torch models: use --runtime torch, not --runtime {settings.runtime} "
+                             "(ONNX Runtime optimises its graphs itself)")
         if settings.precision == Precision.int8 and settings.runtime != RuntimeName.onnx:
             raise InputError("--precision int8 runs int8 graphs in ONNX Runtime: pass --runtime onnx (the default "
                              "runtime with int8), not --runtime torch")
@@ -196,11 +199,14 @@ class TorchBackend(LocalBackend):
         s = self.settings
         return torch_runtime(self.label_pipeline(spec), device=self.torch_device, precision=s.precision,
                              batch_size=batch, noise_backend=s.noise_backend,
-                             keep_labels_on_device=self.torch_device.type == "cuda")  # counted there
+                             keep_labels_on_device=self.torch_device.type == "cuda",  # counted there
+                             compile=s.compile)
 
     @property
     def memory_probe(self) -> MemoryProbe:
-        """The pipeline as the runtime runs it: converted to the device, layout and precision it runs in."""
+        """The pipeline as the runtime runs it: converted to the device, layout and precision it runs in (eager even
+        with ``compile``: compiling for the probe's sizes would cost more than the run it plans; inductor's fused
+        kernels keep fewer intermediates alive, so the eager peak is the higher one)."""
         precision = self.settings.precision
         return MemoryProbe(lambda spec: autocast_label_fn(self.label_pipeline(spec), self.torch_device, precision),
                            self.torch_device, precision, MARGIN, onnx=False)
@@ -299,6 +305,9 @@ class TritonBackend:
         if settings.precision == Precision.int8:
             raise InputError("--precision int8 runs in-process on ONNX Runtime; servers run their repository's "
                              "graphs: drop --precision int8 or --server")
+        if settings.compile:
+            raise InputError("--compile compiles in-process torch models; servers run their repository's graphs: "
+                             "drop --compile or --server")
         local = [flag for flag, value in (("--seg-mean", settings.seg_mean), ("--seg-std", settings.seg_std),
                                           ("--seg-input-size", settings.seg_input_size),
                                           ("--classes", settings.classes)) if value is not None]

@@ -103,6 +103,10 @@ class Settings:
     denoise_steps: int = _option(
         1, "denoisecertify: 1 = one-step denoising (the paper); K > 1 = K spaced ancestral steps from t* to 0, "
         "their noise drawn from each sample's own stream")
+    compile: bool = _option(
+        False, "torch runtime: run the models through torch.compile (inductor, frozen weights; compiled once per "
+        "process, image size and batch shape, cached on disk): faster, another classifier in the last bits (the "
+        "JSON records it)")
 
     def __post_init__(self) -> None:
         """Plain strings become their enum members (an unknown one is refused here, in one line); ``"auto"``

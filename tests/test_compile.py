@@ -1,0 +1,88 @@
+"""``--compile``: the models run through torch.compile, the stage maths around them stay eager, so labels match the
+eager models and non-finite outputs still abstain; runtimes that cannot compile refuse it in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_non_finite import (
+    InfiniteDenoiser,
+    SpikeSegmenter,
+    assert_spike_certificate,
+    certify,
+    small_image,
+    spec,
+    spike_for,
+)
+from torch import nn
+from torch._dynamo.utils import counters
+from typer.testing import CliRunner
+
+from certseg.engine.commands.cli import app
+from certseg.engine.errors import InputError
+from certseg.engine.maths.label_pipeline import LabelPipeline, make_spec
+from certseg.engine.runtimes.session import Session, Settings
+from certseg.engine.runtimes.torch_runtime import torch_runtime
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def labels(runtime, image: np.ndarray, count: int) -> np.ndarray:
+    return np.concatenate(list(runtime.labels(image, sigma=0.25, seed=3, start=0, count=count)))
+
+
+def test_a_compiled_segmenter_labels_as_the_eager_one_and_is_really_compiled() -> None:
+    torch.manual_seed(0)
+    segmenter = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 1))
+    segmenter[1].running_mean.uniform_(-0.1, 0.1)  # a batch norm that freezing folds into the convolution
+    segmenter.eval()
+    image = np.random.default_rng(0).random((3, 32, 64), dtype=np.float32)
+    pipeline = LabelPipeline(make_spec("segcertify", 0.25, (32, 64)), segmenter)
+    eager = labels(torch_runtime(pipeline, device=torch.device("cpu"), batch_size=3), image, 6)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = labels(torch_runtime(pipeline, device=torch.device("cpu"), batch_size=3, compile=True), image, 6)
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo captured the model: it did not run eager
+    # Fused kernels sum in another order, so a near-tie may flip; the classes are otherwise the eager ones.
+    assert compiled.shape == eager.shape and (compiled == eager).mean() >= 0.999
+
+
+def test_compiled_models_still_fail_closed() -> None:
+    image = small_image()
+    pixel, threshold, sample = spike_for(image)
+    segcertify = LabelPipeline(spec(image, "segcertify"), SpikeSegmenter(pixel, threshold))
+    assert_spike_certificate(
+        certify(torch_runtime(segcertify, device=torch.device("cpu"), batch_size=8, compile=True), image),
+        pixel, sample)
+    denoisecertify = LabelPipeline(spec(image, "denoisecertify"), SpikeSegmenter(), InfiniteDenoiser())
+    result = certify(torch_runtime(denoisecertify, device=torch.device("cpu"), batch_size=8, compile=True), image)
+    assert result.certificate.certified.sum() == 0 and (result.certificate.agree == 0).all()
+
+
+@pytest.mark.parametrize("runtime", ["onnx"])
+def test_runtimes_that_do_not_run_torch_models_refuse_compile(runtime: str) -> None:
+    with pytest.raises(InputError, match="--compile compiles torch models: use --runtime torch") as error:
+        Session.open(Settings(method="segcertify", compile=True, runtime=runtime, device="cpu"))
+    assert "\n" not in str(error.value)
+
+
+def test_servers_refuse_compile() -> None:
+    from certseg.engine.runtimes.backends import TritonBackend
+
+    with pytest.raises(InputError, match="drop --compile or --server"):
+        TritonBackend.connect(Settings(method="segcertify", compile=True), ("127.0.0.1:1",))
+
+
+@pytest.mark.full
+def test_certify_compile_end_to_end_records_it(tmp_path: Path) -> None:
+    """The shipped HRNet compiled (about a minute on a cold cache): the command works and the JSON says compiled."""
+    out = tmp_path / "out"
+    done = CliRunner().invoke(app, ["certify", str(REPO / "examples" / "street.png"), "--method", "segcertify",
+                                    "--compile", "--n0", "4", "--n", "40", "--alpha", "0.01", "--out", str(out),
+                                    "--seed", "1"])
+    assert done.exit_code == 0, done.output
+    record = json.loads((out / "street.json").read_text())
+    assert record["settings"]["compile"] is True and record["settings"]["runtime"] == "torch"
