@@ -38,7 +38,7 @@ def labels(runtime, image: np.ndarray, count: int) -> np.ndarray:
 def test_a_compiled_segmenter_labels_as_the_eager_one_and_is_really_compiled() -> None:
     torch.manual_seed(0)
     segmenter = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 1))
-    segmenter[1].running_mean.uniform_(-0.1, 0.1)  # a batch norm that freezing folds into the convolution
+    segmenter[1].running_mean.uniform_(-0.1, 0.1)  # a batch norm inductor fuses
     segmenter.eval()
     image = np.random.default_rng(0).random((3, 32, 64), dtype=np.float32)
     pipeline = LabelPipeline(make_spec("segcertify", 0.25, (32, 64)), segmenter)

@@ -104,8 +104,8 @@ class Settings:
         1, "denoisecertify: 1 = one-step denoising (the paper); K > 1 = K spaced ancestral steps from t* to 0, "
         "their noise drawn from each sample's own stream")
     compile: bool = _option(
-        False, "torch runtime: run the models through torch.compile (inductor, frozen weights; compiled once per "
-        "process, image size and batch shape, cached on disk): faster, another classifier in the last bits (the "
+        False, "torch runtime: run the models through torch.compile (inductor; compiled once per process, image "
+        "size and batch shape, cached on disk): faster, another classifier in the last bits (the "
         "JSON records it)")
 
     def __post_init__(self) -> None:
