@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from certseg.engine.cache import cache_dir
+from certseg.engine.cache import cache_dir, write_json_file
 from certseg.engine.errors import InputError
 
 __all__ = ["MemoryEstimate", "PipelineMemory", "estimate_memory", "probe_pipeline_memory"]
@@ -229,14 +227,7 @@ def cached_pipeline_memory(key: Sequence[object], probe: Callable[[], PipelineMe
     except (OSError, ValueError, KeyError, TypeError):
         pass
     memory = probe()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".probe-", suffix=".partial")
-        with os.fdopen(handle, "w") as file:
-            json.dump({"key": [str(part) for part in key], "lines": memory.lines, "probe": memory.probe}, file)
-        os.replace(temporary, path)
-    except OSError:
-        pass  # a read-only cache only costs the probe next time
+    write_json_file(path, {"key": [str(part) for part in key], "lines": memory.lines, "probe": memory.probe})
     return memory
 
 
