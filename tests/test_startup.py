@@ -107,6 +107,25 @@ def test_certify_against_a_server_never_imports_torch(default_server, tmp_path: 
     assert report["threads"] == {"requested": None, "torch": None}
 
 
+@pytest.mark.skipif(not {"procedural-hrnet-clean", "procedural-hrnet-noise025", "procedural-adm"}
+                    <= set(shipped_models()), reason="the default repository needs the shipped models")
+def test_denoisecertify_against_a_server_imports_torch_only_to_measure_a_new_image_size(
+    default_server, tmp_path: Path
+) -> None:
+    """t* needs the resize's noise factor, measured with torch's resize once per image size, then read back."""
+    env = dict(os.environ, CERTSEG_CACHE_DIR=str(tmp_path / "cache"))
+    image = tiny_image(tmp_path)
+    runs = []
+    for out in ("first", "second"):
+        seen = run_script("certseg", "certify", str(image), "--server", default_server.grpc_address,
+                          "--method", "denoisecertify", "--n0", "4", "--n", "60", "--seed", "0", "--quiet",
+                          "--out", str(tmp_path / out), env=env)
+        runs.append(("torch" in seen["modules"], json.loads((tmp_path / out / "tiny.json").read_text())))
+    assert [imported for imported, _ in runs] == [True, False]
+    first, second = (report for _, report in runs)
+    assert first["timestep"] == second["timestep"] and first["pipeline"] == second["pipeline"]
+
+
 @pytest.mark.parametrize("given, expected", [(None, "1"), ("0", "0"), ("1", "1")])
 def test_entry_points_turn_huge_pages_on_unless_the_user_chose(given: str | None, expected: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}

@@ -3,8 +3,8 @@
 Plain float64 numpy: a pipeline spec (and so a client of a Triton server, which only names t*) needs these
 without torch. The denoising maths that runs on tensors is ``certseg.engine.maths.denoise``, which re-exports
 all of this. One part of t* selection does need torch: how a resize scales the noise
-(``denoise.resize_noise_factor``, computed from torch's own interpolation weights), imported only when an image
-is resized to the denoiser's size.
+(``denoise.resize_noise_factor``, computed from torch's own interpolation weights); it is measured once per image
+size and torch version and kept on disk (``noise_factors``), so torch is imported only for a size not seen before.
 """
 
 from __future__ import annotations
@@ -177,10 +177,11 @@ def select_timestep(
 
 
 def _noise_factor(image_size: int | Sequence[int], denoiser_size: int | Sequence[int], antialias: bool) -> float:
-    """``denoise.resize_noise_factor``, imported here only when asked: it measures torch's resize."""
-    from certseg.engine.maths.denoise import resize_noise_factor
+    """``denoise.resize_noise_factor``, which measures torch's resize: read from the cache where it was measured
+    before (``noise_factors``), else measured, importing torch."""
+    from certseg.engine.maths.noise_factors import noise_factor
 
-    return resize_noise_factor(image_size, denoiser_size, antialias=antialias)
+    return noise_factor(image_size, denoiser_size, antialias)
 
 
 def _check_timestep(t: int, schedule: Schedule = LINEAR) -> int:
