@@ -14,10 +14,17 @@ from torch import nn
 
 from certseg.engine.choices import Method
 from certseg.engine.maths.denoise import NoiseFn, multi_step_denoise_checked, one_step_denoise_checked
+from certseg.engine.maths.normalization import IMAGENET, Normalization
 from certseg.engine.maths.pipeline_spec import MULTI_STEP_VARIANCE, PipelineSpec, make_spec
+from certseg.engine.maths.schedules import LINEAR, Schedule, TimestepChoice, select_timestep, spaced_timesteps
+from certseg.engine.maths.sizes import scaled_size
 from certseg.engine.maths.stages import labels_from_logits, segmenter_input
 
-__all__ = ["MULTI_STEP_VARIANCE", "LabelPipeline", "PipelineSpec", "make_spec"]
+__all__ = [
+    "IMAGENET", "LINEAR", "MULTI_STEP_VARIANCE", "LabelPipeline", "Normalization", "PipelineSpec", "Schedule",
+    "TimestepChoice", "make_spec", "scaled_size", "select_timestep", "spaced_timesteps",
+]
+"""``LabelPipeline``, and the spec values this module offered before they moved to torch-free modules."""
 
 
 class LabelPipeline(nn.Module):

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from certseg.engine.core.sampling import LabelFn
 
-_LOCAL = ("LocalBackend", "TorchBackend", "OnnxBackend")
+_LOCAL = ("LocalBackend", "TorchBackend", "OnnxBackend", "_cached_model", "_open_model", "_check_onnx_models")
 """Names of ``certseg.engine.runtimes.local_backends`` also reachable here, loaded (with torch) on first use."""
 
 
