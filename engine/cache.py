@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,20 @@ def cache_dir() -> Path:
 def cache_key(parts: Any) -> str:
     """16 hex digits of the sha256 of ``parts`` as canonical JSON."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_json_file(path: Path, data: Any) -> bool:
+    """Write ``data`` as JSON to ``path`` atomically (a temporary file beside it, renamed into place), so a reader
+    sees the whole file or none; False where it cannot be written (a read-only cache only costs recomputing)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".partial")
+        with os.fdopen(handle, "w") as file:
+            json.dump(data, file)
+        os.replace(temporary, path)
+    except OSError:
+        return False
+    return True
 
 
 def _pid_running(pid: int) -> bool:

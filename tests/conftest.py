@@ -50,3 +50,22 @@ def interrupt_when(process: subprocess.Popen, ready: Callable[[], bool], wait_s:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def default_server():
+    """The bundled tritonserver on ``certseg serve``'s default repository (the shipped models, exported), one for
+    the whole run; skips where tritonclient is missing or tritonserver cannot start here."""
+    pytest.importorskip("tritonclient.grpc")
+    from certseg.engine.errors import ServerError
+    from certseg.engine.runtimes.serve import TritonServer
+    from certseg.export.default_repository import default_repository
+
+    try:
+        server = TritonServer(default_repository(max_batch=16), exit_timeout_s=0).start()
+    except ServerError as error:
+        pytest.skip(f"tritonserver cannot start on this machine: {error}")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from certseg.engine.maths import denoise as dn
+from certseg.engine.maths import noise_factors
 from certseg.engine.maths.stages import resize
 from certseg.engine.models.adm import build_adm
 
@@ -405,3 +406,23 @@ def test_the_cosine_schedule_reaches_every_use_of_alpha_bar() -> None:
     assert (multi - out).abs().max().item() <= 1e-6
     with pytest.raises(ValueError, match=r"\[0, 50\)"):
         dn.denoiser_input(noisy, 60, denoiser_size=16, schedule=dn.Schedule("cosine", 50))
+
+
+@pytest.mark.parametrize(("in_size", "out_size", "antialias"), [((1024, 2048), 256, False), ((480, 999), 37, True)])
+def test_noise_factors_are_kept_bit_for_bit_and_read_back_without_measuring(
+    in_size: tuple[int, int], out_size: int, antialias: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))
+    noise_factors._noise_factor.cache_clear()
+    measured = noise_factors.noise_factor(in_size, out_size, antialias)
+    assert measured.hex() == dn.resize_noise_factor(in_size, out_size, antialias=antialias).hex()
+
+    def measure_again(*args: object, **kwargs: object) -> float:
+        raise AssertionError("measured again")
+
+    noise_factors._noise_factor.cache_clear()
+    monkeypatch.setattr(dn, "resize_noise_factor", measure_again)
+    try:
+        assert noise_factors.noise_factor(in_size, out_size, antialias).hex() == measured.hex()
+    finally:
+        noise_factors._noise_factor.cache_clear()

@@ -1,9 +1,10 @@
 """Which part of certseg may import which, checked on every module's imports (AST: function-level and
 TYPE_CHECKING imports included), so the layering cannot regress:
 
-    certseg.engine            nothing of certseg outside itself, but for one seam: certseg.engine.runtimes.backends
-                              -> certseg.export.cache (``--runtime onnx`` runs graphs exported from torch weights);
-                              inside, its layers (``ENGINE_LAYERS``) import only downwards
+    certseg.engine            nothing of certseg outside itself, but for one seam:
+                              certseg.engine.runtimes.local_backends -> certseg.export.cache (``--runtime onnx``
+                              runs graphs exported from torch weights); inside, its layers (``ENGINE_LAYERS``)
+                              import only downwards
     certseg.training          certseg.engine (what makes the shipped weights)
     certseg.export            certseg.engine (exporting, repositories: the deploy layer), and one seam:
                               certseg.export.calibration -> certseg.training.scenes (int8 graphs are calibrated on
@@ -35,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 """The other packages each package may import (itself always)."""
 ENTRY_POINT_EXTRA = {"certseg.export"}
-SEAMS = {("certseg.engine.runtimes.backends", "certseg.export.cache"),
+SEAMS = {("certseg.engine.runtimes.local_backends", "certseg.export.cache"),
          ("certseg.export.calibration", "certseg.training.scenes")}
 """Imports against the package order, each with its reason in this module's docstring."""
 

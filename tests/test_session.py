@@ -13,7 +13,6 @@ import pytest
 from certseg.bench.timing import STAGES, StageTimer, TimedRuntime
 from certseg.engine.core.sampling import LocalRuntime
 from certseg.engine.digest import certificate_sha256
-from certseg.engine.errors import ServerError
 from certseg.engine.files.images import read_image
 from certseg.engine.models.info import LoadedModel, ModelInfo
 from certseg.engine.models.registry import shipped_models
@@ -66,28 +65,17 @@ def test_in_process_certificates_keep_their_pinned_bytes(image: np.ndarray, meth
 
 
 @needs_shipped
-def test_served_certificates_keep_their_pinned_bytes(image: np.ndarray) -> None:
+def test_served_certificates_keep_their_pinned_bytes(image: np.ndarray, default_server) -> None:
     """The bundled tritonserver on the default repository (the shipped models, exported)."""
-    pytest.importorskip("tritonclient.grpc")
-    from certseg.engine.runtimes.serve import TritonServer
-    from certseg.export.default_repository import default_repository
-
-    try:
-        server = TritonServer(default_repository(max_batch=16), exit_timeout_s=0).start()
-    except ServerError as error:
-        pytest.skip(f"tritonserver cannot start on this machine: {error}")
-    try:
-        for method in ("segcertify", "denoisecertify"):
-            session = Session.connect(settings(method), (server.grpc_address,))
-            try:
-                result, record = session.certify(image, seed=SEED)
-            finally:
-                session.close()
-            assert certificate_digest(result) == PINNED[(method, "triton")]
-            assert record.device == f"triton:{server.grpc_address}" and record.memory is None
-            assert record.segmenter.served and "server_stages" in record.to_json()["timings"]
-    finally:
-        server.stop()
+    for method in ("segcertify", "denoisecertify"):
+        session = Session.connect(settings(method), (default_server.grpc_address,))
+        try:
+            result, record = session.certify(image, seed=SEED)
+        finally:
+            session.close()
+        assert certificate_digest(result) == PINNED[(method, "triton")]
+        assert record.device == f"triton:{default_server.grpc_address}" and record.memory is None
+        assert record.segmenter.served and "server_stages" in record.to_json()["timings"]
 
 
 @needs_shipped

@@ -1,6 +1,7 @@
 """What a command imports before it works: ``--help`` imports no heavy library, ``certseg certify`` no
-``scipy.stats`` (its exact tails come bit-identical from ``scipy.special``), and the entry points turn torch's
-huge-page allocator on unless the user chose. Behaviour (``sys.modules`` in a fresh process), not timings."""
+``scipy.stats`` (its exact tails come bit-identical from ``scipy.special``), ``certseg certify --server`` no torch
+(the servers draw the noise and run the models; importing torch alone takes 1.3-1.7 s), and the entry points turn
+torch's huge-page allocator on unless the user chose. Behaviour (``sys.modules`` in a fresh process), not timings."""
 
 from __future__ import annotations
 
@@ -51,6 +52,22 @@ def heavy(modules: list[str]) -> list[str]:
     return sorted({name.split(".")[0] for name in modules} & set(HEAVY))
 
 
+def imported_by(*modules: str) -> list[str]:
+    """``sys.modules`` of a fresh process after importing ``modules``."""
+    code = "import importlib, json, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n" \
+           "print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=600,
+                          check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def tiny_image(folder: Path) -> Path:
+    """A 32x64 RGB PNG: enough pixels to certify, few enough to stay quick."""
+    image = folder / "tiny.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(image)
+    return image
+
+
 @pytest.mark.parametrize("program, args", [
     ("certseg", ["--help"]), ("certseg", ["certify", "--help"]), ("certseg", ["serve", "--help"]),
     ("certseg-bench", ["--help"]), ("certseg-export", ["--help"]),
@@ -62,13 +79,51 @@ def test_help_imports_no_heavy_library(program: str, args: list[str]) -> None:
 
 @pytest.mark.skipif("procedural-hrnet-noise025" not in shipped_models(), reason="needs the shipped segmenter")
 def test_certify_imports_scipy_special_not_scipy_stats(tmp_path: Path) -> None:
-    image = tmp_path / "tiny.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(image)
+    image = tiny_image(tmp_path)
     seen = run_script("certseg", "certify", str(image), "--method", "segcertify", "--seed", "0", "--quiet",
                       "--out", str(tmp_path / "out"))
     report = json.loads((tmp_path / "out" / "tiny.json").read_text())  # it did certify
     assert report["n"] == 100 and "scipy.special" in seen["modules"]
     assert "scipy.stats" not in seen["modules"] and "cv2" not in seen["modules"]
+
+
+def test_a_session_on_servers_and_the_triton_client_import_no_torch() -> None:
+    """Only ``Session.open`` (models in this process) needs torch; the modules a server's client runs do not."""
+    modules = imported_by("certseg.engine.runtimes.session", "certseg.engine.runtimes.triton_runtime",
+                          "certseg.engine.commands.certify_command")
+    assert "torch" not in modules and "scipy.stats" not in modules
+
+
+@pytest.mark.skipif(not {"procedural-hrnet-clean", "procedural-hrnet-noise025", "procedural-adm"}
+                    <= set(shipped_models()), reason="the default repository needs the shipped models")
+def test_certify_against_a_server_never_imports_torch(default_server, tmp_path: Path) -> None:
+    """The served path end to end: connect, certify, write the outputs, all without torch."""
+    seen = run_script("certseg", "certify", str(tiny_image(tmp_path)), "--server", default_server.grpc_address,
+                      "--method", "segcertify", "--n0", "10", "--n", "100", "--seed", "0", "--quiet",
+                      "--out", str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "tiny.json").read_text())  # it did certify, on the server
+    assert report["n"] == 100 and report["device"] == f"triton:{default_server.grpc_address}"
+    assert "tritonclient.grpc" in seen["modules"] and "torch" not in seen["modules"]
+    assert report["threads"] == {"requested": None, "torch": None}
+
+
+@pytest.mark.skipif(not {"procedural-hrnet-clean", "procedural-hrnet-noise025", "procedural-adm"}
+                    <= set(shipped_models()), reason="the default repository needs the shipped models")
+def test_denoisecertify_against_a_server_imports_torch_only_to_measure_a_new_image_size(
+    default_server, tmp_path: Path
+) -> None:
+    """t* needs the resize's noise factor, measured with torch's resize once per image size, then read back."""
+    env = dict(os.environ, CERTSEG_CACHE_DIR=str(tmp_path / "cache"))
+    image = tiny_image(tmp_path)
+    runs = []
+    for out in ("first", "second"):
+        seen = run_script("certseg", "certify", str(image), "--server", default_server.grpc_address,
+                          "--method", "denoisecertify", "--n0", "4", "--n", "60", "--seed", "0", "--quiet",
+                          "--out", str(tmp_path / out), env=env)
+        runs.append(("torch" in seen["modules"], json.loads((tmp_path / out / "tiny.json").read_text())))
+    assert [imported for imported, _ in runs] == [True, False]
+    first, second = (report for _, report in runs)
+    assert first["timestep"] == second["timestep"] and first["pipeline"] == second["pipeline"]
 
 
 @pytest.mark.parametrize("given, expected", [(None, "1"), ("0", "0"), ("1", "1")])

@@ -12,16 +12,24 @@ for tensors the counts, the invalid tallies and the label range check stay on th
 comes back per batch (no synchronisation), only the final counts when they are read (``mode``, ``agree``,
 ``invalid.samples``). A label above K found on a device raises there, when the counts are read, before any
 certificate can use them. Both paths give identical counts, guesses (ties toward the lowest class) and tallies.
+
+torch is imported only where a tensor is counted: a client of a server, whose label maps are numpy arrays,
+counts without it (no tensor can exist before torch is imported, so ``_is_tensor`` does not import it).
 """
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING, TypeAlias
+
 import numpy as np
-import torch
 
 from certseg.engine.labels import label_numpy_dtype
 
-LabelBatch = np.ndarray | torch.Tensor
+if TYPE_CHECKING:
+    import torch
+
+LabelBatch: TypeAlias = "np.ndarray | torch.Tensor"
 """(B, H, W) integer label maps: classes 0..K-1, or K where a sample's output was non-finite."""
 
 
@@ -32,8 +40,16 @@ def _counter_dtype(max_count: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
+def _is_tensor(value: object) -> bool:
+    """Whether ``value`` is a torch tensor; never imports torch (without it loaded, nothing is a tensor)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _device_counter_dtype(max_count: int) -> torch.dtype:
     """int32 (every device adds it atomically) while it holds ``max_count``, else int64."""
+    import torch
+
     return torch.int32 if max_count <= torch.iinfo(torch.int32).max else torch.int64
 
 
@@ -47,6 +63,8 @@ def _as_label_batch(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _as_label_tensor(labels: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
     if tuple(labels.shape[1:]) != shape:
         raise ValueError(f"label maps have shape {tuple(labels.shape[1:])}, expected {shape}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -77,6 +95,8 @@ class InvalidTally:
 
     def add_batch(self, labels: torch.Tensor, num_classes: int) -> None:
         """Count a (B, H, W) device batch on its device; its range is checked when the tally is read."""
+        import torch
+
         self.num_classes = num_classes
         if labels.numel() == 0:
             return
@@ -101,6 +121,8 @@ class InvalidTally:
         """Raise if a device batch held a label outside 0..K (one synchronisation)."""
         if self._device is None:
             return
+        import torch
+
         largest, smallest = (int(v) for v in torch.stack([self._device["largest"], self._device["smallest"]]).cpu())
         if largest > self.num_classes:
             raise ValueError(
@@ -134,15 +156,17 @@ class _DeviceBound:
         """The batch in this counter's form (a later batch of the other kind is moved, never the counts)."""
         if not self._kind_fixed:
             self._kind_fixed = True
-            if isinstance(labels, torch.Tensor):
+            if _is_tensor(labels):
                 self.device = labels.device
                 self._to_device()
         if self.device is None:
-            if isinstance(labels, torch.Tensor):
+            if _is_tensor(labels):
                 return labels.detach().cpu().numpy()
             return labels
-        if isinstance(labels, torch.Tensor):
+        if _is_tensor(labels):
             return labels.to(self.device)
+        import torch
+
         return torch.as_tensor(np.asarray(labels), device=self.device)
 
     def _to_device(self) -> None:
@@ -169,6 +193,8 @@ class ModeCounter(_DeviceBound):
         """The last ``mode()`` on the counting device, for an ``AgreementCounter`` there (no round trip)."""
 
     def _to_device(self) -> None:
+        import torch
+
         self._counts = np.zeros((0, 0), dtype=self._counts.dtype)  # the host copy is never used on a device
         self._device_counts = torch.zeros(
             (self.num_classes + 1, self.num_pixels), dtype=_device_counter_dtype(self.max_samples), device=self.device)
@@ -200,6 +226,8 @@ class ModeCounter(_DeviceBound):
         self.num_samples += len(labels)
 
     def _update_device(self, labels: torch.Tensor) -> None:
+        import torch
+
         self.invalid.add_batch(labels, self.num_classes)
         flat_counts = self._device_counts.view(-1)
         # Out-of-range labels are clamped only so the indices stay inside the counts; the tally's range check
@@ -222,6 +250,8 @@ class ModeCounter(_DeviceBound):
             guess = self._counts[: self.num_classes].argmax(axis=0)
             return guess.astype(dtype).reshape(self.shape)
         self.invalid.check()
+        import torch
+
         # torch.argmax, like numpy's, returns the first maximal index: ties go to the lowest class id.
         self.guess_tensor = self._device_counts[: self.num_classes].argmax(dim=0).reshape(self.shape)
         narrow = torch.uint8 if dtype == np.uint8 else torch.int32  # a quarter or half of int64's bytes to move
@@ -236,8 +266,8 @@ class AgreementCounter(_DeviceBound):
         *, device_guess: torch.Tensor | None = None,
     ) -> None:
         """``device_guess``: the same guess already on the counting device (``ModeCounter.guess_tensor``)."""
-        self._guess_tensor = guess if isinstance(guess, torch.Tensor) else device_guess
-        self.guess = guess.detach().cpu().numpy() if isinstance(guess, torch.Tensor) else np.asarray(guess)
+        self._guess_tensor = guess if _is_tensor(guess) else device_guess
+        self.guess = guess.detach().cpu().numpy() if _is_tensor(guess) else np.asarray(guess)
         if self.guess.size and int(self.guess.max()) >= num_classes:
             raise ValueError(f"guess holds {int(self.guess.max())}, not a class of {num_classes}")
         if self.guess.size and int(self.guess.min()) < 0:
@@ -251,6 +281,8 @@ class AgreementCounter(_DeviceBound):
         self.invalid = InvalidTally(num_classes)
 
     def _to_device(self) -> None:
+        import torch
+
         guess = self._guess_tensor if self._guess_tensor is not None else torch.as_tensor(self.guess)
         self._device_guess = guess.to(self.device, dtype=torch.int64).reshape(self.shape)
         self._device_agree = torch.zeros(self.shape, dtype=_device_counter_dtype(self.max_samples), device=self.device)

@@ -15,8 +15,8 @@ import numpy as np
 
 from certseg.engine.choices import Fwer, NonFinitePolicy, choice
 from certseg.engine.core.certify import Certificate, certify, radius, validate_parameters
+from certseg.engine.core.contract import Runtime
 from certseg.engine.core.counting import AgreementCounter, InvalidTally, ModeCounter
-from certseg.engine.core.sampling import Runtime
 from certseg.engine.errors import CertsegError, InputError
 from certseg.engine.seeds import new_root_seed
 

@@ -1,21 +1,11 @@
-"""The one sampling contract: label maps of samples ``start .. start+count`` of root seed ``s`` at noise level σ.
+"""In-process sampling: each sample's noise drawn as torch tensors, added to the image, and run through a label
+function in batches (``LocalRuntime``).
 
-Noise is drawn per sample, never per batch: sample i of root seed s gets its own generator, seeded by the
-i-th child of ``numpy.random.SeedSequence(s)`` (``SeedSequence(s, spawn_key=(i,))``). So a sample's noise does
-not depend on the batch it travels in, any sample can be regenerated on its own, a retried request
-reproduces exactly the same samples, and two samples never share a draw (the published SegCertify sampler
-reused one draw for a whole batch, which voids its certificates).
-
-Algorithm 1 uses indices ``[0, n0)`` for selection and ``[n0, n0 + n)`` for estimation: disjoint by
-construction, hence independent.
-
-Multi-step denoising (``--denoise-steps K`` > 1) adds fresh noise at each ancestral step. That reverse-process
-noise is defined here too, per sample and per step: the step that leaves timestep τ draws sample i's noise from
-``SeedSequence(s, spawn_key=(i, REVERSE_STREAM, τ))`` (``reverse_seed_sequence``). SeedSequence hashes the spawn
-key into the generator's key, so this stream is unrelated to the input draw's (spawn key ``(i,)``), to every
-other step's and to every other sample's: the reverse noise of sample i depends on (s, i, τ) alone, not on the
-batch, the batch neighbours, a retry or the server a request went to. One stream per step (rather than one per
-sample read in order) lets any step be drawn on its own, wherever the step runs.
+Which noise a sample gets (per-sample seed sequences and their streams) is ``certseg.engine.core.streams``'; the
+contract every runtime answers (``Runtime``, ``batch_ranges``) is ``certseg.engine.core.contract``'s. Both are
+re-exported here, where they were first defined. Noise is drawn per sample, never per batch, so a sample's noise
+does not depend on the batch it travels in; multi-step denoising draws each sample's reverse-process noise from
+its own stream per step (``ReverseNoise``).
 """
 
 from __future__ import annotations
@@ -23,60 +13,37 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from certseg.engine.choices import NoiseBackend, choice
+from certseg.engine.core.contract import Runtime, batch_ranges
+from certseg.engine.core.streams import (
+    REVERSE_STREAM,
+    Stream,
+    _seed64,
+    _seed_sequence,
+    reverse_seed_sequence,
+    reverse_stream,
+    sample_seed64,
+    sample_seed_sequence,
+)
 
 if TYPE_CHECKING:
     from certseg.engine.maths.label_pipeline import LabelPipeline
+
+__all__ = [
+    "REVERSE_STREAM", "LabelFn", "LocalRuntime", "NoiseSource", "ReverseNoise", "Runtime", "Stream",
+    "batch_ranges", "input_memory_format", "labels_to_numpy", "reverse_seed_sequence", "reverse_stream",
+    "sample_seed64", "sample_seed_sequence", "takes_reverse_noise",
+]
 
 LabelFn = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
 """A batched segmenter: noisy images (B, 3, H, W) float32 in [0, 1] pixel space -> labels (B, H, W) int, with
 the value K (= number of classes) where a sample's output was non-finite (see ``certseg.engine.maths.stages``).
 One with a true ``takes_reverse_noise`` attribute is also given the batch's ``ReverseNoise``."""
-
-
-def sample_seed_sequence(root_seed: int, index: int) -> np.random.SeedSequence:
-    """Seed sequence of sample ``index``: the ``index``-th child that ``SeedSequence(root_seed).spawn`` yields."""
-    return _seed_sequence(root_seed, index, ())
-
-
-def sample_seed64(root_seed: int, index: int) -> int:
-    """A 64-bit integer seed for sample ``index`` (for generators, such as torch's, that take one int)."""
-    return _seed64(sample_seed_sequence(root_seed, index))
-
-
-REVERSE_STREAM = 1
-"""The second spawn-key word of every reverse-process stream; input noise uses the one-word key ``(i,)``."""
-
-Stream = tuple[int, ...]
-"""Spawn-key words after the sample index: ``()`` is the input noise, ``reverse_stream(τ)`` a reverse step's."""
-
-
-def reverse_stream(timestep: int) -> Stream:
-    """The stream of the ancestral step that leaves ``timestep`` (see the module docstring)."""
-    if timestep < 0:
-        raise ValueError(f"timesteps are >= 0, got {timestep}")
-    return (REVERSE_STREAM, int(timestep))
-
-
-def reverse_seed_sequence(root_seed: int, index: int, timestep: int) -> np.random.SeedSequence:
-    """Seed sequence of sample ``index``'s reverse-process noise at the step leaving ``timestep``."""
-    return _seed_sequence(root_seed, index, reverse_stream(timestep))
-
-
-def _seed_sequence(root_seed: int, index: int, stream: Stream) -> np.random.SeedSequence:
-    """Sample ``index``'s ``stream``: spawn key ``(index, *stream)`` (``()``: its input noise)."""
-    if root_seed < 0 or index < 0:
-        raise ValueError(f"seeds and sample indices must be >= 0, got seed={root_seed}, index={index}")
-    return np.random.SeedSequence(root_seed, spawn_key=(index, *stream))
-
-
-def _seed64(sequence: np.random.SeedSequence) -> int:
-    return int(sequence.generate_state(1, np.uint64)[0])
 
 
 @dataclass(frozen=True)
@@ -169,25 +136,6 @@ def takes_reverse_noise(label_fn: LabelFn) -> bool:
     """Whether ``label_fn`` takes each batch's ``ReverseNoise`` (its ``takes_reverse_noise`` attribute), as the label
     pipeline does; other label functions are called with the noisy batch only."""
     return bool(getattr(label_fn, "takes_reverse_noise", False))
-
-
-class Runtime(Protocol):
-    """Anything that answers the sampling contract (in-process torch, ONNX Runtime, a Triton server)."""
-
-    def labels(
-        self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int
-    ) -> Iterator[np.ndarray]:
-        """Yield label maps (b, H, W) for samples ``start .. start+count`` in index order."""
-        ...
-
-
-def batch_ranges(start: int, count: int, batch_size: int) -> Iterator[tuple[int, int]]:
-    """Split ``[start, start+count)`` into (start, count) chunks of at most ``batch_size``."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    end = start + count
-    for first in range(start, end, batch_size):
-        yield first, min(batch_size, end - first)
 
 
 def labels_to_numpy(labels: torch.Tensor | np.ndarray) -> np.ndarray:

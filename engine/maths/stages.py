@@ -10,68 +10,26 @@ overflow, a corrupt weight), and every pixel of a sample whose denoiser output w
 K (= the number of classes, the abstain label): it is never a guess, so it can only count as a disagreement.
 The smoothed classifier is thus that of "the segmenter, or K where its output is non-finite", and its
 certificates hold as they are; argmax alone would silently map NaN scores to class 0 in every sample.
+
+The plain values the stages take (``Normalization``, sizes) live in torch-free modules and are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from certseg.engine.labels import label_numpy_dtype
+from certseg.engine.maths.normalization import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalization
+from certseg.engine.maths.sizes import as_pair, scaled_size
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """How [0, 1] pixels become a segmenter's input: x' = (lo + x·(hi - lo) - mean) / std per channel.
-
-    ``mean`` and ``std`` are in the units of ``input_range`` = (lo, hi), the range the model reads pixels in:
-    (0, 1) for torchvision-style models, (0, 255) for mmseg-style ones (mean 123.675, ...). It is part of the
-    pipeline spec (and so of every record), because it is part of the classifier being certified.
-    """
-
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    input_range: tuple[float, float] = (0.0, 1.0)
-
-    def __post_init__(self) -> None:
-        mean, std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
-        low, high = (float(v) for v in self.input_range)
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 values (R, G, B), got {len(mean)} and {len(std)}")
-        if not all(math.isfinite(v) for v in (*mean, *std, low, high)):
-            raise ValueError("mean, std and the input range must be finite numbers")
-        if min(std) <= 0:
-            raise ValueError(f"std must be > 0, got {list(std)}")
-        if not low < high:
-            raise ValueError(f"the input range must be (low, high) with low < high, got {[low, high]}")
-        if not all(low <= m <= high for m in mean):
-            raise ValueError(f"mean {list(mean)} lies outside the input range {[low, high]}: give mean and std in "
-                             "the range's units (a [0, 255] mean such as 123.675 needs input range [0, 255])")
-        object.__setattr__(self, "mean", mean)
-        object.__setattr__(self, "std", std)
-        object.__setattr__(self, "input_range", (low, high))
-
-    def to_json(self) -> str:
-        return json.dumps({"mean": list(self.mean), "std": list(self.std), "input_range": list(self.input_range)})
-
-    @classmethod
-    def from_json(cls, text: str) -> Normalization:
-        data = json.loads(text)
-        return cls(tuple(data["mean"]), tuple(data["std"]), tuple(data["input_range"]))
-
-
-IMAGENET = Normalization()
-"""The shipped and official models' normalisation: ImageNet statistics on [0, 1] pixels."""
-
+__all__ = [
+    "IMAGENET", "IMAGENET_MEAN", "IMAGENET_STD", "Normalization", "add_noise", "argmax_labels", "as_pair",
+    "finite_samples", "label_dtype", "labels_from_logits", "normalize", "normalize_imagenet", "resize",
+    "scaled_size", "segmenter_input", "to_rgb", "upsample_logits",
+]
 
 def add_noise(clean: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
     """x + σ·ε in [0, 1] pixel space, without clipping (clipping would change the smoothing distribution)."""
@@ -94,13 +52,6 @@ def resize(images: torch.Tensor, size: Sequence[int], antialias: bool = False) -
     if tuple(images.shape[-2:]) == size:
         return images
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=antialias)
-
-
-def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """The segmenter's input size for the paper's ``scale`` (Table 2): round(scale · dataset size)."""
-    if scale <= 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
 def normalize(images: torch.Tensor, normalization: Normalization = IMAGENET) -> torch.Tensor:
@@ -129,14 +80,6 @@ def normalize_imagenet(images: torch.Tensor) -> torch.Tensor:
 def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear (align_corners=False) upsampling of class scores to the full label-map size."""
     return resize(logits, size, antialias=False)
-
-
-def as_pair(size: int | Sequence[int]) -> tuple[int, int]:
-    """An (H, W) size from one int (square) or a pair."""
-    if isinstance(size, numbers.Integral):
-        return int(size), int(size)
-    height, width = (int(s) for s in size)
-    return height, width
 
 
 def label_dtype(num_classes: int) -> torch.dtype:

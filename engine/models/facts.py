@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from certseg.engine.errors import InputError
-from certseg.engine.maths.denoise import LINEAR, NUM_TIMESTEPS, Schedule
-from certseg.engine.maths.stages import IMAGENET, Normalization
+from certseg.engine.maths.normalization import IMAGENET, Normalization
+from certseg.engine.maths.schedules import LINEAR, NUM_TIMESTEPS, Schedule
 from certseg.engine.models.info import ModelInfo
 
 PREFIX = "certseg."

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
-from certseg.engine.maths.denoise import Schedule
-from certseg.engine.maths.stages import Normalization
+from certseg.engine.maths.normalization import Normalization
+from certseg.engine.maths.schedules import Schedule
 
 if TYPE_CHECKING:
     from torch import nn

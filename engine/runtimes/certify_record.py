@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from certseg.engine.maths.label_pipeline import PipelineSpec
+from certseg.engine.maths.pipeline_spec import PipelineSpec
 from certseg.engine.models.info import ModelInfo
 from certseg.engine.runtimes.memory import MemoryEstimate
 from certseg.engine.runtimes.settings import Settings

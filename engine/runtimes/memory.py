@@ -10,29 +10,37 @@ fixed overhead, both measured against the peak resident memory of real runs (``t
 An image that cannot fit is refused in seconds with one line naming the estimate, the memory available and a
 ``--batch`` (or image size) that fits, instead of failing after minutes with a traceback. The first guard, the
 pixel limit checked from image headers, is ``certseg.engine.limits``.
+
+torch is imported only to probe or to ask a CUDA device (``tensor_bytes`` holds the tracking): clients of a
+server, which hold no model memory, import this module for its types without it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from certseg.engine.cache import cache_dir
+from certseg.engine.cache import cache_dir, write_json_file
 from certseg.engine.errors import InputError
 
 __all__ = ["MemoryEstimate", "PipelineMemory", "estimate_memory", "probe_pipeline_memory"]
+
+_TENSOR_BYTES = ("LiveTensorBytes", "tensor_timeline")
+"""Names of ``certseg.engine.runtimes.tensor_bytes`` also reachable here, loaded (with torch) on first use."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TENSOR_BYTES:
+        from certseg.engine.runtimes import tensor_bytes
+
+        return getattr(tensor_bytes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def format_bytes(count: float) -> str:
@@ -93,6 +101,8 @@ def host_available_bytes(
 def device_available_bytes(device: str) -> int | None:
     """Free memory of a CUDA device (what the driver has free plus what torch's cache holds unused); None for
     the CPU (see ``host_available_bytes``) and other devices."""
+    import torch
+
     resolved = torch.device(device)
     if resolved.type != "cuda":
         return None
@@ -163,66 +173,6 @@ class PipelineMemory:
         return max(0.0, max((base + per_pixel * num_pixels for base, per_pixel in self.lines), default=0.0))
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """The bytes held by live tensors that torch ops create while the mode is active, after every op.
-
-    Every op's output storage is counted once (views share it) until the last tensor using it is gone, so this
-    is the real occupancy of the tensors over time, not a sum of module outputs. Tensors made outside torch ops
-    (``torch.from_numpy``) are not seen: the noise drawn by numpy is added separately.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current = 0
-        self.timeline: list[int] = []
-        """``current`` right after each op's outputs exist (frees in between only lower it)."""
-        self._storages: dict[tuple[str, int], list[int]] = {}
-        self._seen: set[int] = set()
-
-    @property
-    def peak(self) -> int:
-        return max(self.timeline, default=0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # torch's protocol
-        out = func(*args, **(kwargs or {}))
-        for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
-                self._track(value)
-        self.timeline.append(self.current)
-        return out
-
-    def _track(self, tensor: torch.Tensor) -> None:
-        if id(tensor) in self._seen or tensor.device.type == "meta":
-            return
-        storage = tensor.untyped_storage()
-        key, size = (str(tensor.device), storage.data_ptr()), storage.nbytes()
-        if size == 0:
-            return
-        if key not in self._storages:
-            self._storages[key] = [0, size]
-            self.current += size
-        self._storages[key][0] += 1
-        self._seen.add(id(tensor))
-        weakref.finalize(tensor, self._release, key, id(tensor))
-
-    def _release(self, key: tuple[str, int], tensor_id: int) -> None:
-        self._seen.discard(tensor_id)
-        entry = self._storages.get(key)
-        if entry is None:
-            return
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.current -= entry[1]
-            del self._storages[key]
-
-
-def tensor_timeline(run: Callable[[], object]) -> list[int]:
-    """Bytes of live tensors after each torch op of ``run``."""
-    with LiveTensorBytes() as tracker:
-        run()
-    return tracker.timeline
-
-
 def probe_sizes(scale: float) -> list[tuple[int, int]]:
     """Square probe images whose segmenter inputs (``scale`` × side) are the ``PROBE_SIDES``."""
     return [(max(1, round(side / scale)),) * 2 for side in PROBE_SIDES]  # type: ignore[misc]
@@ -245,6 +195,8 @@ def probe_pipeline_memory(make_run: Callable[[tuple[int, int]], Callable[[], obj
     ops (e.g. a sliding window that takes more windows), the bound is the small run's peak plus the large run's
     peak per pixel, which is above any mix of a fixed part and a part proportional to the pixels.
     """
+    from certseg.engine.runtimes.tensor_bytes import tensor_timeline
+
     sizes = probe_sizes(scale)
     runs = [make_run(size) for size in sizes]
     runs[0]()  # warm-up: first calls allocate caches that later calls reuse
@@ -265,6 +217,8 @@ def probe_pipeline_memory(make_run: Callable[[tuple[int, int]], Callable[[], obj
 def cached_pipeline_memory(key: Sequence[object], probe: Callable[[], PipelineMemory]) -> PipelineMemory:
     """``probe()`` once per key: kept as JSON in the cache folder, since its numbers depend only on the models
     and settings in ``key`` and on torch's version, and the probe costs a few forward passes."""
+    import torch
+
     digest = hashlib.sha256(json.dumps([PROBE_VERSION, torch.__version__, *key], default=str).encode())
     path = cache_dir() / "memory" / f"{digest.hexdigest()[:24]}.json"
     try:
@@ -273,14 +227,7 @@ def cached_pipeline_memory(key: Sequence[object], probe: Callable[[], PipelineMe
     except (OSError, ValueError, KeyError, TypeError):
         pass
     memory = probe()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".probe-", suffix=".partial")
-        with os.fdopen(handle, "w") as file:
-            json.dump({"key": [str(part) for part in key], "lines": memory.lines, "probe": memory.probe}, file)
-        os.replace(temporary, path)
-    except OSError:
-        pass  # a read-only cache only costs the probe next time
+    write_json_file(path, {"key": [str(part) for part in key], "lines": memory.lines, "probe": memory.probe})
     return memory
 
 

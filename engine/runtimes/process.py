@@ -2,12 +2,13 @@
 
 Both are process-wide. The allocator setting is an environment variable torch reads before its first large
 allocation, so the console entry points set it first thing, before torch is imported (this module imports torch
-only inside ``set_threads``).
+only inside ``set_threads``, and only when threads are set).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -52,8 +53,10 @@ def set_threads(threads: int | None) -> None:
 
 
 def process_record(threads: int | None) -> dict[str, Any]:
-    """JSON-ready: the threads asked for and those torch runs with, and whether huge pages are on."""
-    import torch
+    """JSON-ready: the threads asked for and those torch runs with, and whether huge pages are on.
 
-    return {"threads": {"requested": threads, "torch": torch.get_num_threads()},
+    torch's threads are null where this process never imported torch (a client of Triton servers): no torch op ran
+    here, and importing torch only to ask would cost the client more than a second."""
+    torch = sys.modules.get("torch")
+    return {"threads": {"requested": threads, "torch": None if torch is None else torch.get_num_threads()},
             "thp_mem_alloc": huge_pages_enabled()}

@@ -4,6 +4,7 @@
 same certificate from either command. Where the models run is the session's backend
 (``certseg.engine.runtimes.backends``): ``Session.open`` loads them into this process (PyTorch or ONNX Runtime),
 ``Session.connect`` uses Triton servers, which also say what their models are so results record them the same way.
+Only ``Session.open`` imports torch (with the local backends): a session on servers starts without it.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import Any
 import numpy as np
 
 from certseg.engine.choices import NoiseBackend, SharedMemory
+from certseg.engine.core.contract import Runtime
 from certseg.engine.core.pipeline import CertifiedSegmentation, Progress, certified_space, certify_image
-from certseg.engine.core.sampling import LocalRuntime, Runtime
 from certseg.engine.errors import InputError
-from certseg.engine.maths.denoise import LINEAR
-from certseg.engine.maths.label_pipeline import PipelineSpec, make_spec
+from certseg.engine.maths.pipeline_spec import PipelineSpec, make_spec
+from certseg.engine.maths.schedules import LINEAR
 from certseg.engine.models import facts
 from certseg.engine.models.info import ModelInfo
-from certseg.engine.runtimes.backends import Backend, LocalBackend, MemoryProbe, TritonBackend
+from certseg.engine.runtimes.backends import Backend, MemoryProbe, TritonBackend
 from certseg.engine.runtimes.certify_record import CertifyRecord, Timings
 from certseg.engine.runtimes.memory import (
     PROBE_BATCH,
@@ -56,6 +57,8 @@ class Session:
         """Load the models (once per process) for in-process runs; the runtime and an auto noise backend are
         decided here. ``threads``: torch's CPU threads (process-wide) and ONNX Runtime's, set before any model
         runs (None: their defaults)."""
+        from certseg.engine.runtimes.local_backends import LocalBackend  # torch: only sessions that load models
+
         return cls(LocalBackend.open(settings, threads=threads))
 
     @classmethod
@@ -199,6 +202,8 @@ class Session:
 
     def _probe_run(self, size: tuple[int, int], probe: MemoryProbe) -> Callable[[], object]:
         """A call that pushes ``PROBE_BATCH`` samples of a ``size`` image through this session's pipeline."""
+        from certseg.engine.core.sampling import LocalRuntime
+
         s = self.settings
         runtime = LocalRuntime(probe.label_fn(self._spec(size)), batch_size=PROBE_BATCH, device=probe.device,
                                noise_backend=s.noise_backend)

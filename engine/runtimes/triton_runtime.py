@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from certseg.engine.choices import SharedMemory, choice
-from certseg.engine.core.sampling import batch_ranges
+from certseg.engine.core.contract import batch_ranges
 from certseg.engine.errors import ServerError, first_line
 
 if TYPE_CHECKING:
