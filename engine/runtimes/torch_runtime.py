@@ -82,6 +82,7 @@ def autocast_label_fn(
         with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return pipeline(noisy.contiguous(memory_format=memory_format), reverse_noise)
 
+    label_fn.pipeline = pipeline  # type: ignore[attr-defined]  # the one it runs (compiled models, with compile)
     label_fn.memory_format = memory_format  # type: ignore[attr-defined]  # read by sampling.input_memory_format
     label_fn.takes_reverse_noise = True  # type: ignore[attr-defined]  # read by sampling.takes_reverse_noise
     return label_fn
@@ -99,7 +100,8 @@ def torch_runtime(
 ) -> LocalRuntime:
     """The sampling contract on the torch pipeline; ``keep_labels_on_device`` yields torch label maps on ``device``;
     ``compile``: the models run compiled (``compile_model``)."""
-    return LocalRuntime(
-        autocast_label_fn(pipeline, device, precision, compile=compile), batch_size=batch_size, device=device,
-        noise_backend=noise_backend, pipeline=pipeline, keep_labels_on_device=keep_labels_on_device,
-    )
+    label_fn = autocast_label_fn(pipeline, device, precision, compile=compile)
+    # The pipeline observers hook (the bench's stage timer) is the one that runs: with ``compile``, hooks on the
+    # compiled wrappers, outside the graphs; hooks on the inner models would be traced into them (graph breaks).
+    return LocalRuntime(label_fn, batch_size=batch_size, device=device, noise_backend=noise_backend,
+                        pipeline=label_fn.pipeline, keep_labels_on_device=keep_labels_on_device)
