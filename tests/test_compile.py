@@ -4,6 +4,7 @@ eager models and non-finite outputs still abstain; runtimes that cannot compile 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,21 @@ def test_the_bench_stage_timer_times_compiled_models() -> None:
         timer.close()
     assert stages["segment"] > 0 and stages["argmax"] > 0
     assert sum(stages.values()) <= wall * 1.05
+
+
+def test_inductor_cache_goes_to_certseg_unless_the_user_chose_a_folder(monkeypatch, tmp_path: Path) -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from certseg.engine.runtimes.torch_runtime import INDUCTOR_CACHE, use_certseg_inductor_cache
+
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "certseg"))
+    for unset in (None, default_cache_dir()):  # torch writes its default in before certseg compiles
+        if unset is None:
+            monkeypatch.delenv(INDUCTOR_CACHE, raising=False)
+        else:
+            monkeypatch.setenv(INDUCTOR_CACHE, unset)
+        use_certseg_inductor_cache()
+        assert Path(os.environ[INDUCTOR_CACHE]) == tmp_path / "certseg" / "inductor"
+    monkeypatch.setenv(INDUCTOR_CACHE, str(tmp_path / "mine"))
+    use_certseg_inductor_cache()
+    assert os.environ[INDUCTOR_CACHE] == str(tmp_path / "mine")

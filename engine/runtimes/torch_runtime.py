@@ -33,6 +33,22 @@ RECOMPILE_LIMIT = 64
 fall back to eager silently; certseg makes that an error instead, so a record that says compiled is true."""
 
 
+INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def use_certseg_inductor_cache() -> None:
+    """Point inductor's disk cache into certseg's cache folder unless the user chose a folder. torch writes its
+    default (a per-user temporary folder) into the variable the first time anything asks, which happens before
+    certseg compiles (the memory probe, dynamo's import), so that default counts as not chosen."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from certseg.engine.cache import cache_dir
+
+    current = os.environ.get(INDUCTOR_CACHE)
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ[INDUCTOR_CACHE] = str(cache_dir() / "inductor")
+
+
 def compile_model(module: nn.Module) -> nn.Module:
     """``module`` through ``torch.compile`` (inductor, one static graph per input shape).
 
@@ -45,9 +61,7 @@ def compile_model(module: nn.Module) -> nn.Module:
     cached on disk under certseg's cache folder (unless ``TORCHINDUCTOR_CACHE_DIR`` is set): the first process
     compiles for about half a minute per shape, later ones load in seconds.
     """
-    from certseg.engine.cache import cache_dir
-
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    use_certseg_inductor_cache()
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
