@@ -211,3 +211,22 @@ def test_cuda_runtime_keeps_labels_on_the_device_and_matches_the_cpu() -> None:
         image, sigma=0.3, seed=8, start=0, count=7))
     assert all(b.device.type == "cuda" for b in kept)
     np.testing.assert_array_equal(torch.cat(kept).cpu().numpy(), on_cpu)
+
+
+def test_a_model_batch_cuts_each_batch_into_calls_without_changing_a_sample() -> None:
+    """Batch 7 drawn as one, labelled in calls of at most 3, in index order; each call gets its own samples'
+    reverse noise (start offset) and the labels equal those of unsliced batches."""
+    image = np.random.default_rng(3).random((3, 8, 12), dtype=np.float32)
+    calls: list[tuple[int, int | None]] = []
+    segment = stripes_segmenter(5)
+
+    def label_fn(noisy: torch.Tensor, reverse_noise=None) -> torch.Tensor:
+        calls.append((noisy.shape[0], None if reverse_noise is None else reverse_noise.start))
+        return segment(noisy)
+
+    label_fn.takes_reverse_noise = True  # type: ignore[attr-defined]
+    sliced = LocalRuntime(label_fn, batch_size=7, model_batch=3)
+    got = np.concatenate(list(sliced.labels(image, sigma=0.3, seed=9, start=4, count=10)))
+    assert calls == [(3, 4), (3, 7), (1, 10), (3, 11)]  # batches (4, 7) and (11, 3)
+    whole = LocalRuntime(segment, batch_size=10, prefetch=False)
+    np.testing.assert_array_equal(got, np.concatenate(list(whole.labels(image, sigma=0.3, seed=9, start=4, count=10))))

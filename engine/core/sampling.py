@@ -180,6 +180,9 @@ class LocalRuntime:
     """Yield the label maps as torch tensors on ``device`` (for counting there) instead of numpy arrays."""
     prefetch: bool = True
     """Draw the next batch's noise in a background thread while the current batch runs (host-drawn noise only)."""
+    model_batch: int | None = None
+    """The most samples one label-function call takes (None: the whole batch). A larger batch is drawn and noised
+    as one, then labelled in slices of this size, in index order (on CPU, see ``memory.cpu_model_batch``)."""
 
     def labels(
         self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int
@@ -212,12 +215,15 @@ class LocalRuntime:
                 batch.add_(clean)
                 if executor is not None and position + 1 < len(ranges):
                     pending = executor.submit(noise.draw, *ranges[position + 1])
-                with torch.inference_mode():
-                    if takes_reverse:
-                        labels = self.label_fn(batch, ReverseNoise(source, first, size, device))
-                    else:
-                        labels = self.label_fn(batch)
-                yield self._output(labels, device)
+                step = size if self.model_batch is None else max(1, min(size, self.model_batch))
+                for offset in range(0, size, step):
+                    part = batch[offset : offset + step]
+                    with torch.inference_mode():
+                        if takes_reverse:
+                            labels = self.label_fn(part, ReverseNoise(source, first + offset, len(part), device))
+                        else:
+                            labels = self.label_fn(part)
+                    yield self._output(labels, device)
         finally:
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=True)

@@ -23,7 +23,7 @@ from certseg.engine.models import facts
 from certseg.engine.models.info import ONNX_FAMILY, LoadedModel, Role
 from certseg.engine.models.registry import default_model, load_model, resolve
 from certseg.engine.runtimes.backends import MemoryProbe
-from certseg.engine.runtimes.memory import MARGIN, ONNX_MARGIN
+from certseg.engine.runtimes.memory import MARGIN, ONNX_MARGIN, cpu_model_batch
 from certseg.engine.runtimes.process import set_threads
 from certseg.engine.runtimes.settings import Settings
 from certseg.engine.runtimes.torch_runtime import autocast_label_fn, resolve_device, torch_runtime
@@ -147,7 +147,7 @@ class TorchBackend(LocalBackend):
         return torch_runtime(self.label_pipeline(spec), device=self.torch_device, precision=s.precision,
                              batch_size=batch, noise_backend=s.noise_backend,
                              keep_labels_on_device=self.torch_device.type == "cuda",  # counted there
-                             compile=s.compile)
+                             compile=s.compile, model_batch=cpu_model_batch(self.device, spec.image_size))
 
     @property
     def memory_probe(self) -> MemoryProbe:
@@ -191,7 +191,7 @@ class OnnxBackend(LocalBackend):
                 modules[role] = OrtModule(path, threads=self.threads)
         pipeline = LabelPipeline(spec, modules["segmenter"], modules.get("denoiser")).eval()
         return LocalRuntime(pipeline, batch_size=batch, device="cpu", noise_backend=s.noise_backend,
-                            pipeline=pipeline)
+                            pipeline=pipeline, model_batch=cpu_model_batch("cpu", spec.image_size))
 
     def _int8(self, spec: PipelineSpec) -> tuple[dict[str, Any], dict[str, Any]]:
         """The int8 graphs of ``spec`` (quantised once, then cached) and their record."""

@@ -149,6 +149,22 @@ it activations leave the caches and a sample costs more in a batch than alone (H
 0.23 s per sample at batch 1, 0.28 s at batch 4)."""
 
 
+CPU_MODEL_CALL_PIXELS = 1 << 21
+"""On CPU one model call takes at most this many image pixels (2,097,152: sixteen 256×512 images, two 1024×1024,
+one 1024×2048), whatever ``--batch`` asks: a larger batch is run as several calls (``LocalRuntime.model_batch``).
+Measured (``batch_sweep``, DenoiseCertify 256×512, one thread, torch's huge pages on): batch 1 / 4 / 16 / 64 as
+single calls took 12.5 / 11.2 / 12.5 / 17.3 s; past this budget every call's fresh activations cost system time
+(page zeroing) that smaller calls, reusing their memory, do not. Below it, a batch's certificate is what it was."""
+
+
+def cpu_model_batch(device: str, image_size: tuple[int, int]) -> int | None:
+    """The most samples one model call takes on ``device`` for images of ``image_size``: on CPU (and other non-CUDA
+    types) ``CPU_MODEL_CALL_PIXELS`` worth, at least 1; None on CUDA (the batch is the call)."""
+    if str(device).split(":")[0] == "cuda":
+        return None
+    return max(1, CPU_MODEL_CALL_PIXELS // max(1, image_size[0] * image_size[1]))
+
+
 def auto_batch_limit(device: str, image_size: tuple[int, int] | None = None) -> int:
     """The largest auto batch on ``device`` (cpu, cuda, cuda:1; another type: the CPU's), for images of
     ``image_size`` where given (on CPU: at most ``CPU_BATCH_PIXELS`` pixels per batch, at least 1)."""

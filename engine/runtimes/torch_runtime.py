@@ -111,11 +111,13 @@ def torch_runtime(
     noise_backend: NoiseBackend | str = NoiseBackend.numpy_philox,
     keep_labels_on_device: bool = False,
     compile: bool = False,
+    model_batch: int | None = None,
 ) -> LocalRuntime:
     """The sampling contract on the torch pipeline; ``keep_labels_on_device`` yields torch label maps on ``device``;
-    ``compile``: the models run compiled (``compile_model``)."""
+    ``compile``: the models run compiled (``compile_model``); ``model_batch``: the most samples per model call."""
     label_fn = autocast_label_fn(pipeline, device, precision, compile=compile)
     # The pipeline observers hook (the bench's stage timer) is the one that runs: with ``compile``, hooks on the
     # compiled wrappers, outside the graphs; hooks on the inner models would be traced into them (graph breaks).
     return LocalRuntime(label_fn, batch_size=batch_size, device=device, noise_backend=noise_backend,
-                        pipeline=label_fn.pipeline, keep_labels_on_device=keep_labels_on_device)
+                        pipeline=label_fn.pipeline, keep_labels_on_device=keep_labels_on_device,
+                        model_batch=model_batch)
