@@ -294,7 +294,7 @@ def test_a_model_that_cannot_run_at_the_probe_sizes_is_not_refused_for_it(
 def test_cpu_model_calls_hold_at_most_the_pixel_budget() -> None:
     from certseg.engine.runtimes.memory import CPU_MODEL_CALL_PIXELS, cpu_model_batch
 
-    assert CPU_MODEL_CALL_PIXELS == 16 * 256 * 512
+    assert CPU_MODEL_CALL_PIXELS == 4 * 256 * 512
     assert [cpu_model_batch("cpu", size) for size in ((128, 256), (256, 512), (512, 1024), (1024, 2048),
-                                                      (4096, 4096))] == [64, 16, 4, 1, 1]
+                                                      (4096, 4096))] == [16, 4, 1, 1, 1]
     assert cpu_model_batch("cuda", (1024, 2048)) is None and cpu_model_batch("cuda:1", (8, 8)) is None

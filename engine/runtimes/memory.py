@@ -149,12 +149,12 @@ it activations leave the caches and a sample costs more in a batch than alone (H
 0.23 s per sample at batch 1, 0.28 s at batch 4)."""
 
 
-CPU_MODEL_CALL_PIXELS = 1 << 21
-"""On CPU one model call takes at most this many image pixels (2,097,152: sixteen 256×512 images, two 1024×1024,
-one 1024×2048), whatever ``--batch`` asks: a larger batch is run as several calls (``LocalRuntime.model_batch``).
-Measured (``batch_sweep``, DenoiseCertify 256×512, one thread, torch's huge pages on): batch 1 / 4 / 16 / 64 as
-single calls took 12.5 / 11.2 / 12.5 / 17.3 s; past this budget every call's fresh activations cost system time
-(page zeroing) that smaller calls, reusing their memory, do not. Below it, a batch's certificate is what it was."""
+CPU_MODEL_CALL_PIXELS = CPU_BATCH_PIXELS
+"""On CPU one model call takes at most this many image pixels (524,288: four 256×512 images, one 512×1024),
+whatever ``--batch`` asks: a larger batch is drawn as one and run as several calls (``LocalRuntime.model_batch``).
+Measured (``batch_sweep``, DenoiseCertify 256×512, one thread, torch's huge pages on, medians of 2): batch 1 / 4 /
+16 / 64 as single calls took 12.5 / 11.2 / 12.5 / 17.3 s, with 1.3 / 1.3 / 3.2 / 8.1 s of system time: a call past
+the budget pays for fresh activation memory every time. Below it, a batch's certificate is what it was."""
 
 
 def cpu_model_batch(device: str, image_size: tuple[int, int]) -> int | None:
