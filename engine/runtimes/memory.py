@@ -160,9 +160,17 @@ the budget pays for fresh activation memory every time. Below it, a batch's cert
 def cpu_model_batch(device: str, image_size: tuple[int, int]) -> int | None:
     """The most samples one model call takes on ``device`` for images of ``image_size``: on CPU (and other non-CUDA
     types) ``CPU_MODEL_CALL_PIXELS`` worth, at least 1; None on CUDA (the batch is the call)."""
+    return _model_call_limit(device, image_size[0] * image_size[1])
+
+
+def _model_call_limit(device: str, num_pixels: int) -> int | None:
     if str(device).split(":")[0] == "cuda":
         return None
-    return max(1, CPU_MODEL_CALL_PIXELS // max(1, image_size[0] * image_size[1]))
+    return max(1, CPU_MODEL_CALL_PIXELS // max(1, num_pixels))
+
+
+BATCH_BUFFER_BYTES_PER_PIXEL = 24
+"""Per sample of a batch beyond one model call: its float32 noise and noisy copy (3 channels each)."""
 
 
 def auto_batch_limit(device: str, image_size: tuple[int, int] | None = None) -> int:
@@ -270,7 +278,12 @@ class MemoryEstimate:
         """Peak bytes beyond what is already allocated (models, the image), per place."""
         batch = self.batch if batch is None else batch
         pixels = self.num_pixels if num_pixels is None else num_pixels
-        samples = self.margin * batch * self.pipeline.per_sample(pixels)
+        # One model call's samples go through the whole pipeline; the rest of a larger batch (CPU calls are capped,
+        # ``cpu_model_batch``) only holds its noise and noisy copy meanwhile.
+        limit = _model_call_limit(self.device, pixels)
+        call = batch if limit is None else min(batch, limit)
+        samples = self.margin * (call * self.pipeline.per_sample(pixels)
+                                 + (batch - call) * BATCH_BUFFER_BYTES_PER_PIXEL * pixels)
         noise = batch * NUMPY_NOISE_BYTES_PER_PIXEL * pixels if self.numpy_noise else 0
         sampling = MARGIN * ((SAMPLING_HOST_BYTES_PER_PIXEL + self.num_classes) * pixels + noise)
         outputs = MARGIN * OUTPUT_BYTES_PER_PIXEL * pixels
