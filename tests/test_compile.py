@@ -82,7 +82,7 @@ def test_certify_compile_end_to_end_records_it(tmp_path: Path) -> None:
     """The shipped HRNet compiled (about a minute on a cold cache): the command works and the JSON says compiled."""
     out = tmp_path / "out"
     done = CliRunner().invoke(app, ["certify", str(REPO / "examples" / "street.png"), "--method", "segcertify",
-                                    "--compile", "--n0", "4", "--n", "40", "--alpha", "0.01", "--out", str(out),
+                                    "--compile", "--n0", "4", "--n", "60", "--alpha", "0.01", "--out", str(out),
                                     "--seed", "1"])
     assert done.exit_code == 0, done.output
     record = json.loads((out / "street.json").read_text())
