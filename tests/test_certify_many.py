@@ -228,25 +228,16 @@ def test_ctrl_c_keeps_the_images_already_certified(tmp_path: Path) -> None:
 
 
 @needs_shipped
-def test_several_images_on_a_server_share_one_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_several_images_on_a_server_share_one_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, default_server
+) -> None:
     """--server: one Session.connect for all images, each image's seed derived as in-process."""
-    pytest.importorskip("tritonclient.grpc")
-    from certseg.engine.errors import ServerError
-    from certseg.engine.runtimes.serve import TritonServer
-    from certseg.export.default_repository import default_repository
-
+    server = default_server
     connected = count_session_calls(monkeypatch, "connect")
     crops(tmp_path)
     (tmp_path / "d" / "bad.png").unlink()
-    try:
-        server = TritonServer(default_repository(max_batch=16), exit_timeout_s=0).start()
-    except ServerError as error:
-        pytest.skip(f"tritonserver cannot start on this machine: {error}")
-    try:
-        result = certify(tmp_path / "d", tmp_path / "g", "--server", server.grpc_address, "--seed", "2",
-                         "--out", tmp_path / "out", *FAST)
-    finally:
-        server.stop()
+    result = certify(tmp_path / "d", tmp_path / "g", "--server", server.grpc_address, "--seed", "2",
+                     "--out", tmp_path / "out", *FAST)
     assert result.exit_code == 0, result.output
     assert len(connected) == 1
     reports = [json.loads((tmp_path / "out" / f"{stem}.json").read_text()) for stem in "abc"]
