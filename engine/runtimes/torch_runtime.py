@@ -54,8 +54,8 @@ def compile_model(module: nn.Module) -> nn.Module:
 
     Why: inductor fuses the elementwise work between convolutions (batch norms, activations, the additions of
     HRNet's fuse layers) into the kernels around them (measured on the shipped HRNet, one CPU thread, 1024×2048,
-    one sample: 1.46 → 0.95 s in fp32, 0.68 → 0.46 s under bf16 autocast). Weights are not frozen into the graph:
-    freezing ran no faster here and doubled the compile time, and unfrozen graphs load from the disk cache. The
+    one sample, min of 3: 1.37 → 1.03 s in fp32, 0.70 → 0.54 s under bf16 autocast). Weights are not frozen into
+    the graph: freezing ran no faster here (0.571 vs 0.573 s, bf16) and doubled the compile time. The
     compiled model is another classifier in the last bits (fused kernels round in another order), which the JSON
     records (``compile``); the stage maths, the non-finite check included, stay eager around it. Compiled code is
     cached on disk under certseg's cache folder (unless ``TORCHINDUCTOR_CACHE_DIR`` is set): the first process
