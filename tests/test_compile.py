@@ -1,5 +1,5 @@
-"""``--compile``: the models run through torch.compile, the stage maths around them stay eager, so labels match the
-eager models and non-finite outputs still abstain; runtimes that cannot compile refuse it in one line."""
+"""``--compile``: the models and the label step run through torch.compile, the other stage maths stay eager, so
+labels match the eager models and non-finite outputs still abstain; runtimes that cannot compile refuse it in one line."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from certseg.engine.commands.cli import app
 from certseg.engine.errors import InputError
 from certseg.engine.maths.label_pipeline import LabelPipeline, make_spec
 from certseg.engine.runtimes.session import Session, Settings
-from certseg.engine.runtimes.torch_runtime import torch_runtime
+from certseg.engine.maths.stages import labels_from_logits
+from certseg.engine.runtimes.torch_runtime import compiled_argmax, torch_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,26 @@ def test_a_compiled_segmenter_labels_as_the_eager_one_and_is_really_compiled() -
     assert counters["stats"]["unique_graphs"] > graphs  # dynamo captured the model: it did not run eager
     # Fused kernels sum in another order, so a near-tie may flip; the classes are otherwise the eager ones.
     assert compiled.shape == eager.shape and (compiled == eager).mean() >= 0.999
+
+
+def test_the_compiled_label_step_gives_the_eager_labels_and_abstains_on_non_finite_scores() -> None:
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 7, 8, 16, generator=generator).contiguous(memory_format=torch.channels_last)
+    logits[0, 3, 2, 5] = float("nan")
+    logits[1, 0, 6, 1] = float("inf")
+    logits[1, :, 4:6, 4:6] = 0.5  # a tie: the lowest class (upsampled pixels 18..21 read only these)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = labels_from_logits(logits, (32, 64), argmax=compiled_argmax())
+    assert counters["stats"]["unique_graphs"] > graphs  # the label step ran compiled
+    eager = labels_from_logits(logits, (32, 64))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert (compiled[0] == 7).any() and (compiled[1] == 7).any() and compiled[1, 19, 19] == 0
+
+
+def test_a_compiled_pipeline_runs_the_compiled_label_step() -> None:
+    pipeline = LabelPipeline(make_spec("segcertify", 0.25, (8, 8)), nn.Conv2d(3, 4, 1))
+    runtime = torch_runtime(pipeline, device=torch.device("cpu"), compile=True)
+    assert pipeline.argmax is None and runtime.pipeline.argmax is not None
 
 
 def test_compiled_models_still_fail_closed() -> None:

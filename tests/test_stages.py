@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from certseg.engine.maths.stages import Normalization, labels_from_logits, normalize
+from certseg.engine.maths.stages import Normalization, argmax_or_invalid, labels_from_logits, normalize
 
 
 def batched_reference(logits: torch.Tensor, size: tuple[int, int], valid: torch.Tensor | None) -> torch.Tensor:
@@ -38,6 +39,37 @@ def test_per_sample_labels_equal_the_batched_ones(num_classes: int, channels_las
         torch.testing.assert_close(labels, expected, rtol=0, atol=0)
     assert (labels_from_logits(logits, (13, 20), valid)[3] == num_classes).all()
     assert (labels_from_logits(logits, (13, 20))[1] == num_classes).any()
+
+
+@pytest.mark.parametrize("num_classes", [2, 8, 300])
+def test_the_running_maximum_argmax_is_numpys_argmax_and_abstains_on_non_finite_scores(num_classes: int) -> None:
+    rng = np.random.default_rng(num_classes)
+    scores = rng.standard_normal((3, num_classes, 7, 11)).astype(np.float32)
+    scores[0, :, 0, 0] = 2.5  # an all-class tie: the lowest class, as numpy's first maximum
+    scores[1, -1, 1, 1] = scores[1, 0, 1, 1] = 9.0  # a tie of the first and last class
+    scores[2, num_classes // 2, 2, 2] = np.nan
+    scores[2, 0, 3, 3] = np.inf  # the largest score, but not a finite one: abstain
+    scores[0, 1, 4, 4] = -np.inf
+    scores[1, :2, 5, 5] = np.finfo(np.float32).max  # finite scores whose sum overflows: abstain (fail closed)
+    expected = scores.argmax(axis=1)
+    invalid = ~np.isfinite(scores).all(axis=1)
+    invalid[1, 5, 5] = True
+    expected[invalid] = num_classes
+    labels = argmax_or_invalid(torch.from_numpy(scores))
+    assert labels.dtype == (torch.uint8 if num_classes <= 255 else torch.int32)
+    np.testing.assert_array_equal(labels.numpy(), expected)
+    assert labels[0, 0, 0] == 0 and labels[1, 1, 1] == 0 and labels[2, 3, 3] == num_classes
+
+
+def test_labels_from_logits_with_the_fused_argmax_equal_its_own() -> None:
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 6, 6, 9, generator=generator).contiguous(memory_format=torch.channels_last)
+    logits[0, 2, 3, 4] = float("nan")
+    logits[1, 0, 0, 0] = -float("inf")
+    valid = torch.tensor([True, False, True])
+    for mask in (None, valid):
+        torch.testing.assert_close(labels_from_logits(logits, (13, 20), mask, argmax=argmax_or_invalid),
+                                   labels_from_logits(logits, (13, 20), mask), rtol=0, atol=0)
 
 
 def test_fp16_scores_are_upsampled_in_fp32() -> None:

@@ -9,6 +9,8 @@ models, so the torch runtime, ONNX export and the Triton step models all run the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -44,6 +46,8 @@ class LabelPipeline(nn.Module):
         self.spec = spec
         self.segmenter = segmenter
         self.denoiser = denoiser if spec.method == Method.denoisecertify else None
+        self.argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """``labels_from_logits``' ``argmax``: None (its own eager path), or a compiled ``argmax_or_invalid``."""
 
     def clean_images(self, noisy: torch.Tensor, reverse_noise: NoiseFn | None = None) -> torch.Tensor:
         """What the segmenter sees, in [0, 1] at the segmenter's size: denoised (DenoiseCertify) or resized."""
@@ -74,4 +78,4 @@ class LabelPipeline(nn.Module):
         """Labels, with K (= num_classes) where the sample's scores, or its denoiser output, were non-finite."""
         clean, valid = self.denoise(noisy, reverse_noise)
         logits = self.segmenter(segmenter_input(clean, self.spec.segmenter_size, self.spec.normalization))
-        return labels_from_logits(logits, noisy.shape[-2:], valid)
+        return labels_from_logits(logits, noisy.shape[-2:], valid, argmax=self.argmax)
