@@ -1,5 +1,6 @@
 """``--compile``: the models and the label step run through torch.compile, the other stage maths stay eager, so
-labels match the eager models and non-finite outputs still abstain; runtimes that cannot compile refuse it in one line."""
+labels match the eager models and non-finite outputs still abstain; runtimes that cannot compile refuse it in one
+line."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from typer.testing import CliRunner
 from certseg.engine.commands.cli import app
 from certseg.engine.errors import InputError
 from certseg.engine.maths.label_pipeline import LabelPipeline, make_spec
-from certseg.engine.runtimes.session import Session, Settings
 from certseg.engine.maths.stages import labels_from_logits
+from certseg.engine.runtimes.session import Session, Settings
 from certseg.engine.runtimes.torch_runtime import compiled_argmax, torch_runtime
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,8 +26,8 @@ from certseg.engine.maths.normalization import IMAGENET, IMAGENET_MEAN, IMAGENET
 from certseg.engine.maths.sizes import as_pair, scaled_size
 
 __all__ = [
-    "IMAGENET", "IMAGENET_MEAN", "IMAGENET_STD", "Normalization", "add_noise", "argmax_labels", "as_pair",
-    "argmax_or_invalid", "finite_samples", "label_dtype", "labels_from_logits", "normalize", "normalize_imagenet", "resize",
+    "IMAGENET", "IMAGENET_MEAN", "IMAGENET_STD", "Normalization", "add_noise", "argmax_labels", "argmax_or_invalid",
+    "as_pair", "finite_samples", "label_dtype", "labels_from_logits", "normalize", "normalize_imagenet", "resize",
     "scaled_size", "segmenter_input", "to_rgb", "upsample_logits",
 ]
 
