@@ -10,10 +10,12 @@ its own stream per step (``ReverseNoise``).
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -32,11 +34,11 @@ from certseg.engine.core.streams import (
 )
 
 if TYPE_CHECKING:
-    from certseg.engine.maths.label_pipeline import LabelPipeline
+    from certseg.engine.maths.label_pipeline import LabelPhases, LabelPipeline
 
 __all__ = [
-    "REVERSE_STREAM", "LabelFn", "LocalRuntime", "NoiseSource", "ReverseNoise", "Runtime", "Stream",
-    "batch_ranges", "input_memory_format", "labels_to_numpy", "reverse_seed_sequence", "reverse_stream",
+    "REVERSE_STREAM", "LabelFn", "LocalRuntime", "NoiseSource", "PhaseObserver", "ReverseNoise", "Runtime", "Stream",
+    "batch_ranges", "input_memory_format", "label_phases", "labels_to_numpy", "reverse_seed_sequence", "reverse_stream",
     "sample_seed64", "sample_seed_sequence", "takes_reverse_noise",
 ]
 
@@ -132,6 +134,23 @@ class ReverseNoise:
                                  stream=reverse_stream(timestep))
 
 
+def label_phases(label_fn: LabelFn) -> LabelPhases | None:
+    """``label_fn`` cut into prepare / scores / labels (its ``phases`` attribute: the label pipeline and the torch
+    runtime's label functions have one), or None for a label function that is one call."""
+    return getattr(label_fn, "phases", None)
+
+
+class PhaseObserver(Protocol):
+    """What an overlapped ``LocalRuntime`` tells: each call's models start (``enter``) and end (``leave``), in the
+    models' thread; the seconds the other thread spent per stage (``add``: noise, preprocess, argmax, transfer)."""
+
+    def enter(self) -> None: ...
+
+    def leave(self) -> None: ...
+
+    def add(self, stage: str, seconds: float) -> None: ...
+
+
 def takes_reverse_noise(label_fn: LabelFn) -> bool:
     """Whether ``label_fn`` takes each batch's ``ReverseNoise`` (its ``takes_reverse_noise`` attribute), as the label
     pipeline does; other label functions are called with the noisy batch only."""
@@ -165,9 +184,14 @@ class LocalRuntime:
     (``input_memory_format``), so it needs no copy there. The label function must not keep or return views of
     its input: the next batch overwrites it.
 
-    Overlap: with ``prefetch``, a background thread draws the next batch's noise into the noise buffer while
-    the label function runs the current batch (numpy and torch's CPU generators release the GIL), once the
-    current batch's noisy copy has been formed from it. The samples, their order and their values do not change.
+    Overlap: with ``prefetch``, a background thread works while the models run. On CPU, with a label function cut
+    into phases (``label_phases``: the label pipeline's prepare / scores / labels), it forms each model call's
+    noise, noisy copy and model input ahead, and runs the label step (upsample, argmax, finite check) of the
+    call before, so the models' thread does little else (the label pipeline's stage maths run in the other
+    thread, on another core where there is one; ``observer`` gets their seconds). Elsewhere it draws the next
+    batch's noise into the noise buffer once the current batch's noisy copy has been formed from it (numpy and
+    torch's CPU generators release the GIL). The samples, their order, their values and every operation on them
+    are those of the plain loop: only the thread that runs them differs.
     """
 
     label_fn: LabelFn
@@ -183,6 +207,13 @@ class LocalRuntime:
     model_batch: int | None = None
     """The most samples one label-function call takes (None: the whole batch). A larger batch is drawn and noised
     as one, then labelled in slices of this size, in index order (on CPU, see ``memory.cpu_model_batch``)."""
+    observer: PhaseObserver | None = None
+    """Told when each overlapped call's models start and end, and the seconds the other thread spent per stage
+    (the bench's ``StageTimer``)."""
+
+    def overlaps(self) -> bool:
+        """Whether ``labels`` runs the stage maths around the models in a second thread (see Overlap above)."""
+        return self.prefetch and torch.device(self.device).type == "cpu" and label_phases(self.label_fn) is not None
 
     def labels(
         self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int
@@ -193,6 +224,9 @@ class LocalRuntime:
         clean = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)
         ranges = list(batch_ranges(start, count, self.batch_size))
         if not ranges:
+            return
+        if self.overlaps():
+            yield from self._overlapped(clean, ranges, sigma=sigma, seed=seed)
             return
         source = NoiseSource(seed, self.noise_backend)
         noise = _NoiseBuffers(source, (max(size for _, size in ranges), *clean.shape), device)
@@ -227,6 +261,91 @@ class LocalRuntime:
         finally:
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=True)
+
+    def _calls(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(first sample, count) of each label-function call: the batches, sliced to ``model_batch``."""
+        calls = []
+        for first, size in ranges:
+            step = size if self.model_batch is None else max(1, min(size, self.model_batch))
+            calls.extend((first + offset, min(step, size - offset)) for offset in range(0, size, step))
+        return calls
+
+    def _overlapped(
+        self, clean: torch.Tensor, ranges: list[tuple[int, int]], *, sigma: float, seed: int
+    ) -> Iterator[np.ndarray | torch.Tensor]:
+        """``labels`` on CPU with a phased label function: while call i's models run here, one worker thread runs
+        the label step of call i-1 and forms call i+1's input.
+
+        Two noise and noisy buffers (slots) alternate between calls: the worker fills call i+1's slot while call i
+        reads the other, whose previous user (call i-1) finished its models before call i+1 was handed out.
+        Worker jobs run in submission order, so a call's labels are ready before the next call's input is formed.
+        """
+        phases = label_phases(self.label_fn)
+        assert phases is not None
+        device = torch.device(self.device)
+        calls = self._calls(ranges)
+        source = NoiseSource(seed, self.noise_backend)
+        largest = max(size for _, size in calls)
+        noise = [torch.empty((largest, *clean.shape), dtype=torch.float32) for _ in range(2)]
+        noisy = [torch.empty((largest, 3, *clean.shape[1:]), dtype=torch.float32,
+                             memory_format=input_memory_format(self.label_fn)) for _ in range(2)]
+        size_hw = tuple(clean.shape[-2:])
+        takes_reverse = takes_reverse_noise(self.label_fn)
+        observer = self.observer
+
+        def note(stage: str, started: float) -> float:
+            now = time.perf_counter()
+            if observer is not None:
+                observer.add(stage, now - started)
+            return now
+
+        def form_input(slot: int, first: int, size: int) -> torch.Tensor:
+            started = time.perf_counter()
+            batch = noisy[slot][:size]
+            # x + σ·ε with the plain loop's rounding: σ·ε (float32), then + x; gray is replicated after the noise.
+            torch.mul(source.fill(first, noise[slot][:size]).expand(-1, 3, -1, -1), sigma, out=batch)
+            batch.add_(clean)
+            started = note("noise", started)
+            with torch.inference_mode():
+                prepared = phases.prepare(batch)
+            note("preprocess", started)
+            return prepared
+
+        def label_step(logits: torch.Tensor, valid: torch.Tensor | None) -> np.ndarray | torch.Tensor:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                labels = phases.labels(logits, valid, size_hw)
+            started = note("argmax", started)
+            output = self._output(labels, device)
+            note("transfer", started)
+            return output
+
+        executor = ThreadPoolExecutor(1, thread_name_prefix="certseg-stages")
+        pending: deque[Future[np.ndarray | torch.Tensor]] = deque()
+        try:
+            next_input = executor.submit(form_input, 0, *calls[0])
+            for index, (first, size) in enumerate(calls):
+                prepared = next_input.result()
+                if index + 1 < len(calls):
+                    next_input = executor.submit(form_input, (index + 1) % 2, *calls[index + 1])
+                if observer is not None:
+                    observer.enter()
+                with torch.inference_mode():
+                    if takes_reverse:
+                        logits, valid = phases.scores(prepared, ReverseNoise(source, first, size, device))
+                    else:
+                        logits, valid = phases.scores(prepared)
+                if observer is not None:
+                    observer.leave()
+                del prepared
+                pending.append(executor.submit(label_step, logits, valid))
+                del logits, valid
+                while len(pending) > 1:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def _output(self, labels: torch.Tensor | np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
         if not self.keep_labels_on_device:

@@ -9,7 +9,8 @@ models, so the torch runtime, ONNX export and the Triton step models all run the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,8 +24,8 @@ from certseg.engine.maths.sizes import scaled_size
 from certseg.engine.maths.stages import labels_from_logits, segmenter_input
 
 __all__ = [
-    "IMAGENET", "LINEAR", "MULTI_STEP_VARIANCE", "LabelPipeline", "Normalization", "PipelineSpec", "Schedule",
-    "TimestepChoice", "make_spec", "scaled_size", "select_timestep", "spaced_timesteps",
+    "IMAGENET", "LINEAR", "MULTI_STEP_VARIANCE", "LabelPhases", "LabelPipeline", "Normalization", "PipelineSpec",
+    "Schedule", "TimestepChoice", "make_spec", "scaled_size", "select_timestep", "spaced_timesteps",
 ]
 """``LabelPipeline``, and the spec values this module offered before they moved to torch-free modules."""
 
@@ -76,6 +77,43 @@ class LabelPipeline(nn.Module):
 
     def forward(self, noisy: torch.Tensor, reverse_noise: NoiseFn | None = None) -> torch.Tensor:
         """Labels, with K (= num_classes) where the sample's scores, or its denoiser output, were non-finite."""
-        clean, valid = self.denoise(noisy, reverse_noise)
-        logits = self.segmenter(segmenter_input(clean, self.spec.segmenter_size, self.spec.normalization))
-        return labels_from_logits(logits, noisy.shape[-2:], valid, argmax=self.argmax)
+        logits, valid = self.scores(self.prepare(noisy), reverse_noise)
+        return self.labels(logits, valid, noisy.shape[-2:])
+
+    # The three phases of ``forward``, for runtimes that run the stage maths around the models in another thread
+    # (``sampling.LocalRuntime`` on CPU): what comes before the first model, the models (with the maths between
+    # them), and the label step.
+    def prepare(self, noisy: torch.Tensor) -> torch.Tensor:
+        """The first model's input where no model comes before it: the segmenter's (resized, normalised) for
+        SegCertify; the noisy images themselves for DenoiseCertify, whose denoiser input ``scores`` forms."""
+        if self.denoiser is None:
+            return segmenter_input(noisy, self.spec.segmenter_size, self.spec.normalization)
+        return noisy
+
+    def scores(
+        self, prepared: torch.Tensor, reverse_noise: NoiseFn | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the segmenter's scores, (B,) bool: whether each sample's denoiser output was finite, or None) of what
+        ``prepare`` gave."""
+        if self.denoiser is None:
+            return self.segmenter(prepared), None
+        clean, valid = self.denoise(prepared, reverse_noise)
+        return self.segmenter(segmenter_input(clean, self.spec.segmenter_size, self.spec.normalization)), valid
+
+    def labels(self, logits: torch.Tensor, valid: torch.Tensor | None, size: Sequence[int]) -> torch.Tensor:
+        """The label step: full-size labels (B, H, W), K where non-finite (``stages.labels_from_logits``)."""
+        return labels_from_logits(logits, size, valid, argmax=self.argmax)
+
+    @property
+    def phases(self) -> LabelPhases:
+        """``prepare``, ``scores`` and ``labels`` as ``sampling.LocalRuntime`` runs them."""
+        return LabelPhases(self.prepare, self.scores, self.labels)
+
+
+class LabelPhases(NamedTuple):
+    """A label function cut where the stage maths around its models can run in another thread: ``labels(*scores(
+    prepare(noisy), [reverse_noise]), size)`` is the label function's output, bit for bit."""
+
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    scores: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    labels: Callable[[torch.Tensor, torch.Tensor | None, Sequence[int]], torch.Tensor]

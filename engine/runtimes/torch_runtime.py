@@ -4,7 +4,7 @@ batched."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 from certseg.engine.choices import NoiseBackend, Precision, choice
 from certseg.engine.core.sampling import LabelFn, LocalRuntime
 from certseg.engine.maths.denoise import NoiseFn
-from certseg.engine.maths.label_pipeline import LabelPipeline
+from certseg.engine.maths.label_pipeline import LabelPhases, LabelPipeline
 from certseg.engine.maths.stages import argmax_or_invalid
 
 AUTOCAST: dict[Precision, torch.dtype | None] = {
@@ -116,10 +116,29 @@ def autocast_label_fn(
     if compile:
         pipeline = compiled_pipeline(pipeline)
 
+    def autocast() -> torch.autocast:
+        return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
     def label_fn(noisy: torch.Tensor, reverse_noise: NoiseFn | None = None) -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast():
             return pipeline(noisy.contiguous(memory_format=memory_format), reverse_noise)
 
+    # The same calls cut into phases (``LocalRuntime`` runs prepare and labels in another thread on CPU); autocast
+    # is per thread, so each phase enters it itself.
+    def prepare(noisy: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return pipeline.prepare(noisy.contiguous(memory_format=memory_format))
+
+    def scores(prepared: torch.Tensor, reverse_noise: NoiseFn | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with autocast():
+            return pipeline.scores(prepared, reverse_noise)
+
+    def labels(logits: torch.Tensor, valid: torch.Tensor | None, size: Sequence[int]) -> torch.Tensor:
+        with autocast():
+            return pipeline.labels(logits, valid, size)
+
+    label_fn.phases = LabelPhases(prepare, scores, labels)  # type: ignore[attr-defined]  # read by LocalRuntime
     label_fn.pipeline = pipeline  # type: ignore[attr-defined]  # the one it runs (compiled models, with compile)
     label_fn.memory_format = memory_format  # type: ignore[attr-defined]  # read by sampling.input_memory_format
     label_fn.takes_reverse_noise = True  # type: ignore[attr-defined]  # read by sampling.takes_reverse_noise
