@@ -171,6 +171,10 @@ def _model_call_limit(device: str, num_pixels: int) -> int | None:
 
 BATCH_BUFFER_BYTES_PER_PIXEL = 24
 """Per sample of a batch beyond one model call: its float32 noise and noisy copy (3 channels each)."""
+OVERLAP_BYTES_PER_PIXEL = 36
+"""On CPU, per sample of a model call, for the stage maths in the runtime's second thread (``LocalRuntime.overlaps``):
+the other slot's noise and noisy copy (24) and the next call's model input (12, float32 RGB); the label step of
+the call before adds its one sample's full-size float32 scores (4 bytes per class, counted with the classes)."""
 
 
 def auto_batch_limit(device: str, image_size: tuple[int, int] | None = None) -> int:
@@ -284,6 +288,8 @@ class MemoryEstimate:
         call = batch if limit is None else min(batch, limit)
         samples = self.margin * (call * self.pipeline.per_sample(pixels)
                                  + (batch - call) * BATCH_BUFFER_BYTES_PER_PIXEL * pixels)
+        if limit is not None:  # CPU: the overlapped stage maths hold a call's worth more, and one label step
+            samples += self.margin * (call * OVERLAP_BYTES_PER_PIXEL + 4 * self.num_classes) * pixels
         noise = batch * NUMPY_NOISE_BYTES_PER_PIXEL * pixels if self.numpy_noise else 0
         sampling = MARGIN * ((SAMPLING_HOST_BYTES_PER_PIXEL + self.num_classes) * pixels + noise)
         outputs = MARGIN * OUTPUT_BYTES_PER_PIXEL * pixels
