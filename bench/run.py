@@ -294,6 +294,7 @@ def _certify_engine(
     if timer is not None:
         timer.add("certify", timings["certify"])
         timings["stages"] = timer.snapshot()
+        timings["stages_overlapped"] = timer.overlapped
         extra["gpu_utilization"] = float(np.mean(timer.gpu_utilization)) if timer.gpu_utilization else None
     entry = _entry(run, item, setting, "engine", seed, result.labels, target, result.num_classes, timings, session,
                    extra)

@@ -54,6 +54,9 @@ class StageTimer:
         self._started: dict[str, float] = {}
         self.last_enter = 0.0
         self.last_exit = 0.0
+        self.overlapped = False
+        """Whether a runtime it timed ran the stage maths in a second thread (their seconds then overlap the
+        models': the stages add up to more than the wall time)."""
 
     def now(self) -> float:
         if self.cuda:
@@ -78,6 +81,7 @@ class StageTimer:
             return runtime
         self.instrument(runtime.pipeline)
         if runtime.overlaps():  # its other thread reports its stages; its models' thread enters and leaves
+            self.overlapped = True
             return TimedRuntime(dataclasses.replace(runtime, observer=self), self, overlapped=True)
         return TimedRuntime(runtime, self)
 

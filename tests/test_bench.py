@@ -162,12 +162,14 @@ def test_bench_20_images_match_certseg_certify(models: SimpleNamespace, tmp_path
                                                                         abs=1e-12)
         # The bench keeps the dataset convention (all K classes); certify reports it as mean_iou_all_classes.
         assert report["metrics"]["mean_iou_all_classes"] == pytest.approx(entry["metrics"]["mean_iou"], abs=1e-12)
-    # The stage split accounts for the sampling time it splits.
+    # The stage split accounts for the sampling time it splits: on CPU the stage maths run in a second thread
+    # (overlapped), so the stages may add up to twice the wall time, and the models' thread's to no more than it.
     for entry in entries:
-        stages = entry["timings"]["stages"]
-        assert set(stages) == set(STAGES)
+        stages, sampling = entry["timings"]["stages"], entry["timings"]["sampling"]
+        assert set(stages) == set(STAGES) and entry["timings"]["stages_overlapped"] is True
         split = sum(v for k, v in stages.items() if k != "certify")
-        assert 0.6 * entry["timings"]["sampling"] <= split <= 1.05 * entry["timings"]["sampling"] + 1e-3
+        assert 0.6 * sampling <= split <= 2.05 * sampling + 1e-3
+        assert stages["segment"] + stages["denoise"] + stages["count"] <= 1.05 * sampling + 1e-3
 
 
 # ------------------------------------------------------------------------------------------------- resume
