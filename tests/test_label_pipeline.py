@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -151,8 +152,20 @@ def test_torch_runtime_feeds_channels_last_without_a_copy_and_can_keep_labels_as
     image = np.random.default_rng(1).random((3, *SIZE), dtype=np.float32)
     on_host = torch_runtime(pipeline, device=torch.device("cpu"), batch_size=3)
     assert on_host.label_fn.memory_format == torch.channels_last
-    maps = list(on_host.labels(image, sigma=0.25, seed=2, start=0, count=5))
+    plain = dataclasses.replace(on_host, prefetch=False)  # one thread: the pipeline's forward takes the batch
+    maps = list(plain.labels(image, sigma=0.25, seed=2, start=0, count=5))
     assert seen == [True, True]
+    # Overlapped (the CPU default): the helper thread's first phase takes it, in the same layout, uncopied.
+    seen.clear()
+    phases = on_host.label_fn.phases
+    on_host.label_fn.phases = phases._replace(prepare=lambda noisy: (seen.append(
+        noisy.is_contiguous(memory_format=torch.channels_last)
+        and noisy.data_ptr() == noisy.contiguous(memory_format=torch.channels_last).data_ptr()),
+        phases.prepare(noisy))[1])
+    assert on_host.overlaps()
+    np.testing.assert_array_equal(np.concatenate(list(on_host.labels(image, sigma=0.25, seed=2, start=0, count=5))),
+                                  np.concatenate(maps))
+    assert seen == [True, True]  # one per model call: the batches of 3 and 2
     kept = list(torch_runtime(pipeline, device=torch.device("cpu"), batch_size=3, keep_labels_on_device=True)
                 .labels(image, sigma=0.25, seed=2, start=0, count=5))
     assert all(isinstance(b, torch.Tensor) and b.dtype == torch.uint8 for b in kept)
