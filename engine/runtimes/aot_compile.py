@@ -1,0 +1,259 @@
+"""Ahead-of-time compiled models (AOTInductor), kept on disk between processes.
+
+``AotCompiled(module, dtype, device_type)`` is an ``nn.Module`` (so forward hooks, such as the bench's stage
+timer, fire on it) that runs ``module`` under ``torch.autocast(device_type, dtype)`` (``dtype`` None: fp32) as
+code compiled ahead of time, one package per input signature. A call's signature is, for each tensor argument,
+its shape, stride, dtype and device (another layout is another package: a runner is never fed a stride it was not
+compiled for), and each other argument's value. The first call of a signature in a process loads
+``cache_dir()/aoti/<digest>.pt2``, or builds it first (``torch.export`` + ``aoti_compile_and_package``, written to
+a temporary file beside it and renamed into place, so a package is whole or absent). The digest covers what
+changes the compiled code: the signature, the autocast dtype and device type, torch's version, the CPU's vector
+capability (the CUDA device's name and capability on CUDA), the module's class and ``repr``, the plain attributes
+(numbers, strings) of each submodule, a sha256 over the state dict (names, shapes, strides, dtypes, bytes; computed
+once per module object), and a sha256 over the sources of ``certseg/engine/models/*.py``. A change the digest
+cannot see (a forward defined outside those sources changed in place, weights changed in place after the first
+call) needs the cache folder cleared.
+
+Why: ``torch.compile``'s first call in a fresh process traces the bytecode and checks guards even with a warm
+inductor cache (about 5.6 s for the shipped HRNet at 1024×2048); loading a package skips all of it.
+
+Weights: packages are built with ``aot_inductor.package_constants_in_so=False`` and the runner reads the
+module's own weight tensors (``load_constants(..., user_managed=True)``): a package holds no copy of the big
+weights (convolution and linear kernels), so a large checkpoint costs no extra disk per shape nor memory per
+loaded shape. Inductor still folds what it can into compile-time constants (biases and batch-norm statistics
+folded into them), which sit in the package: hence the weights in the digest. The runner holds pointers into the
+module's tensors: moving the module (``.to``) after a package is loaded would leave them dangling, so every call
+checks the pointers and raises rather than run on freed memory.
+
+If ``torch.export`` cannot trace the module (Python control flow on tensor values), the module runs through
+``fallback`` (certseg's ``torch.compile`` path) instead, for every signature, and one line on stderr says so. A
+package that fails to load or run raises: there is no silent fall-back to eager.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import tempfile
+import weakref
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FOLDER = "aoti"
+"""The packages' folder under ``cache_dir()``."""
+
+FORMAT = 1
+"""Bumped when what this module puts into a package changes."""
+
+INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+"""Weights stay out of the package: the runner reads the module's own tensors."""
+
+_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+"""The state dict digest of each module object (weights are assumed not to change once compiled)."""
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+class _Autocast(nn.Module):
+    """What is exported: ``module`` under autocast (``dtype`` None: fp32), so the casts are compiled in."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype | None, device_type: str) -> None:
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+        self.device_type = device_type
+
+    def forward(self, *args: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.module(*args)
+
+
+class _Runner:
+    """A loaded package and the weight tensors it reads (pointers checked each call)."""
+
+    def __init__(self, model: Any, path: Path, constants: dict[str, torch.Tensor]) -> None:
+        self.model = model
+        self.path = path
+        self.constants = constants
+        self.pointers = [(tensor, tensor.data_ptr()) for tensor in constants.values()]
+
+    def __call__(self, *args: Any) -> Any:
+        if any(tensor.data_ptr() != pointer for tensor, pointer in self.pointers):
+            raise RuntimeError(f"the weights of the module compiled into {self.path} moved after it was loaded "
+                               "(.to() after compile_model?): compile the module after moving it")
+        return self.model(*args)
+
+
+def signature(args: tuple[Any, ...]) -> tuple[Hashable, ...]:
+    """Per argument: a tensor's shape, stride, dtype and device; anything else, its value."""
+    return tuple(
+        ("tensor", tuple(arg.shape), tuple(arg.stride()), str(arg.dtype), str(arg.device))
+        if isinstance(arg, torch.Tensor) else ("value", repr(arg)) for arg in args)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over the state dict's names, shapes, strides, dtypes and bytes; once per module object."""
+    digest = _WEIGHTS.get(module)
+    if digest is None:
+        sha = hashlib.sha256()
+        for name, tensor in module.state_dict().items():
+            tensor = tensor.detach()
+            sha.update(repr((name, tuple(tensor.shape), tuple(tensor.stride()), str(tensor.dtype))).encode())
+            sha.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest = _WEIGHTS[module] = sha.hexdigest()
+    return digest
+
+
+@functools.cache
+def models_source_digest() -> str:
+    """sha256 over the sources of ``certseg/engine/models/*.py`` (a changed forward is another package)."""
+    folder = Path(__file__).resolve().parents[1] / "models"
+    sha = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        sha.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return sha.hexdigest()
+
+
+def plain_attributes(module: nn.Module) -> list[Any]:
+    """Each submodule's public attributes that are numbers, strings or tuples of them (a threshold in forward)."""
+    found = []
+    for name, sub in module.named_modules():
+        for key, value in sorted(vars(sub).items()):
+            if key.startswith("_") or key == "training":
+                continue
+            if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
+                found.append([name, key, repr(value)])
+    return found
+
+
+def device_facts(device_type: str) -> list[Any]:
+    """What of the machine changes the generated code: the CPU's vector capability, the GPU's kind."""
+    facts: list[Any] = [torch.backends.cpu.get_cpu_capability()]
+    if device_type == "cuda":
+        facts += [torch.cuda.get_device_name(), list(torch.cuda.get_device_capability()), torch.version.cuda]
+    return facts
+
+
+def package_parts(module: nn.Module, dtype: torch.dtype | None, device_type: str,
+                  key: tuple[Hashable, ...]) -> dict[str, Any]:
+    """Everything that decides a package's content (its digest is the file name)."""
+    cls = type(module)
+    return {
+        "format": FORMAT, "signature": [list(part) for part in key], "dtype": str(dtype), "device": device_type,
+        "torch": torch.__version__, "machine": device_facts(device_type),
+        "class": f"{cls.__module__}.{cls.__qualname__}", "repr": repr(module),
+        "attributes": plain_attributes(module), "weights": weights_digest(module),
+        "sources": models_source_digest(), "inductor": INDUCTOR_CONFIGS,
+    }
+
+
+def package_path(module: nn.Module, dtype: torch.dtype | None, device_type: str,
+                 key: tuple[Hashable, ...]) -> Path:
+    from certseg.engine.cache import cache_dir, cache_key
+
+    return cache_dir() / FOLDER / f"{cache_key(package_parts(module, dtype, device_type, key))}.pt2"
+
+
+def example_inputs(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Fresh (not inference-mode) tensors with the arguments' shapes, strides, dtypes and devices."""
+    return tuple(
+        torch.empty_strided(tuple(arg.shape), tuple(arg.stride()), dtype=arg.dtype, device=arg.device).zero_()
+        if isinstance(arg, torch.Tensor) else arg for arg in args)
+
+
+class ExportFailed(Exception):
+    """``torch.export`` could not trace the module."""
+
+
+def build_package(wrapped: _Autocast, args: tuple[Any, ...], path: Path) -> None:
+    """Export ``wrapped`` at ``args``' signature, compile and package it, and rename the package into ``path``."""
+    import torch._inductor
+    import torch.export
+
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast(wrapped.device_type, enabled=False):
+        try:
+            program = torch.export.export(wrapped, example_inputs(args))
+        except Exception as error:  # any tracing failure: the caller falls back to torch.compile
+            raise ExportFailed(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+                               ) from error
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".pt2")
+        os.close(handle)
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=temporary,
+                                                     inductor_configs=dict(INDUCTOR_CONFIGS))
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+
+def load_package(path: Path, wrapped: _Autocast) -> _Runner:
+    """Load ``path`` and point it at ``wrapped``'s own weight tensors."""
+    import torch._inductor
+
+    model = torch._inductor.aoti_load_package(str(path))
+    state = dict(wrapped.state_dict(keep_vars=True))
+    constants = {name: state[name].detach() for name in model.get_constant_fqns()}
+    model.load_constants(constants, check_full_update=True, user_managed=True)
+    return _Runner(model, path, constants)
+
+
+class AotCompiled(nn.Module):
+    """``module`` run as AOTInductor packages, one per call signature, cached on disk (see the module's doc).
+
+    ``fallback(module)``: what runs it where ``torch.export`` fails. ``runs`` counts the calls a package ran and
+    ``packages`` lists the packages loaded, in order (both read by the tests)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype | None = None, device_type: str = "cpu",
+                 fallback: Callable[[nn.Module], Callable[..., Any]] | None = None) -> None:
+        super().__init__()
+        self.wrapped = _Autocast(module, dtype, device_type)
+        self._fallback_factory = fallback
+        self._fallback: Callable[..., Any] | None = None
+        self._runners: dict[tuple[Hashable, ...], _Runner] = {}
+        self.runs = 0
+        self.packages: list[Path] = []
+
+    @property
+    def module(self) -> nn.Module:
+        return self.wrapped.module
+
+    def forward(self, *args: Any) -> Any:
+        if self._fallback is not None:
+            return self._fallback(*args)
+        key = signature(args)
+        runner = self._runners.get(key)
+        if runner is None:
+            runner = self._load(key, args)
+            if runner is None:
+                assert self._fallback is not None
+                return self._fallback(*args)
+        self.runs += 1
+        return runner(*args)
+
+    def _load(self, key: tuple[Hashable, ...], args: tuple[Any, ...]) -> _Runner | None:
+        wrapped = self.wrapped
+        path = package_path(wrapped.module, wrapped.dtype, wrapped.device_type, key)
+        if not path.is_file():
+            try:
+                build_package(wrapped, args, path)
+            except ExportFailed as error:
+                cls = type(wrapped.module)
+                if self._fallback_factory is None:
+                    raise
+                print(f"certseg: torch.export cannot trace {cls.__module__}.{cls.__qualname__} ({error}); "
+                      "it runs through torch.compile instead", file=sys.stderr)
+                # The bare module: the caller's autocast applies to it, as it did before AOTInductor.
+                self._fallback = self._fallback_factory(wrapped.module)
+                return None
+        runner = self._runners[key] = load_package(path, wrapped)
+        self.packages.append(path)
+        return runner
+
