@@ -32,8 +32,10 @@ package that fails to load or run raises: there is no silent fall-back to eager.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import os
 import sys
 import tempfile
@@ -75,16 +77,19 @@ class _Autocast(nn.Module):
 
 
 class _Runner:
-    """A loaded package and the weight tensors it reads (pointers checked each call)."""
+    """A loaded package and the module's weight tensors it reads, whose addresses each call checks."""
 
-    def __init__(self, model: Any, path: Path, constants: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: Any, path: Path, wrapped: nn.Module, constants: dict[str, torch.Tensor]) -> None:
         self.model = model
         self.path = path
-        self.constants = constants
-        self.pointers = [(tensor, tensor.data_ptr()) for tensor in constants.values()]
+        self.constants = constants  # kept alive: the runner reads them (user-managed)
+        self.places = []
+        for name, tensor in constants.items():
+            owner, _, leaf = name.rpartition(".")
+            self.places.append((wrapped.get_submodule(owner), leaf, tensor.data_ptr()))
 
     def __call__(self, *args: Any) -> Any:
-        if any(tensor.data_ptr() != pointer for tensor, pointer in self.pointers):
+        if any(getattr(owner, leaf).data_ptr() != pointer for owner, leaf, pointer in self.places):
             raise RuntimeError(f"the weights of the module compiled into {self.path} moved after it was loaded "
                                "(.to() after compile_model?): compile the module after moving it")
         return self.model(*args)
@@ -177,8 +182,9 @@ def build_package(wrapped: _Autocast, args: tuple[Any, ...], path: Path) -> None
     import torch.export
 
     with torch.inference_mode(False), torch.no_grad(), torch.autocast(wrapped.device_type, enabled=False):
-        try:
-            program = torch.export.export(wrapped, example_inputs(args))
+        try:  # torch prints the graph it could not trace (twice): the one line the caller prints says it
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                program = torch.export.export(wrapped, example_inputs(args))
         except Exception as error:  # any tracing failure: the caller falls back to torch.compile
             raise ExportFailed(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
                                ) from error
@@ -194,15 +200,28 @@ def build_package(wrapped: _Autocast, args: tuple[Any, ...], path: Path) -> None
                 os.remove(temporary)
 
 
-def load_package(path: Path, wrapped: _Autocast) -> _Runner:
-    """Load ``path`` and point it at ``wrapped``'s own weight tensors."""
+def open_package(path: Path) -> Any:
+    """``torch._inductor.aoti_load_package(path)`` without its machine check: that probes each vector ISA the CPU
+    claims by building and loading a test library in a child process (1.1 s here, measured), only to warn on a
+    mismatch, which the package's digest already rules out (torch version, CPU capability)."""
     import torch._inductor
 
-    model = torch._inductor.aoti_load_package(str(path))
-    state = dict(wrapped.state_dict(keep_vars=True))
-    constants = {name: state[name].detach() for name in model.get_constant_fqns()}
+    try:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        loader = torch._C._aoti.AOTIModelPackageLoader
+    except (ImportError, AttributeError):  # torch moved them: its public loader, probe included
+        return torch._inductor.aoti_load_package(str(path))
+    return AOTICompiledModel(loader(str(path), "model", False, 1, -1))  # one runner, default device index
+
+
+def load_package(path: Path, wrapped: _Autocast) -> _Runner:
+    """Load ``path`` and point it at ``wrapped``'s own weight tensors."""
+    model = open_package(path)
+    state = wrapped.state_dict()
+    constants = {name: state[name] for name in model.get_constant_fqns()}
     model.load_constants(constants, check_full_update=True, user_managed=True)
-    return _Runner(model, path, constants)
+    return _Runner(model, path, wrapped, constants)
 
 
 class AotCompiled(nn.Module):
