@@ -5,6 +5,7 @@ errors of a loaded package raise, and a module ``torch.export`` cannot trace run
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,13 @@ def batch(*shape: int, memory_format: torch.memory_format = torch.channels_last)
     return torch.rand(*shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=memory_format)
 
 
+def gone_pid() -> int:
+    """The id of a process that has exited."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def count_exports(monkeypatch) -> list[int]:
     import torch.export
 
@@ -53,6 +61,10 @@ def count_exports(monkeypatch) -> list[int]:
 def test_a_second_wrapper_reuses_the_package_without_compiling(monkeypatch, own_cache: Path) -> None:
     exports = count_exports(monkeypatch)
     net, x = small_net(), batch(2, 3, 8, 16)
+    # A build killed mid-way left its partial file: the next build removes it.
+    stale = own_cache / "aoti" / f".0123456789abcdef.partial-{gone_pid()}-x.pt2"
+    stale.parent.mkdir()
+    stale.write_bytes(b"half")
     first = compile_model(net, torch.bfloat16)
     assert isinstance(first, AotCompiled) and first.module is net
     with torch.inference_mode():
