@@ -111,8 +111,13 @@ def test_weights_dtype_layout_shape_and_code_each_name_another_package(monkeypat
         package_path(net, torch.bfloat16, "cpu", signature((x.double(),))),
         package_path(small_net().to(memory_format=torch.contiguous_format), torch.bfloat16, "cpu", key),
     ]
-    monkeypatch.setattr(aot_compile, "models_source_digest", lambda: "another forward")
-    others.append(package_path(net, torch.bfloat16, "cpu", key))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "get_num_threads", lambda: 64)  # CPU code is generated for a thread count
+        others.append(package_path(net, torch.bfloat16, "cpu", key))
+    with monkeypatch.context() as patch:
+        patch.setattr(aot_compile, "models_source_digest", lambda: "another forward")
+        others.append(package_path(net, torch.bfloat16, "cpu", key))
+    assert package_path(net, torch.bfloat16, "cpu", key) == base  # (nothing above leaked)
     assert len({base, *others}) == len(others) + 1
 
 

@@ -1,18 +1,18 @@
 """Ahead-of-time compiled models (AOTInductor), kept on disk between processes.
 
-``AotCompiled(module, dtype, device_type)`` is an ``nn.Module`` (so forward hooks, such as the bench's stage
-timer, fire on it) that runs ``module`` under ``torch.autocast(device_type, dtype)`` (``dtype`` None: fp32) as
-code compiled ahead of time, one package per input signature. A call's signature is, for each tensor argument,
-its shape, stride, dtype and device (another layout is another package: a runner is never fed a stride it was not
-compiled for), and each other argument's value. The first call of a signature in a process loads
-``cache_dir()/aoti/<digest>.pt2``, or builds it first (``torch.export`` + ``aoti_compile_and_package``, written to
-a temporary file beside it and renamed into place, so a package is whole or absent). The digest covers what
-changes the compiled code: the signature, the autocast dtype and device type, torch's version, the CPU's vector
-capability (the CUDA device's name and capability on CUDA), the module's class and ``repr``, the plain attributes
-(numbers, strings) of each submodule, a sha256 over the state dict (names, shapes, strides, dtypes, bytes; computed
-once per module object), and a sha256 over the sources of ``certseg/engine/models/*.py``. What the digest cannot
-see goes unnoticed: an edited forward defined outside those sources (clear ``cache_dir()/aoti``), weights changed
-in place after the module's first compiled call (compile a module once its weights are loaded).
+``AotCompiled(module, dtype, device_type)`` is an ``nn.Module`` (so forward hooks, such as the bench's stage timer,
+fire on it) that runs ``module`` under ``torch.autocast(device_type, dtype)`` (``dtype`` None: fp32) as code
+compiled ahead of time, one package per input signature. A call's signature is, for each tensor argument, its shape,
+stride, dtype and device (another layout is another package: a runner is never fed a stride it was not compiled
+for), and each other argument's value. The first call of a signature in a process loads
+``cache_dir()/aoti/<digest>.pt2``, or builds it first (``torch.export`` + ``aoti_compile_and_package``, written to a
+temporary file beside it and renamed into place, so a package is whole or absent). The digest covers what changes
+the compiled code: the signature, the autocast dtype and device type, torch's version, the CPU's vector capability
+and torch's thread count (the CUDA device's name and capability on CUDA), the module's class and ``repr``, the plain
+attributes (numbers, strings) of each submodule, a sha256 over the state dict (names, shapes, strides, dtypes,
+bytes; computed once per module object), and a sha256 over the sources of ``certseg/engine/models/*.py``. What the
+digest cannot see goes unnoticed: an edited forward defined outside those sources (clear ``cache_dir()/aoti``),
+weights changed in place after the module's first compiled call (compile a module once its weights are loaded).
 
 Why: ``torch.compile``'s first call in a fresh process traces the bytecode, loads its cache and builds guards
 even with a warm inductor cache (4.3-4.5 s for the shipped HRNet at 1024×2048, bf16, one thread); the first call
@@ -140,6 +140,12 @@ def plain_attributes(module: nn.Module) -> list[Any]:
     return found
 
 
+def threads(device_type: str) -> int | None:
+    """CPU code is generated for torch's thread count at compile time (inductor writes it into its OpenMP loops):
+    a package built for 1 thread would run its fused kernels on 1 thread in a 16-thread process."""
+    return torch.get_num_threads() if device_type == "cpu" else None
+
+
 def device_facts(device_type: str) -> list[Any]:
     """What of the machine changes the generated code: the CPU's vector capability, the GPU's kind."""
     facts: list[Any] = [torch.backends.cpu.get_cpu_capability()]
@@ -154,7 +160,7 @@ def package_parts(module: nn.Module, dtype: torch.dtype | None, device_type: str
     cls = type(module)
     return {
         "format": FORMAT, "signature": [list(part) for part in key], "dtype": str(dtype), "device": device_type,
-        "torch": torch.__version__, "machine": device_facts(device_type),
+        "torch": torch.__version__, "machine": device_facts(device_type), "threads": threads(device_type),
         "class": f"{cls.__module__}.{cls.__qualname__}", "repr": repr(module),
         "attributes": plain_attributes(module), "weights": weights_digest(module),
         "sources": models_source_digest(), "inductor": INDUCTOR_CONFIGS,
@@ -263,7 +269,7 @@ class AotCompiled(nn.Module):
         if self._fallback is not None:
             return self._fallback(*args)
         key = signature(args)
-        runner = self._runners.get(key)
+        runner = self._runners.get((threads(self.wrapped.device_type), key))
         if runner is None:
             runner = self._load(key, args)
             if runner is None:
@@ -287,7 +293,7 @@ class AotCompiled(nn.Module):
                 # The bare module: the caller's autocast applies to it, as it did before AOTInductor.
                 self._fallback = self._fallback_factory(wrapped.module)
                 return None
-        runner = self._runners[key] = load_package(path, wrapped)
+        runner = self._runners[threads(wrapped.device_type), key] = load_package(path, wrapped)
         self.packages.append(path)
         return runner
 
