@@ -197,3 +197,31 @@ def test_timesteps_are_an_argument_of_the_package() -> None:
             timesteps = torch.full((2,), t, dtype=torch.int64)
             torch.testing.assert_close(compiled(x, timesteps), net(x, timesteps))
     assert len(compiled.packages) == 1 and compiled.runs == 2
+
+
+class Shifted(nn.Module):
+    """A non-persistent buffer (outside the state dict) and, with ``attribute``, a plain tensor attribute."""
+
+    def __init__(self, attribute: bool) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.linspace(-1, 1, 4)[None, :, None, None], persistent=False)
+        self.scale = torch.full((1, 4, 1, 1), 3.0) if attribute else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift if self.scale is None else x * self.scale + self.shift
+
+
+@pytest.mark.parametrize("attribute", [False, True])
+def test_tensors_outside_the_state_dict_are_read_or_embedded(attribute: bool) -> None:
+    """The runner reads a non-persistent buffer from the module; a tensor export names on its own (a plain
+    attribute: ``_tensor_constant0``) cannot be pointed at, so that package embeds its weights."""
+    from certseg.engine.runtimes.aot_compile import WEIGHTS_EMBEDDED, WEIGHTS_KEY, WEIGHTS_MODULE
+
+    net = Shifted(attribute).eval()
+    compiled = compile_model(net)
+    x = batch(1, 4, 2, 4, memory_format=torch.contiguous_format)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), net(x))
+    runner = compiled._runners[next(iter(compiled._runners))]
+    assert runner.model.get_metadata()[WEIGHTS_KEY] == (WEIGHTS_EMBEDDED if attribute else WEIGHTS_MODULE)
+    assert ("module.shift" in runner.constants) != attribute  # read from the module, or embedded

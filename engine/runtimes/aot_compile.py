@@ -18,15 +18,18 @@ Why: ``torch.compile``'s first call in a fresh process traces the bytecode, load
 even with a warm inductor cache (4.3-4.5 s for the shipped HRNet at 1024×2048, bf16, one thread); the first call
 of a package on disk is 0.65-0.67 s, of which a call is about 0.55 s (see ``torch_runtime.compile_model``).
 
-Weights: packages are built with ``aot_inductor.package_constants_in_so=False`` and the runner reads the
-module's own weight tensors (``load_constants(..., user_managed=True)``), so a package holds no copy of them: a
-large checkpoint costs no extra disk per shape nor memory per loaded shape (embedded weights, torch's default,
-would cost a copy of the checkpoint in each package on disk and in memory for each shape loaded). Inductor still
-folds some constants into the package at compile time (in the shipped HRNet one bias of 435 state-dict entries:
-the runner reads 6.18 of its 6.18 MB from the module; its package, code only, is 3 MB; in a tiny test net, the
-batch norm's statistics and the biases), hence the weights in the digest. The runner holds pointers into the
-module's tensors: moving the module (``.to``) after a package is loaded would leave it reading the old ones, so
-every call checks the pointers (0.3 ms for HRNet's 362) and raises.
+Weights: packages are built with ``aot_inductor.package_constants_in_so=False`` and the runner reads the module's
+own tensors (``load_constants(..., user_managed=True)``; non-persistent buffers included), so a package holds no
+copy of them: a large checkpoint costs no extra disk per shape nor memory per loaded shape (embedded weights,
+torch's default, would cost a copy of the checkpoint in each package on disk and in memory for each shape loaded).
+Inductor still folds some constants into the package at compile time (in the shipped HRNet one bias of 435
+state-dict entries: the runner reads 6.18 of its 6.18 MB from the module; its package, code only, is 3 MB; in a tiny
+test net, the batch norm's statistics and the biases), hence the weights in the digest. The runner holds pointers
+into the module's tensors: moving the module (``.to``) after a package is loaded would leave it reading the old
+ones, so every call checks the pointers (0.3 ms for HRNet's 362) and raises. Where ``torch.export`` lifts a tensor
+that is none of the module's parameters, buffers or tensor attributes by name (a plain tensor attribute, which it
+names ``_tensor_constant0``), the package embeds all its weights instead (its metadata says which,
+``certseg_weights``).
 
 If ``torch.export`` cannot trace the module (Python control flow on tensor values), the module runs through
 ``fallback`` (certseg's ``torch.compile`` path) instead, for every signature, and one line on stderr says so. A
@@ -56,8 +59,9 @@ FOLDER = "aoti"
 FORMAT = 1
 """Bumped when what this module puts into a package changes."""
 
-INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
-"""Weights stay out of the package: the runner reads the module's own tensors."""
+WEIGHTS_KEY, WEIGHTS_MODULE, WEIGHTS_EMBEDDED = "certseg_weights", "module", "embedded"
+"""A package's metadata says where its weights are: read from the module (``package_constants_in_so=False``, the
+rule), or in the package (where ``torch.export`` lifted a tensor that is none of the module's)."""
 
 _WEIGHTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 """The state dict digest of each module object (weights are assumed not to change once compiled)."""
@@ -105,12 +109,24 @@ def signature(args: tuple[Any, ...]) -> tuple[Hashable, ...]:
         if isinstance(arg, torch.Tensor) else ("value", repr(arg)) for arg in args)
 
 
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the module holds, by name: parameters, buffers (non-persistent ones too, which the state dict
+    leaves out) and plain tensor attributes (``torch.export`` lifts them into the package as constants)."""
+    found = dict(module.named_parameters(remove_duplicate=False))
+    found.update(module.named_buffers(remove_duplicate=False))
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for key, value in vars(sub).items():
+            if isinstance(value, torch.Tensor):
+                found[f"{prefix}.{key}" if prefix else key] = value
+    return found
+
+
 def weights_digest(module: nn.Module) -> str:
-    """sha256 over the state dict's names, shapes, strides, dtypes and bytes; once per module object."""
+    """sha256 over the names, shapes, strides, dtypes and bytes of ``module_tensors``; once per module object."""
     digest = _WEIGHTS.get(module)
     if digest is None:
         sha = hashlib.sha256()
-        for name, tensor in module.state_dict().items():
+        for name, tensor in sorted(module_tensors(module).items()):
             tensor = tensor.detach()
             sha.update(repr((name, tuple(tensor.shape), tuple(tensor.stride()), str(tensor.dtype))).encode())
             sha.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -163,7 +179,7 @@ def package_parts(module: nn.Module, dtype: torch.dtype | None, device_type: str
         "torch": torch.__version__, "machine": device_facts(device_type), "threads": threads(device_type),
         "class": f"{cls.__module__}.{cls.__qualname__}", "repr": repr(module),
         "attributes": plain_attributes(module), "weights": weights_digest(module),
-        "sources": models_source_digest(), "inductor": INDUCTOR_CONFIGS,
+        "sources": models_source_digest(), "weights_from": WEIGHTS_MODULE,
     }
 
 
@@ -197,7 +213,6 @@ def remove_stale_partials(folder: Path) -> None:
 
 def build_package(wrapped: _Autocast, args: tuple[Any, ...], path: Path) -> None:
     """Export ``wrapped`` at ``args``' signature, compile and package it, and rename the package into ``path``."""
-    import torch._inductor
     import torch.export
 
     with torch.inference_mode(False), torch.no_grad(), torch.autocast(wrapped.device_type, enabled=False):
@@ -213,12 +228,24 @@ def build_package(wrapped: _Autocast, args: tuple[Any, ...], path: Path) -> None
                                              suffix=".pt2")
         os.close(handle)
         try:
-            torch._inductor.aoti_compile_and_package(program, package_path=temporary,
-                                                     inductor_configs=dict(INDUCTOR_CONFIGS))
+            compile_package(program, temporary, WEIGHTS_MODULE)
+            # A tensor the compiled code names on its own (a plain tensor attribute: ``_tensor_constant0``) cannot
+            # be pointed at: that package embeds its weights instead (torch's default; its metadata says so).
+            if not set(open_package(Path(temporary)).get_constant_fqns()) <= set(module_tensors(wrapped)):
+                compile_package(program, temporary, WEIGHTS_EMBEDDED)
             os.replace(temporary, path)
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
+
+
+def compile_package(program: Any, path: str, weights: str) -> None:
+    """``aoti_compile_and_package`` with the weights read from the module (``WEIGHTS_MODULE``) or embedded."""
+    import torch._inductor
+
+    torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs={
+        "aot_inductor.package_constants_in_so": weights == WEIGHTS_EMBEDDED,
+        "aot_inductor.metadata": {WEIGHTS_KEY: weights}})
 
 
 def open_package(path: Path) -> Any:
@@ -239,8 +266,16 @@ def open_package(path: Path) -> Any:
 def load_package(path: Path, wrapped: _Autocast) -> _Runner:
     """Load ``path`` and point it at ``wrapped``'s own weight tensors."""
     model = open_package(path)
-    state = wrapped.state_dict()
-    constants = {name: state[name] for name in model.get_constant_fqns()}
+    weights = model.get_metadata().get(WEIGHTS_KEY)
+    if weights == WEIGHTS_EMBEDDED:
+        return _Runner(model, path, wrapped, {})
+    if weights != WEIGHTS_MODULE:
+        raise RuntimeError(f"{path} says nothing of its weights ({WEIGHTS_KEY}): not a certseg package")
+    own = module_tensors(wrapped)
+    missing = [name for name in model.get_constant_fqns() if name not in own]
+    if missing:
+        raise RuntimeError(f"{path} reads tensors {missing} the module does not have")
+    constants = {name: own[name].detach() for name in model.get_constant_fqns()}
     model.load_constants(constants, check_full_update=True, user_managed=True)
     return _Runner(model, path, wrapped, constants)
 
@@ -290,8 +325,7 @@ class AotCompiled(nn.Module):
                     raise
                 print(f"certseg: torch.export cannot trace {cls.__module__}.{cls.__qualname__} ({error}); "
                       "it runs through torch.compile instead", file=sys.stderr)
-                # The bare module: the caller's autocast applies to it, as it did before AOTInductor.
-                self._fallback = self._fallback_factory(wrapped.module)
+                self._fallback = self._fallback_factory(wrapped)  # under the same autocast as a package
                 return None
         runner = self._runners[threads(wrapped.device_type), key] = load_package(path, wrapped)
         self.packages.append(path)
