@@ -65,8 +65,9 @@ def compile_model(module: nn.Module, dtype: torch.dtype | None = None, device_ty
     CPU thread, 1024×2048, one sample, bf16, each in a fresh process: the first call with the package on disk
     0.65-0.67 s (3 processes; a later call is 0.55-0.59 s, so loading costs about 0.1 s) against 4.3-4.5 s with
     ``torch.compile``'s warm cache; per call (min of 3) 0.546-0.591 s against 0.559-0.567 s (the same kernels,
-    within the machine's noise); building the package (export, compile, first call) 36.0 s against
-    ``torch.compile``'s cold 36.0 s. Argmax agreement with eager bf16: 99.99% of pixels on random input.
+    within the machine's noise); building the package (export, compile, first call) 36.0 s from an empty cache
+    folder (29.9 s with inductor's cache warm) against ``torch.compile``'s cold 36.0 s. Argmax agreement with
+    eager bf16: 99.99% of pixels on random input.
     The package reads the module's own weights (no copy; see ``aot_compile``): weights are not frozen into the
     graph (with ``torch.compile``, freezing ran no faster here, 0.571 vs 0.573 s, bf16, and doubled the compile
     time). The compiled model is another classifier in the last bits (fused kernels round in another
