@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,24 @@ def count_exports(monkeypatch) -> list[int]:
     return calls
 
 
+CHILD = """
+import torch, torch.export
+from test_aot_compile import batch, small_net
+from certseg.engine.runtimes.torch_runtime import compile_model
+
+def refuse(*args, **kwargs):
+    raise AssertionError("exported again")
+
+torch.export.export = refuse
+compiled = compile_model(small_net(), torch.bfloat16)
+with torch.inference_mode():
+    compiled(batch(2, 3, 8, 16))
+assert compiled.runs == 1
+print(compiled.packages[0])
+"""
+"""A fresh process: the same module, shapes and dtype load the package; exporting again would fail it."""
+
+
 def test_a_second_wrapper_reuses_the_package_without_compiling(monkeypatch, own_cache: Path) -> None:
     exports = count_exports(monkeypatch)
     net, x = small_net(), batch(2, 3, 8, 16)
@@ -83,6 +102,10 @@ def test_a_second_wrapper_reuses_the_package_without_compiling(monkeypatch, own_
     with torch.inference_mode():
         torch.testing.assert_close(second(x), out, rtol=0, atol=0)
     assert len(exports) == 1 and second.packages == first.packages
+
+    child = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent)))
+    assert child.returncode == 0 and child.stdout.split()[-1] == str(first.packages[0]), child.stdout + child.stderr
 
     twin.to(memory_format=torch.contiguous_format)  # the runner reads the module's weights: moved ones raise
     with pytest.raises(RuntimeError, match="moved after it was loaded"), torch.inference_mode():
