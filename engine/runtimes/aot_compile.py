@@ -248,7 +248,7 @@ def compile_package(program: Any, path: str, weights: str) -> None:
         "aot_inductor.metadata": {WEIGHTS_KEY: weights}})
 
 
-def open_package(path: Path) -> Any:
+def open_package(path: Path, device_index: int = -1) -> Any:
     """``torch._inductor.aoti_load_package(path)`` without its machine check: that probes each vector ISA the CPU
     claims by building and loading a test library in a child process (1.1 s here, measured), only to warn on a
     mismatch, which the package's digest already rules out (torch version, CPU capability)."""
@@ -259,13 +259,19 @@ def open_package(path: Path) -> Any:
 
         loader = torch._C._aoti.AOTIModelPackageLoader
     except (ImportError, AttributeError):  # torch moved them: its public loader, probe included
-        return torch._inductor.aoti_load_package(str(path))
-    return AOTICompiledModel(loader(str(path), "model", False, 1, -1))  # one runner, default device index
+        return torch._inductor.aoti_load_package(str(path), device_index=device_index)
+    return AOTICompiledModel(loader(str(path), "model", False, 1, device_index))  # one runner
 
 
-def load_package(path: Path, wrapped: _Autocast) -> _Runner:
-    """Load ``path`` and point it at ``wrapped``'s own weight tensors."""
-    model = open_package(path)
+def device_index(args: tuple[Any, ...]) -> int:
+    """The index of the GPU the tensor arguments are on (-1: the current one, or CPU)."""
+    return next((arg.device.index for arg in args if isinstance(arg, torch.Tensor) and arg.device.index is not None),
+                -1)
+
+
+def load_package(path: Path, wrapped: _Autocast, index: int = -1) -> _Runner:
+    """Load ``path`` (onto GPU ``index``) and point it at ``wrapped``'s own weight tensors."""
+    model = open_package(path, index)
     weights = model.get_metadata().get(WEIGHTS_KEY)
     if weights == WEIGHTS_EMBEDDED:
         return _Runner(model, path, wrapped, {})
@@ -327,7 +333,7 @@ class AotCompiled(nn.Module):
                       "it runs through torch.compile instead", file=sys.stderr)
                 self._fallback = self._fallback_factory(wrapped)  # under the same autocast as a package
                 return None
-        runner = self._runners[threads(wrapped.device_type), key] = load_package(path, wrapped)
+        runner = self._runners[threads(wrapped.device_type), key] = load_package(path, wrapped, device_index(args))
         self.packages.append(path)
         return runner
 
