@@ -44,7 +44,8 @@ def write_json_file(path: Path, data: Any) -> bool:
     return True
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -60,7 +61,7 @@ def remove_stale_staging(folder: Path) -> list[Path]:
     removed = []
     for staging in folder.glob("*.partial-*") if folder.is_dir() else ():
         pid = staging.name.rpartition(".partial-")[2]
-        if staging.is_dir() and pid.isdigit() and not _pid_running(int(pid)):
+        if staging.is_dir() and pid.isdigit() and not pid_running(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
             removed.append(staging)
     return removed

@@ -1,6 +1,6 @@
-"""``--compile``: the models and the label step run through torch.compile, the other stage maths stay eager, so
-labels match the eager models and non-finite outputs still abstain; runtimes that cannot compile refuse it in one
-line."""
+"""``--compile``: the models run as AOTInductor packages (``compile_model``; their caching is tested in
+test_aot_compile.py) and the label step through torch.compile, the other stage maths stay eager, so labels match
+the eager models and non-finite outputs still abstain; runtimes that cannot compile refuse it in one line."""
 
 from __future__ import annotations
 
@@ -29,16 +29,30 @@ from certseg.engine.errors import InputError
 from certseg.engine.maths.label_pipeline import LabelPipeline, make_spec
 from certseg.engine.maths.stages import labels_from_logits
 from certseg.engine.runtimes.session import Session, Settings
-from certseg.engine.runtimes.torch_runtime import compiled_argmax, torch_runtime
+from certseg.engine.runtimes.torch_runtime import (
+    INDUCTOR_CACHE,
+    compiled_argmax,
+    torch_runtime,
+    use_certseg_inductor_cache,
+)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(monkeypatch, tmp_path: Path) -> Path:
+    """Packages go to a fresh folder; inductor's own cache (the label step's) stays where it was."""
+    use_certseg_inductor_cache()
+    monkeypatch.setenv(INDUCTOR_CACHE, os.environ[INDUCTOR_CACHE])
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))
+    return tmp_path
 
 
 def labels(runtime, image: np.ndarray, count: int) -> np.ndarray:
     return np.concatenate(list(runtime.labels(image, sigma=0.25, seed=3, start=0, count=count)))
 
 
-def test_a_compiled_segmenter_labels_as_the_eager_one_and_is_really_compiled() -> None:
+def test_a_compiled_segmenter_labels_as_the_eager_one_and_is_really_compiled(own_cache: Path) -> None:
     torch.manual_seed(0)
     segmenter = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 1))
     segmenter[1].running_mean.uniform_(-0.1, 0.1)  # a batch norm inductor fuses
@@ -46,9 +60,11 @@ def test_a_compiled_segmenter_labels_as_the_eager_one_and_is_really_compiled() -
     image = np.random.default_rng(0).random((3, 32, 64), dtype=np.float32)
     pipeline = LabelPipeline(make_spec("segcertify", 0.25, (32, 64)), segmenter)
     eager = labels(torch_runtime(pipeline, device=torch.device("cpu"), batch_size=3), image, 6)
-    graphs = counters["stats"]["unique_graphs"]
-    compiled = labels(torch_runtime(pipeline, device=torch.device("cpu"), batch_size=3, compile=True), image, 6)
-    assert counters["stats"]["unique_graphs"] > graphs  # dynamo captured the model: it did not run eager
+    runtime = torch_runtime(pipeline, device=torch.device("cpu"), batch_size=3, compile=True)
+    compiled = labels(runtime, image, 6)
+    segmenter = runtime.pipeline.segmenter  # the AOTInductor package ran each batch: the model did not run eager
+    assert segmenter.runs == 2 and len(segmenter.packages) == 1 and segmenter.packages[0].is_file()
+    assert segmenter.packages[0].parent == own_cache / "aoti"
     # Fused kernels sum in another order, so a near-tie may flip; the classes are otherwise the eager ones.
     assert compiled.shape == eager.shape and (compiled == eager).mean() >= 0.999
 
@@ -74,15 +90,18 @@ def test_a_compiled_pipeline_runs_the_compiled_label_step() -> None:
 
 
 def test_compiled_models_still_fail_closed() -> None:
+    """Batches of 2 divide N0 and N: one input shape, so one package per model (each costs seconds to build)."""
     image = small_image()
     pixel, threshold, sample = spike_for(image)
     segcertify = LabelPipeline(spec(image, "segcertify"), SpikeSegmenter(pixel, threshold))
-    assert_spike_certificate(
-        certify(torch_runtime(segcertify, device=torch.device("cpu"), batch_size=8, compile=True), image),
-        pixel, sample)
+    runtime = torch_runtime(segcertify, device=torch.device("cpu"), batch_size=2, compile=True)
+    assert_spike_certificate(certify(runtime, image), pixel, sample)
+    assert runtime.pipeline.segmenter.runs > 0 and len(runtime.pipeline.segmenter.packages) == 1  # not eager
     denoisecertify = LabelPipeline(spec(image, "denoisecertify"), SpikeSegmenter(), InfiniteDenoiser())
-    result = certify(torch_runtime(denoisecertify, device=torch.device("cpu"), batch_size=8, compile=True), image)
+    runtime = torch_runtime(denoisecertify, device=torch.device("cpu"), batch_size=2, compile=True)
+    result = certify(runtime, image)
     assert result.certificate.certified.sum() == 0 and (result.certificate.agree == 0).all()
+    assert runtime.pipeline.denoiser.runs > 0 and len(runtime.pipeline.denoiser.packages) == 1  # (x_t, t) too
 
 
 @pytest.mark.parametrize("runtime", ["onnx"])
