@@ -16,6 +16,7 @@ from test_io import png_header_only
 
 from certseg.engine.files.images import read_labels
 from certseg.engine.models.registry import shipped_models
+from certseg.engine.runtimes.process import malloc_arenas, one_malloc_arena
 
 from conftest import interrupt_when
 
@@ -81,6 +82,12 @@ def test_readme_first_command_certifies_the_shipped_sample(tmp_path: Path) -> No
     assert report["settings"]["noise_backend"] == "numpy-philox"  # --noise-backend auto on CPU
     assert report["threads"]["requested"] is None and report["threads"]["torch"] >= 1
     assert report["thp_mem_alloc"] is (os.environ.get("THP_MEM_ALLOC_ENABLE", "1") == "1")
+    assert report["malloc_arena_max"] == int(os.environ.get("MALLOC_ARENA_MAX", "1"))  # one heap unless the user chose
+
+
+def test_one_malloc_arena_leaves_a_users_choice_alone() -> None:
+    assert one_malloc_arena({"MALLOC_ARENA_MAX": "4"}) is False
+    assert malloc_arenas({"MALLOC_ARENA_MAX": "4"}) == 4
 
 
 @needs_shipped

@@ -1,6 +1,7 @@
-"""What a certseg process sets before its models run: torch's huge-page CPU allocator and the CPU threads.
+"""What a certseg process sets before its models run: torch's huge-page CPU allocator, one malloc heap, the CPU
+threads.
 
-Both are process-wide. The allocator setting is an environment variable torch reads before its first large
+All are process-wide. The allocator setting is an environment variable torch reads before its first large
 allocation, so the console entry points set it first thing, before torch is imported (this module imports torch
 only inside ``set_threads``, and only when threads are set).
 """
@@ -32,6 +33,47 @@ def enable_huge_pages(environ: MutableMapping[str, str] = os.environ) -> bool:
     return huge_pages_enabled(environ)
 
 
+MALLOC_ARENAS = "MALLOC_ARENA_MAX"
+"""glibc's cap on its heaps (arenas); by default each thread that allocates may get its own."""
+
+_M_ARENA_MAX = -8
+"""``mallopt``'s parameter number for the arena cap (glibc's malloc.h)."""
+
+
+def one_malloc_arena(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Keep this process's allocations in one glibc heap unless the user set ``MALLOC_ARENA_MAX``; returns whether
+    it did. Call before any thread allocates.
+
+    Why: the runtime's helper thread (``LocalRuntime.overlaps``) allocates the next call's input and the label
+    step's scores while the models' thread allocates activations; with a heap per thread, memory freed in one is
+    not reused by the other (measured, 512x1024 SegCertify, one torch thread: peak RSS 708 → 584 MiB, wall time
+    no slower). Only this process: a child (a Triton server) keeps glibc's default. No-op off glibc.
+    """
+    if MALLOC_ARENAS in environ:
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    global _ONE_ARENA
+    _ONE_ARENA = bool(mallopt(_M_ARENA_MAX, 1))
+    return _ONE_ARENA
+
+
+_ONE_ARENA = False
+"""Whether ``one_malloc_arena`` capped this process's heaps."""
+
+
+def malloc_arenas(environ: MutableMapping[str, str] = os.environ) -> int | None:
+    """glibc's heap cap in this process as set by the user or by ``one_malloc_arena`` (None: glibc's default)."""
+    value = environ.get(MALLOC_ARENAS)
+    if value is not None:
+        return int(value) if value.isdigit() else None
+    return 1 if _ONE_ARENA else None
+
+
 def huge_pages_enabled(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Whether torch's huge-page allocator is on (torch takes "1" only)."""
     return environ.get(HUGE_PAGES) == "1"
@@ -59,4 +101,4 @@ def process_record(threads: int | None) -> dict[str, Any]:
     here, and importing torch only to ask would cost the client more than a second."""
     torch = sys.modules.get("torch")
     return {"threads": {"requested": threads, "torch": None if torch is None else torch.get_num_threads()},
-            "thp_mem_alloc": huge_pages_enabled()}
+            "thp_mem_alloc": huge_pages_enabled(), "malloc_arena_max": malloc_arenas()}
