@@ -87,6 +87,8 @@ def test_a_compiled_pipeline_runs_the_compiled_label_step() -> None:
     pipeline = LabelPipeline(make_spec("segcertify", 0.25, (8, 8)), nn.Conv2d(3, 4, 1))
     runtime = torch_runtime(pipeline, device=torch.device("cpu"), compile=True)
     assert pipeline.argmax is None and runtime.pipeline.argmax is not None
+    # An AOTInductor runner holds the GIL through its call: a helper thread would only wait, so no overlap.
+    assert not runtime.overlaps() and torch_runtime(pipeline, device=torch.device("cpu")).overlaps()
 
 
 def test_compiled_models_still_fail_closed() -> None:
