@@ -12,8 +12,9 @@ were identical; everything is also in ``OUT/results.jsonl`` and ``OUT/report.md`
 results file and computes only the baseline entries), so each variant's peak RSS is its own, not the larger of the
 two; ``--no-isolate`` runs both in this process, as before. Isolated, each side runs in the environment its
 program would: the engine process turns torch's huge-page allocator on and keeps one malloc heap as ``certseg``
-and ``certseg-bench`` do (unless ``THP_MEM_ALLOC_ENABLE`` / ``MALLOC_ARENA_MAX`` are set), the baseline's gets the environment as it is (the published code sets
-nothing); the `session` line each process writes to the results records whether it was on (``thp_mem_alloc``).
+and ``certseg-bench`` do (unless ``THP_MEM_ALLOC_ENABLE`` / ``MALLOC_ARENA_MAX`` are set), the baseline's gets the
+environment as it is (the published code sets nothing); the `session` line each process writes to the results
+records whether huge pages were on (``thp_mem_alloc``).
 """
 
 from __future__ import annotations

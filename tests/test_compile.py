@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +23,18 @@ from test_non_finite import (
 )
 from torch import nn
 from torch._dynamo.utils import counters
+from torch.export.pt2_archive._package import AOTICompiledModel
 from typer.testing import CliRunner
 
 from certseg.engine.commands.cli import app
 from certseg.engine.errors import InputError
 from certseg.engine.maths.label_pipeline import LabelPipeline, make_spec
 from certseg.engine.maths.stages import labels_from_logits
+from certseg.engine.runtimes.aoti_runner import NativeModel, native_runner
 from certseg.engine.runtimes.session import Session, Settings
 from certseg.engine.runtimes.torch_runtime import (
     INDUCTOR_CACHE,
+    compile_model,
     compiled_argmax,
     torch_runtime,
     use_certseg_inductor_cache,
@@ -87,8 +91,53 @@ def test_a_compiled_pipeline_runs_the_compiled_label_step() -> None:
     pipeline = LabelPipeline(make_spec("segcertify", 0.25, (8, 8)), nn.Conv2d(3, 4, 1))
     runtime = torch_runtime(pipeline, device=torch.device("cpu"), compile=True)
     assert pipeline.argmax is None and runtime.pipeline.argmax is not None
-    # An AOTInductor runner holds the GIL through its call: a helper thread would only wait, so no overlap.
-    assert not runtime.overlaps() and torch_runtime(pipeline, device=torch.device("cpu")).overlaps()
+    # torch's AOTInductor runner holds the GIL through its call: compiled runs overlap only through certseg's.
+    assert runtime.overlaps() == (native_runner() is not None)
+    assert torch_runtime(pipeline, device=torch.device("cpu")).overlaps()
+
+
+def test_certsegs_package_runner_lets_go_of_the_gil_and_gives_torchs_outputs(tmp_path: Path, monkeypatch) -> None:
+    """A Python thread keeps running while a package runs (torch's own runner holds the GIL throughout), and the
+    outputs are bit for bit those of torch's runner on the same package."""
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))
+    assert native_runner() is not None  # CI has a compiler: --compile needs one anyway
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Conv2d(8 if i else 3, 8, 3, padding=1) for i in range(6)]).eval()
+    image = torch.randn(1, 3, 512, 1024)
+    compiled = compile_model(net)
+    with torch.inference_mode():
+        compiled(image)  # builds the package
+    path = compiled.packages[-1]
+    ours = NativeModel(str(path))
+    theirs = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1))
+    weights = {name: tensor.detach() for name, tensor in compiled.wrapped.named_parameters()}
+    for model in (ours, theirs):
+        model.load_constants({k: weights[k] for k in model.get_constant_fqns()}, check_full_update=True,
+                             user_managed=True)
+
+    def python_steps_during(model) -> tuple[int, torch.Tensor]:
+        steps, done = [0], threading.Event()
+
+        def spin() -> None:
+            while not done.is_set():
+                steps[0] += 1
+
+        thread = threading.Thread(target=spin)
+        with torch.inference_mode():
+            thread.start()
+            while steps[0] == 0:
+                pass
+            before = steps[0]
+            out = [model(image) for _ in range(5)][-1]
+            during = steps[0] - before
+        done.set()
+        thread.join()
+        return during, out
+
+    ours_steps, ours_out = python_steps_during(ours)
+    theirs_steps, theirs_out = python_steps_during(theirs)
+    torch.testing.assert_close(ours_out, theirs_out, rtol=0, atol=0)
+    assert ours_steps > 5 * max(theirs_steps, 1)
 
 
 def test_compiled_models_still_fail_closed() -> None:

@@ -15,6 +15,7 @@ from certseg.engine.core.sampling import LabelFn, LocalRuntime
 from certseg.engine.maths.denoise import NoiseFn
 from certseg.engine.maths.label_pipeline import LabelPhases, LabelPipeline
 from certseg.engine.maths.stages import argmax_or_invalid
+from certseg.engine.runtimes import aoti_runner
 
 AUTOCAST: dict[Precision, torch.dtype | None] = {
     Precision.fp32: None, Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
@@ -152,10 +153,10 @@ def autocast_label_fn(
         with autocast():
             return pipeline.labels(logits, valid, size)
 
-    # Not with compiled models: an AOTInductor runner holds the GIL for its whole call (measured: a Python thread
-    # ran at 1.6% of its idle rate during one), so the helper thread would wait for each call to end and the run
-    # got slower, not faster (shipped HRNet, SegCertify 1024×2048, bf16, one thread: 70.9 s overlapped, 61.6 s not).
-    if not compile:
+    # Compiled models overlap only through certseg's runner: torch's AOTInductor runner holds the GIL for its whole
+    # call (a Python thread ran at 1.6% of its idle rate during one), so the helper thread would wait for each call
+    # to end (shipped HRNet, SegCertify 1024×2048, bf16, one thread: 70.9 s overlapped, 61.6 s not).
+    if not compile or aoti_runner.native_runner() is not None:
         label_fn.phases = LabelPhases(prepare, scores, labels)  # type: ignore[attr-defined]  # read by LocalRuntime
     label_fn.pipeline = pipeline  # type: ignore[attr-defined]  # the one it runs (compiled models, with compile)
     label_fn.memory_format = memory_format  # type: ignore[attr-defined]  # read by sampling.input_memory_format
