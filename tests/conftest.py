@@ -69,3 +69,30 @@ def default_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def own_package_cache(monkeypatch, tmp_path: Path) -> Path:
+    """--compile's packages go to a fresh certseg cache folder; inductor's own cache (the label step's) stays where
+    it was, shared, as in the user's runs."""
+    from certseg.engine.runtimes.torch_runtime import INDUCTOR_CACHE, use_certseg_inductor_cache
+
+    use_certseg_inductor_cache()
+    monkeypatch.setenv(INDUCTOR_CACHE, os.environ[INDUCTOR_CACHE])
+    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def small_adm_and_hrnet():
+    """A small ADM (16×16) and HRNet (5 classes) of the shipped architectures, random weights, eval mode."""
+    import torch
+
+    from certseg.engine.models.adm import build_adm
+    from certseg.engine.models.hrnet import build_hrnet
+    from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
+
+    torch.manual_seed(0)
+    denoiser = build_adm(SMALL_ADM | {"image_size": 16, "attention_resolutions": "4"}).eval()
+    segmenter = build_hrnet(SMALL_HRNET, 5).eval()
+    return denoiser, segmenter

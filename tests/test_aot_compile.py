@@ -15,16 +15,9 @@ from torch import nn
 
 from certseg.engine.runtimes import aot_compile
 from certseg.engine.runtimes.aot_compile import AotCompiled, package_path, signature
-from certseg.engine.runtimes.torch_runtime import INDUCTOR_CACHE, compile_model, use_certseg_inductor_cache
+from certseg.engine.runtimes.torch_runtime import compile_model
 
-
-@pytest.fixture(autouse=True)
-def own_cache(monkeypatch, tmp_path: Path) -> Path:
-    """Packages go to a fresh folder; inductor's own cache stays where it was (shared, as the user's runs)."""
-    use_certseg_inductor_cache()
-    monkeypatch.setenv(INDUCTOR_CACHE, os.environ[INDUCTOR_CACHE])
-    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("own_package_cache")  # conftest: a fresh folder for the packages
 
 
 def small_net(seed: int = 0) -> nn.Module:
@@ -77,11 +70,11 @@ print(compiled.packages[0])
 """A fresh process: the same module, shapes and dtype load the package; exporting again would fail it."""
 
 
-def test_a_second_wrapper_reuses_the_package_without_compiling(monkeypatch, own_cache: Path) -> None:
+def test_a_second_wrapper_reuses_the_package_without_compiling(monkeypatch, own_package_cache: Path) -> None:
     exports = count_exports(monkeypatch)
     net, x = small_net(), batch(2, 3, 8, 16)
     # A build killed mid-way left its partial file: the next build removes it.
-    stale = own_cache / "aoti" / f".0123456789abcdef.partial-{gone_pid()}-x.pt2"
+    stale = own_package_cache / "aoti" / f".0123456789abcdef.partial-{gone_pid()}-x.pt2"
     stale.parent.mkdir()
     stale.write_bytes(b"half")
     first = compile_model(net, torch.bfloat16)
@@ -90,8 +83,8 @@ def test_a_second_wrapper_reuses_the_package_without_compiling(monkeypatch, own_
         out = first(x)
         again = first(x)  # the loaded runner, not the disk
     assert len(exports) == 1 and first.runs == 2 and len(first.packages) == 1
-    assert first.packages[0].parent == own_cache / "aoti" and first.packages[0].is_file()
-    assert list((own_cache / "aoti").iterdir()) == first.packages  # no temporary file left beside it
+    assert first.packages[0].parent == own_package_cache / "aoti" and first.packages[0].is_file()
+    assert list((own_package_cache / "aoti").iterdir()) == first.packages  # no temporary file left beside it
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         eager = net(x)
     assert out.dtype == eager.dtype == torch.bfloat16 and (out.argmax(1) == eager.argmax(1)).float().mean() >= 0.999

@@ -43,20 +43,14 @@ from certseg.engine.runtimes.torch_runtime import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def own_cache(monkeypatch, tmp_path: Path) -> Path:
-    """Packages go to a fresh folder; inductor's own cache (the label step's) stays where it was."""
-    use_certseg_inductor_cache()
-    monkeypatch.setenv(INDUCTOR_CACHE, os.environ[INDUCTOR_CACHE])
-    monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path))
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("own_package_cache")  # conftest: a fresh folder for the packages
 
 
 def labels(runtime, image: np.ndarray, count: int) -> np.ndarray:
     return np.concatenate(list(runtime.labels(image, sigma=0.25, seed=3, start=0, count=count)))
 
 
-def test_a_compiled_segmenter_labels_as_the_eager_one_and_is_really_compiled(own_cache: Path) -> None:
+def test_a_compiled_segmenter_labels_as_the_eager_one_and_is_really_compiled(own_package_cache: Path) -> None:
     torch.manual_seed(0)
     segmenter = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 1))
     segmenter[1].running_mean.uniform_(-0.1, 0.1)  # a batch norm inductor fuses
@@ -68,7 +62,7 @@ def test_a_compiled_segmenter_labels_as_the_eager_one_and_is_really_compiled(own
     compiled = labels(runtime, image, 6)
     segmenter = runtime.pipeline.segmenter  # the AOTInductor package ran each batch: the model did not run eager
     assert segmenter.runs == 2 and len(segmenter.packages) == 1 and segmenter.packages[0].is_file()
-    assert segmenter.packages[0].parent == own_cache / "aoti"
+    assert segmenter.packages[0].parent == own_package_cache / "aoti"
     # Fused kernels sum in another order, so a near-tie may flip; the classes are otherwise the eager ones.
     assert compiled.shape == eager.shape and (compiled == eager).mean() >= 0.999
 
@@ -208,7 +202,6 @@ def test_the_bench_stage_timer_times_compiled_models() -> None:
 def test_inductor_cache_goes_to_certseg_unless_the_user_chose_a_folder(monkeypatch, tmp_path: Path) -> None:
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    from certseg.engine.runtimes.torch_runtime import INDUCTOR_CACHE, use_certseg_inductor_cache
 
     monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "certseg"))
     for unset in (None, default_cache_dir()):  # torch writes its default in before certseg compiles

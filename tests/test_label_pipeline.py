@@ -14,20 +14,14 @@ from certseg.engine.core.pipeline import certify_image
 from certseg.engine.maths.denoise import one_step_denoise, select_timestep
 from certseg.engine.maths.label_pipeline import LabelPipeline, make_spec
 from certseg.engine.maths.stages import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalization
-from certseg.engine.models.adm import build_adm
-from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.runtimes.torch_runtime import torch_runtime
-from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
 
 SIZE = (32, 64)
 
 
-@pytest.fixture(scope="module")
-def models() -> tuple[torch.nn.Module, torch.nn.Module]:
-    torch.manual_seed(0)
-    denoiser = build_adm(SMALL_ADM | {"image_size": 16, "attention_resolutions": "4"}).eval()
-    segmenter = build_hrnet(SMALL_HRNET, 5).eval()
-    return denoiser, segmenter
+@pytest.fixture
+def models(small_adm_and_hrnet) -> tuple[torch.nn.Module, torch.nn.Module]:
+    return small_adm_and_hrnet
 
 
 def by_hand(segmenter, images: torch.Tensor, seg_size: tuple[int, int]) -> torch.Tensor:

@@ -15,20 +15,9 @@ from test_multi_step import ElementwiseUNet
 from certseg.bench.timing import StageTimer
 from certseg.engine.core.sampling import LocalRuntime
 from certseg.engine.maths.label_pipeline import LabelPipeline, make_spec
-from certseg.engine.models.adm import build_adm
-from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.runtimes.torch_runtime import autocast_label_fn
-from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
 
 SIZE = (24, 40)
-
-
-@pytest.fixture(scope="module")
-def models() -> tuple[torch.nn.Module, torch.nn.Module]:
-    torch.manual_seed(0)
-    denoiser = build_adm(SMALL_ADM | {"image_size": 16, "attention_resolutions": "4"}).eval()
-    segmenter = build_hrnet(SMALL_HRNET, 5).eval()
-    return denoiser, segmenter
 
 
 def stage_threads() -> list[threading.Thread]:
@@ -47,8 +36,9 @@ def run(made: LocalRuntime, image: np.ndarray, start: int = 3, count: int = 11) 
 
 @pytest.mark.parametrize("method, steps", [("segcertify", 1), ("denoisecertify", 1), ("denoisecertify", 3)])
 @pytest.mark.parametrize("channels", [3, 1])
-def test_overlapped_labels_equal_the_plain_loops_bit_for_bit(models, method: str, steps: int, channels: int) -> None:
-    denoiser, segmenter = models
+def test_overlapped_labels_equal_the_plain_loops_bit_for_bit(small_adm_and_hrnet, method: str, steps: int,
+                                                              channels: int) -> None:
+    denoiser, segmenter = small_adm_and_hrnet
     if steps > 1:
         denoiser = ElementwiseUNet()  # K steps of the small ADM would take long; the chain is what matters here
     spec = make_spec(method, 0.3, SIZE, denoiser_size=(16, 16), denoise_steps=steps, scale=0.75)
@@ -62,10 +52,10 @@ def test_overlapped_labels_equal_the_plain_loops_bit_for_bit(models, method: str
     assert stage_threads() == []
 
 
-def test_the_label_pipeline_itself_overlaps_and_its_phases_run_in_another_thread(models) -> None:
+def test_the_label_pipeline_itself_overlaps_and_its_phases_run_in_another_thread(small_adm_and_hrnet) -> None:
     """A LabelPipeline used as the label function (the ONNX backend does) overlaps too; the models run in the
     caller's thread, the stage maths around them in the worker."""
-    _, segmenter = models
+    _, segmenter = small_adm_and_hrnet
     pipeline = LabelPipeline(make_spec("segcertify", 0.3, SIZE), segmenter).eval()
     threads: dict[str, set[str]] = {"prepare": set(), "scores": set(), "labels": set()}
     originals = {name: getattr(pipeline, name) for name in threads}
@@ -104,8 +94,8 @@ def failing_phase(label_fn, phase: str, after: int):
 
 
 @pytest.mark.parametrize("phase", ["prepare", "scores", "labels"])
-def test_an_error_in_any_phase_reaches_the_consumer_and_stops_the_thread(models, phase: str) -> None:
-    _, segmenter = models
+def test_an_error_in_any_phase_reaches_the_consumer_and_stops_the_thread(small_adm_and_hrnet, phase: str) -> None:
+    _, segmenter = small_adm_and_hrnet
     label_fn = autocast_label_fn(LabelPipeline(make_spec("segcertify", 0.3, SIZE), segmenter), torch.device("cpu"))
     label_fn = failing_phase(label_fn, phase, after=2)
     image = np.random.default_rng(8).random((3, *SIZE), dtype=np.float32)
@@ -115,8 +105,8 @@ def test_an_error_in_any_phase_reaches_the_consumer_and_stops_the_thread(models,
     assert stage_threads() == []
 
 
-def test_closing_the_label_stream_early_leaves_no_thread(models) -> None:
-    _, segmenter = models
+def test_closing_the_label_stream_early_leaves_no_thread(small_adm_and_hrnet) -> None:
+    _, segmenter = small_adm_and_hrnet
     label_fn = autocast_label_fn(LabelPipeline(make_spec("segcertify", 0.3, SIZE), segmenter), torch.device("cpu"))
     image = np.random.default_rng(9).random((3, *SIZE), dtype=np.float32)
     stream = runtime(label_fn, True, batch_size=1).labels(image, sigma=0.3, seed=1, start=0, count=9)
@@ -131,8 +121,8 @@ def test_closing_the_label_stream_early_leaves_no_thread(models) -> None:
     assert stage_threads() == []
 
 
-def test_the_stage_timer_splits_an_overlapped_run(models) -> None:
-    denoiser, segmenter = models
+def test_the_stage_timer_splits_an_overlapped_run(small_adm_and_hrnet) -> None:
+    denoiser, segmenter = small_adm_and_hrnet
     spec = make_spec("denoisecertify", 0.3, SIZE, denoiser_size=(16, 16))
     made = LocalRuntime(autocast_label_fn(LabelPipeline(spec, segmenter, denoiser), torch.device("cpu")),
                         batch_size=2, pipeline=None)
