@@ -53,9 +53,11 @@ def count_exports(monkeypatch) -> list[int]:
 
 
 CHILD = """
-import torch, torch.export
+import os, torch, torch.export
 from test_aot_compile import batch, small_net
 from certseg.engine.runtimes.torch_runtime import compile_model
+
+torch.set_num_threads(int(os.environ["PARENT_TORCH_THREADS"]))  # packages are per thread count: the parent's
 
 def refuse(*args, **kwargs):
     raise AssertionError("exported again")
@@ -97,7 +99,8 @@ def test_a_second_wrapper_reuses_the_package_without_compiling(monkeypatch, own_
     assert len(exports) == 1 and second.packages == first.packages
 
     child = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent)))
+                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent),
+                                    PARENT_TORCH_THREADS=str(torch.get_num_threads())))
     assert child.returncode == 0 and child.stdout.split()[-1] == str(first.packages[0]), child.stdout + child.stderr
 
     twin.to(memory_format=torch.contiguous_format)  # the runner reads the module's weights: moved ones raise
