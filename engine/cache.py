@@ -56,14 +56,19 @@ def pid_running(pid: int) -> bool:
 
 
 def remove_stale_staging(folder: Path) -> list[Path]:
-    """Remove the ``<key>.partial-<pid>`` staging folders in ``folder`` whose building process is gone (killed
-    mid-build); a running build's folder is left alone. Returns what was removed."""
+    """Remove what builds killed mid-way left in ``folder``: ``<key>.partial-<pid>`` staging folders and
+    ``.<key>.partial-<pid>-<random>`` staging files (``aot_compile``'s packages) whose building process is gone; a
+    running build's are left alone. Returns what was removed."""
     removed = []
     for staging in folder.glob("*.partial-*") if folder.is_dir() else ():
-        pid = staging.name.rpartition(".partial-")[2]
-        if staging.is_dir() and pid.isdigit() and not pid_running(int(pid)):
+        pid = staging.name.rpartition(".partial-")[2].partition("-")[0]
+        if not pid.isdigit() or pid_running(int(pid)):
+            continue
+        if staging.is_dir():
             shutil.rmtree(staging, ignore_errors=True)
-            removed.append(staging)
+        else:
+            staging.unlink(missing_ok=True)
+        removed.append(staging)
     return removed
 
 

@@ -201,19 +201,11 @@ class ExportFailed(Exception):
     """``torch.export`` could not trace the module."""
 
 
-def remove_stale_partials(folder: Path) -> None:
-    """Remove the ``.<digest>.partial-<pid>-*.pt2`` files of builds whose process is gone (killed mid-build)."""
-    from certseg.engine.cache import pid_running
-
-    for partial in folder.glob(".*.partial-*.pt2"):
-        pid = partial.name.rpartition(".partial-")[2].partition("-")[0]
-        if pid.isdigit() and not pid_running(int(pid)):
-            partial.unlink(missing_ok=True)
-
-
 def build_package(wrapped: _Autocast, args: tuple[Any, ...], path: Path) -> None:
     """Export ``wrapped`` at ``args``' signature, compile and package it, and rename the package into ``path``."""
     import torch.export
+
+    from certseg.engine.cache import remove_stale_staging
 
     with torch.inference_mode(False), torch.no_grad(), torch.autocast(wrapped.device_type, enabled=False):
         try:  # torch prints the graph it could not trace (twice): the one line the caller prints says it
@@ -223,7 +215,7 @@ def build_package(wrapped: _Autocast, args: tuple[Any, ...], path: Path) -> None
             raise ExportFailed(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
                                ) from error
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(path.parent)
+        remove_stale_staging(path.parent)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.partial-{os.getpid()}-",
                                              suffix=".pt2")
         os.close(handle)
