@@ -249,12 +249,11 @@ class LocalRuntime:
                 batch.add_(clean)
                 if executor is not None and position + 1 < len(ranges):
                     pending = executor.submit(noise.draw, *ranges[position + 1])
-                step = size if self.model_batch is None else max(1, min(size, self.model_batch))
-                for offset in range(0, size, step):
-                    part = batch[offset : offset + step]
+                for call_first, call_size in self._calls([(first, size)]):
+                    part = batch[call_first - first : call_first - first + call_size]
                     with torch.inference_mode():
                         if takes_reverse:
-                            labels = self.label_fn(part, ReverseNoise(source, first + offset, len(part), device))
+                            labels = self.label_fn(part, ReverseNoise(source, call_first, call_size, device))
                         else:
                             labels = self.label_fn(part)
                     yield self._output(labels, device)
@@ -276,9 +275,10 @@ class LocalRuntime:
         """``labels`` on CPU with a phased label function: while call i's models run here, one worker thread runs
         the label step of call i-1 and forms call i+1's input.
 
-        Two noise and noisy buffers (slots) alternate between calls: the worker fills call i+1's slot while call i
-        reads the other, whose previous user (call i-1) finished its models before call i+1 was handed out.
-        Worker jobs run in submission order, so a call's labels are ready before the next call's input is formed.
+        Two noisy buffers (slots) alternate between calls: the worker fills call i+1's slot while call i reads the
+        other, whose previous user (call i-1) finished its models before call i+1 was handed out. One noise buffer
+        serves every call: only the worker uses it, one job at a time. Worker jobs run in submission order, so a
+        call's labels are ready before the next call's input is formed.
         """
         phases = label_phases(self.label_fn)
         assert phases is not None
@@ -286,7 +286,7 @@ class LocalRuntime:
         calls = self._calls(ranges)
         source = NoiseSource(seed, self.noise_backend)
         largest = max(size for _, size in calls)
-        noise = [torch.empty((largest, *clean.shape), dtype=torch.float32) for _ in range(2)]
+        noise = torch.empty((largest, *clean.shape), dtype=torch.float32)
         noisy = [torch.empty((largest, 3, *clean.shape[1:]), dtype=torch.float32,
                              memory_format=input_memory_format(self.label_fn)) for _ in range(2)]
         size_hw = tuple(clean.shape[-2:])
@@ -303,7 +303,7 @@ class LocalRuntime:
             started = time.perf_counter()
             batch = noisy[slot][:size]
             # x + σ·ε with the plain loop's rounding: σ·ε (float32), then + x; gray is replicated after the noise.
-            torch.mul(source.fill(first, noise[slot][:size]).expand(-1, 3, -1, -1), sigma, out=batch)
+            torch.mul(source.fill(first, noise[:size]).expand(-1, 3, -1, -1), sigma, out=batch)
             batch.add_(clean)
             started = note("noise", started)
             with torch.inference_mode():

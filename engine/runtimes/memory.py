@@ -171,10 +171,11 @@ def _model_call_limit(device: str, num_pixels: int) -> int | None:
 
 BATCH_BUFFER_BYTES_PER_PIXEL = 24
 """Per sample of a batch beyond one model call: its float32 noise and noisy copy (3 channels each)."""
-OVERLAP_BYTES_PER_PIXEL = 36
+OVERLAP_BYTES_PER_PIXEL = 24
 """On CPU, per sample of a model call, for the stage maths in the runtime's second thread (``LocalRuntime.overlaps``):
-the other slot's noise and noisy copy (24) and the next call's model input (12, float32 RGB); the label step of
-the call before adds its one sample's full-size float32 scores (4 bytes per class, counted with the classes)."""
+the other slot's noisy copy (12, float32 RGB; the noise buffer is shared) and the next call's model input (12); the
+label step of the call before adds its one sample's full-size float32 scores (4 bytes per class, counted with the
+classes)."""
 
 
 def auto_batch_limit(device: str, image_size: tuple[int, int] | None = None) -> int:
