@@ -39,6 +39,9 @@ MALLOC_ARENAS = "MALLOC_ARENA_MAX"
 _M_ARENA_MAX = -8
 """``mallopt``'s parameter number for the arena cap (glibc's malloc.h)."""
 
+_ONE_ARENA = False
+"""Whether ``one_malloc_arena`` capped this process's heaps."""
+
 
 def one_malloc_arena(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Keep this process's allocations in one glibc heap unless the user set ``MALLOC_ARENA_MAX``; returns whether
@@ -46,8 +49,10 @@ def one_malloc_arena(environ: MutableMapping[str, str] = os.environ) -> bool:
 
     Why: the runtime's helper thread (``LocalRuntime.overlaps``) allocates the next call's input and the label
     step's scores while the models' thread allocates activations; with a heap per thread, memory freed in one is
-    not reused by the other (measured, 512x1024 SegCertify, one torch thread: peak RSS 708 → 584 MiB, wall time
-    no slower). Only this process: a child (a Triton server) keeps glibc's default. No-op off glibc.
+    not reused by the other. Measured (512x1024 SegCertify, one torch thread, engine alone): 708 → 584 MiB peak RSS
+    with another job loading the machine, but 574 vs 571 MiB when it was quiet, so the gain is not established;
+    it costs nothing measurable either. Only this process: a child (a Triton server) keeps glibc's default. No-op
+    off glibc.
     """
     if MALLOC_ARENAS in environ:
         return False
@@ -60,10 +65,6 @@ def one_malloc_arena(environ: MutableMapping[str, str] = os.environ) -> bool:
     global _ONE_ARENA
     _ONE_ARENA = bool(mallopt(_M_ARENA_MAX, 1))
     return _ONE_ARENA
-
-
-_ONE_ARENA = False
-"""Whether ``one_malloc_arena`` capped this process's heaps."""
 
 
 def malloc_arenas(environ: MutableMapping[str, str] = os.environ) -> int | None:
