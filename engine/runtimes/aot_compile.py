@@ -245,12 +245,12 @@ def open_package(path: Path, device_index: int = -1) -> Any:
     ``torch._inductor.aoti_load_package(path)`` without its machine check: that probes each vector ISA the CPU
     claims by building and loading a test library in a child process (1.1 s here, measured), only to warn on a
     mismatch, which the package's digest already rules out (torch version, CPU capability)."""
-    import torch._inductor
-
     from certseg.engine.runtimes.aoti_runner import NativeModel, native_runner
 
     if native_runner() is not None:  # the same loader, called outside the GIL
         return NativeModel(str(path), device_index)
+    import torch._inductor
+
     try:
         from torch.export.pt2_archive._package import AOTICompiledModel
 

@@ -85,8 +85,7 @@ class NativeModel:
         self.runner = extension.Runner(path, device_index)
         from torch.utils import _pytree as pytree
 
-        in_spec, out_spec = self.runner.call_spec()
-        self.in_spec, self.out_spec = pytree.treespec_loads(in_spec), pytree.treespec_loads(out_spec)
+        self.out_spec = pytree.treespec_loads(self.runner.call_spec()[1])  # inputs go in flat, in order
 
     def __call__(self, *args: Any) -> Any:
         from torch.utils import _pytree as pytree
