@@ -82,15 +82,15 @@ class StageTimer:
         self.instrument(runtime.pipeline)
         if runtime.overlaps():  # its other thread reports its stages; its models' thread enters and leaves
             self.overlapped = True
-            return TimedRuntime(dataclasses.replace(runtime, observer=self), self, overlapped=True)
+            return TimedRuntime(dataclasses.replace(runtime, observer=self), self)
         return TimedRuntime(runtime, self)
 
     def instrument(self, pipeline: LabelPipeline) -> None:
         """Hook the pipeline's calls and its models (each module once: sessions share cached models)."""
         if id(pipeline) not in self._hooked:
             self._hooked.add(id(pipeline))
-            self._handles.append(pipeline.register_forward_pre_hook(lambda module, args: self._enter()))
-            self._handles.append(pipeline.register_forward_hook(lambda module, args, output: self._leave()))
+            self._handles.append(pipeline.register_forward_pre_hook(lambda module, args: self.enter()))
+            self._handles.append(pipeline.register_forward_hook(lambda module, args, output: self.leave()))
         for stage, module in (("denoise", pipeline.denoiser), ("segment", pipeline.segmenter)):
             if module is None or id(module) in self._hooked:
                 continue
@@ -116,22 +116,15 @@ class StageTimer:
         return hook
 
     def enter(self) -> None:
-        """An overlapped call's models start (``sampling.PhaseObserver``)."""
-        self._enter()
-
-    def leave(self) -> None:
-        """An overlapped call's models end: what the call spent outside them here is preprocess (DenoiseCertify's
-        maths between its models)."""
-        self._leave()
-
-    def _enter(self) -> None:
-        """A label call starts: the models' hooks count from here."""
+        """A label call starts (the pipeline's pre-hook, or an overlapped call's models: ``sampling.PhaseObserver``):
+        the models' hooks count from here."""
         self._started.clear()
         self._call = {"denoise": 0.0, "segment": 0.0, "segment_end": 0.0}
         self.last_enter = self.now()
 
-    def _leave(self) -> None:
-        """A label call ends: split its time into preprocess / denoise / segment / argmax."""
+    def leave(self) -> None:
+        """A label call ends: split its time into preprocess / denoise / segment / argmax (for an overlapped call,
+        the time outside its models here is DenoiseCertify's maths between them)."""
         if self._call is None:
             return
         leave = self.now()
@@ -149,11 +142,11 @@ class StageTimer:
         instrumented pipeline times itself through its hooks, anything else is timed here as one call."""
         if id(fn) in self._hooked:
             return fn(noisy, *more)
-        self._enter()
+        self.enter()
         try:
             return fn(noisy, *more)
         finally:
-            self._leave()
+            self.leave()
 
     def sample_gpu_utilization(self) -> None:
         if not self.cuda:
@@ -176,12 +169,15 @@ class TimedRuntime:
 
     inner: Runtime
     timer: StageTimer
-    overlapped: bool = False
-    """The runtime runs noise, preprocess, argmax and transfer in another thread and reports their seconds itself."""
+    @property
+    def overlapped(self) -> bool:
+        """The runtime runs noise, preprocess, argmax and transfer in another thread and reports their seconds."""
+        return isinstance(self.inner, LocalRuntime) and self.inner.overlaps()
 
     def labels(self, image: np.ndarray, *, sigma: float, seed: int, start: int, count: int) -> Iterator[np.ndarray]:
         timer = self.timer
         batches = self.inner.labels(image, sigma=sigma, seed=seed, start=start, count=count)
+        overlapped = self.overlapped
         while True:
             asked = timer.now()
             try:
@@ -189,7 +185,7 @@ class TimedRuntime:
             except StopIteration:
                 return
             arrived = timer.now()
-            if not self.overlapped:
+            if not overlapped:
                 timer.add("noise", timer.last_enter - asked)
                 timer.add("transfer", arrived - timer.last_exit)
             timer.sample_gpu_utilization()
