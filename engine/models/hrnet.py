@@ -40,6 +40,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 conv+BN with a residual; the official attribute names give the checkpoint keys."""
 
     expansion = 1
+    CONV_BATCHNORM_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))  # for fold_batchnorm: each bn reads its conv only
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
         super().__init__()
@@ -60,6 +61,7 @@ class Bottleneck(nn.Module):
     """1x1 → 3x3 → 1x1 (x4 channels) conv+BN with a residual, as the official stage-1 block."""
 
     expansion = 4
+    CONV_BATCHNORM_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # for fold_batchnorm
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
         super().__init__()
@@ -204,6 +206,8 @@ def _stage_spec(cfg: Mapping, name: str) -> tuple[type[BasicBlock] | type[Bottle
 
 class HRNetV2(nn.Module):
     """HRNetV2 segmenter: images (B,3,H,W) → logits (B,K,ceil(ceil(H/2)/2),ceil(ceil(W/2)/2))."""
+
+    CONV_BATCHNORM_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))  # the stem, for fold_batchnorm
 
     def __init__(self, model_cfg: Mapping, num_classes: int):
         super().__init__()

@@ -20,6 +20,7 @@ from certseg.engine.core.sampling import LocalRuntime
 from certseg.engine.errors import InputError
 from certseg.engine.maths.label_pipeline import LabelPipeline, PipelineSpec
 from certseg.engine.models import facts
+from certseg.engine.models.fold_batchnorm import fold_batchnorm
 from certseg.engine.models.info import ONNX_FAMILY, LoadedModel, Role
 from certseg.engine.models.registry import default_model, load_model, resolve
 from certseg.engine.runtimes.backends import MemoryProbe
@@ -30,15 +31,19 @@ from certseg.engine.runtimes.torch_runtime import autocast_label_fn, resolve_dev
 
 
 @lru_cache(maxsize=8)
-def _cached_model(ref: str, role: Role, device: str, stamp: tuple[int, int] | None) -> LoadedModel:
-    return load_model(ref, role, device=device)
+def _cached_model(ref: str, role: Role, device: str, stamp: tuple[int, int] | None, fold: bool) -> LoadedModel:
+    loaded = load_model(ref, role, device=device)
+    if fold and loaded.family != ONNX_FAMILY:
+        fold_batchnorm(loaded.module)
+    return loaded
 
 
-def _open_model(ref: str, role: Role, device: str) -> LoadedModel:
-    """A model loaded once per process, and again when its file changed (re-exported to the same path)."""
+def _open_model(ref: str, role: Role, device: str, fold: bool = False) -> LoadedModel:
+    """A model loaded once per process, and again when its file changed (re-exported to the same path);
+    ``fold``: its BatchNorms folded into their convolutions (a copy of its own, cached apart from the unfolded)."""
     path, _ = resolve(ref)
     stat = path.stat() if path.is_file() else None
-    return _cached_model(ref, role, device, None if stat is None else (stat.st_mtime_ns, stat.st_size))
+    return _cached_model(ref, role, device, None if stat is None else (stat.st_mtime_ns, stat.st_size), fold)
 
 
 def _check_onnx_models(settings: Settings, models: list[LoadedModel]) -> None:
@@ -81,12 +86,14 @@ class LocalBackend(ABC):
             raise InputError("--precision int8 runs int8 graphs in ONNX Runtime: pass --runtime onnx (the default "
                              "runtime with int8), not --runtime torch")
         device = resolve_device(settings.device)
+        # ONNX Runtime folds its graphs' BatchNorms itself, and its graphs are exported from the unfolded weights.
+        fold = settings.fold_batchnorm and settings.runtime == RuntimeName.torch
         segmenter = _open_model(settings.segmenter or default_model("segmenter", settings.method), "segmenter",
-                                str(device))
+                                str(device), fold)
         denoiser = None
         if settings.method == Method.denoisecertify:
             denoiser = _open_model(settings.denoiser or default_model("denoiser", settings.method), "denoiser",
-                                   str(device))
+                                   str(device), fold)
         if segmenter.num_classes is None:
             raise InputError(f"segmenter {segmenter.name} does not say how many classes it has")
         _check_onnx_models(settings, [m for m in (segmenter, denoiser) if m is not None])

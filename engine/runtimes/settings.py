@@ -107,6 +107,9 @@ class Settings:
         False, "torch runtime: run the models through torch.compile (inductor; compiled once per process, image "
         "size and batch shape, cached on disk): faster, another classifier in the last bits (the "
         "JSON records it)")
+    fold_batchnorm: bool = _option(
+        True, "torch runtime: fold each BatchNorm into the convolution before it (one pass fewer per norm; the same "
+        "function up to float rounding, as channels-last already is; ONNX Runtime folds its graphs itself)")
 
     def __post_init__(self) -> None:
         """Plain strings become their enum members (an unknown one is refused here, in one line); ``"auto"``
