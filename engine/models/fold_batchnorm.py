@@ -16,6 +16,8 @@ to the conv's output and nothing else reads that output).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -32,7 +34,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     for parent in list(model.modules()):
         if isinstance(parent, nn.Sequential):
             names = list(parent._modules)
-            for first, second in zip(names, names[1:]):
+            for first, second in itertools.pairwise(names):
                 folded += _fold_child_pair(parent, first, second)
         for conv_name, norm_name in getattr(type(parent), PAIRS_ATTRIBUTE, ()):
             folded += _fold_child_pair(parent, conv_name, norm_name)
