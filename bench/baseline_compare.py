@@ -84,6 +84,8 @@ def main(
     = Precision.fp32,
     compile: Annotated[bool, typer.Option(help="engine models compiled (certify --compile); the first image pays "
                                                "the compilation")] = False,
+    fold_batchnorm: Annotated[bool, typer.Option(help="engine folds BatchNorm into the convolutions (as certify "
+                                                      "does by default)")] = True,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("bench-compare"),
@@ -94,7 +96,7 @@ def main(
     """Engine vs authors-style baseline on the procedural scenes: samples/s side by side."""
     models, provenance = _models(out / "models")
     engine = Settings(n0=n0, n=n, alpha=alpha, batch=batch, precision=precision, device=device,
-                      compile=compile, **models)
+                      compile=compile, fold_batchnorm=fold_batchnorm, **models)
     config = BenchConfig(engine=engine, images=images, methods=tuple(method or Method), sigmas=(sigma,),
                          threads=threads, out=out, baseline=variant != "engine",
                          scene_size=parse_size(scene_size, "--scene-size"))
@@ -104,6 +106,7 @@ def main(
         argv = ["--images", str(images), "--n0", str(n0), "--n", str(n), "--alpha", str(alpha), "--sigma", str(sigma),
                 "--scene-size", scene_size, "--precision", precision.value, "--out", str(out),
                 *(a for m in method or () for a in ("--method", m.value)), *(("--compile",) if compile else ()),
+                *(() if fold_batchnorm else ("--no-fold-batchnorm",)),
                 *(() if batch is None else ("--batch", str(batch))),
                 *(() if threads is None else ("--threads", str(threads))),
                 *(() if device is None else ("--device", device))]
@@ -124,7 +127,7 @@ def main(
     console = Console(width=180)
     header, body = comparison_table(comparisons)
     console.print(f"models: {provenance}; device {run.device}, engine precision {precision}"
-                  f"{' compiled' if compile else ''}, torch threads "
+                  f"{' compiled' if compile else ''}{'' if fold_batchnorm else ', BatchNorm unfolded'}, torch threads "
                   f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     for row in [header, *body]:
         console.print(" | ".join(row))
@@ -138,7 +141,8 @@ def main(
          "engine_peak_rss_mib": c.engine_peak_rss_mib, "baseline_peak_rss_mib": c.baseline_peak_rss_mib}
         for c in comparisons
     ]
-    record = {"models": provenance, "precision": precision, "compile": compile, "device": str(run.device),
+    record = {"models": provenance, "precision": precision, "compile": compile, "fold_batchnorm": fold_batchnorm,
+              "device": str(run.device),
               "scene_size": scene_size, "threads": torch.get_num_threads(), "isolated_processes": isolate,
               "rows": summary}
     (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -19,7 +19,7 @@ from certseg.engine.choices import Dataset, Method, Protocol, RuntimeName, Share
 from certseg.engine.errors import InputError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.runtimes.process import huge_pages_enabled
-from certseg.engine.runtimes.settings import Settings
+from certseg.engine.runtimes.settings import BEFORE_ADDED, Settings
 from certseg.engine.seeds import image_seed  # noqa: F401  (re-exported: the bench's name for the rule)
 
 VARIANTS: tuple[str, ...] = ("engine", "baseline")
@@ -164,9 +164,10 @@ class BenchConfig:
 
 def compat_defaults() -> dict[str, Any]:
     """What each compat key stands for in a results header written before the key existed: its default (the
-    engine settings' and the ``COMPAT`` fields', such as ``protocol``: runs before it used certseg's own)."""
+    engine settings' and the ``COMPAT`` fields', such as ``protocol``: runs before it used certseg's own), or what
+    those runs did where the default has changed since (``settings.BEFORE_ADDED``: BatchNorm unfolded)."""
     own = {f.name: f.default for f in fields(BenchConfig) if f.metadata.get("compat")}
-    return shared_settings(Settings()) | {k: getattr(v, "value", v) for k, v in own.items()}
+    return shared_settings(Settings()) | BEFORE_ADDED | {k: getattr(v, "value", v) for k, v in own.items()}
 
 
 def shared_settings(settings: Settings) -> dict[str, Any]:

@@ -35,8 +35,9 @@ OLD_SETTINGS_RECORD = {
     "seg_mean": None, "seg_std": None, "seg_input_size": None, "classes": None,
 }
 """The JSON ``settings`` of a default run as certseg wrote it before ``Settings`` held enums (same keys and order)."""
-ADDED_SETTINGS = {"denoise_steps": 1, "compile": False}
-"""Settings added since, after the old keys, at their defaults (which give the old certificates)."""
+ADDED_SETTINGS = {"denoise_steps": 1, "compile": False, "fold_batchnorm": True}
+"""Settings added since, after the old keys, at their defaults (which give the old certificates, but
+``fold_batchnorm``'s: the runs before it did not fold)."""
 
 OLD_COMPAT = {
     "seed": 0, "n0": 10, "n": 100, "alpha": 0.001, "tau": 0.75, "fwer": "holm", "segmenter": None, "denoiser": None,
@@ -218,10 +219,13 @@ def test_a_results_file_from_before_the_new_settings_resumes_if_nothing_changed(
     ResultsFile(path).open(_header(OLD_COMPAT))
     defaults = compat_defaults()
     dataset = {**DATASET, "root": None, "resize": None}
-    ResultsFile(path).open(_header(BenchConfig(engine=Settings(device="cpu")).compat(dataset, "cpu")), defaults)
+    unfolded = {"device": "cpu", "fold_batchnorm": False}  # the old runs' BatchNorm; folding changes last bits
+    ResultsFile(path).open(_header(BenchConfig(engine=Settings(**unfolded)).compat(dataset, "cpu")), defaults)
     for batch in (None, 7):  # the file says batch 16: no batch changes an entry, so auto and 7 resume it
-        ResultsFile(path).open(_header(BenchConfig(engine=Settings(device="cpu", batch=batch)).compat(dataset, "cpu")),
+        ResultsFile(path).open(_header(BenchConfig(engine=Settings(**unfolded, batch=batch)).compat(dataset, "cpu")),
                                defaults)
+    with pytest.raises(ResumeError, match="fold_batchnorm: False in the file, True now"):
+        ResultsFile(path).open(_header(BenchConfig(engine=Settings(device="cpu")).compat(dataset, "cpu")), defaults)
     changed = BenchConfig(engine=Settings(device="cpu", non_finite="fail", seg_std=(1.0, 1.0, 1.0)))
     with pytest.raises(ResumeError, match="cannot be resumed") as error:
         ResultsFile(path).open(_header(changed.compat(dataset, "cpu")), defaults)

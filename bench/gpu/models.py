@@ -18,6 +18,7 @@ from certseg.engine.choices import Method
 from certseg.engine.maths.label_pipeline import LabelPipeline, make_spec
 from certseg.engine.maths.stages import segmenter_input
 from certseg.engine.models.adm import ADM_256_UNCOND, build_adm
+from certseg.engine.models.fold_batchnorm import fold_batchnorm
 from certseg.engine.models.hrnet import HRNET_W18, HRNET_W48, build_hrnet
 
 TINY_ADM: dict[str, Any] = {
@@ -124,7 +125,7 @@ def calibrate_batchnorm(segmenter: nn.Module, images01: torch.Tensor) -> None:
 
 def build_models(profile: Profile, device: torch.device | str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """(denoiser, segmenter) in eval mode on ``device``, initialised there from ``seed`` (reproducible per device),
-    the segmenter's BatchNorm statistics calibrated on noisy copies of the suite's image."""
+    the segmenter's BatchNorm statistics calibrated on noisy copies of the suite's image, then folded."""
     device = torch.device(device)
     torch.manual_seed(seed)
     if device.type == "cuda":
@@ -138,6 +139,7 @@ def build_models(profile: Profile, device: torch.device | str, seed: int = 0) ->
         clean = torch.as_tensor(suite_image(profile), device=device)[None]
         noise = torch.randn((4, *clean.shape[1:]), generator=generator, device=device)
         calibrate_batchnorm(segmenter, (clean + profile.sigma * noise).clamp(0, 1))
+        fold_batchnorm(segmenter)  # as certify's sessions run their torch models (Settings.fold_batchnorm)
     return denoiser, segmenter
 
 

@@ -52,6 +52,11 @@ def default_noise_backend(runtime: RuntimeName, device: str | None) -> NoiseBack
     return NoiseBackend.numpy_philox
 
 
+BEFORE_ADDED: dict[str, Any] = {"fold_batchnorm": False}
+"""What runs made before a field existed did, where that is not the field's default (a results header written then
+lacks the key): such a run's certificates are those of this value, not of the default."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything besides the image and the seed that decides a certificate.
