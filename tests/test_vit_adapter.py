@@ -80,6 +80,22 @@ def test_golden_out_and_slide(model, fixture) -> None:
 
 
 @torch.no_grad()
+def test_golden_out_after_folding_batchnorm(fixture) -> None:
+    """certify folds the adapter's conv → BatchNorm pairs (``Settings.fold_batchnorm``): the golden output holds."""
+    from certseg.engine.models.fold_batchnorm import fold_batchnorm
+
+    cfg, arrays = fixture
+    net = build_vit_adapter(cfg["mmseg_model_cfg"])
+    net.load_state_dict(state_dict_of(arrays), strict=True)
+    norms = sum(type(m) is torch.nn.BatchNorm2d for m in net.modules())
+    assert fold_batchnorm(net.eval()) > 0
+    assert sum(type(m) is torch.nn.BatchNorm2d for m in net.modules()) < norms
+    with torch.no_grad():
+        out = net(torch.from_numpy(arrays["x"]))
+    assert max_err(out, arrays["out"]) <= PARITY
+    assert (out.argmax(1).numpy() == arrays["out"].argmax(1)).all()
+
+
 def test_golden_intermediates(model, fixture) -> None:
     _, arrays = fixture
     feats = model.backbone(torch.from_numpy(arrays["x"]))
