@@ -51,6 +51,13 @@ def compared_runtime(precision: Precision) -> RuntimeName:
     return runtime
 
 
+def compared_folds(precision: Precision, fold_batchnorm: bool) -> bool:
+    """Whether the compared runs fold BatchNorm (``Settings.folds_batchnorm``: on torch only)."""
+    from certseg.engine.runtimes.settings import Settings
+
+    return Settings(precision=precision, device="cpu", fold_batchnorm=fold_batchnorm).folds_batchnorm
+
+
 @functools.cache
 def _session(method: Method, precision: Precision, sigma: float, runtime: RuntimeName | None,
              threads: int | None, compile: bool = False, fold: bool = False) -> Session:
@@ -126,7 +133,7 @@ def main(
     """Per-pixel agreement of a lower precision with fp32 on the same noisy samples."""
     from certseg.bench.datasets import open_dataset
 
-    fold = fold_batchnorm and compared_runtime(precision) == RuntimeName.torch  # ONNX Runtime folds by itself
+    fold = compared_folds(precision, fold_batchnorm)
     if precision == Precision.fp32 and not (compile or fold):
         raise InputError("--precision fp32 --no-fold-batchnorm is the reference: compare bf16, fp16 or int8, or fp32 "
                          "with --compile or folded BatchNorm")

@@ -87,7 +87,7 @@ def test_only_conv_then_norm_in_eval_mode_is_folded() -> None:
     assert type(training[1]) is nn.BatchNorm2d
 
 
-def test_a_session_folds_its_own_copy(tmp_path: Path) -> None:
+def test_a_session_folds_its_own_copy() -> None:
     """Folded and unfolded sessions in one process get their own models; ONNX Runtime sessions never fold."""
     from certseg.engine.runtimes.local_backends import LocalBackend
     from certseg.engine.runtimes.settings import Settings
@@ -109,3 +109,12 @@ def test_onnx_runtime_exports_the_unfolded_weights(fold: bool) -> None:
 
     backend = LocalBackend.open(Settings(method="segcertify", device="cpu", runtime="onnx", fold_batchnorm=fold))
     assert _count(backend.segmenter.module, nn.BatchNorm2d) > 0
+
+
+def test_only_torch_runs_fold() -> None:
+    from certseg.engine.runtimes.settings import Settings
+
+    assert Settings(device="cpu").folds_batchnorm
+    assert not Settings(device="cpu", fold_batchnorm=False).folds_batchnorm
+    assert not Settings(device="cpu", runtime="onnx").folds_batchnorm
+    assert not Settings(device="cpu", precision="int8").folds_batchnorm  # int8 runs on ONNX Runtime

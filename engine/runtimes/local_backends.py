@@ -33,7 +33,7 @@ from certseg.engine.runtimes.torch_runtime import autocast_label_fn, resolve_dev
 @lru_cache(maxsize=8)
 def _cached_model(ref: str, role: Role, device: str, stamp: tuple[int, int] | None, fold: bool) -> LoadedModel:
     loaded = load_model(ref, role, device=device)
-    if fold and loaded.family != ONNX_FAMILY:
+    if fold:
         fold_batchnorm(loaded.module)
     return loaded
 
@@ -86,8 +86,7 @@ class LocalBackend(ABC):
             raise InputError("--precision int8 runs int8 graphs in ONNX Runtime: pass --runtime onnx (the default "
                              "runtime with int8), not --runtime torch")
         device = resolve_device(settings.device)
-        # ONNX Runtime folds its graphs' BatchNorms itself, and its graphs are exported from the unfolded weights.
-        fold = settings.fold_batchnorm and settings.runtime == RuntimeName.torch
+        fold = settings.folds_batchnorm
         segmenter = _open_model(settings.segmenter or default_model("segmenter", settings.method), "segmenter",
                                 str(device), fold)
         denoiser = None

@@ -137,6 +137,12 @@ class Settings:
             return self
         return replace(self, runtime=runtime, noise_backend=noise)
 
+    @property
+    def folds_batchnorm(self) -> bool:
+        """Whether the models run with their BatchNorms folded: asked for, and run by torch (ONNX Runtime folds its
+        graphs itself, which are exported from the unfolded weights; servers run their repository's graphs)."""
+        return self.fold_batchnorm and self.resolved().runtime == RuntimeName.torch
+
     def record(self) -> dict[str, Any]:
         """JSON-ready: every field by name, choices as their plain strings."""
         return {k: v.value if isinstance(v, StrEnum) else v for k, v in asdict(self).items()}
