@@ -196,7 +196,14 @@ def test_the_bench_stage_timer_times_compiled_models() -> None:
     finally:
         timer.close()
     assert stages["segment"] > 0 and stages["argmax"] > 0
-    assert sum(stages.values()) <= wall * 1.05
+    assert timer.overlapped == runtime.overlaps()
+    if timer.overlapped:  # two threads (certseg's runner built): each one's stages fit in the wall time, not their
+        # sum; preprocess is left out, as both threads add to it (the helper's normalisation, the models' thread the
+        # maths between its models)
+        assert stages["segment"] + stages["denoise"] + stages["count"] <= wall * 1.05  # the models' thread
+        assert stages["noise"] + stages["argmax"] + stages["transfer"] <= wall * 1.05  # the helper thread
+    else:
+        assert sum(stages.values()) <= wall * 1.05
 
 
 def test_inductor_cache_goes_to_certseg_unless_the_user_chose_a_folder(monkeypatch, tmp_path: Path) -> None:
