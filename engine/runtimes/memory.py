@@ -125,8 +125,14 @@ ONNX_MARGIN = 1.7
 """The same for ONNX Runtime, which is estimated from the torch models it was exported from but keeps its own
 arena and copies every input and output (measured on CPU: 1.58× the torch pipeline's tracked bytes)."""
 OVERHEAD_BYTES = 384 << 20
-"""Once per run: what the first forward passes load (thread pools, kernels; measured: up to about 280 MiB on
-CPU with the shipped models)."""
+"""Once per run on a CUDA device (and on the host beside it): what the first forward passes load (kernels,
+workspaces); not measured on a GPU yet, so it keeps the CPU's first, larger figure."""
+CPU_OVERHEAD_BYTES = 256 << 20
+"""Once per run on CPU: what the probe and the first forward passes load (thread pools, oneDNN kernels and their
+scratch). Measured with the shipped models and BatchNorm folded (fresh processes, two threads, huge pages, batch 4,
+peak RSS growth over a whole certify): 153-190 MiB at 128x256, 211-325 MiB at 384x768 and 457-644 MiB at
+768x1536, whose per-pixel parts the lines above cover; 384 MiB (from the unfolded models) put the estimate at
+2.5x a real run's growth at 384x768."""
 PROBE_SIDES = (128, 256)
 """The segmenter input sides of the two probe runs: small, and multiples of 32 so that every stride of a
 segmenter divides them and activations are exactly proportional to the pixels."""
@@ -295,7 +301,7 @@ class MemoryEstimate:
         sampling = MARGIN * ((SAMPLING_HOST_BYTES_PER_PIXEL + self.num_classes) * pixels + noise)
         outputs = MARGIN * OUTPUT_BYTES_PER_PIXEL * pixels
         if self.device == "cpu":
-            return {"host": int(OVERHEAD_BYTES + max(sampling + samples, outputs))}
+            return {"host": int(CPU_OVERHEAD_BYTES + max(sampling + samples, outputs))}
         on_device = OVERHEAD_BYTES + samples + MARGIN * 12 * pixels  # plus the image's copy on the device
         return {"host": int(OVERHEAD_BYTES + max(sampling, outputs)), self.device: int(on_device)}
 
@@ -352,7 +358,7 @@ class MemoryEstimate:
             "per_sample_bytes": int(self.margin * self.pipeline.per_sample(self.num_pixels)),
             "pipeline": {"lines": [list(line) for line in self.pipeline.lines], **self.pipeline.probe},
             "margin": self.margin,
-            "overhead_bytes": OVERHEAD_BYTES,
+            "overhead_bytes": CPU_OVERHEAD_BYTES if self.device == "cpu" else OVERHEAD_BYTES,
         }
 
 
