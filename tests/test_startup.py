@@ -148,3 +148,17 @@ def test_tails_equal_scipy_stats_bit_for_bit() -> None:
     assert tails.norm.ppf(q).tobytes() == scipy.stats.norm.ppf(q).tobytes()
     for tau in (0.5, 0.75, 0.9, 0.999):
         assert tails.norm.ppf(tau) == scipy.stats.norm.ppf(tau) and isinstance(tails.norm.ppf(tau), np.floating)
+
+
+def test_beta_quantile_equals_scipy_stats_bit_for_bit() -> None:
+    """The radius map's Clopper–Pearson bound uses ``tails``' beta.ppf: byte-identical to scipy.stats' for every
+    k = 1..n and levels down to α/N of a 2-Mpx image, and at the edges (q = 0, 1, outside [0, 1], a or b ≤ 0)."""
+    for n in [*range(1, 300), 1000, 4096, 100_000]:
+        k = np.arange(1, n + 1)
+        for q in (0.05, 1e-3, 0.001 / 2_097_152, 1e-12, 0.5, 0.0, 1.0):
+            assert tails.beta.ppf(q, k, n - k + 1).tobytes() == scipy.stats.beta.ppf(q, k, n - k + 1).tobytes(), (n, q)
+    q = np.array([-0.1, 0.0, 0.3, 1.0, 1.1, np.nan])
+    assert tails.beta.ppf(q, 2.0, 3.0).tobytes() == scipy.stats.beta.ppf(q, 2.0, 3.0).tobytes()
+    edges = (0.3, [0.0, -1.0, 2.0, 2.0], [1.0, 1.0, 0.0, 5.0])
+    assert tails.beta.ppf(*edges).tobytes() == scipy.stats.beta.ppf(*edges).tobytes()
+    assert isinstance(tails.beta.ppf(0.3, 2, 3), np.floating)

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import beta, norm
-
 from certseg.engine.core.certify import validate_sigma, validate_tau_alpha
+from certseg.engine.core.tails import beta, norm
 
 QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 ACCURACY_RADII: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)
