@@ -3,8 +3,11 @@
 How the published code works, minus its bugs: one sample at a time (batch 1), fp32 eager PyTorch, per-class
 count maps over all K classes, one exact binomial test per pixel in a Python loop (``scipy.stats.binomtest``)
 and statsmodels' ``multipletests`` for Holm / Bonferroni. It draws exactly the engine's per-sample noise
-(``NoiseSource(seed).sample(i)``) and runs the same ``LabelPipeline``, so its certificate equals the engine's
-and only the time differs.
+(``NoiseSource(seed).sample(i)``) and runs the same ``LabelPipeline`` on the same weights, as published: the
+bench gives it the models with BatchNorm unfolded and HRNet's head in the official order
+(``bench.run._Sessions.baseline``), which the engine rewrites by default (``Settings.fold_batchnorm``,
+``factor_head``). Its certificate equals the engine's up to the float rounding those rewrites change (at fp32
+they changed no certificate measured); only the time differs.
 """
 
 from __future__ import annotations

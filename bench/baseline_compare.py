@@ -86,6 +86,8 @@ def main(
                                                "the compilation")] = False,
     fold_batchnorm: Annotated[bool, typer.Option(help="engine folds BatchNorm into the convolutions (as certify "
                                                       "does by default)")] = True,
+    factor_head: Annotated[bool, typer.Option(help="engine factors HRNet's head (as certify does by default)")]
+    = True,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("bench-compare"),
@@ -96,7 +98,7 @@ def main(
     """Engine vs authors-style baseline on the procedural scenes: samples/s side by side."""
     models, provenance = _models(out / "models")
     engine = Settings(n0=n0, n=n, alpha=alpha, batch=batch, precision=precision, device=device,
-                      compile=compile, fold_batchnorm=fold_batchnorm, **models)
+                      compile=compile, fold_batchnorm=fold_batchnorm, factor_head=factor_head, **models)
     config = BenchConfig(engine=engine, images=images, methods=tuple(method or Method), sigmas=(sigma,),
                          threads=threads, out=out, baseline=variant != "engine",
                          scene_size=parse_size(scene_size, "--scene-size"))
@@ -107,6 +109,7 @@ def main(
                 "--scene-size", scene_size, "--precision", precision.value, "--out", str(out),
                 *(a for m in method or () for a in ("--method", m.value)), *(("--compile",) if compile else ()),
                 *(() if fold_batchnorm else ("--no-fold-batchnorm",)),
+                *(() if factor_head else ("--no-factor-head",)),
                 *(() if batch is None else ("--batch", str(batch))),
                 *(() if threads is None else ("--threads", str(threads))),
                 *(() if device is None else ("--device", device))]
@@ -127,7 +130,8 @@ def main(
     console = Console(width=180)
     header, body = comparison_table(comparisons)
     console.print(f"models: {provenance}; device {run.device}, engine precision {precision}"
-                  f"{' compiled' if compile else ''}{'' if fold_batchnorm else ', BatchNorm unfolded'}, torch threads "
+                  f"{' compiled' if compile else ''}{'' if fold_batchnorm else ', BatchNorm unfolded'}"
+                  f"{'' if factor_head else ', head unfactored'}, torch threads "
                   f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     for row in [header, *body]:
         console.print(" | ".join(row))
@@ -142,6 +146,7 @@ def main(
         for c in comparisons
     ]
     record = {"models": provenance, "precision": precision, "compile": compile, "fold_batchnorm": fold_batchnorm,
+              "factor_head": factor_head,
               "device": str(run.device),
               "scene_size": scene_size, "threads": torch.get_num_threads(), "isolated_processes": isolate,
               "rows": summary}

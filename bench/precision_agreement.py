@@ -12,9 +12,10 @@ recommended: 99.9%). The fp32 reference runs on the runtime the compared precisi
 ONNX Runtime for int8, whose graphs only it runs), so each line also times both on the same samples (the runtime
 and, for int8, its quantised graphs are built before the clock starts). ``--compile`` compares the models compiled
 (``certseg certify --compile``) at ``--precision`` (fp32 too) with fp32 eager; they are compiled on a first pass over
-the first scene's samples, before the clock starts. The reference runs the checkpoints' BatchNorms as such; the
-compared runs fold them into their convolutions as ``certseg certify`` does (``--no-fold-batchnorm``: not), so
-``--precision fp32`` alone measures what folding changes. One JSON line per (method, scene) is
+the first scene's samples, before the clock starts. The reference runs the models as published (BatchNorms as
+such, HRNet's head in the official order); the compared runs fold the BatchNorms into their convolutions and factor
+the head as ``certseg certify`` does (``--no-fold-batchnorm``, ``--no-factor-head``: not), so ``--precision fp32``
+alone measures what those rewrites change. One JSON line per (method, scene) is
 written as it finishes, and a rerun skips those. Certified accuracy at each precision comes from
 ``certseg-bench --precision``.
 """
@@ -58,16 +59,23 @@ def compared_folds(precision: Precision, fold_batchnorm: bool) -> bool:
     return Settings(precision=precision, device="cpu", fold_batchnorm=fold_batchnorm).folds_batchnorm
 
 
+def compared_factors(precision: Precision, factor_head: bool) -> bool:
+    """Whether the compared runs factor HRNet's head (``Settings.factors_head``: on torch only)."""
+    from certseg.engine.runtimes.settings import Settings
+
+    return Settings(precision=precision, device="cpu", factor_head=factor_head).factors_head
+
+
 @functools.cache
 def _session(method: Method, precision: Precision, sigma: float, runtime: RuntimeName | None,
-             threads: int | None, compile: bool = False, fold: bool = False) -> Session:
-    """One session per (method, precision, σ, runtime, compile, fold) for the whole run: its runtimes are built
-    once per size."""
+             threads: int | None, compile: bool = False, fold: bool = False, factor: bool = False) -> Session:
+    """One session per (method, precision, σ, runtime, compile, fold, factor) for the whole run: its runtimes are
+    built once per size."""
     from certseg.engine.runtimes.session import Session
     from certseg.engine.runtimes.settings import Settings
 
     settings = Settings(method=method, precision=precision, sigma=sigma, device="cpu", runtime=runtime,
-                        compile=compile, fold_batchnorm=fold)
+                        compile=compile, fold_batchnorm=fold, factor_head=factor)
     return Session.open(settings, threads=threads)
 
 
@@ -77,11 +85,11 @@ _WARM: set[tuple[Any, ...]] = set()
 
 def _labels(method: Method, precision: Precision, sigma: float, image: np.ndarray, seed: int, samples: int,
             runtime: RuntimeName | None, threads: int | None, compile: bool = False, fold: bool = False,
-            ) -> tuple[np.ndarray, float]:
+            factor: bool = False) -> tuple[np.ndarray, float]:
     """Label maps (samples, H, W) of samples 0 .. samples-1 of root seed ``seed`` and the seconds they took (the
     runtime is built, and compiled models compiled, before the clock starts)."""
     size = (int(image.shape[1]), int(image.shape[2]))
-    key = (method, precision, sigma, runtime, threads, compile, fold)
+    key = (method, precision, sigma, runtime, threads, compile, fold, factor)
     _, labeller = _session(*key).runtime_for(size)
     if compile and (key, size) not in _WARM:  # compiling is a one-off per process, not the precision's speed
         list(labeller.labels(image, sigma=sigma, seed=seed, start=0, count=samples))
@@ -100,12 +108,14 @@ def labels_at(method: Method, precision: Precision, sigma: float, image: np.ndar
 
 def scene_agreement(method: Method, precision: Precision, sigma: float, image: np.ndarray, seed: int,
                     samples: int, *, threads: int | None = None, compile: bool = False,
-                    fold: bool = False) -> dict[str, Any]:
-    """``precision`` (compiled with ``compile``, BatchNorm folded with ``fold``) against fp32 eager, BatchNorm
-    unfolded, on the same samples of one scene."""
+                    fold: bool = False, factor: bool = False) -> dict[str, Any]:
+    """``precision`` (compiled with ``compile``, BatchNorm folded with ``fold``, HRNet's head factored with
+    ``factor``) against fp32 eager as published (BatchNorm unfolded, the official head), on the same samples of
+    one scene."""
     runtime = compared_runtime(precision)
     reference, reference_s = _labels(method, Precision.fp32, sigma, image, seed, samples, runtime, threads)
-    lower, lower_s = _labels(method, precision, sigma, image, seed, samples, runtime, threads, compile, fold)
+    lower, lower_s = _labels(method, precision, sigma, image, seed, samples, runtime, threads, compile, fold,
+                             factor)
     same = reference == lower
     per_sample = same.reshape(samples, -1).mean(axis=1)
     return {"pixels": int(same.size), "equal": int(same.sum()), "agreement": float(same.mean()),
@@ -127,16 +137,18 @@ def main(
                                                 "with fp32 eager")] = False,
     fold_batchnorm: Annotated[bool, typer.Option(help="the compared runs fold BatchNorm into the convolutions "
                                                       "(as certify); the fp32 reference never does")] = True,
+    factor_head: Annotated[bool, typer.Option(help="the compared runs factor HRNet's head (as certify); the fp32 "
+                                                   "reference never does")] = True,
     out: Annotated[Path, typer.Option(help="JSON lines, one per (method, scene); resumed")] = Path(
         "precision-agreement.jsonl"),
 ) -> None:
     """Per-pixel agreement of a lower precision with fp32 on the same noisy samples."""
     from certseg.bench.datasets import open_dataset
 
-    fold = compared_folds(precision, fold_batchnorm)
-    if precision == Precision.fp32 and not (compile or fold):
-        raise InputError("--precision fp32 --no-fold-batchnorm is the reference: compare bf16, fp16 or int8, or fp32 "
-                         "with --compile or folded BatchNorm")
+    fold, factor = compared_folds(precision, fold_batchnorm), compared_factors(precision, factor_head)
+    if precision == Precision.fp32 and not (compile or fold or factor):
+        raise InputError("--precision fp32 --no-fold-batchnorm --no-factor-head is the reference: compare bf16, fp16 "
+                         "or int8, or fp32 with --compile, folded BatchNorm or a factored head")
     if compile and compared_runtime(precision) != RuntimeName.torch:
         raise InputError(f"--compile compiles torch models; {precision.value} runs on ONNX Runtime")
     if samples < 1:
@@ -144,29 +156,33 @@ def main(
     set_threads(threads)
     dataset = open_dataset(None, None, images=images, scene_size=parse_size(scene_size, "--scene-size"))
     done = {(r["method"], r["scene"], r["precision"], r["samples"], r["sigma"], r["scene_size"],
-             r.get("compile", False), r.get("fold_batchnorm", False)) for r in read_lines(out)}
+             r.get("compile", False), r.get("fold_batchnorm", False), r.get("factor_head", False))
+            for r in read_lines(out)}
     for chosen in method or list(Method):
         for item in dataset.take(images):
-            key = (chosen.value, item.id, precision.value, samples, sigma, scene_size, compile, fold)
+            key = (chosen.value, item.id, precision.value, samples, sigma, scene_size, compile, fold, factor)
             if key in done:
                 continue
             image, _ = item.load()
             record = {"method": chosen.value, "scene": item.id, "precision": precision.value, "samples": samples,
                       "sigma": sigma, "scene_size": scene_size, "compile": compile, "fold_batchnorm": fold,
+                      "factor_head": factor,
                       **scene_agreement(chosen, precision, sigma, image, seed=item.index, samples=samples,
-                                         threads=threads, compile=compile, fold=fold)}
+                                         threads=threads, compile=compile, fold=fold, factor=factor)}
             append_line(out, record)
             typer.echo(f"{chosen.value} {item.id}: {record['agreement']:.5f}")
-    summarise(out, precision, samples, sigma, scene_size, compile, fold)
+    summarise(out, precision, samples, sigma, scene_size, compile, fold, factor)
 
 
 def summarise(out: Path, precision: Precision, samples: int, sigma: float, scene_size: str,
-              compile: bool = False, fold: bool = False) -> None:
+              compile: bool = False, fold: bool = False, factor: bool = False) -> None:
     """Per method: pooled agreement over all finished scenes, and the worst scene's."""
     rows = [r for r in read_lines(out)
             if (r["precision"], r["samples"], r["sigma"], r["scene_size"], r.get("compile", False),
-                r.get("fold_batchnorm", False)) == (precision.value, samples, sigma, scene_size, compile, fold)]
-    name = precision.value + (" compiled" if compile else "") + (" folded" if fold else "")
+                r.get("fold_batchnorm", False), r.get("factor_head", False))
+            == (precision.value, samples, sigma, scene_size, compile, fold, factor)]
+    name = (precision.value + (" compiled" if compile else "") + (" folded" if fold else "")
+            + (" head-factored" if factor else ""))
     for chosen in sorted({r["method"] for r in rows}):
         mine = [r for r in rows if r["method"] == chosen]
         pooled = sum(r["equal"] for r in mine) / sum(r["pixels"] for r in mine)

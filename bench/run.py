@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,7 @@ class _Sessions:
         self.timer = timer
         self.backends = backends
         self.open: dict[Setting, Session] = {}
+        self.plain: dict[Setting, Session] = {}
         self.pipelines: dict[tuple[Setting, tuple[int, int]], LabelPipeline] = {}
 
     def get(self, setting: Setting) -> Session:
@@ -147,10 +148,23 @@ class _Sessions:
         self.open[setting] = session
         return session
 
+    def baseline(self, setting: Setting) -> Session:
+        """The baseline's session: the engine's models as published, BatchNorm unfolded and HRNet's head in the
+        official order, as the authors' code runs them (the engine's own session where it rewrites neither)."""
+        settings = self.run.engine_settings(setting)
+        plain = replace(settings, fold_batchnorm=False, factor_head=False)
+        if self.backends is not None or plain == settings:
+            return self.get(setting)
+        if setting not in self.plain:
+            session = Session.open(plain, threads=self.run.config.threads or None)
+            _check_session(self.run, setting, session)
+            self.plain[setting] = session
+        return self.plain[setting]
+
     def pipeline(self, setting: Setting, size: tuple[int, int]) -> LabelPipeline:
-        """The session's models with the stage maths of its spec around them (for the baseline)."""
+        """The baseline session's models with the stage maths of its spec around them."""
         if (setting, size) not in self.pipelines:
-            session = self.get(setting)
+            session = self.baseline(setting)
             spec, _ = session.runtime_for(size)
             if not isinstance(session.backend, LocalBackend):
                 raise InputError("--baseline runs the models in this process")
@@ -321,7 +335,7 @@ def _certify_baseline(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """One baseline entry: the authors-style certifier on the same pipeline, image and seed."""
     engine = run.config.engine
-    session = sessions.get(setting)
+    session = sessions.baseline(setting)
     pipeline = sessions.pipeline(setting, tuple(image.shape[1:]))
     timer_used = timer or StageTimer(run.device)
     timer_used.reset()
@@ -420,7 +434,8 @@ def _certify_item(run: BenchRun, sessions: _Sessions, timer: StageTimer | None, 
         entry["started_at"] = started
         run.results.append(entry)
         if run.config.save_labels:
-            _save_labels(run, sessions.get(setting), entry, labels)
+            _save_labels(run, sessions.get(setting) if variant == "engine" else sessions.baseline(setting), entry,
+                         labels)
         bars.entry_done()
 
 

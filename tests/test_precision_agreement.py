@@ -42,16 +42,17 @@ def test_runs_resume_and_refuse_fp32(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["scene"] for r in lines] == sorted({r["scene"] for r in lines}) and len(lines) == 2
-    assert "bf16 folded agrees with fp32" in first.stdout and all(r["fold_batchnorm"] for r in lines)
+    assert "bf16 folded head-factored agrees with fp32" in first.stdout
+    assert all(r["fold_batchnorm"] and r["factor_head"] for r in lines)
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and len(out.read_text().splitlines()) == 2  # nothing measured twice
-    refused = subprocess.run([*command[:3], "--precision", "fp32", "--no-fold-batchnorm", "--out", str(out)],
-                             capture_output=True, text=True, timeout=300)
+    refused = subprocess.run([*command[:3], "--precision", "fp32", "--no-fold-batchnorm", "--no-factor-head", "--out",
+                              str(out)], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
-    assert "fp32 --no-fold-batchnorm is the reference" in refused.stderr
+    assert "fp32 --no-fold-batchnorm --no-factor-head is the reference" in refused.stderr
     folded = subprocess.run([*command, "--precision", "fp32", "--images", "1"], capture_output=True, text=True,
                             timeout=300)
-    assert folded.returncode == 0 and "fp32 folded agrees with fp32" in folded.stdout, folded.stderr
+    assert folded.returncode == 0 and "fp32 folded head-factored agrees with fp32" in folded.stdout, folded.stderr
 
 
 def test_int8_is_compared_with_fp32_on_onnx_runtime_and_both_are_timed(monkeypatch, tmp_path: Path) -> None:

@@ -35,9 +35,9 @@ OLD_SETTINGS_RECORD = {
     "seg_mean": None, "seg_std": None, "seg_input_size": None, "classes": None,
 }
 """The JSON ``settings`` of a default run as certseg wrote it before ``Settings`` held enums (same keys and order)."""
-ADDED_SETTINGS = {"denoise_steps": 1, "compile": False, "fold_batchnorm": True}
+ADDED_SETTINGS = {"denoise_steps": 1, "compile": False, "fold_batchnorm": True, "factor_head": True}
 """Settings added since, after the old keys, at their defaults (which give the old certificates, but
-``fold_batchnorm``'s: the runs before it did not fold)."""
+``fold_batchnorm``'s and ``factor_head``'s: the runs before them did neither)."""
 
 OLD_COMPAT = {
     "seed": 0, "n0": 10, "n": 100, "alpha": 0.001, "tau": 0.75, "fwer": "holm", "segmenter": None, "denoiser": None,
@@ -219,7 +219,8 @@ def test_a_results_file_from_before_the_new_settings_resumes_if_nothing_changed(
     ResultsFile(path).open(_header(OLD_COMPAT))
     defaults = compat_defaults()
     dataset = {**DATASET, "root": None, "resize": None}
-    unfolded = {"device": "cpu", "fold_batchnorm": False}  # the old runs' BatchNorm; folding changes last bits
+    unfolded = {"device": "cpu", "fold_batchnorm": False, "factor_head": False}  # the old runs' models: each
+    # rewrite changes last bits
     ResultsFile(path).open(_header(BenchConfig(engine=Settings(**unfolded)).compat(dataset, "cpu")), defaults)
     for batch in (None, 7):  # the file says batch 16: no batch changes an entry, so auto and 7 resume it
         ResultsFile(path).open(_header(BenchConfig(engine=Settings(**unfolded, batch=batch)).compat(dataset, "cpu")),

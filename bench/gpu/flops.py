@@ -1,5 +1,7 @@
 """FLOPs per sample (counted on the ``meta`` device: shapes only, no memory, no time) and the peak they are set
-against, so each measured time can be read as a fraction of the FLOP limit (FLOPs per image / peak FLOP/s)."""
+against, so each measured time can be read as a fraction of the FLOP limit (FLOPs per image / peak FLOP/s).
+The count is the official models' (HRNet's head in the official order); the suite runs the head factored
+(``HRNetV2.factor_head``), which does fewer, so the fraction is the official work over the time taken."""
 
 from __future__ import annotations
 

@@ -125,7 +125,8 @@ def calibrate_batchnorm(segmenter: nn.Module, images01: torch.Tensor) -> None:
 
 def build_models(profile: Profile, device: torch.device | str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """(denoiser, segmenter) in eval mode on ``device``, initialised there from ``seed`` (reproducible per device),
-    the segmenter's BatchNorm statistics calibrated on noisy copies of the suite's image, then folded."""
+    the segmenter's BatchNorm statistics calibrated on noisy copies of the suite's image, then folded and its head
+    factored (as certify runs it; on ``meta``, where FLOPs are counted, the official order)."""
     device = torch.device(device)
     torch.manual_seed(seed)
     if device.type == "cuda":
@@ -140,6 +141,7 @@ def build_models(profile: Profile, device: torch.device | str, seed: int = 0) ->
         noise = torch.randn((4, *clean.shape[1:]), generator=generator, device=device)
         calibrate_batchnorm(segmenter, (clean + profile.sigma * noise).clamp(0, 1))
         fold_batchnorm(segmenter)  # as certify's sessions run their torch models (Settings.fold_batchnorm)
+        segmenter.factor_head()  # and factor its head (Settings.factor_head)
     return denoiser, segmenter
 
 

