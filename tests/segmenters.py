@@ -33,3 +33,17 @@ def stripes_segmenter(num_classes: int):
         return (brightness * num_classes).floor().to(torch.uint8)
 
     return segment
+
+
+def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """BatchNorm statistics and affine parameters far from the identity (in place), so that a rewrite that drops,
+    misplaces or misfolds a norm shows in the output."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            size = module.num_features
+            module.running_mean.copy_(torch.randn(size, generator=generator))
+            module.running_var.copy_(torch.rand(size, generator=generator) * 3 + 0.05)
+            module.weight.data.copy_(torch.randn(size, generator=generator))
+            module.bias.data.copy_(torch.randn(size, generator=generator))
+    return model

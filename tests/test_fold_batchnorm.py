@@ -4,29 +4,16 @@ and float64 against the unfolded module), every HRNet norm is folded, and nothin
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from golden_hrnet import assert_golden_after
 from torch import nn
 
 from certseg.engine.models.fold_batchnorm import fold_batchnorm
-from certseg.engine.models.hrnet import build_hrnet
 
-
-def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Statistics and affine parameters far from the identity, so a wrong fold shows."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            size = module.num_features
-            module.running_mean.copy_(torch.randn(size, generator=generator))
-            module.running_var.copy_(torch.rand(size, generator=generator) * 3 + 0.05)
-            module.weight.data.copy_(torch.randn(size, generator=generator))
-            module.bias.data.copy_(torch.randn(size, generator=generator))
-    return model
+from segmenters import randomise_norms
 
 
 def _count(model: nn.Module, kind: type[nn.Module]) -> int:
@@ -35,24 +22,14 @@ def _count(model: nn.Module, kind: type[nn.Module]) -> int:
 
 def test_golden_parity_after_folding(golden: Path) -> None:
     """The official code's outputs on the golden config, from the folded model, within the unfolded tolerance."""
-    config = json.loads((golden / "hrnet_small.json").read_text())
-    arrays = np.load(golden / "hrnet_small.npz")
-    net = build_hrnet(config["MODEL"], config["DATASET"]["NUM_CLASSES"]).eval()
-    net.load_state_dict({k: torch.from_numpy(arrays[k]) for k in arrays.files if "." in k}, strict=True)
-    norms = _count(net, nn.BatchNorm2d)
-    assert fold_batchnorm(net) == norms > 0
-    assert _count(net, nn.BatchNorm2d) == 0
-    for inp, out in (("x", "out"), ("x_odd", "out_odd")):
-        with torch.no_grad():
-            got = net(torch.from_numpy(arrays[inp]))
-        want = torch.from_numpy(arrays[out])
-        assert (got - want).abs().max().item() <= 1e-4
-        assert torch.equal(got.argmax(1), want.argmax(1))
+    folded: list[int] = []
+    net = assert_golden_after(golden, lambda model: folded.append(fold_batchnorm(model)))
+    assert folded[0] > 0 and _count(net, nn.BatchNorm2d) == 0  # every norm folded
 
 
 def test_folded_equals_unfolded_in_float64(small_adm_and_hrnet) -> None:
     _, segmenter = small_adm_and_hrnet
-    unfolded = _randomise_norms(copy.deepcopy(segmenter)).double()
+    unfolded = randomise_norms(copy.deepcopy(segmenter)).double()
     folded = copy.deepcopy(unfolded)
     assert fold_batchnorm(folded) == _count(unfolded, nn.BatchNorm2d)
     x = torch.randn(2, 3, 40, 72, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -73,7 +50,7 @@ def test_only_conv_then_norm_in_eval_mode_is_folded() -> None:
         nn.ReLU(),
         nn.BatchNorm2d(4),
     )
-    _randomise_norms(model).eval()
+    randomise_norms(model).eval()
     reference = copy.deepcopy(model)
     assert fold_batchnorm(model) == 1
     assert [type(m).__name__ for m in model] == ["BatchNorm2d", "Conv2d", "Identity", "ReLU", "Conv2d", "ReLU",
@@ -82,7 +59,7 @@ def test_only_conv_then_norm_in_eval_mode_is_folded() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
 
-    training = _randomise_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    training = randomise_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     assert fold_batchnorm(training.train()) == 0  # batch statistics: not an affine map of the conv's output
     assert type(training[1]) is nn.BatchNorm2d
 

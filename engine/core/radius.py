@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from certseg.engine.core.certify import validate_sigma, validate_tau_alpha
 from certseg.engine.core.tails import beta, norm
 

@@ -18,13 +18,14 @@ __all__ = ["beta", "binom", "norm"]
 
 
 @functools.cache
-def _binom_sf_ufunc() -> Callable[..., np.ndarray] | None:
-    """The ufunc behind ``scipy.stats.binom.sf`` (Boost's), or None where scipy keeps it elsewhere."""
+def _boost_ufunc(name: str) -> Callable[..., np.ndarray] | None:
+    """The private ``scipy.special`` ufunc (Boost's) that ``scipy.stats`` calls, e.g. ``_binom_sf`` behind
+    ``binom.sf``, or None where this scipy keeps it elsewhere."""
     try:
-        from scipy.special._ufuncs import _binom_sf
+        from scipy.special import _ufuncs
     except ImportError:
         return None
-    return _binom_sf
+    return getattr(_ufuncs, name, None)
 
 
 class _Binomial:
@@ -34,7 +35,7 @@ class _Binomial:
     def sf(k: np.ndarray | int, n: int, p: float) -> np.ndarray | float:
         """P(X > k) for X ~ Bin(n, p), as ``scipy.stats.binom.sf(k, n, p)``: 1 below the support, 0 from n on,
         NaN for an n or p outside the distribution's domain."""
-        ufunc = _binom_sf_ufunc()
+        ufunc = _boost_ufunc("_binom_sf")
         if ufunc is None:
             from scipy.stats import binom
 
@@ -66,16 +67,6 @@ class _Normal:
         return output[()] if output.ndim == 0 else output
 
 
-@functools.cache
-def _beta_ppf_ufunc() -> Callable[..., np.ndarray] | None:
-    """The ufunc behind ``scipy.stats.beta.ppf`` (Boost's), or None where scipy keeps it elsewhere."""
-    try:
-        from scipy.special._ufuncs import _beta_ppf
-    except ImportError:
-        return None
-    return _beta_ppf
-
-
 class _Beta:
     """``scipy.stats.beta``'s ``ppf`` (the Clopper–Pearson bound of ``certseg.engine.core.radius``)."""
 
@@ -83,7 +74,7 @@ class _Beta:
     def ppf(q: np.ndarray | float, a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray | float:
         """The q-quantile of Beta(a, b), as ``scipy.stats.beta.ppf(q, a, b)``: 0 at q = 0, 1 at q = 1, NaN for
         q outside [0, 1] or a, b ≤ 0."""
-        ufunc = _beta_ppf_ufunc()
+        ufunc = _boost_ufunc("_beta_ppf")
         if ufunc is None:
             from scipy.stats import beta
 
