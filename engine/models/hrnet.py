@@ -270,10 +270,10 @@ class HRNetV2(nn.Module):
         """Run the head's first 1x1 convolution on the wide branches before they are upsampled (``forward``), not
         after; returns how many branches it factors (0: the official order).
 
-        Why this is the same function: bilinear upsampling and a 1x1 convolution are both linear, one over
-        positions and one over channels, and the upsampling weights of an output pixel sum to 1, so
-        conv(cat[y0, up(y1), ...]) = conv_0(y0) + up(conv_1(y1)) + ... with conv_k the weight columns of branch
-        k (the bias once). Float rounding differs (another summation order), as with folded BatchNorm.
+        Why this is the same function: bilinear upsampling and a bias-free 1x1 convolution are both linear maps, one
+        over positions and one over channels, so they commute, and conv(cat[y0, up(y1), ...]) = conv_0(y0) + b +
+        up(conv_1(y1)) + ... with conv_k the weight columns of branch k and the bias b added once. Float rounding
+        differs (another summation order), as with folded BatchNorm.
         Why only the wide branches: factoring branch k saves the convolution's work on its channels at branch 0's
         resolution but upsamples the head's whole width instead of branch k's; it pays where branch k holds at
         least a quarter of the head's width (shipped HRNet, 1024x2048, one thread, one sample: the official order
