@@ -52,18 +52,13 @@ def compared_runtime(precision: Precision) -> RuntimeName:
     return runtime
 
 
-def compared_folds(precision: Precision, fold_batchnorm: bool) -> bool:
-    """Whether the compared runs fold BatchNorm (``Settings.folds_batchnorm``: on torch only)."""
+def compared_rewrites(precision: Precision, fold_batchnorm: bool, factor_head: bool) -> tuple[bool, bool]:
+    """Whether the compared runs fold BatchNorm and factor HRNet's head (``Settings.folds_batchnorm``,
+    ``factors_head``: on torch only)."""
     from certseg.engine.runtimes.settings import Settings
 
-    return Settings(precision=precision, device="cpu", fold_batchnorm=fold_batchnorm).folds_batchnorm
-
-
-def compared_factors(precision: Precision, factor_head: bool) -> bool:
-    """Whether the compared runs factor HRNet's head (``Settings.factors_head``: on torch only)."""
-    from certseg.engine.runtimes.settings import Settings
-
-    return Settings(precision=precision, device="cpu", factor_head=factor_head).factors_head
+    settings = Settings(precision=precision, device="cpu", fold_batchnorm=fold_batchnorm, factor_head=factor_head)
+    return settings.folds_batchnorm, settings.factors_head
 
 
 @functools.cache
@@ -145,7 +140,7 @@ def main(
     """Per-pixel agreement of a lower precision with fp32 on the same noisy samples."""
     from certseg.bench.datasets import open_dataset
 
-    fold, factor = compared_folds(precision, fold_batchnorm), compared_factors(precision, factor_head)
+    fold, factor = compared_rewrites(precision, fold_batchnorm, factor_head)
     if precision == Precision.fp32 and not (compile or fold or factor):
         raise InputError("--precision fp32 --no-fold-batchnorm --no-factor-head is the reference: compare bf16, fp16 "
                          "or int8, or fp32 with --compile, folded BatchNorm or a factored head")

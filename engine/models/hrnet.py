@@ -263,7 +263,10 @@ class HRNetV2(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The head's input: all final branches upsampled to branch 0's size and concatenated in branch order."""
-        ys = self.branches(x)
+        return self._concatenated(self.branches(x))
+
+    def _concatenated(self, ys: list[torch.Tensor]) -> torch.Tensor:
+        """``ys`` upsampled to the first one's size and concatenated in branch order."""
         return torch.cat([ys[0]] + [_upsample_to(y, ys[0], self.align_corners) for y in ys[1:]], dim=1)
 
     def factor_head(self, enabled: bool = True) -> int:
@@ -290,7 +293,7 @@ class HRNetV2(nn.Module):
         """``last_layer`` on ``features``' concatenation, with branches from ``factored_from`` on convolved first."""
         conv = self.last_layer[0]
         late = max(1, self.factored_from or 0)  # branch 0 is at the head's resolution: nothing to factor
-        early = torch.cat([ys[0]] + [_upsample_to(y, ys[0], self.align_corners) for y in ys[1:late]], dim=1)
+        early = self._concatenated(ys[:late])
         start = early.shape[1]
         z = F.conv2d(early, conv.weight[:, :start], conv.bias)
         for y in ys[late:]:

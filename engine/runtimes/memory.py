@@ -285,6 +285,11 @@ class MemoryEstimate:
     def num_pixels(self) -> int:
         return self.image_size[0] * self.image_size[1]
 
+    @property
+    def overhead_bytes(self) -> int:
+        """The once-per-run overhead where the samples run (``CPU_OVERHEAD_BYTES`` on CPU, else ``OVERHEAD_BYTES``)."""
+        return CPU_OVERHEAD_BYTES if self.device == "cpu" else OVERHEAD_BYTES
+
     def needs(self, batch: int | None = None, num_pixels: int | None = None) -> dict[str, int]:
         """Peak bytes beyond what is already allocated (models, the image), per place."""
         batch = self.batch if batch is None else batch
@@ -301,7 +306,7 @@ class MemoryEstimate:
         sampling = MARGIN * ((SAMPLING_HOST_BYTES_PER_PIXEL + self.num_classes) * pixels + noise)
         outputs = MARGIN * OUTPUT_BYTES_PER_PIXEL * pixels
         if self.device == "cpu":
-            return {"host": int(CPU_OVERHEAD_BYTES + max(sampling + samples, outputs))}
+            return {"host": int(self.overhead_bytes + max(sampling + samples, outputs))}
         on_device = OVERHEAD_BYTES + samples + MARGIN * 12 * pixels  # plus the image's copy on the device
         return {"host": int(OVERHEAD_BYTES + max(sampling, outputs)), self.device: int(on_device)}
 
@@ -358,7 +363,7 @@ class MemoryEstimate:
             "per_sample_bytes": int(self.margin * self.pipeline.per_sample(self.num_pixels)),
             "pipeline": {"lines": [list(line) for line in self.pipeline.lines], **self.pipeline.probe},
             "margin": self.margin,
-            "overhead_bytes": CPU_OVERHEAD_BYTES if self.device == "cpu" else OVERHEAD_BYTES,
+            "overhead_bytes": self.overhead_bytes,
         }
 
 
