@@ -16,7 +16,7 @@ from test_io import png_header_only
 
 from certseg.engine.files.images import read_labels
 from certseg.engine.models.registry import shipped_models
-from certseg.engine.runtimes.process import malloc_arenas, one_malloc_arena
+from certseg.engine.runtimes.process import MALLOC_SETTINGS, malloc_arenas, malloc_environment
 
 from conftest import interrupt_when
 
@@ -83,11 +83,47 @@ def test_readme_first_command_certifies_the_shipped_sample(tmp_path: Path) -> No
     assert report["threads"]["requested"] is None and report["threads"]["torch"] >= 1
     assert report["thp_mem_alloc"] is (os.environ.get("THP_MEM_ALLOC_ENABLE", "1") == "1")
     assert report["malloc_arena_max"] == int(os.environ.get("MALLOC_ARENA_MAX", "1"))  # one heap unless the user chose
+    assert report["malloc_mmap_max"] == int(os.environ.get("MALLOC_MMAP_MAX_", "0"))  # freed memory kept
+    assert report["malloc_trim_threshold"] == int(os.environ.get("MALLOC_TRIM_THRESHOLD_", str(2**31 - 1)))
 
 
-def test_one_malloc_arena_leaves_a_users_choice_alone() -> None:
-    assert one_malloc_arena({"MALLOC_ARENA_MAX": "4"}) is False
+MALLINFO_PROBE = """
+import ctypes, json, sys
+from certseg.engine.runtimes.process import tune_malloc
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = MallInfo2, ctypes.c_void_p, [ctypes.c_void_p]
+applied = tune_malloc(json.loads(sys.argv[1]))
+before = libc.mallinfo2().hblks
+block = libc.malloc(64 << 20)
+mmapped = libc.mallinfo2().hblks - before
+libc.free(block)
+print(json.dumps({"applied": applied, "mmapped": mmapped, "free_kept": libc.mallinfo2().fordblks}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_tune_malloc_keeps_large_blocks_in_the_heap_unless_the_user_chose() -> None:
+    """A 64 MiB block (over glibc's mmap threshold) comes from the heap and stays there once freed; glibc's default
+    maps it and unmaps it on free; a user's variables win over certseg's values."""
+    def probe(users: dict[str, str]) -> dict:
+        done = subprocess.run([sys.executable, "-c", MALLINFO_PROBE, json.dumps(users)], capture_output=True,
+                              text=True, check=True, env={k: v for k, v in os.environ.items() if "MALLOC" not in k})
+        return json.loads(done.stdout)
+
+    tuned = probe({})
+    assert tuned["applied"] == {s.variable: s.value for s in MALLOC_SETTINGS}
+    assert tuned["mmapped"] == 0 and tuned["free_kept"] >= 64 << 20
+    users = probe({s.variable: "1" for s in MALLOC_SETTINGS})
+    assert users["applied"] == {} and users["mmapped"] == 1 and users["free_kept"] < 64 << 20
+
+
+def test_malloc_environment_leaves_a_users_choice_alone() -> None:
     assert malloc_arenas({"MALLOC_ARENA_MAX": "4"}) == 4
+    child = malloc_environment({"MALLOC_ARENA_MAX": "4"})
+    assert child == {"MALLOC_ARENA_MAX": "4", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
 @needs_shipped
