@@ -102,6 +102,7 @@ def test_the_bench_baseline_runs_the_models_as_published(tmp_path: Path) -> None
     engine, baseline = sessions.get(setting).segmenter.module, sessions.baseline(setting).segmenter.module
     assert engine.factored_from == 2 and not any(isinstance(m, nn.BatchNorm2d) for m in engine.modules())
     assert baseline.factored_from is None and any(isinstance(m, nn.BatchNorm2d) for m in baseline.modules())
+    assert engine.pointwise_fused and not baseline.pointwise_fused
     plain = Settings(device="cpu", fold_batchnorm=False, factor_head=False)
     run = prepare(BenchConfig(engine=plain, images=1, methods=("segcertify",), sigmas=(0.25,), out=tmp_path / "b",
                               baseline=True, scene_size=(32, 64)))

@@ -36,6 +36,8 @@ def _cached_model(ref: str, role: Role, device: str, stamp: tuple[int, int] | No
     loaded = load_model(ref, role, device=device)
     if fold:
         fold_batchnorm(loaded.module)
+        if hasattr(loaded.module, "fuse_pointwise"):  # HRNet: with its norms folded, each conv's ReLU/add fused too
+            loaded.module.fuse_pointwise()
     if factor and hasattr(loaded.module, "factor_head"):
         loaded.module.factor_head()
     return loaded
@@ -43,7 +45,8 @@ def _cached_model(ref: str, role: Role, device: str, stamp: tuple[int, int] | No
 
 def _open_model(ref: str, role: Role, device: str, fold: bool = False, factor: bool = False) -> LoadedModel:
     """A model loaded once per process, and again when its file changed (re-exported to the same path);
-    ``fold``: its BatchNorms folded into their convolutions; ``factor``: an HRNet's head factored
+    ``fold``: its BatchNorms folded into their convolutions (and an HRNet's ReLUs and residual adds fused into them
+    where the kernels allow, ``HRNetV2.fuse_pointwise``); ``factor``: an HRNet's head factored
     (``HRNetV2.factor_head``); each combination a copy of its own, cached apart."""
     path, _ = resolve(ref)
     stat = path.stat() if path.is_file() else None
