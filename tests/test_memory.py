@@ -19,6 +19,7 @@ from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.models.registry import shipped_models
 from certseg.engine.runtimes import memory
 from certseg.engine.runtimes import session as session_module
+from certseg.engine.runtimes.process import enable_huge_pages, malloc_environment
 from certseg.engine.runtimes.session import Session, Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,11 +251,12 @@ print(json.dumps({"growth": status("VmHWM:") - before, "estimate": record["memor
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
 @pytest.mark.parametrize("method", ["segcertify", "denoisecertify"])
 def test_estimate_covers_the_measured_peak_of_a_real_run_within_a_sane_factor(method: str, tmp_path: Path) -> None:
-    """A fresh process (probe included, as on a first run; torch's huge-page allocator on, as the commands run
-    it) certifies a 384x768 image at batch 4 and writes the outputs: its peak resident memory growth stays under
-    the estimate, and the estimate under 2.5× the growth."""
-    env = dict(os.environ, CERTSEG_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="2",
-               THP_MEM_ALLOC_ENABLE="1")  # huge pages, as the console entry points set them
+    """A fresh process (probe included, as on a first run; glibc's malloc and torch's allocator set as the
+    commands set them) certifies a 384x768 image at batch 4 and writes the outputs: its peak resident memory growth
+    stays under the estimate, and the estimate under 2.5× the growth."""
+    env = dict(os.environ, CERTSEG_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    malloc_environment(env)
+    enable_huge_pages(env)
     done = subprocess.run([sys.executable, "-c", MEASURE, method, "384", "768", "4", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr

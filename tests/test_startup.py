@@ -126,11 +126,17 @@ def test_denoisecertify_against_a_server_imports_torch_only_to_measure_a_new_ima
     assert first["timestep"] == second["timestep"] and first["pipeline"] == second["pipeline"]
 
 
-@pytest.mark.parametrize("given, expected", [(None, "1"), ("0", "0"), ("1", "1")])
-def test_entry_points_turn_huge_pages_on_unless_the_user_chose(given: str | None, expected: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if given is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = given
+@pytest.mark.parametrize("given, mmap_max, expected", [
+    (None, None, None),  # certseg keeps large blocks in glibc's heap: no huge-page alignment
+    (None, "65536", "1"),  # the user lets glibc map them: huge pages on
+    ("0", "65536", "0"), ("1", None, "1"),  # the user's choice wins either way
+])
+def test_entry_points_turn_huge_pages_on_where_glibc_maps_large_blocks_unless_the_user_chose(
+        given: str | None, mmap_max: str | None, expected: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_MAX_")}
+    for name, value in (("THP_MEM_ALLOC_ENABLE", given), ("MALLOC_MMAP_MAX_", mmap_max)):
+        if value is not None:
+            env[name] = value
     for program in SCRIPTS:
         assert run_script(program, "--help", env=env)["thp"] == expected, program
 

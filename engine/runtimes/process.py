@@ -1,5 +1,5 @@
-"""What a certseg process sets before its models run: torch's huge-page CPU allocator, glibc's malloc (one heap,
-freed memory kept), the CPU threads.
+"""What a certseg process sets before its models run: glibc's malloc (one heap, large blocks kept in it), torch's
+huge-page CPU allocator where glibc does not keep them, the CPU threads.
 
 All are process-wide. The allocator setting is an environment variable torch reads before its first large
 allocation, so the console entry points set it first thing, before torch is imported (this module imports torch
@@ -18,7 +18,11 @@ from certseg.engine.errors import InputError
 
 HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
 """torch's switch ("1") for 2 MiB-aligned CPU allocations advised as transparent huge pages (Linux): fewer page
-faults for the large noise, activation and logit tensors (measured at 256x512: kernel time 4.29 -> 3.05 s)."""
+faults for large tensors that glibc maps fresh from the kernel on every call (measured with glibc's defaults, at
+256x512: kernel time 4.29 -> 3.05 s). Where ``tune_malloc`` keeps large blocks in the heap, pages are faulted once
+and reused, and the 2 MiB alignment only fragments the heap: shipped HRNet, SegCertify, one thread, engine alone,
+2 runs each, on / off: 1024x2048 71.9-75.0 / 71.7-71.7 s, peak RSS 1297-1809 / 1116-1169 MiB; 512x1024
+18.6-18.9 / 17.9-18.3 s, 505-740 / 491-522 MiB. So it is on only where glibc maps large blocks."""
 
 THREADS_HELP = (
     "CPU threads for torch and ONNX Runtime (default: their own, all cores); on a machine other busy processes "
@@ -28,14 +32,20 @@ THREADS_HELP = (
 
 
 def enable_huge_pages(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Turn torch's huge-page allocator on unless the user set the variable (either way); returns whether it is
-    on. Call before torch is imported."""
-    environ.setdefault(HUGE_PAGES, "1")
+    """Turn torch's huge-page allocator on where glibc maps large blocks (``HUGE_PAGES``: the user set
+    ``MALLOC_MMAP_MAX_`` to allow them, or ``tune_malloc`` cannot run), unless the user set the variable (either
+    way); returns whether it is on. Call before torch is imported."""
+    if not heap_keeps_large_blocks(environ):
+        environ.setdefault(HUGE_PAGES, "1")
     return huge_pages_enabled(environ)
 
 
 MALLOC_ARENAS = "MALLOC_ARENA_MAX"
 """glibc's cap on its heaps (arenas); by default each thread that allocates may get its own."""
+
+
+MMAP_MAX = "MALLOC_MMAP_MAX_"
+"""glibc's cap on blocks it maps from the kernel (each over its mmap threshold); 0: none, all come from the heap."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,7 @@ class MallocSetting:
 
 MALLOC_SETTINGS: tuple[MallocSetting, ...] = (
     MallocSetting(MALLOC_ARENAS, -8, 1),
-    MallocSetting("MALLOC_MMAP_MAX_", -4, 0),
+    MallocSetting(MMAP_MAX, -4, 0),
     MallocSetting("MALLOC_TRIM_THRESHOLD_", -1, 2**31 - 1),
 )
 """One heap, no ``mmap``'d blocks, nothing handed back to the kernel: freed memory is reused, not refaulted.
@@ -71,14 +81,29 @@ _TUNED: dict[str, int] = {}
 """The settings ``tune_malloc`` applied in this process, by variable."""
 
 
-def tune_malloc(environ: MutableMapping[str, str] = os.environ) -> dict[str, int]:
-    """Apply ``MALLOC_SETTINGS`` to this process with ``mallopt``, each unless the user set its variable; returns
-    those applied. Call before any thread allocates."""
+def _mallopt() -> Any:
+    """glibc's ``mallopt`` in this process, or None (another C library)."""
     try:
         import ctypes
 
-        mallopt = ctypes.CDLL(None).mallopt
+        return ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
+        return None
+
+
+def heap_keeps_large_blocks(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether this process's large blocks stay in glibc's heap (``MALLOC_MMAP_MAX_`` 0, from ``tune_malloc`` or
+    the user)."""
+    if _mallopt() is None:
+        return False
+    return environ.get(MMAP_MAX, "0").strip() == "0"
+
+
+def tune_malloc(environ: MutableMapping[str, str] = os.environ) -> dict[str, int]:
+    """Apply ``MALLOC_SETTINGS`` to this process with ``mallopt``, each unless the user set its variable; returns
+    those applied. Call before any thread allocates."""
+    mallopt = _mallopt()
+    if mallopt is None:
         return {}
     for setting in MALLOC_SETTINGS:
         if setting.variable not in environ and mallopt(setting.mallopt_number, setting.value):
@@ -135,5 +160,5 @@ def process_record(threads: int | None) -> dict[str, Any]:
     torch = sys.modules.get("torch")
     return {"threads": {"requested": threads, "torch": None if torch is None else torch.get_num_threads()},
             "thp_mem_alloc": huge_pages_enabled(), "malloc_arena_max": malloc_arenas(),
-            "malloc_mmap_max": malloc_setting("MALLOC_MMAP_MAX_"),
+            "malloc_mmap_max": malloc_setting(MMAP_MAX),
             "malloc_trim_threshold": malloc_setting("MALLOC_TRIM_THRESHOLD_")}
