@@ -226,21 +226,13 @@ def _make_transition(previous: Sequence[int], current: Sequence[int]) -> nn.Modu
     return nn.ModuleList(layers)
 
 
-def _apply_transition(transition: nn.ModuleList, ys: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Branch i takes ys[i]; new branches take the lowest-resolution output ys[-1]."""
+def _apply_transition(transition: nn.ModuleList, ys: list[torch.Tensor], fused: bool = False) -> list[torch.Tensor]:
+    """Branch i takes ys[i]; new branches take the lowest-resolution output ys[-1]. ``fused``: folded norms, each
+    layer's convolution and ReLU in one call (``fused_conv``)."""
     out = []
     for i, layer in enumerate(transition):
         src = ys[i] if i < len(ys) else ys[-1]
-        out.append(src if layer is None else layer(src))
-    return out
-
-
-def _fused_transition(transition: nn.ModuleList, ys: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``_apply_transition`` with folded norms and fused kernels."""
-    out = []
-    for i, layer in enumerate(transition):
-        src = ys[i] if i < len(ys) else ys[-1]
-        out.append(src if layer is None else fused_conv.sequential(layer, src))
+        out.append(src if layer is None else fused_conv.sequential(layer, src) if fused else layer(src))
     return out
 
 
@@ -348,7 +340,7 @@ class HRNetV2(nn.Module):
         x = fused_conv.conv2d(self.conv2, x, relu=True)
         ys = [_fused_blocks(self.layer1, x)]
         for n in (2, 3, 4):
-            xs = _fused_transition(getattr(self, f"transition{n - 1}"), ys)
+            xs = _apply_transition(getattr(self, f"transition{n - 1}"), ys, fused=True)
             for module in getattr(self, f"stage{n}"):
                 xs = module.fused_forward(xs)
             ys = xs
