@@ -114,7 +114,8 @@ class Settings:
         "JSON records it)")
     fold_batchnorm: bool = _option(
         True, "torch runtime: fold each BatchNorm into the convolution before it (one pass fewer per norm; the same "
-        "function up to float rounding, as channels-last already is; ONNX Runtime folds its graphs itself)")
+        "function up to float rounding, as channels-last already is; ONNX Runtime folds its graphs itself); HRNet "
+        "then also runs each convolution with its ReLU and residual add in one call on CPU fp32")
     factor_head: bool = _option(
         True, "torch runtime, HRNet segmenters: convolve the head's wide low-resolution branches before upsampling "
         "them, not after (upsampling and a 1x1 convolution commute: the same function up to float rounding, "
