@@ -57,8 +57,8 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, relu: bool = False, add: torch.Tens
     if relu:
         return torch.ops.mkldnn._convolution_pointwise(
             x, conv.weight, conv.bias, padding, stride, dilation, groups, "relu", [], "")
-    # No post-op (oneDNN has no "none" attribute): its plain convolution; on 1x1 convolutions faster than the
-    # im2col-free path F.conv2d takes there (48->240 channels at 256x512: 35 ms against 48, one thread).
+    # No post-op (oneDNN has no "none" attribute): its plain convolution; on the 1x1 convolutions faster than the
+    # path F.conv2d takes there (at 256x512, one thread: 64->128 channels 23 ms against 28, 16->64 3.0 against 5.0).
     return torch.mkldnn_convolution(x, conv.weight, conv.bias, padding, stride, dilation, groups)
 
 
