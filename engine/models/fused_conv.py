@@ -4,8 +4,8 @@ Why: with BatchNorm folded (``fold_batchnorm``), what is left of HRNet's time be
 memory-bound passes over activations: a ReLU after a convolution, a residual ``out + x`` and its ReLU, each reading
 and writing a whole tensor. oneDNN, which runs torch's CPU convolutions, can apply them to each output tile while it
 is still in cache (its "post-ops"); torch exposes that as ``torch.ops.mkldnn._convolution_pointwise``, the kernels
-its own inductor compiler emits for the same pattern. The convolution is the same; the add and the ReLU are exact
-in float (one rounding each, in the same order), so outputs are those of the unfused model up to the convolution
+its own inductor compiler emits for the same pattern. The convolution is the same, the add rounds once as the
+separate operator does and the ReLU is exact, so outputs are those of the unfused model up to the convolution
 algorithm oneDNN picks for the call, which it also picks for ``F.conv2d`` on these shapes (the shipped HRNet:
 identical bits, measured).
 
