@@ -11,10 +11,10 @@ were identical; everything is also in ``OUT/results.jsonl`` and ``OUT/report.md`
 ``--isolate`` (default) runs the engine and then the baseline each in a fresh process (the second resumes the
 results file and computes only the baseline entries), so each variant's peak RSS is its own, not the larger of the
 two; ``--no-isolate`` runs both in this process, as before. Isolated, each side runs in the environment its
-program would: the engine process turns torch's huge-page allocator on and sets glibc's malloc as ``certseg`` and
-``certseg-bench`` do (``process.MALLOC_SETTINGS``; each unless its variable is set), the baseline's gets the
-environment as it is (the published code sets nothing); the `session` line each process writes to the results
-records whether huge pages were on (``thp_mem_alloc``).
+program would: the engine process allocates as ``certseg`` and ``certseg-bench`` do (glibc's malloc keeping large
+blocks in its heap, torch's huge pages only where it does not: ``process.allocators_environment``; each unless its
+variable is set), the baseline's gets the environment as it is (the published code sets nothing); the `session`
+line each process writes to the results records whether huge pages were on (``thp_mem_alloc``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from certseg.engine.errors import CheckpointError
 from certseg.engine.models.adm import build_adm
 from certseg.engine.models.hrnet import build_hrnet
 from certseg.engine.models.registry import default_model, save_model
-from certseg.engine.runtimes.process import enable_huge_pages, malloc_environment
+from certseg.engine.runtimes.process import allocators_environment
 from certseg.engine.runtimes.settings import Settings
 from certseg.training import scenes
 from certseg.training.architectures import SMALL_ADM, SMALL_HRNET
@@ -115,9 +115,8 @@ def main(
                 *(() if device is None else ("--device", device))]
         for part in ("engine", "baseline"):  # the baseline run resumes the file: it computes its own entries only
             environ = dict(os.environ)
-            if part == "engine":  # as certseg sets them: torch's huge pages, glibc's malloc (read at start)
-                enable_huge_pages(environ)
-                malloc_environment(environ)
+            if part == "engine":  # allocating as certseg does (glibc reads its variables at start)
+                allocators_environment(environ)
             code = subprocess.run([sys.executable, "-m", "certseg.bench.baseline_compare", *argv, "--variant", part],
                                   check=False, env=environ).returncode
             if code != 0:

@@ -13,7 +13,7 @@ The noise and the stage maths cannot make the digest depend on the batch; the mo
 may pick another convolution kernel for a batch of 1, whose outputs differ in the last bits, and then a few
 pixels' counts (so the digest) differ between batch 1 and larger batches. The sweep reports which batches gave
 which digest. Each child allocates as ``certseg``'s commands do (glibc keeping large blocks in its heap, torch's
-huge pages only where it does not: ``process.malloc_environment``, ``enable_huge_pages``). ``--env NAME=VALUE``
+huge pages only where it does not: ``process.allocators_environment``). ``--env NAME=VALUE``
 runs every child with extra environment, which wins over those, to compare allocator settings: with glibc's
 defaults (``--env MALLOC_MMAP_MAX_=65536``) much of the system time that grows with the batch is page faults on
 the models' activations, which glibc serves from fresh ``mmap``s above 32 MiB.
@@ -41,7 +41,7 @@ from certseg.bench.results import append_line, read_lines
 from certseg.engine.commands.cli_common import run_cli
 from certseg.engine.digest import certificate_sha256
 from certseg.engine.errors import InputError
-from certseg.engine.runtimes.process import enable_huge_pages, malloc_environment
+from certseg.engine.runtimes.process import allocators_environment
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0], rich_markup_mode=None)
 
@@ -93,7 +93,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """``spec`` in a fresh process with ``spec["threads"]`` OpenMP threads; its report plus its own rusage."""
     env = dict(os.environ, **parse_env(spec.get("env", "")), OMP_NUM_THREADS=str(spec["threads"]),
                MKL_NUM_THREADS=str(spec["threads"]))
-    enable_huge_pages(malloc_environment(env))  # as the console entry points set them; the user's --env wins
+    allocators_environment(env)  # as the console entry points set them; the user's --env wins
     command = [sys.executable, "-m", "certseg.bench.batch_sweep", "--child", json.dumps(spec)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()

@@ -33,7 +33,7 @@ from certseg.engine.commands.cli_common import (
 )
 from certseg.engine.errors import CertsegError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
-from certseg.engine.runtimes.process import enable_huge_pages, tune_malloc
+from certseg.engine.runtimes.process import tune_allocators
 from certseg.engine.runtimes.settings import Settings
 
 MULTI_VALUE_OPTIONS: tuple[str, ...] = ("--method", "--sigma", "--scale", "--denoise-steps", "--server")
@@ -190,8 +190,7 @@ def bench(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    enable_huge_pages()  # before anything imports torch
-    tune_malloc()  # before the runtime's helper thread allocates
+    tune_allocators()  # before anything imports torch or the runtime's helper thread allocates
     run_cli(app, "certseg-bench", expand_multi_values(sys.argv[1:] if argv is None else argv))
 
 

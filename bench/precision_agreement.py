@@ -35,7 +35,7 @@ from certseg.bench.results import append_line, read_lines
 from certseg.engine.choices import Method, Precision, RuntimeName
 from certseg.engine.commands.cli_common import one_line_errors, run_cli
 from certseg.engine.errors import InputError
-from certseg.engine.runtimes.process import THREADS_HELP, enable_huge_pages, set_threads, tune_malloc
+from certseg.engine.runtimes.process import THREADS_HELP, set_threads, tune_allocators
 
 if TYPE_CHECKING:
     from certseg.engine.runtimes.session import Session
@@ -193,6 +193,5 @@ def summarise(out: Path, precision: Precision, samples: int, sigma: float, scene
 
 
 if __name__ == "__main__":
-    enable_huge_pages()
-    tune_malloc()
+    tune_allocators()
     run_cli(app, "certseg-bench")

@@ -19,7 +19,7 @@ from certseg.engine.limits import DEFAULT_MAX_PIXELS
 from certseg.engine.models.registry import shipped_models
 from certseg.engine.runtimes import memory
 from certseg.engine.runtimes import session as session_module
-from certseg.engine.runtimes.process import enable_huge_pages, malloc_environment
+from certseg.engine.runtimes.process import allocators_environment
 from certseg.engine.runtimes.session import Session, Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,8 +255,7 @@ def test_estimate_covers_the_measured_peak_of_a_real_run_within_a_sane_factor(me
     commands set them) certifies a 384x768 image at batch 4 and writes the outputs: its peak resident memory growth
     stays under the estimate, and the estimate under 2.5× the growth."""
     env = dict(os.environ, CERTSEG_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
-    malloc_environment(env)
-    enable_huge_pages(env)
+    allocators_environment(env)
     done = subprocess.run([sys.executable, "-c", MEASURE, method, "384", "768", "4", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr

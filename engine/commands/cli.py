@@ -22,7 +22,7 @@ from certseg.engine.commands.cli_common import (
 )
 from certseg.engine.errors import CertsegError
 from certseg.engine.limits import DEFAULT_MAX_PIXELS
-from certseg.engine.runtimes.process import check_threads, enable_huge_pages, tune_malloc
+from certseg.engine.runtimes.process import check_threads, tune_allocators
 from certseg.engine.runtimes.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -167,8 +167,7 @@ def serve(
 
 
 def main() -> None:
-    enable_huge_pages()  # before anything imports torch
-    tune_malloc()  # before the runtime's helper thread allocates
+    tune_allocators()  # before anything imports torch or the runtime's helper thread allocates
     run_cli(app, "certseg")
 
 

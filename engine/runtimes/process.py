@@ -119,6 +119,21 @@ def malloc_environment(environ: MutableMapping[str, str]) -> MutableMapping[str,
     return environ
 
 
+def tune_allocators(environ: MutableMapping[str, str] = os.environ) -> None:
+    """This process's allocators as certseg's commands set them: glibc's malloc (``tune_malloc``), torch's huge
+    pages where glibc maps large blocks (``enable_huge_pages``). Call first thing: before torch is imported and
+    before any thread allocates."""
+    enable_huge_pages(environ)
+    tune_malloc(environ)
+
+
+def allocators_environment(environ: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """``environ`` for a child process that should allocate as certseg's commands do (``malloc_environment``,
+    then ``enable_huge_pages``, which reads it); the variables already set there win."""
+    enable_huge_pages(malloc_environment(environ))
+    return environ
+
+
 def malloc_setting(variable: str, environ: MutableMapping[str, str] = os.environ) -> int | None:
     """One glibc parameter in this process as set by the user or by ``tune_malloc`` (None: glibc's default)."""
     value = environ.get(variable)
