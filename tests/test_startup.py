@@ -126,19 +126,22 @@ def test_denoisecertify_against_a_server_imports_torch_only_to_measure_a_new_ima
     assert first["timestep"] == second["timestep"] and first["pipeline"] == second["pipeline"]
 
 
-@pytest.mark.parametrize("given, mmap_max, expected", [
-    (None, None, None),  # certseg keeps large blocks in glibc's heap: no huge-page alignment
-    (None, "65536", "1"),  # the user lets glibc map them: huge pages on
-    ("0", "65536", "0"), ("1", None, "1"),  # the user's choice wins either way
+@pytest.mark.parametrize("given, mmap_max, expected, expected_export", [
+    # certseg keeps large blocks in glibc's heap: no huge-page alignment; export leaves glibc mapping them: on
+    (None, None, None, "1"),
+    (None, "65536", "1", "1"),  # the user lets glibc map them: huge pages on
+    (None, "0", None, None),  # the user keeps them in the heap, export included
+    ("0", "65536", "0", "0"), ("1", None, "1", "1"),  # the user's choice wins either way
 ])
 def test_entry_points_turn_huge_pages_on_where_glibc_maps_large_blocks_unless_the_user_chose(
-        given: str | None, mmap_max: str | None, expected: str | None) -> None:
+        given: str | None, mmap_max: str | None, expected: str | None, expected_export: str | None) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_MAX_")}
     for name, value in (("THP_MEM_ALLOC_ENABLE", given), ("MALLOC_MMAP_MAX_", mmap_max)):
         if value is not None:
             env[name] = value
     for program in SCRIPTS:
-        assert run_script(program, "--help", env=env)["thp"] == expected, program
+        want = expected_export if program == "certseg-export" else expected
+        assert run_script(program, "--help", env=env)["thp"] == want, program
 
 
 def test_tails_equal_scipy_stats_bit_for_bit() -> None:

@@ -33,8 +33,8 @@ THREADS_HELP = (
 
 def enable_huge_pages(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Turn torch's huge-page allocator on where glibc maps large blocks (``HUGE_PAGES``: the user set
-    ``MALLOC_MMAP_MAX_`` to allow them, or ``tune_malloc`` cannot run), unless the user set the variable (either
-    way); returns whether it is on. Call before torch is imported."""
+    ``MALLOC_MMAP_MAX_`` to allow them, or ``tune_malloc`` did not run or cannot), unless the user set the variable
+    (either way); returns whether it is on. Call before torch is imported, after ``tune_malloc`` where it runs."""
     if not heap_keeps_large_blocks(environ):
         environ.setdefault(HUGE_PAGES, "1")
     return huge_pages_enabled(environ)
@@ -92,11 +92,14 @@ def _mallopt() -> Any:
 
 
 def heap_keeps_large_blocks(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Whether this process's large blocks stay in glibc's heap (``MALLOC_MMAP_MAX_`` 0, from ``tune_malloc`` or
-    the user)."""
+    """Whether large blocks stay in glibc's heap (``MALLOC_MMAP_MAX_`` 0) in a process with ``environ``: as the
+    user set the variable there, else as ``tune_malloc`` set it in this process. A command that never tunes malloc
+    (``certseg-export``) keeps glibc's default, which maps them."""
     if _mallopt() is None:
         return False
-    return environ.get(MMAP_MAX, "0").strip() == "0"
+    if MMAP_MAX in environ:
+        return environ[MMAP_MAX].strip() == "0"
+    return _TUNED.get(MMAP_MAX) == 0
 
 
 def tune_malloc(environ: MutableMapping[str, str] = os.environ) -> dict[str, int]:
@@ -120,11 +123,11 @@ def malloc_environment(environ: MutableMapping[str, str]) -> MutableMapping[str,
 
 
 def tune_allocators(environ: MutableMapping[str, str] = os.environ) -> None:
-    """This process's allocators as certseg's commands set them: glibc's malloc (``tune_malloc``), torch's huge
-    pages where glibc maps large blocks (``enable_huge_pages``). Call first thing: before torch is imported and
-    before any thread allocates."""
-    enable_huge_pages(environ)
+    """This process's allocators as certseg's commands set them: glibc's malloc (``tune_malloc``), then torch's
+    huge pages where glibc still maps large blocks (``enable_huge_pages``, which reads what ``tune_malloc`` applied).
+    Call first thing: before torch is imported and before any thread allocates."""
     tune_malloc(environ)
+    enable_huge_pages(environ)
 
 
 def allocators_environment(environ: MutableMapping[str, str]) -> MutableMapping[str, str]:
