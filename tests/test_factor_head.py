@@ -9,11 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from golden_hrnet import assert_golden_after
 from torch import nn
 
 from certseg.engine.models.fold_batchnorm import fold_batchnorm
-from certseg.engine.models.hrnet import HRNET_W48, HRNetV2, build_hrnet
+from certseg.engine.models.hrnet import (
+    HRNET_W48,
+    HRNetV2,
+    _rows_upsample_exactly,
+    _upsample_rows,
+    _upsample_to,
+    build_hrnet,
+)
 from certseg.training.architectures import SMALL_HRNET
 
 from segmenters import randomise_norms
@@ -108,3 +116,69 @@ def test_the_bench_baseline_runs_the_models_as_published(tmp_path: Path) -> None
                               baseline=True, scene_size=(32, 64)))
     sessions = _Sessions(run, None)
     assert sessions.baseline(setting) is sessions.get(setting)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+def test_rows_upsampled_from_a_band_are_the_bits_of_the_whole(scale: int, channels_last: bool) -> None:
+    """Every band (edges on and off the scale's multiples, one row, the image's edges) from the source rows it
+    needs gives the whole upsampling's bits; the rule admits exactly the power-of-two heights without aligned
+    corners."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 5, 6, 7, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=layout)
+    like = torch.empty(1, 1, 6 * scale, 19)
+    assert _rows_upsample_exactly(x, like, align_corners=False)
+    whole = _upsample_to(x, like, align_corners=False)
+    height = like.shape[-2]
+    for top in range(height):
+        for bottom in {top + 1, min(height, top + 3), min(height, top + scale + 1), height}:
+            assert torch.equal(_upsample_rows(x, like, top, bottom, False), whole[:, :, top:bottom]), (top, bottom)
+
+
+def test_bands_are_refused_where_their_weights_would_be_other_numbers() -> None:
+    x = torch.randn(1, 2, 6, 7, generator=torch.Generator().manual_seed(4))
+    assert not _rows_upsample_exactly(x, torch.empty(1, 1, 24, 28), align_corners=True)
+    assert not _rows_upsample_exactly(x, torch.empty(1, 1, 18, 28), align_corners=False)  # 3x: not dyadic
+    assert not _rows_upsample_exactly(x, torch.empty(1, 1, 25, 28), align_corners=False)  # not a multiple
+    # and the source row on each side is needed: without it a band's edge rows are clamped, other numbers
+    like = torch.empty(1, 1, 24, 7)
+    clamped = F.interpolate(x[:, :, 2:3], size=(4, 7), mode="bilinear", align_corners=False)
+    assert not torch.equal(clamped, _upsample_rows(x, like, 8, 12, False))
+
+
+@pytest.mark.parametrize("size", [(128, 192), (97, 203)])
+def test_the_fused_head_in_bands_gives_the_bits_of_the_whole_head(size: tuple[int, int],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folded, factored and fused (CPU float32), channels-last: bands of 3 rows (edges off the branches' scales),
+    two samples, against the same model in one band; at odd sizes (heights not a power of two apart) and in
+    channels-first layout it runs in one band."""
+    import certseg.engine.models.hrnet as hrnet
+
+    torch.manual_seed(0)
+    model = randomise_norms(build_hrnet(SMALL_HRNET, 5)).eval()
+    fold_batchnorm(model)
+    model.factor_head()
+    assert model.fuse_pointwise()
+    bands: list[tuple[int, int]] = []
+    original = hrnet._upsample_rows
+
+    def recorded(x: torch.Tensor, like: torch.Tensor, top: int, bottom: int, ac: bool) -> torch.Tensor:
+        bands.append((top, bottom))
+        return original(x, like, top, bottom, ac)
+
+    monkeypatch.setattr(hrnet, "_upsample_rows", recorded)
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    for layout in (torch.channels_last, torch.contiguous_format):
+        inputs = x.contiguous(memory_format=layout)
+        with torch.no_grad():
+            model.head_band_bytes, model.head_band_min_rows = 2**40, 1
+            whole = model(inputs)
+            bands.clear()
+            model.head_band_bytes, model.head_band_min_rows = 1, 3
+            banded = model(inputs)
+        height = whole.shape[-2]
+        assert torch.equal(banded, whole), layout
+        if size == (128, 192) and layout == torch.channels_last:
+            assert (0, 3) in bands and (height - height % 3, height) in bands and len(bands) == 2 * 2 * -(-height // 3)
+        else:
+            assert bands == [(0, height)] * 2  # one band, the whole batch: two parts

@@ -162,3 +162,25 @@ def test_a_session_that_folds_its_norms_fuses_and_the_baseline_does_not() -> Non
     with torch.inference_mode():  # as the runtime calls it
         torch.testing.assert_close(folded.segmenter.module(x), unfolded.segmenter.module(x), rtol=1e-4, atol=1e-4)
         assert fused_conv.applies(x, folded.segmenter.module.conv1)
+
+
+@pytest.mark.parametrize("x_last", [False, True])
+@pytest.mark.parametrize("out_last", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_in_place_add_relu_convolution_writes_only_into_its_output(x_last: bool, out_last: bool,
+                                                                       batch: int) -> None:
+    """``relu(conv1x1(x) + out)`` into ``out``, against float64; ``out`` a band of rows of a larger tensor, either
+    layout: the rows outside it untouched."""
+    torch.manual_seed(2)
+    weight, bias = torch.randn(6, 10, 1, 1)[:, 2:7], torch.randn(6)  # a slice of columns, as the head passes
+    x = torch.randn(batch, 5, 7, 9).contiguous(memory_format=torch.channels_last if x_last else torch.contiguous_format)
+    whole = torch.randn(batch, 6, 12, 9).contiguous(
+        memory_format=torch.channels_last if out_last else torch.contiguous_format)
+    before = whole.clone()
+    band = whole[:, :, 3:10]
+    want = F.relu(F.conv2d(x.double(), weight.double(), bias.double()) + band.double())
+    with torch.no_grad():
+        got = fused_conv.conv1x1_add_relu_(band, x, weight, bias)
+    assert got.data_ptr() == band.data_ptr() and (want == 0).any() and (want > 0).any()
+    torch.testing.assert_close(whole[:, :, 3:10].double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(whole[:, :, :3], before[:, :, :3]) and torch.equal(whole[:, :, 10:], before[:, :, 10:])

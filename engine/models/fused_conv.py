@@ -30,6 +30,7 @@ def applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
         and x.dtype == conv.weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, _POINTWISE)
+        and hasattr(torch.ops.mkldnn, _POINTWISE + "_")
         and not torch.is_autocast_enabled("cpu")
         and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
         and not torch.jit.is_tracing()
@@ -65,6 +66,16 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, relu: bool = False, add: torch.Tens
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 1x1 convolution (stride 1) by weights alone (HRNet's factored head convolves with slices of one)."""
     return torch.mkldnn_convolution(x, weight, bias, [0, 0], [1, 1], [1, 1], 1)
+
+
+def conv1x1_add_relu_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """``out = relu(conv1x1(x) + out)`` in one pass, written into ``out`` (oneDNN's in-place binary add): no new
+    tensor of the output's size where ``out`` is contiguous in ``x``'s memory format (a band of rows of one sample
+    is); any other ``out`` (a view, another layout) torch computes into a copy and writes back."""
+    torch.ops.mkldnn._convolution_pointwise_.binary(out, x, weight, bias, [0, 0], [1, 1], [1, 1], 1, "add", 1.0,
+                                                     "relu", [], None)
+    return out
 
 
 def _chain(layers: nn.Module) -> Iterator[nn.Module]:

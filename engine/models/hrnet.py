@@ -137,6 +137,30 @@ def _upsample_to(x: torch.Tensor, like: torch.Tensor, align_corners: bool) -> to
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=align_corners)
 
 
+def _rows_upsample_exactly(x: torch.Tensor, like: torch.Tensor, align_corners: bool) -> bool:
+    """Whether ``_upsample_rows`` gives the same bits as ``_upsample_to`` for any rows: half-pixel centres (no
+    aligned corners) and ``like``'s height ``x``'s times a power of two. Then every source coordinate is a dyadic
+    fraction that float32 holds exactly, so a band's coordinates are the whole image's minus a whole number of rows
+    and its weights are the same numbers."""
+    scale, rest = divmod(like.shape[-2], x.shape[-2])
+    return not align_corners and rest == 0 and scale & (scale - 1) == 0
+
+
+def _upsample_rows(x: torch.Tensor, like: torch.Tensor, top: int, bottom: int, align_corners: bool) -> torch.Tensor:
+    """Rows ``top:bottom`` of ``_upsample_to(x, like, align_corners)``, computed from the source rows they read
+    (and one more on each side, so that no band edge is clamped as the image's edge is). Bit-identical where
+    ``_rows_upsample_exactly``; only called there, unless the rows are all of them."""
+    height = like.shape[-2]
+    if top == 0 and bottom == height:
+        return _upsample_to(x, like, align_corners)
+    scale = height // x.shape[-2]
+    first, last = max(0, top // scale - 1), min(x.shape[-2], (bottom - 1) // scale + 2)
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    source = x[:, :, first:last].contiguous(memory_format=layout)  # the kernel the whole image would get
+    up = F.interpolate(source, size=((last - first) * scale, like.shape[-1]), mode="bilinear", align_corners=False)
+    return up[:, :, top - first * scale:bottom - first * scale]
+
+
 class HighResolutionModule(nn.Module):
     """Parallel branches, then every output resolution sums all branches brought to it, then ReLU."""
 
@@ -288,6 +312,16 @@ class HRNetV2(nn.Module):
         """The first final branch the head convolves before upsampling (``factor_head``); None: the official order."""
         self.pointwise_fused: bool = False
         """Whether ``forward`` runs convolutions with their ReLU and residual add in one call (``fuse_pointwise``)."""
+        self.head_band_bytes: int = 64 * 2**20
+        """The most memory one band of the fused factored head holds in the head's width (``_head``). Why bands: the
+        head's widest tensors are its full-resolution sums (240 channels at a quarter of the image: 126 MB each at
+        1024x2048), and the head held two at once, the process's largest moment. Measured on the shipped HRNet at
+        1024x2048, SegCertify, one thread, engine alone, 2 runs each (bands of 64 rows, before the in-place sum):
+        peak RSS 1175-1183 -> 1021-1077 MiB."""
+        self.head_band_min_rows: int = 64
+        """Bands are at least this high: each upsamples a few rows more than it keeps (the source rows on either
+        side), 2x the scale per band, which costs more the thinner the band (head alone, 1024x2048: 97.9 ms whole,
+        104.3 ms in bands of 64 rows, 109.3 ms in bands of 32; median of 12)."""
 
     def _make_stage(
         self, cfg: Mapping, name: str, previous: list[int]
@@ -376,7 +410,11 @@ class HRNetV2(nn.Module):
 
     def _head(self, ys: list[torch.Tensor], fused: bool) -> torch.Tensor:
         """``last_layer`` on ``features``' concatenation: as is, or with branches from ``factored_from`` on
-        convolved first; ``fused``: the first convolution's ReLU done with its last addition (norm folded)."""
+        convolved first (``_factored_rows``); ``fused``: the ReLU done in the convolution's pass (norm folded)
+        and the factored head run in bands of rows (``head_band_bytes``) where that gives the whole head's bits:
+        channels-last, where oneDNN sums each pixel's channels in the same order whatever the band's extent (in
+        channels-first layout the last bits differ, measured), and upsampling by powers of two
+        (``_rows_upsample_exactly``)."""
         conv, classifier = self.last_layer[0], self.last_layer[3]
         if self.factored_from is None:
             if fused:
@@ -386,17 +424,51 @@ class HRNetV2(nn.Module):
         early = self._concatenated(ys[:late])
         start = early.shape[1]
         conv1x1 = fused_conv.conv1x1 if fused else F.conv2d
-        z = conv1x1(early, conv.weight[:, :start], conv.bias)
-        for k, y in enumerate(ys[late:], start=late):
-            part = conv1x1(y, conv.weight[:, start:start + y.shape[1]], None)
+        parts = []
+        for y in ys[late:]:
+            parts.append(conv1x1(y, conv.weight[:, start:start + y.shape[1]], None))
             start += y.shape[1]
-            part = _upsample_to(part, z, self.align_corners)
-            z = fused_conv.add_relu(z, part, inplace=True) if fused and k == len(ys) - 1 else z.add_(part)
+        height = early.shape[-2]
+        rows = self._band_rows(early) if fused else height
+        if (rows >= height or not early.is_contiguous(memory_format=torch.channels_last)
+                or not all(_rows_upsample_exactly(p, early, self.align_corners) for p in parts)):
+            return self._factored_rows(early, parts, 0, height, fused)
+        return torch.cat([
+            torch.cat([self._factored_rows(early[i:i + 1], [p[i:i + 1] for p in parts], top,
+                                           min(top + rows, height), fused) for top in range(0, height, rows)], dim=2)
+            for i in range(early.shape[0])
+        ], dim=0)
+
+    def _band_rows(self, early: torch.Tensor) -> int:
+        """Rows per band of the fused factored head, one sample at a time: as many equal bands as keep a band's
+        activations (the head's width) within ``head_band_bytes``, each at least ``head_band_min_rows`` high; the
+        whole height (and the whole batch at once) where one band fits."""
+        height = early.shape[-2]
+        row_bytes = self.last_layer[0].out_channels * early.shape[-1] * early.element_size()
+        bands = -(-height * row_bytes // self.head_band_bytes)
+        return height if bands <= 1 else max(-(-height // bands), self.head_band_min_rows)
+
+    def _factored_rows(self, early: torch.Tensor, parts: list[torch.Tensor], top: int, bottom: int,
+                       fused: bool) -> torch.Tensor:
+        """Rows ``top:bottom`` of the factored head's output: ``early`` convolved with its weight columns and the
+        bias, plus the convolved late branches (``parts``) upsampled, then the rest of ``last_layer``. Fused, the
+        upsampled parts are summed first and the convolution adds its output to that sum and applies the ReLU in
+        the same pass, into the sum's memory: one pass over a tensor of the head's width fewer, and no new one."""
+        conv, classifier = self.last_layer[0], self.last_layer[3]
+        weight = conv.weight[:, :early.shape[1]]
+        if fused and parts:
+            total = None
+            for part in parts:
+                up = _upsample_rows(part, early, top, bottom, self.align_corners)
+                total = up if total is None else total.add_(up)
+            return classifier(fused_conv.conv1x1_add_relu_(total, early[:, :, top:bottom], weight, conv.bias))
+        conv1x1 = fused_conv.conv1x1 if fused else F.conv2d
+        z = conv1x1(early[:, :, top:bottom], weight, conv.bias)
+        for part in parts:
+            z = z.add_(_upsample_rows(part, early, top, bottom, self.align_corners))
         if not fused:
             return self.last_layer[1:](z)
-        if late == len(ys):  # nothing factored after all: the ReLU on its own
-            z = F.relu(z, inplace=True)
-        return classifier(z)
+        return classifier(F.relu(z, inplace=True))  # nothing factored after all: the ReLU on its own
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self._runs_fused(x)
