@@ -316,12 +316,12 @@ class HRNetV2(nn.Module):
         """The most memory one band of the fused factored head holds in the head's width (``_head``). Why bands: the
         head's widest tensors are its full-resolution sums (240 channels at a quarter of the image: 126 MB each at
         1024x2048), and the head held two at once, the process's largest moment. Measured on the shipped HRNet at
-        1024x2048, SegCertify, one thread, engine alone, 2 runs each (bands of 64 rows, before the in-place sum):
-        peak RSS 1175-1183 -> 1021-1077 MiB."""
+        1024x2048 (two bands of 128 rows), SegCertify, one thread, engine alone, 2 runs each: peak RSS 1175-1183 ->
+        1013-1061 MiB, 71.1-71.3 -> 71.3-71.7 s per image."""
         self.head_band_min_rows: int = 64
         """Bands are at least this high: each upsamples a few rows more than it keeps (the source rows on either
-        side), 2x the scale per band, which costs more the thinner the band (head alone, 1024x2048: 97.9 ms whole,
-        104.3 ms in bands of 64 rows, 109.3 ms in bands of 32; median of 12)."""
+        side), 2x the scale per band, which costs more the thinner the band (head alone, 1024x2048, before the sum
+        was in place: 97.9 ms whole, 104.3 ms in bands of 64 rows, 109.3 ms in bands of 32; median of 12)."""
 
     def _make_stage(
         self, cfg: Mapping, name: str, previous: list[int]
