@@ -184,3 +184,39 @@ def test_the_in_place_add_relu_convolution_writes_only_into_its_output(x_last: b
     assert got.data_ptr() == band.data_ptr() and (want == 0).any() and (want > 0).any()
     torch.testing.assert_close(whole[:, :, 3:10].double(), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(whole[:, :, :3], before[:, :, :3]) and torch.equal(whole[:, :, 10:], before[:, :, 10:])
+
+
+@pytest.mark.parametrize("size", [(128, 192), (97, 203)])
+def test_the_fused_head_in_bands_gives_the_bits_of_the_whole_head(size: tuple[int, int],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folded, factored and fused (CPU float32), channels-last: bands of 3 rows (edges off the branches' scales),
+    two samples, against the same model in one band; at odd sizes (heights not a power of two apart) and in
+    channels-first layout it runs in one band."""
+    import certseg.engine.models.hrnet as hrnet
+
+    model = _small_hrnet()
+    model.factor_head()
+    assert model.fuse_pointwise()
+    bands: list[tuple[int, int]] = []
+    original = hrnet._upsample_rows
+
+    def recorded(x: torch.Tensor, like: torch.Tensor, top: int, bottom: int, ac: bool) -> torch.Tensor:
+        bands.append((top, bottom))
+        return original(x, like, top, bottom, ac)
+
+    monkeypatch.setattr(hrnet, "_upsample_rows", recorded)
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    for layout in (torch.channels_last, torch.contiguous_format):
+        inputs = x.contiguous(memory_format=layout)
+        with torch.no_grad():
+            model.head_band_bytes, model.head_band_min_rows = 2**40, 1
+            whole = model(inputs)
+            bands.clear()
+            model.head_band_bytes, model.head_band_min_rows = 1, 3
+            banded = model(inputs)
+        height = whole.shape[-2]
+        assert torch.equal(banded, whole), layout
+        if size == (128, 192) and layout == torch.channels_last:
+            assert (0, 3) in bands and (height - height % 3, height) in bands and len(bands) == 2 * 2 * -(-height // 3)
+        else:
+            assert bands == [(0, height)] * 2  # one band, the whole batch: two parts
