@@ -47,6 +47,9 @@ MALLOC_ARENAS = "MALLOC_ARENA_MAX"
 MMAP_MAX = "MALLOC_MMAP_MAX_"
 """glibc's cap on blocks it maps from the kernel (each over its mmap threshold); 0: none, all come from the heap."""
 
+TRIM_THRESHOLD = "MALLOC_TRIM_THRESHOLD_"
+"""How much free memory at the top of glibc's heap it keeps before handing the rest back to the kernel."""
+
 
 @dataclass(frozen=True)
 class MallocSetting:
@@ -61,7 +64,7 @@ class MallocSetting:
 MALLOC_SETTINGS: tuple[MallocSetting, ...] = (
     MallocSetting(MALLOC_ARENAS, -8, 1),
     MallocSetting(MMAP_MAX, -4, 0),
-    MallocSetting("MALLOC_TRIM_THRESHOLD_", -1, 2**31 - 1),
+    MallocSetting(TRIM_THRESHOLD, -1, 2**31 - 1),
 )
 """One heap, no ``mmap``'d blocks, nothing handed back to the kernel: freed memory is reused, not refaulted.
 
@@ -179,4 +182,4 @@ def process_record(threads: int | None) -> dict[str, Any]:
     return {"threads": {"requested": threads, "torch": None if torch is None else torch.get_num_threads()},
             "thp_mem_alloc": huge_pages_enabled(), "malloc_arena_max": malloc_arenas(),
             "malloc_mmap_max": malloc_setting(MMAP_MAX),
-            "malloc_trim_threshold": malloc_setting("MALLOC_TRIM_THRESHOLD_")}
+            "malloc_trim_threshold": malloc_setting(TRIM_THRESHOLD)}
