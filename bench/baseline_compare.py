@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ import typer
 from rich.console import Console
 
 from certseg.bench.config import BenchConfig, parse_size
+from certseg.bench.machine import describe_machine, machine_line
 from certseg.bench.report import write_report
 from certseg.bench.run import execute, prepare
 from certseg.bench.tables import compare, comparison_table
@@ -126,12 +126,13 @@ def main(
     if variant is not None:
         return
     comparisons = compare(entries)
+    machine = describe_machine(calibrate=True)  # after both runs: the calibration never overlaps them
     console = Console(width=180)
     header, body = comparison_table(comparisons)
     console.print(f"models: {provenance}; device {run.device}, engine precision {precision}"
                   f"{' compiled' if compile else ''}{'' if fold_batchnorm else ', BatchNorm unfolded'}"
-                  f"{'' if factor_head else ', head unfactored'}, torch threads "
-                  f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}")
+                  f"{'' if factor_head else ', head unfactored'}, torch threads {torch.get_num_threads()}")
+    console.print(f"machine: {machine_line(machine)}")
     for row in [header, *body]:
         console.print(" | ".join(row))
     summary = [
@@ -148,6 +149,7 @@ def main(
               "factor_head": factor_head,
               "device": str(run.device),
               "scene_size": scene_size, "threads": torch.get_num_threads(), "isolated_processes": isolate,
+              "machine": machine,
               "rows": summary}
     (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
     console.print(f"report: {write_report(out, run.results.header, entries)}")

@@ -13,7 +13,6 @@ scipy's exact interval pixel by pixel (on a subsample, extrapolated, values chec
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +21,7 @@ import numpy as np
 import typer
 from scipy.stats import binom, binomtest, norm
 
+from certseg.bench.machine import cpu_name
 from certseg.engine.core.certify import certify
 from certseg.engine.core.radius import radius_map
 
@@ -66,7 +66,7 @@ def run(
         "alpha": alpha,
         "certified_fraction": float(result.certified.mean()),
         "certseg_s": ours,
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_name(),
     }
     try:
         from statsmodels.stats.multitest import multipletests

@@ -33,6 +33,7 @@ from certseg.bench.baseline import authors_certify
 from certseg.bench.config import BenchConfig, Setting, compat_defaults, image_seed
 from certseg.bench.datasets import BenchDataset, DatasetItem, open_dataset
 from certseg.bench.datasets.loader import detect
+from certseg.bench.machine import describe_machine
 from certseg.bench.pool import run_bounded
 from certseg.bench.protocols import ProtocolPreset, resolve_protocol
 from certseg.bench.results import Key, ResultsFile, ResumeError, labels_digest
@@ -117,7 +118,8 @@ def prepare(config: BenchConfig) -> BenchRun:
     }
     results.open(header, defaults=compat_defaults())
     run_id = uuid.uuid4().hex
-    results.append({"kind": "session", "run_id": run_id, "started": _now(), "config": config.record()})
+    results.append({"kind": "session", "run_id": run_id, "started": _now(), "config": config.record(),
+                    "machine": describe_machine()})
     return BenchRun(config, dataset, items, results, device, run_id, protocol)
 
 

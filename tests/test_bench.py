@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from certseg.bench import cli, plots
 from certseg.bench.baseline import authors_certify
 from certseg.bench.config import BenchConfig, Setting, image_seed
+from certseg.bench.machine import cpu_name
 from certseg.bench.report import write_report
 from certseg.bench.results import ResultsFile, ResumeError, entry_key, labels_digest, load_entries, read_lines
 from certseg.bench.tables import aggregate, radius_curves
@@ -450,6 +451,10 @@ def test_baseline_compare_isolates_engine_and_baseline_in_their_own_processes(tm
     assert row["identical_certificates"] is True
     assert row["engine_peak_rss_mib"] == entries["engine"]["peak_rss_mib"] > 0
     assert row["baseline_peak_rss_mib"] == entries["baseline"]["peak_rss_mib"] > 0
+    recorded = json.loads((out / "comparison.json").read_text())["machine"]
+    assert recorded["cpu"] == cpu_name() and recorded["conv3x3_gflops"] > 0 and recorded["baseline_pvalue_us"] > 0
+    sessions = [r for r in records if r.get("kind") == "session"]
+    assert len(sessions) == 3 and all(s["machine"]["cpu"] == cpu_name() for s in sessions)  # engine, baseline, report
 
 
 # ------------------------------------------------------------------------------------------ --denoise-steps
