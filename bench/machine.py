@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,44 +47,48 @@ def conv_flops(batch: int, channels: int, height: int, width: int) -> int:
     return 2 * batch * channels * height * width * channels * 9
 
 
-def _best_seconds(call: Callable[[], object], repeats: int) -> float:
+def _steady_seconds(call: Callable[[], object], seconds: float, least: int = 5) -> float:
+    """The median time of ``call`` repeated for ``seconds`` (at least ``least`` times) after one warm-up call. Not
+    the best: on the development machine the first ~50 ms of Python-bound work ran up to 1.6x faster than what a
+    long loop settles at (per-pixel p-values: 122 us, then 175-210 us), and the runs this calibrates last minutes."""
     call()
-    best = float("inf")
-    for _ in range(repeats):
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < least or time.perf_counter() < deadline:
         started = time.perf_counter()
         call()
-        best = min(best, time.perf_counter() - started)
-    return best
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
-def conv_gflops(channels: int = 32, height: int = 128, width: int = 256, repeats: int = 5) -> float:
+def conv_gflops(channels: int = 32, height: int = 128, width: int = 256, seconds: float = 0.5) -> float:
     """GFLOP/s of one fp32 3x3 convolution in channels-last layout (the shipped HRNet's widest kind of work), on
-    the threads torch runs with now; best of ``repeats``."""
+    the threads torch runs with now (``_steady_seconds``)."""
     import torch
     import torch.nn.functional as F
 
     x = torch.rand(1, channels, height, width).contiguous(memory_format=torch.channels_last)
     weight = torch.rand(channels, channels, 3, 3).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        seconds = _best_seconds(lambda: F.conv2d(x, weight, padding=1), repeats)
-    return conv_flops(1, channels, height, width) / seconds / 1e9
+        taken = _steady_seconds(lambda: F.conv2d(x, weight, padding=1), seconds)
+    return conv_flops(1, channels, height, width) / taken / 1e9
 
 
-def pvalue_microseconds(pixels: int = 500, n: int = 100, tau: float = 0.75, repeats: int = 3) -> float:
-    """Microseconds per pixel of the authors-style baseline's p-value loop (``baseline.per_pixel_pvalues``) on
-    counts spread over n/2..n, where an image's mostly lie (a count of 0 costs scipy less than half as much);
-    best of ``repeats``."""
+def pvalue_microseconds(pixels: int = 100, n: int = 100, tau: float = 0.75, seconds: float = 1.0) -> float:
+    """Microseconds per pixel of the authors-style baseline's p-value loop (``baseline.per_pixel_pvalues``), in
+    calls of ``pixels`` counts spread over n/2..n, where an image's mostly lie (a count of 0 costs scipy less than
+    half as much); ``_steady_seconds``."""
     import numpy as np
 
     from certseg.bench.baseline import per_pixel_pvalues
 
     agree = n // 2 + np.arange(pixels) % (n - n // 2 + 1)
-    return _best_seconds(lambda: per_pixel_pvalues(agree, n, tau), repeats) / pixels * 1e6
+    return _steady_seconds(lambda: per_pixel_pvalues(agree, n, tau), seconds) / pixels * 1e6
 
 
 def describe_machine(calibrate: bool = False) -> dict[str, Any]:
     """JSON-ready: the CPU's name, the vector instructions torch's kernels use, the cores this process may run on;
-    ``calibrate``: also ``conv_gflops`` and ``pvalue_microseconds``, measured now (about a second)."""
+    ``calibrate``: also ``conv_gflops`` and ``pvalue_microseconds``, measured now (about 1.5 s)."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
