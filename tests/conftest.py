@@ -6,6 +6,7 @@ import importlib.util
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,17 +53,36 @@ def interrupt_when(process: subprocess.Popen, ready: Callable[[], bool], wait_s:
             process.kill()
 
 
+PINNED_TORCH_THREADS = 2
+"""The torch thread count the pinned certificate bytes were made at. torch's bilinear resize (the stage maths
+around the models) rounds a few values differently with another count on some CPUs (AVX2: 1 thread against 2
+moved one pixel's count of the DenoiseCertify sample on ONNX Runtime), so tests that compare bytes fix it."""
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that sets torch's (process-wide) thread count, directly or through ``Session.open(threads=...)``,
+    must not change the bytes a later test computes: the count is put back after each test."""
+    torch = sys.modules.get("torch")
+    before = None if torch is None else torch.get_num_threads()
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def default_server():
-    """The bundled tritonserver on ``certseg serve``'s default repository (the shipped models, exported), one for
-    the whole run; skips where tritonclient is missing or tritonserver cannot start here."""
+    """The bundled tritonserver on ``certseg serve``'s default repository (the shipped models, exported, its steps
+    on ``PINNED_TORCH_THREADS``), one for the whole run; skips where tritonclient is missing or tritonserver cannot
+    start here."""
     pytest.importorskip("tritonclient.grpc")
     from certseg.engine.errors import ServerError
     from certseg.engine.runtimes.serve import TritonServer
     from certseg.export.default_repository import default_repository
 
     try:
-        server = TritonServer(default_repository(max_batch=16), exit_timeout_s=0).start()
+        server = TritonServer(default_repository(max_batch=16, threads=PINNED_TORCH_THREADS), exit_timeout_s=0).start()
     except ServerError as error:
         pytest.skip(f"tritonserver cannot start on this machine: {error}")
     try:

@@ -20,6 +20,7 @@ from certseg.bench.gpu.flops import count_flops
 from certseg.bench.gpu.measure import device_runtime
 from certseg.bench.gpu.models import DRY_RUN, FULL, build_models, make_pipeline, suite_image
 from certseg.bench.gpu.suite import main
+from certseg.bench.machine import cpu_name
 from certseg.bench.timing import STAGES
 from certseg.engine.core.pipeline import certify_image
 from certseg.engine.digest import certificate_sha256
@@ -67,6 +68,7 @@ def certificate_digest(result) -> str:
 def test_dry_run_writes_every_key_and_a_row_per_run(dry_run: tuple[dict, str, str]) -> None:
     report, table, _ = dry_run
     assert set(report) == REPORT_KEYS and report["dry_run"] is True
+    assert report["environment"]["host_cpu"] == report["environment"]["device_name"] == cpu_name()  # no CUDA: the CPU
     assert {(r["method"], r["precision"], r["variant"]) for r in report["runs"]} >= {
         ("denoisecertify", "fp32", "eager"), ("segcertify", "fp32", "eager"),
         ("denoisecertify", "bf16", "eager"), ("segcertify", "bf16", "eager")}

@@ -21,6 +21,8 @@ from certseg.engine.runtimes.certify_record import KEYS, CertifyRecord
 from certseg.engine.runtimes.session import Session
 from certseg.engine.runtimes.settings import Settings
 
+from conftest import PINNED_TORCH_THREADS
+
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "street.png"
 SEED = 21
 PINNED = {
@@ -32,7 +34,8 @@ PINNED = {
     ("denoisecertify", "triton"): "4abf996586863c0e14d914cc398c6b2e7dea4ccc0fcaee7b1bdcf44be0c9416b",
 }
 """sha256 of the certified map and agreement counts of examples/street.png, seed 21, n0 = 10, n = 100, batch 16,
-the shipped models, made by the code before sessions had backends and typed records (the served pipeline runs
+the shipped models, two torch threads (``PINNED_TORCH_THREADS``), made by the code before sessions had backends and
+typed records (the served pipeline runs
 the exported ONNX graphs, so it equals in-process ONNX Runtime; DenoiseCertify on torch differs from them in a few
 pixels' counts)."""
 
@@ -59,7 +62,7 @@ def image() -> np.ndarray:
 @pytest.mark.parametrize("runtime", ["torch", "onnx"])
 @pytest.mark.parametrize("method", ["segcertify", "denoisecertify"])
 def test_in_process_certificates_keep_their_pinned_bytes(image: np.ndarray, method: str, runtime: str) -> None:
-    result, record = Session.open(settings(method, runtime)).certify(image, seed=SEED)
+    result, record = Session.open(settings(method, runtime), threads=PINNED_TORCH_THREADS).certify(image, seed=SEED)
     assert certificate_digest(result) == PINNED[(method, runtime)]
     assert record.settings.runtime == runtime
 

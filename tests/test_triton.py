@@ -52,6 +52,8 @@ from certseg.export.repository import (  # noqa: E402
     write_repository,
 )
 
+from conftest import PINNED_TORCH_THREADS  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "street.png"
 NUM_CLASSES = 5
@@ -471,14 +473,15 @@ def test_default_repository_serves_the_shipped_models_like_in_process_onnx(
     triton_runs: None, image: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`certseg serve`'s default repository (shipped models, exported) certifies the shipped sample exactly as
-    `certseg certify --runtime onnx` does for the same seed: identical label maps, counts and guesses."""
+    `certseg certify --runtime onnx` does for the same seed and torch thread count (the stage maths' resize rounds
+    by it on some CPUs): identical label maps, counts and guesses."""
     from certseg.engine.runtimes.session import Session, Settings
     from certseg.export.default_repository import default_repository
 
     monkeypatch.setenv("CERTSEG_CACHE_DIR", str(tmp_path / "cache"))
     settings = Settings(method="denoisecertify", n0=10, n=100, batch=16, runtime="onnx", device="cpu")
-    local, _ = Session.open(settings).certify(image, seed=21)
-    with TritonServer(default_repository(max_batch=16), exit_timeout_s=0) as server:
+    local, _ = Session.open(settings, threads=PINNED_TORCH_THREADS).certify(image, seed=21)
+    with TritonServer(default_repository(max_batch=16, threads=PINNED_TORCH_THREADS), exit_timeout_s=0) as server:
         remote_session = Session.connect(settings, (server.grpc_address,))
         try:
             served, record = remote_session.certify(image, seed=21)

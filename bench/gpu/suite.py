@@ -22,6 +22,7 @@ from certseg.bench.gpu import report as files
 from certseg.bench.gpu.flops import count_flops, device_peaks, matmul_tflops, peak_for
 from certseg.bench.gpu.measure import compiled, measure
 from certseg.bench.gpu.models import DRY_RUN, FULL, Profile, build_models, parameter_count, suite_image
+from certseg.bench.machine import cpu_name
 
 TARGET_SECONDS = 1.5
 """Issue 12: DenoiseCertify, fp16, full size, n0 = 10, n = 100 on an H100/H200 (the paper: 131 s per image)."""
@@ -89,7 +90,7 @@ class Suite:
         env = self.report["environment"]
         env.update({"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                     "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                    "device": str(self.device), "device_name": platform.processor() or platform.machine(),
+                    "device": str(self.device), "device_name": cpu_name(), "host_cpu": cpu_name(),
                     "torch_threads": torch.get_num_threads(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
                     "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                     "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
