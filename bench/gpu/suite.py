@@ -88,9 +88,10 @@ class Suite:
     # ------------------------------------------------------------------------------------------------ sections
     def environment(self) -> None:
         env = self.report["environment"]
+        host = cpu_name()  # the device's name too until CUDA names it below
         env.update({"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                     "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                    "device": str(self.device), "device_name": cpu_name(), "host_cpu": cpu_name(),
+                    "device": str(self.device), "device_name": host, "host_cpu": host,
                     "torch_threads": torch.get_num_threads(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
                     "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                     "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
